@@ -1,0 +1,191 @@
+"""Validation and dispatch of the fused pass. The compiled core trusts what it gets
+from here: shapes, dtypes, devices and pointers are checked once, with clear errors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _core
+from .labels import LabelMap
+from .methods import MethodSpec
+
+_LOGIT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_LABEL_DTYPES = {torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13, torch.int8: 14,
+                 torch.bool: 15}
+
+
+def as_logits(x, name: str = "logits") -> torch.Tensor:
+    """(B, C, H, W) float tensor. A (C, H, W) array is one image; NumPy arrays are wrapped."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, C, H, W), got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W) (or (C, H, W) for one image), got {tuple(x.shape)}")
+    if x.dtype == torch.float64:
+        x = x.to(torch.float32)  # the core computes in float32; documented in the README
+    if x.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 is converted to float32), got {x.dtype}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} has C = 0 classes; at least one is needed")
+    if x.is_cuda is False and x.device.type != "cpu":
+        raise ValueError(f"{name} is on device {x.device}; anomfast runs on CPU and CUDA tensors")
+    return x
+
+
+def as_labels(y, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(y)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, H, W), got {type(y).__name__}")
+    if y.dim() == 2:
+        y = y.unsqueeze(0)
+    B, _, H, W = logits.shape
+    if y.dim() == 4 and y.shape[1] == 1:
+        y = y[:, 0]
+    if tuple(y.shape) != (B, H, W):
+        raise ValueError(f"{name} shape {tuple(y.shape)} does not match logits {tuple(logits.shape)}: "
+                         f"expected (B, H, W) = {(B, H, W)}")
+    if y.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (uint8, int8, int16, int32, int64 or bool), got {y.dtype}")
+    if y.device != logits.device:
+        raise ValueError(f"{name} are on {y.device} but logits on {logits.device}; put both on the same device")
+    return y
+
+
+def _geometry(logits: torch.Tensor, labels: torch.Tensor | None):
+    """Shape and element strides for the core, folding dimensions where memory allows
+    so that tiles run along long rows: (N, C, 1, 1) becomes one row of N pixels, and a
+    plane whose rows follow each other in memory becomes one row of H * W pixels."""
+    B, C, H, W = logits.shape
+    lb, lc, lh, lw = logits.stride()
+    yb, yh, yw = labels.stride() if labels is not None else (0, 0, 0)
+    if H == 1 and W == 1 and B > 1:
+        return dict(B=1, C=C, H=1, W=B, ls=(0, lc, 0, lb), ys=(0, 0, yb))
+    if H > 1 and lh == W * lw and (labels is None or yh == W * yw):
+        return dict(B=B, C=C, H=1, W=H * W, ls=(lb, lc, 0, lw), ys=(yb, 0, yw))
+    return dict(B=B, C=C, H=H, W=W, ls=(lb, lc, lh, lw), ys=(yb, yh, yw))
+
+
+def new_histogram(n_methods: int, device) -> torch.Tensor:
+    return torch.zeros((n_methods, 2, _core.NBINS), dtype=torch.int64, device=device)
+
+
+def new_counters(device) -> torch.Tensor:
+    return torch.zeros(_core.N_COUNTERS, dtype=torch.int64, device=device)
+
+
+def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSpec, *,
+               label_map: LabelMap | None = None, hist: torch.Tensor | None = None,
+               counters: torch.Tensor | None = None, want_maps: bool = False,
+               num_threads: int = 0):
+    """One read of the logits: adds to `hist` (M, 2, NBINS) and `counters`, optionally
+    returns the (M, B, H, W) float32 coordinate maps. Inputs must come from as_logits /
+    as_labels. Raises nothing about the data itself: callers inspect `counters`."""
+    dev = logits.device
+    M = len(spec.names)
+    with_hist = labels is not None
+    if with_hist:
+        if hist is None:
+            hist = new_histogram(M, dev)
+        if hist.shape != (M, 2, _core.NBINS) or hist.dtype != torch.int64 or not hist.is_contiguous() or hist.device != dev:
+            raise ValueError(f"histogram state must be a contiguous int64 tensor of shape {(M, 2, _core.NBINS)} on {dev}")
+    if counters is None:
+        counters = new_counters(dev)
+    B, C, H, W = logits.shape
+    maps = torch.empty((M, B, H, W), dtype=torch.float32, device=dev) if want_maps else None
+    if B * H * W == 0:
+        return hist, counters, maps
+    if spec.sml is not None and "sml" in spec.names and spec.sml.num_classes != C:
+        raise ValueError(f"SML statistics were fitted for {spec.sml.num_classes} classes but the logits have C = {C}")
+    g = _geometry(logits, labels)
+    keep = []  # tensors whose pointers the core uses must outlive the call
+    if dev.type == "cuda":
+        core = _core.cuda_core()
+    else:
+        core = _core._C
+    a = core.FusedArgs()
+    a.logits_ptr = logits.data_ptr()
+    a.logit_dtype = _LOGIT_DTYPES[logits.dtype]
+    a.B, a.C, a.H, a.W = g["B"], g["C"], g["H"], g["W"]
+    a.ls_b, a.ls_c, a.ls_h, a.ls_w = g["ls"]
+    if with_hist:
+        lut, off = (label_map or LabelMap.default()).lut()
+        lut = lut.to(dev)
+        keep.append(lut)
+        a.labels_ptr = labels.data_ptr()
+        a.label_dtype = _LABEL_DTYPES[labels.dtype]
+        a.ys_b, a.ys_h, a.ys_w = g["ys"]
+        a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), off, lut.numel()
+        a.hist_ptr = hist.data_ptr()
+    a.methods = spec.codes
+    a.temperature = spec.temperature
+    a.gen_gamma = spec.gen_gamma
+    a.entropy_normalize = int(spec.entropy_normalize)
+    if "sml" in spec.names:
+        mean, inv = spec.sml.kernel_arrays(dev)
+        keep += [mean, inv]
+        a.sml_mean_ptr, a.sml_inv_std_ptr = mean.data_ptr(), inv.data_ptr()
+    if maps is not None:
+        a.maps_ptr = maps.data_ptr()
+    a.counters_ptr = counters.data_ptr()
+    a.num_threads = int(num_threads)
+    if dev.type == "cuda":
+        a.stream = torch.cuda.current_stream(dev).cuda_stream
+    core.fused(a)
+    return hist, counters, maps
+
+
+def fit_pass(logits: torch.Tensor, labels: torch.Tensor | None, label_map: LabelMap | None,
+             count: torch.Tensor, total: torch.Tensor, totsq: torch.Tensor, counters: torch.Tensor,
+             num_threads: int = 0) -> None:
+    B, C, H, W = logits.shape
+    if B * H * W == 0:
+        return
+    g = _geometry(logits, labels)
+    core = _core.cuda_core() if logits.device.type == "cuda" else _core._C
+    a = core.FitArgs()
+    a.logits_ptr = logits.data_ptr()
+    a.logit_dtype = _LOGIT_DTYPES[logits.dtype]
+    a.B, a.C, a.H, a.W = g["B"], g["C"], g["H"], g["W"]
+    a.ls_b, a.ls_c, a.ls_h, a.ls_w = g["ls"]
+    keep = []
+    if labels is not None:
+        lut, off = (label_map or LabelMap.default()).lut()
+        lut = lut.to(logits.device)
+        keep.append(lut)
+        a.labels_ptr = labels.data_ptr()
+        a.label_dtype = _LABEL_DTYPES[labels.dtype]
+        a.ys_b, a.ys_h, a.ys_w = g["ys"]
+        a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), off, lut.numel()
+    a.count_ptr, a.sum_ptr, a.sumsq_ptr = count.data_ptr(), total.data_ptr(), totsq.data_ptr()
+    a.counters_ptr = counters.data_ptr()
+    a.num_threads = int(num_threads)
+    if logits.device.type == "cuda":
+        a.stream = torch.cuda.current_stream(logits.device).cuda_stream
+    core.fit_sml(a)
+
+
+def check_counters(counters: torch.Tensor, labels: torch.Tensor | None, label_map: LabelMap | None,
+                   nonfinite: str = "error") -> dict:
+    """Turns the core's counters into errors (bad labels, NaN/inf logits) or a summary."""
+    c = [int(v) for v in counters.tolist()]
+    lm = label_map or LabelMap.default()
+    if c[_core.CNT_INVALID] < 0:
+        raise MemoryError("anomfast: could not allocate the per-thread histogram scratch memory")
+    if c[_core.CNT_INVALID] > 0:
+        first = lm.first_invalid_value(labels) if labels is not None else None
+        raise ValueError(
+            f"{c[_core.CNT_INVALID]} label value(s) are not in the label map"
+            + (f" (first: {first})" if first is not None else "")
+            + f"; expected anomaly ids {list(lm.anomaly_ids)}, void ids {list(lm.void_ids)}, normal ids "
+            f"{lm.normal_ids if isinstance(lm.normal_ids, str) else list(lm.normal_ids)} "
+            "(pass ignore_index=... or label_map=LabelMap(...))")
+    if c[_core.CNT_NONFINITE] > 0 and nonfinite == "error":
+        raise ValueError(f"{c[_core.CNT_NONFINITE]} valid pixel(s) have NaN or infinite logits; "
+                         "pass nonfinite='ignore' to skip them (they are counted, not scored)")
+    return {"nonfinite": c[_core.CNT_NONFINITE], "invalid": c[_core.CNT_INVALID],
+            "void": c[_core.CNT_VOID], "binned": c[_core.CNT_BINNED]}

@@ -1,0 +1,116 @@
+"""Label maps: which raw label values mean normal, anomaly and void.
+
+The default is the Fishyscapes / SegmentMeIfYouCan convention: 0 = normal,
+1 = anomaly, 255 = void (ignored). Data sets that store a class id for the anomaly
+(e.g. 13) and several void ids are used as they are:
+
+    LabelMap(anomaly_ids=[13], void_ids=[255, 0], normal_ids="rest")
+
+``normal_ids="rest"`` makes every other value in [0, max id] normal. Any label value
+the map does not cover is an error (reported with the offending value), never
+silently treated as normal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+NORMAL, ANOMALY, VOID, INVALID = 0, 1, 2, 3
+_MAX_LUT = 1 << 16
+
+
+def _ids(x) -> tuple:
+    if x is None:
+        return ()
+    if isinstance(x, (int, np.integer)):
+        return (int(x),)
+    return tuple(int(v) for v in x)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    anomaly_ids: Sequence[int] = (1,)
+    void_ids: Sequence[int] = (255,)
+    normal_ids: Union[Sequence[int], str] = (0,)
+    _lut_cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    def __post_init__(self):
+        a, v = _ids(self.anomaly_ids), _ids(self.void_ids)
+        object.__setattr__(self, "anomaly_ids", a)
+        object.__setattr__(self, "void_ids", v)
+        n = self.normal_ids
+        if isinstance(n, str):
+            if n != "rest":
+                raise ValueError(f"normal_ids must be a list of ints or 'rest', got {n!r}")
+        else:
+            n = _ids(n)
+            object.__setattr__(self, "normal_ids", n)
+        if not a:
+            raise ValueError("LabelMap needs at least one anomaly id")
+        sets = {"anomaly": set(a), "void": set(v)}
+        if not isinstance(n, str):
+            sets["normal"] = set(n)
+        names = list(sets)
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                both = sets[names[i]] & sets[names[j]]
+                if both:
+                    raise ValueError(f"label ids {sorted(both)} are both {names[i]} and {names[j]}")
+        all_ids = set(a) | set(v) | (set() if isinstance(n, str) else set(n))
+        lo, hi = min(all_ids | {0}), max(all_ids)
+        if hi - lo + 1 > _MAX_LUT:
+            raise ValueError(f"label ids span [{lo}, {hi}], more than {_MAX_LUT} values")
+
+    @classmethod
+    def default(cls, ignore_index: int = 255) -> "LabelMap":
+        return cls(anomaly_ids=(1,), void_ids=(ignore_index,), normal_ids=(0,))
+
+    def lut(self) -> tuple[torch.Tensor, int]:
+        """(int8 lookup table, offset): lut[v - offset] is the class of raw value v."""
+        if "lut" not in self._lut_cache:
+            ids = set(self.anomaly_ids) | set(self.void_ids)
+            if not isinstance(self.normal_ids, str):
+                ids |= set(self.normal_ids)
+            lo, hi = min(ids | {0}), max(ids)
+            table = np.full(hi - lo + 1, INVALID, dtype=np.int8)
+            if isinstance(self.normal_ids, str):
+                table[:] = NORMAL
+            else:
+                table[np.array(self.normal_ids, dtype=np.int64) - lo] = NORMAL
+            if self.void_ids:
+                table[np.array(self.void_ids, dtype=np.int64) - lo] = VOID
+            table[np.array(self.anomaly_ids, dtype=np.int64) - lo] = ANOMALY
+            self._lut_cache["lut"] = (torch.from_numpy(table), lo)
+        return self._lut_cache["lut"]
+
+    def describe(self) -> dict:
+        return {"anomaly_ids": list(self.anomaly_ids), "void_ids": list(self.void_ids),
+                "normal_ids": self.normal_ids if isinstance(self.normal_ids, str) else list(self.normal_ids)}
+
+    def classify(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label class (NORMAL/ANOMALY/VOID/INVALID) of every value, in PyTorch (reference path)."""
+        table, lo = self.lut()
+        v = labels.to(torch.int64) - lo
+        inside = (v >= 0) & (v < table.numel())
+        out = torch.full(v.shape, INVALID, dtype=torch.int8, device=labels.device)
+        out[inside] = table.to(labels.device)[v[inside]]
+        return out
+
+    def first_invalid_value(self, labels: torch.Tensor):
+        bad = self.classify(labels) == INVALID
+        if not bool(bad.any()):
+            return None
+        return int(labels[bad].flatten()[0])
+
+
+def as_label_map(label_map=None, ignore_index: int = 255) -> LabelMap:
+    if label_map is None:
+        return LabelMap.default(ignore_index)
+    if isinstance(label_map, LabelMap):
+        return label_map
+    if isinstance(label_map, dict):
+        return LabelMap(**label_map)
+    raise TypeError(f"label_map must be a LabelMap or a dict of its fields, got {type(label_map).__name__}")

@@ -1,0 +1,153 @@
+// Score math, written once for the CPU (g++) and CUDA (nvcc) cores.
+//
+// Every score is "higher = more anomalous". Per pixel with logits l_c (c < C),
+//   m = max_c l_c, k = argmax_c l_c (first maximum), e_c = exp(l_c - m),
+//   S' = sum_{c != k} e_c  (so sum_c e_c = 1 + S'),
+//   max_logit : -m
+//   msp       : -max softmax = -1 / (1 + S')
+//   energy    : -T * logsumexp(l / T) = -(m + T * log(sum_c exp((l_c - m) / T)))
+//   sml       : -(m - mean[k]) / std[k]
+//   entropy   : H(p) = log(1 + S') - sum_c e_c (l_c - m) / (1 + S')   [/ log C]
+//   gen       : sum_c p_c^g (1 - p_c)^g                                [gamma g]
+//
+// Bin coordinate. The histograms bin a per-method coordinate t that is an increasing
+// function of the score. It is the score itself for every method but msp, whose
+// coordinate is u = 1 - max softmax = S' / (1 + S') (= score + 1). float32 cannot
+// tell -max softmax apart from -1 once max softmax > 1 - 6e-8, which confident
+// networks reach on most pixels; S' keeps full relative precision there, so msp is
+// resolved as finely as the other methods. The per-pixel maps hold t; Python turns
+// msp's t back into the score (t - 1).
+//
+// exp/log are Cephes-style polynomials (about 1-2 ulp) written with plain float and
+// integer arithmetic so that the CPU loops over pixels vectorize without -ffast-math
+// and the CUDA build computes bit-for-bit the same formulas.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define ANOMFAST_HD __host__ __device__ __forceinline__
+#else
+#define ANOMFAST_HD inline
+#endif
+
+namespace anomfast {
+
+ANOMFAST_HD uint32_t f2u(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+ANOMFAST_HD float u2f(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// NaN or +-inf (exponent field all ones).
+ANOMFAST_HD bool nonfinite_bits(uint32_t u) { return (u & 0x7f800000u) == 0x7f800000u; }
+
+// IEEE half -> float, branch-free so it vectorizes. Normals and subnormals by scaling
+// the shifted bits by 2^112; inf/NaN by forcing the float exponent to all ones.
+ANOMFAST_HD float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t em = h & 0x7fffu;
+  float mag = u2f(em << 13) * 5.192296858534828e+33f;  // 2^112
+  uint32_t bits = f2u(mag);
+  bits = (em >= 0x7c00u) ? ((em << 13) | 0x7f800000u) : bits;
+  return u2f(bits | sign);
+}
+ANOMFAST_HD float bf16_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+// exp(x). Inputs below -87.3 give 0 (they only appear as e_c = exp(l_c - m) of
+// negligible classes), above 88.7 are clamped.
+ANOMFAST_HD float fast_exp(float x) {
+  x = x < -87.33654f ? -87.33654f : x;
+  x = x > 88.72283f ? 88.72283f : x;
+  // round(x / ln2) with the 1.5 * 2^23 trick (no floor call, vectorizes on SSE2)
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * (-2.12194440e-4f);
+  float z = r * r;
+  float p = ((((1.9875691500E-4f * r + 1.3981999507E-3f) * r + 8.3334519073E-3f) * r +
+              4.1665795894E-2f) * r + 1.6666665459E-1f) * r + 5.0000001201E-1f;
+  p = p * z + r + 1.0f;
+  int32_t ni = (int32_t)n;
+  // 2^n built in two halves so n = -126 .. 128 never overflows the exponent field
+  int32_t n1 = ni >> 1, n2 = ni - n1;
+  float s1 = u2f((uint32_t)(n1 + 127) << 23), s2 = u2f((uint32_t)(n2 + 127) << 23);
+  float out = p * s1 * s2;
+  return x <= -87.33654f ? 0.0f : out;
+}
+
+// log(x) for finite x > 0 (normal range).
+ANOMFAST_HD float fast_log(float x) {
+  uint32_t u = f2u(x);
+  int32_t e = (int32_t)((u >> 23) & 0xffu) - 126;
+  float m = u2f((u & 0x007fffffu) | 0x3f000000u);  // mantissa in [0.5, 1)
+  bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  float f = small ? (m + m - 1.0f) : (m - 1.0f);
+  float z = f * f;
+  float y = ((((((((7.0376836292E-2f * f - 1.1514610310E-1f) * f + 1.1676998740E-1f) * f -
+                  1.2420140846E-1f) * f + 1.4249322787E-1f) * f - 1.6668057665E-1f) * f +
+               2.0000714765E-1f) * f - 2.4999993993E-1f) * f + 3.3333331174E-1f) * f * z;
+  float fe = (float)e;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  float out = f + y;
+  out = out + fe * 0.693359375f;
+  return out;
+}
+
+// log(1 + x) for x >= 0: a short series below 1e-3, where 1 + x would round away x.
+ANOMFAST_HD float fast_log1p(float x) {
+  float series = x * (1.0f - x * (0.5f - x * (0.33333333f - 0.25f * x)));
+  return x < 1e-3f ? series : fast_log(1.0f + x);
+}
+
+// Everything a pixel's scores need, accumulated over the class loop.
+struct PixelSums {
+  float m;       // max logit
+  int32_t k;     // argmax (first)
+  float s1;      // S' = sum_{c != k} exp(l_c - m)
+  float sT;      // sum_c exp((l_c - m) / T)            (energy with T != 1)
+  float sx;      // sum_c exp(l_c - m) * (l_c - m)      (entropy)
+  float gen;     // sum_c p_c^g (1 - p_c)^g             (gen, filled in a later loop)
+};
+
+// Bin coordinate of one method (see the header comment); `z` = 1 + S'.
+ANOMFAST_HD float method_coord(int32_t method, const PixelSums& s, float temperature,
+                               float sml_mean_k, float sml_inv_std_k, float inv_log_c,
+                               int32_t entropy_normalize) {
+  float z = 1.0f + s.s1;
+  switch (method) {
+    case 0:  // max_logit
+      return -s.m;
+    case 1:  // msp, coordinate u = 1 - max softmax
+      return s.s1 / z;
+    case 2:  // energy
+      return temperature == 1.0f ? -(s.m + fast_log1p(s.s1)) : -(s.m + temperature * fast_log(s.sT));
+    case 3:  // sml
+      return -(s.m - sml_mean_k) * sml_inv_std_k;
+    case 4: {  // entropy
+      float h = fast_log1p(s.s1) - s.sx / z;
+      h = h < 0.0f ? 0.0f : h;
+      return entropy_normalize ? h * inv_log_c : h;
+    }
+    case 5:  // gen
+      return s.gen;
+    default:
+      return 0.0f;
+  }
+}
+
+}  // namespace anomfast

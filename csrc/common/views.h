@@ -1,0 +1,86 @@
+// Plain argument structs shared by the CPU and CUDA cores and filled from Python.
+//
+// The compiled core sees no framework types: Python (anomfast/_fused.py) checks
+// shapes, dtypes and devices, then passes raw pointers (as integers), shapes and
+// element strides. All strides are in elements, not bytes.
+//
+//   logits  : (B, C, H, W) of dtype `logit_dtype`, strides ls_b, ls_c, ls_h, ls_w
+//   labels  : (B, H, W) integers of dtype `label_dtype`, strides ys_b, ys_h, ys_w
+//   lut     : int8[lut_len]; lut[v - lut_offset] is the label class of raw value v
+//             (LABEL_NORMAL / LABEL_ANOMALY / LABEL_VOID / LABEL_INVALID)
+//   hist    : int64 (n_methods, 2, NBINS) contiguous; [m][0] normal, [m][1] anomaly
+//   maps    : float32 (n_methods, B, H, W) contiguous or 0 (no per-pixel output);
+//             holds each method's *bin coordinate* (see score_math.h)
+//   counters: int64[N_COUNTERS], see Counter
+#pragma once
+#include <cstdint>
+
+namespace anomfast {
+
+enum DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, U8 = 10, I16 = 11, I32 = 12, I64 = 13, I8 = 14, BOOL = 15 };
+
+enum Method : int32_t { MAX_LOGIT = 0, MSP = 1, ENERGY = 2, SML = 3, ENTROPY = 4, GEN = 5 };
+constexpr int N_METHOD_KINDS = 6;
+constexpr int MAX_METHODS = 8;
+
+enum LabelClass : int8_t { LABEL_NORMAL = 0, LABEL_ANOMALY = 1, LABEL_VOID = 2, LABEL_INVALID = 3 };
+
+enum Counter : int32_t {
+  CNT_NONFINITE = 0,  // valid (non-void) pixels with a NaN/inf logit: skipped, never binned
+  CNT_INVALID = 1,    // pixels whose label value is not in the label map: skipped
+  CNT_VOID = 2,       // void pixels: skipped
+  CNT_BINNED = 3,     // pixels added to the histograms
+  N_COUNTERS = 4
+};
+
+struct FusedArgs {
+  // logits
+  int64_t logits_ptr = 0;
+  int32_t logit_dtype = F32;
+  int64_t B = 0, C = 0, H = 0, W = 0;
+  int64_t ls_b = 0, ls_c = 0, ls_h = 0, ls_w = 0;
+  // labels (labels_ptr == 0: no labels, only maps / fitting)
+  int64_t labels_ptr = 0;
+  int32_t label_dtype = U8;
+  int64_t ys_b = 0, ys_h = 0, ys_w = 0;
+  int64_t lut_ptr = 0;
+  int64_t lut_offset = 0, lut_len = 0;
+  // methods, in output order
+  int32_t n_methods = 0;
+  int32_t methods[MAX_METHODS] = {0};
+  float temperature = 1.0f;        // energy
+  int64_t sml_mean_ptr = 0;        // float32[C]
+  int64_t sml_inv_std_ptr = 0;     // float32[C]
+  float gen_gamma = 0.1f;          // gen
+  int32_t entropy_normalize = 0;   // entropy / log C
+  // outputs
+  int64_t hist_ptr = 0;            // int64 (n_methods, 2, NBINS), accumulated into
+  int64_t maps_ptr = 0;            // float32 (n_methods, B, H, W) or 0
+  int64_t counters_ptr = 0;        // int64[N_COUNTERS], accumulated into
+  // execution
+  int32_t num_threads = 0;         // CPU: 0 = OpenMP default
+  int64_t stream = 0;              // CUDA: cudaStream_t as an integer
+};
+
+// SML fitting: per predicted class k = argmax_c l_c, accumulate the count, the sum
+// and the sum of squares of the max logit. Only pixels whose label class is
+// LABEL_NORMAL are used when labels are given; otherwise every pixel.
+struct FitArgs {
+  int64_t logits_ptr = 0;
+  int32_t logit_dtype = F32;
+  int64_t B = 0, C = 0, H = 0, W = 0;
+  int64_t ls_b = 0, ls_c = 0, ls_h = 0, ls_w = 0;
+  int64_t labels_ptr = 0;
+  int32_t label_dtype = U8;
+  int64_t ys_b = 0, ys_h = 0, ys_w = 0;
+  int64_t lut_ptr = 0;
+  int64_t lut_offset = 0, lut_len = 0;
+  int64_t count_ptr = 0;   // int64[C]
+  int64_t sum_ptr = 0;     // float64[C]
+  int64_t sumsq_ptr = 0;   // float64[C]
+  int64_t counters_ptr = 0;  // int64[N_COUNTERS]
+  int32_t num_threads = 0;
+  int64_t stream = 0;
+};
+
+}  // namespace anomfast

@@ -1,0 +1,464 @@
+// Fused CPU core: logits -> every requested method's bin coordinate -> per-method,
+// per-label int64 histograms, in one read of the logits; and the SML fitting pass.
+//
+// Work is cut into tiles of up to TILE pixels along W of one (b, h) row. A tile's
+// logits are copied (and converted to float32) into a class-major buffer buf[c][i],
+// so every later loop runs over i with unit stride and vectorizes, whatever the
+// input layout (NCHW, channels-last, any strides) and dtype. The tile buffer lives
+// in L1; each logit is read from memory once.
+//
+// Histograms: each OpenMP thread counts into a private uint32 copy (mmap'ed, so only
+// the pages it touches are ever backed) and marks which 1024-bin blocks it touched;
+// at the end it adds only those blocks into the shared int64 histograms. A thread
+// flushes early after 2^31 pixels, so the uint32 counts cannot overflow. Integer
+// sums make the result independent of the thread count and of the tile order.
+//
+// This file is compiled once per instruction set (ANOMFAST_ISA_NS); dispatch.cpp
+// picks the best one the running CPU supports.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#endif
+
+#include "../common/binning.h"
+#include "../common/score_math.h"
+#include "../common/views.h"
+
+#ifndef ANOMFAST_ISA_NS
+#define ANOMFAST_ISA_NS generic
+#endif
+
+namespace anomfast {
+namespace ANOMFAST_ISA_NS {
+
+namespace {
+
+constexpr int TILE = 64;
+constexpr int BLOCK_SHIFT = 10;  // dirty-tracking granularity: 1024 bins = one 4 KiB page of uint32
+constexpr int64_t NBLOCKS = (NBINS + (1 << BLOCK_SHIFT) - 1) >> BLOCK_SHIFT;
+constexpr uint64_t FLUSH_EVERY = 1ull << 31;
+
+// Zero-initialised scratch memory whose untouched pages cost nothing.
+class Scratch {
+ public:
+  explicit Scratch(size_t bytes) : bytes_(bytes) {
+#if defined(__unix__) || defined(__APPLE__)
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ptr_ = (p == MAP_FAILED) ? nullptr : p;
+#else
+    ptr_ = std::calloc(bytes, 1);
+#endif
+  }
+  ~Scratch() {
+    if (!ptr_) return;
+#if defined(__unix__) || defined(__APPLE__)
+    munmap(ptr_, bytes_);
+#else
+    std::free(ptr_);
+#endif
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  void* get() const { return ptr_; }
+
+ private:
+  size_t bytes_;
+  void* ptr_ = nullptr;
+};
+
+template <int DT>
+inline float load_logit(const void* base, int64_t off);
+template <>
+inline float load_logit<F32>(const void* base, int64_t off) {
+  return static_cast<const float*>(base)[off];
+}
+template <>
+inline float load_logit<F16>(const void* base, int64_t off) {
+  return half_to_float(static_cast<const uint16_t*>(base)[off]);
+}
+template <>
+inline float load_logit<BF16>(const void* base, int64_t off) {
+  return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
+}
+
+// buf[c * TILE + i] = logit (b, c, h, w0 + i); bad[i] = any class non-finite.
+template <int DT>
+inline void load_tile(const void* lp, int64_t C, int64_t base, int64_t ls_c, int64_t ls_w, int n,
+                      float* buf, uint8_t* bad) {
+  for (int i = 0; i < n; ++i) bad[i] = 0;
+  if (ls_w == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t row = base + c * ls_c;
+      float* dst = buf + c * TILE;
+#pragma omp simd
+      for (int i = 0; i < n; ++i) {
+        float v = load_logit<DT>(lp, row + i);
+        dst[i] = v;
+        bad[i] |= (uint8_t)nonfinite_bits(f2u(v));
+      }
+    }
+  } else {
+    // channels-last and general strides: walk pixels in memory order, scatter into buf
+    for (int i = 0; i < n; ++i) {
+      const int64_t px = base + i * ls_w;
+      uint8_t b = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        float v = load_logit<DT>(lp, px + c * ls_c);
+        buf[c * TILE + i] = v;
+        b |= (uint8_t)nonfinite_bits(f2u(v));
+      }
+      bad[i] = b;
+    }
+  }
+}
+
+inline int64_t load_label(const void* yp, int32_t dt, int64_t off) {
+  switch (dt) {
+    case U8: return static_cast<const uint8_t*>(yp)[off];
+    case I8: return static_cast<const int8_t*>(yp)[off];
+    case BOOL: return static_cast<const uint8_t*>(yp)[off] ? 1 : 0;
+    case I16: return static_cast<const int16_t*>(yp)[off];
+    case I32: return static_cast<const int32_t*>(yp)[off];
+    default: return static_cast<const int64_t*>(yp)[off];
+  }
+}
+
+inline void label_tile(const void* yp, int32_t dt, int64_t base, int64_t ys_w, int n,
+                       const int8_t* lut, int64_t lut_offset, int64_t lut_len, int8_t* cls) {
+  for (int i = 0; i < n; ++i) {
+    int64_t v = load_label(yp, dt, base + i * ys_w) - lut_offset;
+    cls[i] = (v >= 0 && v < lut_len) ? lut[v] : (int8_t)LABEL_INVALID;
+  }
+}
+
+struct TileState {
+  float m[TILE], s1[TILE], sT[TILE], sx[TILE], gen[TILE];
+  int32_t k[TILE];
+};
+
+// Max/argmax and the exp sums every requested method needs, vectorized over pixels.
+inline void tile_sums(const float* buf, int64_t C, int n, bool need_s1, bool need_sT, bool need_sx,
+                      bool need_gen, float inv_t, float gamma, TileState& st) {
+  float* m = st.m;
+  int32_t* k = st.k;
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    m[i] = buf[i];
+    k[i] = 0;
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const float* row = buf + c * TILE;
+    const int32_t ci = (int32_t)c;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      bool gt = row[i] > m[i];
+      m[i] = gt ? row[i] : m[i];
+      k[i] = gt ? ci : k[i];
+    }
+  }
+  if (need_s1 || need_sx) {
+    float* s1 = st.s1;
+    float* sx = st.sx;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      s1[i] = 0.0f;
+      sx[i] = 0.0f;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const float* row = buf + c * TILE;
+      const int32_t ci = (int32_t)c;
+#pragma omp simd
+      for (int i = 0; i < n; ++i) {
+        float d = row[i] - m[i];
+        float e = fast_exp(d);
+        s1[i] += (ci == k[i]) ? 0.0f : e;
+        sx[i] += e * d;
+      }
+    }
+  }
+  if (need_sT) {
+    float* sT = st.sT;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) sT[i] = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* row = buf + c * TILE;
+#pragma omp simd
+      for (int i = 0; i < n; ++i) sT[i] += fast_exp((row[i] - m[i]) * inv_t);
+    }
+  }
+  if (need_gen) {
+    float* g = st.gen;
+    const float* s1 = st.s1;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) g[i] = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* row = buf + c * TILE;
+      const int32_t ci = (int32_t)c;
+#pragma omp simd
+      for (int i = 0; i < n; ++i) {
+        // p^g (1-p)^g = exp(g (log p + log(1 - p))), with 1 - p written without
+        // cancellation: (z - e_c) / z for c != k, S' / z for the argmax.
+        float z = 1.0f + s1[i];
+        float d = row[i] - m[i];
+        float e = fast_exp(d);
+        float one_minus = (ci == k[i]) ? s1[i] : (z - e);
+        float lz = fast_log(z);
+        float lp = d - lz;
+        float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;
+        float term = fast_exp(gamma * (lp + l1));
+        g[i] += (one_minus > 0.0f && e > 0.0f) ? term : 0.0f;
+      }
+    }
+  }
+}
+
+// One method's coordinate and bin for every pixel of a tile; METH is a compile-time
+// constant so method_coord's switch folds away and the loop vectorizes.
+template <int METH>
+inline void coord_loop(const TileState& st, int n, const FusedArgs& a, const float* sml_mean,
+                       const float* sml_inv, float inv_log_c, int32_t* out_idx, float* out_map) {
+  float v[TILE];
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    PixelSums ps{st.m[i], st.k[i], st.s1[i], st.sT[i], st.sx[i], st.gen[i]};
+    float mu = 0.0f, inv = 0.0f;
+    if (METH == SML) {
+      mu = sml_mean[st.k[i]];
+      inv = sml_inv[st.k[i]];
+    }
+    v[i] = method_coord(METH, ps, a.temperature, mu, inv, inv_log_c, a.entropy_normalize);
+    out_idx[i] = bin_index(v[i]);
+  }
+  if (out_map) std::memcpy(out_map, v, sizeof(float) * (size_t)n);
+}
+
+struct Flags {
+  bool need_s1 = false, need_sT = false, need_sx = false, need_gen = false;
+};
+
+inline Flags method_flags(const FusedArgs& a) {
+  Flags f;
+  for (int j = 0; j < a.n_methods; ++j) {
+    switch (a.methods[j]) {
+      case MSP: f.need_s1 = true; break;
+      case ENERGY:
+        if (a.temperature == 1.0f) f.need_s1 = true;
+        else f.need_sT = true;
+        break;
+      case ENTROPY: f.need_s1 = f.need_sx = true; break;
+      case GEN: f.need_s1 = f.need_gen = true; break;
+      default: break;
+    }
+  }
+  return f;
+}
+
+template <int DT>
+void fused_impl(const FusedArgs& a) {
+  const int64_t C = a.C, nW = (a.W + TILE - 1) / TILE;
+  const int64_t n_tiles = a.B * a.H * nW;
+  const int M = a.n_methods;
+  const bool with_hist = a.labels_ptr != 0 && a.hist_ptr != 0;
+  const Flags fl = method_flags(a);
+  const float inv_t = 1.0f / a.temperature;
+  const float inv_log_c = C > 1 ? 1.0f / fast_log((float)C) : 0.0f;
+  const float* sml_mean = reinterpret_cast<const float*>(a.sml_mean_ptr);
+  const float* sml_inv = reinterpret_cast<const float*>(a.sml_inv_std_ptr);
+  const void* lp = reinterpret_cast<const void*>(a.logits_ptr);
+  const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
+  const int8_t* lut = reinterpret_cast<const int8_t*>(a.lut_ptr);
+  int64_t* hist = reinterpret_cast<int64_t*>(a.hist_ptr);
+  float* maps = reinterpret_cast<float*>(a.maps_ptr);
+  int64_t* counters = reinterpret_cast<int64_t*>(a.counters_ptr);
+  const int64_t plane = a.H * a.W, map_stride = a.B * plane;
+  int err = 0;
+
+#if defined(_OPENMP)
+  int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+  nt = (int)std::max<int64_t>(1, std::min<int64_t>(nt, n_tiles));
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    std::vector<float> buf((size_t)C * TILE);
+    uint8_t bad[TILE];
+    int8_t cls[TILE];
+    int32_t idx[MAX_METHODS][TILE];
+    TileState st;
+    int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
+    const size_t scratch_bins = with_hist ? (size_t)M * 2 * NBINS : 0;
+    Scratch scratch(scratch_bins * sizeof(uint32_t) + 1);
+    uint32_t* priv = static_cast<uint32_t*>(scratch.get());
+    std::vector<uint8_t> dirty(with_hist ? (size_t)M * 2 * NBLOCKS : 0, 0);
+    uint64_t since_flush = 0;
+    if (with_hist && !priv) {
+#pragma omp atomic write
+      err = 1;
+    }
+
+    auto flush = [&]() {
+      for (int64_t h = 0; h < (int64_t)M * 2; ++h) {
+        for (int64_t blk = 0; blk < NBLOCKS; ++blk) {
+          if (!dirty[h * NBLOCKS + blk]) continue;
+          dirty[h * NBLOCKS + blk] = 0;
+          const int64_t lo = blk << BLOCK_SHIFT, hi = std::min<int64_t>(NBINS, lo + (1 << BLOCK_SHIFT));
+          uint32_t* p = priv + h * NBINS;
+          int64_t* g = hist + h * NBINS;
+          for (int64_t bi = lo; bi < hi; ++bi) {
+            if (p[bi]) {
+#pragma omp atomic
+              g[bi] += (int64_t)p[bi];
+              p[bi] = 0;
+            }
+          }
+        }
+      }
+      since_flush = 0;
+    };
+
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 16)
+#endif
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      if (with_hist && !priv) continue;
+      const int64_t w0 = (t % nW) * TILE;
+      const int64_t bh = t / nW;
+      const int64_t b = bh / a.H, h = bh % a.H;
+      const int n = (int)std::min<int64_t>(TILE, a.W - w0);
+      load_tile<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n, buf.data(), bad);
+      tile_sums(buf.data(), C, n, fl.need_s1, fl.need_sT, fl.need_sx, fl.need_gen, inv_t, a.gen_gamma, st);
+
+      for (int j = 0; j < M; ++j) {
+        float* out_map = maps ? maps + j * map_stride + b * plane + h * a.W + w0 : nullptr;
+        switch (a.methods[j]) {
+          case MAX_LOGIT: coord_loop<MAX_LOGIT>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
+          case MSP: coord_loop<MSP>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
+          case ENERGY: coord_loop<ENERGY>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
+          case SML: coord_loop<SML>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
+          case ENTROPY: coord_loop<ENTROPY>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
+          default: coord_loop<GEN>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
+        }
+      }
+      if (!with_hist) continue;
+
+      label_tile(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w0 * a.ys_w, a.ys_w, n, lut, a.lut_offset,
+                 a.lut_len, cls);
+      for (int i = 0; i < n; ++i) {
+        const int8_t c = cls[i];
+        if (c == LABEL_VOID) { ++cnt[CNT_VOID]; continue; }
+        if (c == LABEL_INVALID) { ++cnt[CNT_INVALID]; continue; }
+        if (bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
+        ++cnt[CNT_BINNED];
+        for (int j = 0; j < M; ++j) {
+          const int64_t h2 = (int64_t)j * 2 + c;
+          const int32_t bi = idx[j][i];
+          ++priv[h2 * NBINS + bi];
+          dirty[h2 * NBLOCKS + (bi >> BLOCK_SHIFT)] = 1;
+        }
+      }
+      since_flush += (uint64_t)n;
+      if (since_flush >= FLUSH_EVERY) flush();
+    }
+    if (with_hist && priv) flush();
+    for (int q = 0; q < N_COUNTERS; ++q) {
+#if defined(_OPENMP)
+#pragma omp atomic
+#endif
+      counters[q] += cnt[q];
+    }
+  }
+  if (err) counters[CNT_INVALID] = -1;  // scratch allocation failed: reported as an error by Python
+}
+
+template <int DT>
+void fit_impl(const FitArgs& a) {
+  const int64_t C = a.C, nW = (a.W + TILE - 1) / TILE;
+  const int64_t n_tiles = a.B * a.H * nW;
+  const void* lp = reinterpret_cast<const void*>(a.logits_ptr);
+  const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
+  const int8_t* lut = reinterpret_cast<const int8_t*>(a.lut_ptr);
+  int64_t* count = reinterpret_cast<int64_t*>(a.count_ptr);
+  double* sum = reinterpret_cast<double*>(a.sum_ptr);
+  double* sumsq = reinterpret_cast<double*>(a.sumsq_ptr);
+  int64_t* counters = reinterpret_cast<int64_t*>(a.counters_ptr);
+#if defined(_OPENMP)
+  int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+  nt = (int)std::max<int64_t>(1, std::min<int64_t>(nt, n_tiles));
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    std::vector<float> buf((size_t)C * TILE);
+    uint8_t bad[TILE];
+    int8_t cls[TILE];
+    TileState st;
+    std::vector<int64_t> lc((size_t)C, 0);
+    std::vector<double> ls((size_t)C, 0.0), lq((size_t)C, 0.0);
+    int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t w0 = (t % nW) * TILE;
+      const int64_t bh = t / nW;
+      const int64_t b = bh / a.H, h = bh % a.H;
+      const int n = (int)std::min<int64_t>(TILE, a.W - w0);
+      load_tile<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n, buf.data(), bad);
+      tile_sums(buf.data(), C, n, false, false, false, false, 1.0f, 0.0f, st);
+      if (yp) {
+        label_tile(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w0 * a.ys_w, a.ys_w, n, lut, a.lut_offset,
+                   a.lut_len, cls);
+      } else {
+        for (int i = 0; i < n; ++i) cls[i] = LABEL_NORMAL;
+      }
+      for (int i = 0; i < n; ++i) {
+        if (cls[i] == LABEL_INVALID) { ++cnt[CNT_INVALID]; continue; }
+        if (cls[i] != LABEL_NORMAL) { ++cnt[CNT_VOID]; continue; }
+        if (bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
+        const int32_t k = st.k[i];
+        const double m = st.m[i];
+        lc[k] += 1;
+        ls[k] += m;
+        lq[k] += m * m;
+        ++cnt[CNT_BINNED];
+      }
+    }
+#if defined(_OPENMP)
+#pragma omp critical(anomfast_fit_reduce)
+#endif
+    {
+      for (int64_t c = 0; c < C; ++c) {
+        count[c] += lc[c];
+        sum[c] += ls[c];
+        sumsq[c] += lq[c];
+      }
+      for (int q = 0; q < N_COUNTERS; ++q) counters[q] += cnt[q];
+    }
+  }
+}
+
+}  // namespace
+
+void fused(const FusedArgs& a) {
+  switch (a.logit_dtype) {
+    case F16: fused_impl<F16>(a); break;
+    case BF16: fused_impl<BF16>(a); break;
+    default: fused_impl<F32>(a); break;
+  }
+}
+
+void fit_sml(const FitArgs& a) {
+  switch (a.logit_dtype) {
+    case F16: fit_impl<F16>(a); break;
+    case BF16: fit_impl<BF16>(a); break;
+    default: fit_impl<F32>(a); break;
+  }
+}
+
+}  // namespace ANOMFAST_ISA_NS
+}  // namespace anomfast
