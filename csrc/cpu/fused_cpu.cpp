@@ -8,7 +8,7 @@
 // in L1; each logit is read from memory once.
 //
 // Histograms: each OpenMP thread counts into a private uint32 copy (mmap'ed, so only
-// the pages it touches are ever backed) and marks which 1024-bin blocks it touched;
+// the pages it touches are ever backed; kept for the thread's lifetime) and marks which 1024-bin blocks it touched;
 // at the end it adds only those blocks into the shared int64 histograms. A thread
 // flushes early after 2^31 pixels, so the uint32 counts cannot overflow. Integer
 // sums make the result independent of the thread count and of the tile order.
@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -67,11 +68,24 @@ class Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   void* get() const { return ptr_; }
+  size_t size() const { return ptr_ ? bytes_ : 0; }
 
  private:
   size_t bytes_;
   void* ptr_ = nullptr;
 };
+
+// Per-thread private histogram memory, kept between calls (OpenMP pool threads live
+// on), so its pages are faulted in once, not on every call. Invariant: all zero
+// outside a call (each flush zeroes what it added).
+inline uint32_t* thread_scratch(size_t bytes) {
+  thread_local std::unique_ptr<Scratch> s;
+  if (!s || s->size() < bytes) {
+    s.reset();
+    s.reset(new Scratch(bytes));
+  }
+  return static_cast<uint32_t*>(s->get());
+}
 
 template <int DT>
 inline float load_logit(const void* base, int64_t off);
@@ -88,35 +102,41 @@ inline float load_logit<BF16>(const void* base, int64_t off) {
   return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
 }
 
-// buf[c * TILE + i] = logit (b, c, h, w0 + i); bad[i] = any class non-finite.
+// buf[c * TILE + i] = logit (b, c, h, w0 + i) as float32; past n zero-filled.
 template <int DT>
 inline void load_tile(const void* lp, int64_t C, int64_t base, int64_t ls_c, int64_t ls_w, int n,
-                      float* buf, uint8_t* bad) {
-  for (int i = 0; i < n; ++i) bad[i] = 0;
+                      float* buf) {
+  if (n < TILE) {
+    for (int64_t c = 0; c < C; ++c) std::memset(buf + c * TILE + n, 0, sizeof(float) * (size_t)(TILE - n));
+  }
   if (ls_w == 1) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t row = base + c * ls_c;
       float* dst = buf + c * TILE;
 #pragma omp simd
-      for (int i = 0; i < n; ++i) {
-        float v = load_logit<DT>(lp, row + i);
-        dst[i] = v;
-        bad[i] |= (uint8_t)nonfinite_bits(f2u(v));
-      }
+      for (int i = 0; i < n; ++i) dst[i] = load_logit<DT>(lp, row + i);
     }
   } else {
     // channels-last and general strides: walk pixels in memory order, scatter into buf
     for (int i = 0; i < n; ++i) {
       const int64_t px = base + i * ls_w;
-      uint8_t b = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        float v = load_logit<DT>(lp, px + c * ls_c);
-        buf[c * TILE + i] = v;
-        b |= (uint8_t)nonfinite_bits(f2u(v));
-      }
-      bad[i] = b;
+      for (int64_t c = 0; c < C; ++c) buf[c * TILE + i] = load_logit<DT>(lp, px + c * ls_c);
     }
   }
+}
+
+// The tile's class rows: straight from the input for float32 rows of a full tile
+// (no copy), otherwise converted into buf. Returns the class stride of the result.
+template <int DT>
+inline const float* tile_rows(const void* lp, int64_t C, int64_t base, int64_t ls_c, int64_t ls_w, int n,
+                              float* buf, int64_t& cstride) {
+  if (DT == F32 && ls_w == 1 && n == TILE) {
+    cstride = ls_c;
+    return static_cast<const float*>(lp) + base;
+  }
+  load_tile<DT>(lp, C, base, ls_c, ls_w, n, buf);
+  cstride = TILE;
+  return buf;
 }
 
 inline int64_t load_label(const void* yp, int32_t dt, int64_t off) {
@@ -141,80 +161,107 @@ inline void label_tile(const void* yp, int32_t dt, int64_t base, int64_t ys_w, i
 struct TileState {
   float m[TILE], s1[TILE], sT[TILE], sx[TILE], gen[TILE];
   int32_t k[TILE];
+  uint8_t bad[TILE];  // some logit of the pixel is NaN or +-inf
 };
 
 // Max/argmax and the exp sums every requested method needs, vectorized over pixels.
-inline void tile_sums(const float* buf, int64_t C, int n, bool need_s1, bool need_sT, bool need_sx,
+// Lanes are pixels: blocks of V pixels keep their running max / sums in fixed-size
+// local arrays (registers after unrolling) while the class loop runs outside, so each
+// class row of the tile is read once per pass and every V-loop is a few SIMD ops.
+// Tiles are always processed whole (load_tile zero-fills past n).
+constexpr int V = 16;
+
+inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, bool need_sT, bool need_sx,
                       bool need_gen, float inv_t, float gamma, TileState& st) {
-  float* m = st.m;
-  int32_t* k = st.k;
+  const int32_t Ci = (int32_t)C;
+  for (int i0 = 0; i0 < TILE; i0 += V) {
+    float mv[V], chk[V];
+    int32_t kv[V];
 #pragma omp simd
-  for (int i = 0; i < n; ++i) {
-    m[i] = buf[i];
-    k[i] = 0;
-  }
-  for (int64_t c = 1; c < C; ++c) {
-    const float* row = buf + c * TILE;
-    const int32_t ci = (int32_t)c;
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-      bool gt = row[i] > m[i];
-      m[i] = gt ? row[i] : m[i];
-      k[i] = gt ? ci : k[i];
+    for (int i = 0; i < V; ++i) {
+      mv[i] = buf[i0 + i];
+      chk[i] = mv[i] * 0.0f;
+      kv[i] = 0;
     }
-  }
-  if (need_s1 || need_sx) {
-    float* s1 = st.s1;
-    float* sx = st.sx;
+    for (int32_t c = 1; c < Ci; ++c) {
+      const float* row = buf + c * cs + i0;
 #pragma omp simd
-    for (int i = 0; i < n; ++i) {
-      s1[i] = 0.0f;
-      sx[i] = 0.0f;
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const float* row = buf + c * TILE;
-      const int32_t ci = (int32_t)c;
-#pragma omp simd
-      for (int i = 0; i < n; ++i) {
-        float d = row[i] - m[i];
-        float e = fast_exp(d);
-        s1[i] += (ci == k[i]) ? 0.0f : e;
-        sx[i] += e * d;
+      for (int i = 0; i < V; ++i) {
+        // arithmetic instead of "x = cond ? a : x", which GCC turns into slow masked stores
+        const int32_t gt = (int32_t)(row[i] > mv[i]);
+        kv[i] += gt * (c - kv[i]);
+        mv[i] = std::max(mv[i], row[i]);
+        chk[i] += row[i] * 0.0f;  // stays 0 unless some logit is NaN or inf (inf * 0 = NaN)
       }
     }
-  }
-  if (need_sT) {
-    float* sT = st.sT;
 #pragma omp simd
-    for (int i = 0; i < n; ++i) sT[i] = 0.0f;
-    for (int64_t c = 0; c < C; ++c) {
-      const float* row = buf + c * TILE;
-#pragma omp simd
-      for (int i = 0; i < n; ++i) sT[i] += fast_exp((row[i] - m[i]) * inv_t);
+    for (int i = 0; i < V; ++i) {
+      st.m[i0 + i] = mv[i];
+      st.k[i0 + i] = kv[i];
+      st.bad[i0 + i] = (uint8_t)(chk[i] != 0.0f);
     }
-  }
-  if (need_gen) {
-    float* g = st.gen;
-    const float* s1 = st.s1;
+    if (need_s1 || need_sx) {
+      float s1[V], sx[V];
 #pragma omp simd
-    for (int i = 0; i < n; ++i) g[i] = 0.0f;
-    for (int64_t c = 0; c < C; ++c) {
-      const float* row = buf + c * TILE;
-      const int32_t ci = (int32_t)c;
+      for (int i = 0; i < V; ++i) s1[i] = sx[i] = 0.0f;
+      for (int32_t c = 0; c < Ci; ++c) {
+        const float* row = buf + c * cs + i0;
+        if (need_sx) {
 #pragma omp simd
-      for (int i = 0; i < n; ++i) {
-        // p^g (1-p)^g = exp(g (log p + log(1 - p))), with 1 - p written without
-        // cancellation: (z - e_c) / z for c != k, S' / z for the argmax.
-        float z = 1.0f + s1[i];
-        float d = row[i] - m[i];
-        float e = fast_exp(d);
-        float one_minus = (ci == k[i]) ? s1[i] : (z - e);
-        float lz = fast_log(z);
-        float lp = d - lz;
-        float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;
-        float term = fast_exp(gamma * (lp + l1));
-        g[i] += (one_minus > 0.0f && e > 0.0f) ? term : 0.0f;
+          for (int i = 0; i < V; ++i) {
+            const float d = row[i] - mv[i];
+            const float e = fast_exp(d);
+            s1[i] += (float)(c != kv[i]) * e;
+            sx[i] += e * d;
+          }
+        } else {
+#pragma omp simd
+          for (int i = 0; i < V; ++i) s1[i] += (float)(c != kv[i]) * fast_exp(row[i] - mv[i]);
+        }
       }
+#pragma omp simd
+      for (int i = 0; i < V; ++i) {
+        st.s1[i0 + i] = s1[i];
+        st.sx[i0 + i] = sx[i];
+      }
+    }
+    if (need_sT) {
+      float sT[V];
+#pragma omp simd
+      for (int i = 0; i < V; ++i) sT[i] = 0.0f;
+      for (int32_t c = 0; c < Ci; ++c) {
+        const float* row = buf + c * cs + i0;
+#pragma omp simd
+        for (int i = 0; i < V; ++i) sT[i] += fast_exp((row[i] - mv[i]) * inv_t);
+      }
+#pragma omp simd
+      for (int i = 0; i < V; ++i) st.sT[i0 + i] = sT[i];
+    }
+    if (need_gen) {
+      float g[V], z[V], lz[V], s1[V];
+#pragma omp simd
+      for (int i = 0; i < V; ++i) {
+        s1[i] = st.s1[i0 + i];
+        z[i] = 1.0f + s1[i];
+        lz[i] = fast_log(z[i]);
+        g[i] = 0.0f;
+      }
+      for (int32_t c = 0; c < Ci; ++c) {
+        const float* row = buf + c * cs + i0;
+#pragma omp simd
+        for (int i = 0; i < V; ++i) {
+          // p^g (1-p)^g = exp(g (log p + log(1 - p))), with 1 - p written without
+          // cancellation: (z - e_c) / z for c != k, S' / z for the argmax.
+          const float d = row[i] - mv[i];
+          const float e = fast_exp(d);
+          const float one_minus = (c == kv[i]) ? s1[i] : (z[i] - e);
+          const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz[i];
+          const float term = fast_exp(gamma * ((d - lz[i]) + l1));
+          g[i] += (one_minus > 0.0f && e > 0.0f) ? term : 0.0f;
+        }
+      }
+#pragma omp simd
+      for (int i = 0; i < V; ++i) st.gen[i0 + i] = g[i];
     }
   }
 }
@@ -287,14 +334,12 @@ void fused_impl(const FusedArgs& a) {
 #endif
   {
     std::vector<float> buf((size_t)C * TILE);
-    uint8_t bad[TILE];
     int8_t cls[TILE];
     int32_t idx[MAX_METHODS][TILE];
     TileState st;
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
     const size_t scratch_bins = with_hist ? (size_t)M * 2 * NBINS : 0;
-    Scratch scratch(scratch_bins * sizeof(uint32_t) + 1);
-    uint32_t* priv = static_cast<uint32_t*>(scratch.get());
+    uint32_t* priv = with_hist ? thread_scratch(scratch_bins * sizeof(uint32_t)) : nullptr;
     std::vector<uint8_t> dirty(with_hist ? (size_t)M * 2 * NBLOCKS : 0, 0);
     uint64_t since_flush = 0;
     if (with_hist && !priv) {
@@ -331,8 +376,10 @@ void fused_impl(const FusedArgs& a) {
       const int64_t bh = t / nW;
       const int64_t b = bh / a.H, h = bh % a.H;
       const int n = (int)std::min<int64_t>(TILE, a.W - w0);
-      load_tile<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n, buf.data(), bad);
-      tile_sums(buf.data(), C, n, fl.need_s1, fl.need_sT, fl.need_sx, fl.need_gen, inv_t, a.gen_gamma, st);
+      int64_t cs = TILE;
+      const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
+                                        buf.data(), cs);
+      tile_sums(rows, cs, C, fl.need_s1, fl.need_sT, fl.need_sx, fl.need_gen, inv_t, a.gen_gamma, st);
 
       for (int j = 0; j < M; ++j) {
         float* out_map = maps ? maps + j * map_stride + b * plane + h * a.W + w0 : nullptr;
@@ -353,7 +400,7 @@ void fused_impl(const FusedArgs& a) {
         const int8_t c = cls[i];
         if (c == LABEL_VOID) { ++cnt[CNT_VOID]; continue; }
         if (c == LABEL_INVALID) { ++cnt[CNT_INVALID]; continue; }
-        if (bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
+        if (st.bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
         ++cnt[CNT_BINNED];
         for (int j = 0; j < M; ++j) {
           const int64_t h2 = (int64_t)j * 2 + c;
@@ -394,7 +441,6 @@ void fit_impl(const FitArgs& a) {
 #endif
   {
     std::vector<float> buf((size_t)C * TILE);
-    uint8_t bad[TILE];
     int8_t cls[TILE];
     TileState st;
     std::vector<int64_t> lc((size_t)C, 0);
@@ -408,8 +454,10 @@ void fit_impl(const FitArgs& a) {
       const int64_t bh = t / nW;
       const int64_t b = bh / a.H, h = bh % a.H;
       const int n = (int)std::min<int64_t>(TILE, a.W - w0);
-      load_tile<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n, buf.data(), bad);
-      tile_sums(buf.data(), C, n, false, false, false, false, 1.0f, 0.0f, st);
+      int64_t cs = TILE;
+      const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
+                                        buf.data(), cs);
+      tile_sums(rows, cs, C, false, false, false, false, 1.0f, 0.0f, st);
       if (yp) {
         label_tile(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w0 * a.ys_w, a.ys_w, n, lut, a.lut_offset,
                    a.lut_len, cls);
@@ -419,7 +467,7 @@ void fit_impl(const FitArgs& a) {
       for (int i = 0; i < n; ++i) {
         if (cls[i] == LABEL_INVALID) { ++cnt[CNT_INVALID]; continue; }
         if (cls[i] != LABEL_NORMAL) { ++cnt[CNT_VOID]; continue; }
-        if (bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
+        if (st.bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
         const int32_t k = st.k[i];
         const double m = st.m[i];
         lc[k] += 1;
