@@ -1,9 +1,19 @@
-"""Command line: `anomfast info`, `anomfast eval`, `anomfast fit`, `anomfast report`."""
+"""anomfast command line.
+
+    anomfast eval --out DIR                     # the built-in real demo grid
+    anomfast eval --grid grid.toml --out DIR    # your models x methods grid
+    anomfast fit --logits DIR --out sml.npz     # SML statistics from in-distribution logits
+    anomfast report --histograms DIR/histograms.npz --out DIR2 [--fpr-mode interp ...]
+    anomfast info
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+DEMO_METHODS = ["max_logit", "msp", "sml", "energy"]
 
 
 def _cmd_info(args) -> int:
@@ -17,12 +27,129 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _conventions(args) -> dict:
+    return {"fpr_mode": args.fpr_mode, "ap_mode": args.ap_mode}
+
+
+def _cmd_eval(args) -> int:
+    from .grid import grid_from_config, load_grid
+    from .methods import resolve
+    from .report import write_report
+    from .runner import evaluate_grid
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    notes = []
+    if args.grid or args.logits:
+        if args.grid:
+            grid = load_grid(args.grid)
+        else:
+            if not args.labels:
+                raise ValueError("--logits needs --labels DIR")
+            cfg = {"labels": {"dir": str(Path(args.labels).resolve()), "anomaly_ids": args.anomaly_ids,
+                              "void_ids": args.void_ids},
+                   "models": [{"name": args.name or Path(args.logits).name, "logits": str(Path(args.logits).resolve())}]}
+            if args.sml_stats:
+                cfg["models"][0]["sml_stats"] = str(Path(args.sml_stats).resolve())
+            grid = grid_from_config(cfg, Path.cwd())
+        methods = methods or ["max_logit", "msp", "energy"] + (
+            ["sml"] if all(m.sml_stats or m.fit_logits for m in grid.models) else [])
+    else:
+        from .demo import build_demo
+        print("anomfast: no data given, running the built-in demo (digits scenes, Fishyscapes Static protocol)",
+              file=sys.stderr)
+        root = build_demo(args.cache, progress=lambda s: print(f"  demo: {s}", file=sys.stderr))
+        grid = load_grid(Path(root) / "grid.toml")
+        methods = methods or DEMO_METHODS
+        notes.append("Built-in demo: scenes of scikit-learn's real digits; networks trained on digits 0-4, "
+                     "digits 5-9 pasted as anomalies with void boundaries. HEAT is not implemented in this "
+                     "version, so it has no column (it is never replaced by another score).")
+    resolve([m for m in methods if m != "sml"] or ["max_logit"])  # unknown methods fail here, before any work
+    if "sml" in methods:
+        for m in grid.models:
+            if not (m.sml_stats or m.fit_logits):
+                raise ValueError(f"method 'sml' needs sml_stats or fit_logits for model {m.name!r}")
+    run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
+                        distributed=args.distributed)
+    run["notes"] = notes
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    write_report(run, Path(args.out), _conventions(args), plots=not args.no_plots)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"anomfast: wrote {args.out}/report.md, results.json, results.csv, report.tex, histograms.npz"
+          + ("" if args.no_plots else " and plots"), file=sys.stderr)
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    from .grid import GridError, _files, load_array
+    from .runner import _as_chw
+    from .functional import fit_sml
+    files = _files(args.logits, Path.cwd(), (".npy", ".npz", ".pt", ".safetensors"), "fit logits")
+    stats = fit_sml(_as_chw(load_array(files[s]), files[s]).unsqueeze(0) for s in sorted(files))
+    stats.save(args.out)
+    print(f"anomfast: SML statistics for {stats.num_classes} classes from {int(stats.count.sum())} pixels -> {args.out}")
+    if stats.fallback_classes:
+        print(f"anomfast: classes {stats.fallback_classes} use the pooled statistics (too few pixels)")
+    del GridError
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .histogram import load_histograms
+    from .report import write_report
+    hists, extra = load_histograms(args.histograms)
+    models, methods = [], extra.get("methods") or []
+    for info in extra.get("models", []):
+        hs = {k.split("::", 1)[1]: h for k, h in hists.items() if k.split("::", 1)[0] == info["name"]}
+        models.append({"name": info["name"], "miou": info.get("miou"), "images": info.get("images"), "histograms": hs})
+        methods = methods or list(hs)
+    write_report({"models": models, "methods": methods, "notes": extra.get("notes", [])}, Path(args.out),
+                 _conventions(args), plots=not args.no_plots)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anomfast", description=__doc__)
+    p = argparse.ArgumentParser(prog="anomfast", description="Fast, certified pixel-level anomaly detection evaluation.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("info", help="what this build contains (version, compiler, OpenMP, CUDA)")
     pi.add_argument("--json", action="store_true")
     pi.set_defaults(func=_cmd_info)
+
+    def conventions(sp):
+        sp.add_argument("--fpr-mode", default="first", choices=["first", "strict", "interp"],
+                        help="FPR95: first threshold with TPR >= 0.95 (default), TPR > 0.95, or interpolated")
+        sp.add_argument("--ap-mode", default="step", choices=["step", "trapezoid"],
+                        help="AUPR: average precision (default) or trapezoid rule")
+        sp.add_argument("--no-plots", action="store_true")
+
+    pe = sub.add_parser("eval", help="evaluate a models x methods grid (no data options: the built-in demo)")
+    pe.add_argument("--out", required=True, help="output folder")
+    pe.add_argument("--grid", help="grid file (TOML), see anomfast/grid.py")
+    pe.add_argument("--logits", help="one model: folder/glob of per-image logits (C, H, W)")
+    pe.add_argument("--labels", help="folder of label maps matching --logits by file name")
+    pe.add_argument("--name", help="model name for --logits")
+    pe.add_argument("--sml-stats", help="SML statistics file (anomfast fit) for --logits")
+    pe.add_argument("--anomaly-ids", type=int, nargs="+", default=[1])
+    pe.add_argument("--void-ids", type=int, nargs="+", default=[255])
+    pe.add_argument("--methods", help="comma-separated methods (default: max_logit,msp,energy[,sml])")
+    pe.add_argument("--device", default="cpu", help="cpu or cuda")
+    pe.add_argument("--distributed", action="store_true", help="shard images over torch.distributed ranks")
+    pe.add_argument("--cache", help="demo cache folder (default $ANOMFAST_CACHE or ~/.cache/anomfast)")
+    pe.add_argument("--quiet", action="store_true", help="no progress line")
+    conventions(pe)
+    pe.set_defaults(func=_cmd_eval)
+
+    pf = sub.add_parser("fit", help="fit SML statistics from in-distribution logits")
+    pf.add_argument("--logits", required=True)
+    pf.add_argument("--out", required=True)
+    pf.set_defaults(func=_cmd_fit)
+
+    pr = sub.add_parser("report", help="re-finalize saved histograms with other definitions, without the logits")
+    pr.add_argument("--histograms", required=True)
+    pr.add_argument("--out", required=True)
+    conventions(pr)
+    pr.set_defaults(func=_cmd_report)
     return p
 
 
@@ -30,8 +157,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"anomfast: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, KeyError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"anomfast: error: {msg}", file=sys.stderr)
         return 2
 
 

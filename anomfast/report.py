@@ -20,3 +20,108 @@ def results_table(results, digits: int = 2) -> str:
         rows.append(f"| {DISPLAY.get(name, name)} | {_pct(r.fpr95, digits)} | {_pct(r.auroc, digits)} | "
                     f"{_pct(r.ap, digits)} | {_pct(r.f1, digits)} | {r.threshold:.4f} | {width:.1e} |")
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- grid reports
+import csv  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+DEFINITIONS = {
+    "FPR95": "FPR at the first threshold (descending) where TPR >= 0.95 (Fishyscapes / SMIYC convention)",
+    "AUROC": "area under the ROC curve, ties counted one half (= sklearn roc_auc_score)",
+    "AUPR": "average precision, step-wise sum (R_n - R_{n-1}) P_n, anomaly positive (= sklearn average_precision_score)",
+    "F1": "best F1 over thresholds 'anomaly iff score >= t'; ties -> highest threshold",
+    "bounds": "certified [low, high] the exact (unbinned) metric lies in",
+}
+
+
+def _row_label(m) -> str:
+    return f"{m['name']} ({100 * m['miou']:.2f}% mIoU)" if m.get("miou") is not None else m["name"]
+
+
+def _fmt(v, digits, pct=True):
+    if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):
+        return "n/a"
+    return f"{100 * v:.{digits}f}" if pct else f"{v:.{digits}f}"
+
+
+def _md_table(header, rows, align):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def seed_tables(models: list, methods: list) -> str:
+    """The three tables of the seed report (main results, F1, optimal thresholds)."""
+    names = [DISPLAY.get(m, m) for m in methods]
+    head = ["Model"] + names
+    main = [[_row_label(m)] + [" / ".join(_fmt(getattr(m["results"][k], a), 1) for a in ("fpr95", "auroc", "ap", "f1"))
+                               for k in methods] for m in models]
+    f1 = [[_row_label(m)] + [_fmt(m["results"][k].f1, 2) for k in methods] for m in models]
+    thr = [[_row_label(m)] + [_fmt(m["results"][k].threshold, 4, pct=False) for k in methods] for m in models]
+    left = [":--"] + ["--:"] * len(methods)
+    parts = [
+        "# Model vs Anomaly Detection Method Comparison", "",
+        "## Main Results", "", "**Format**: FPR95 / AUROC / AUPR / F1 (all in %)", "",
+        "**Lower FPR95 is better**, **Higher AUROC/AUPR/F1 is better**", "",
+        _md_table(head, main, [":--"] + [":--"] * len(methods)), "",
+        "## F1 Scores (%) - For Threshold Selection", "",
+        "**Higher is better**. This is the metric used to find optimal thresholds.", "",
+        _md_table(head, f1, left), "",
+        "## Optimal Thresholds", "",
+        "These are the thresholds that maximize F1 score for each method/model combination.", "",
+        _md_table(head, thr, left), "",
+    ]
+    return "\n".join(parts)
+
+
+def write_report(run: dict, out: Path, conventions: dict | None = None, plots: bool = True) -> dict:
+    """Writes report.md, results.csv, results.json, report.tex, histograms.npz and plots."""
+    from .histogram import save_histograms
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    conventions = conventions or {}
+    methods = run["methods"]
+    for m in run["models"]:
+        m["results"] = {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
+    md = seed_tables(run["models"], methods)
+    widths = [max(hi - lo for kk, (lo, hi) in r.bounds.items() if kk != "threshold" and not math.isnan(lo))
+              for m in run["models"] for r in m["results"].values() if r.n_pos and r.n_neg]
+    md += ("\n---\n\nMetrics are finalized from histograms; every number has a certified bound "
+           f"(largest bound width in this report: {max(widths or [0.0]):.1e}, see results.json). "
+           f"Definitions: {conventions or 'defaults'}.\n")
+    notes = run.get("notes", [])
+    if notes:
+        md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    (out / "report.md").write_text(md)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "miou", "method", "fpr95", "fpr95_low", "fpr95_high", "auroc", "auroc_low", "auroc_high",
+                    "ap", "ap_low", "ap_high", "f1", "f1_low", "f1_high", "threshold", "threshold_low",
+                    "threshold_high", "n_anomaly", "n_normal"])
+        for m in run["models"]:
+            for k, r in m["results"].items():
+                row = [m["name"], m.get("miou"), k]
+                for a in ("fpr95", "auroc", "ap", "f1", "threshold"):
+                    row += [getattr(r, a), *r.bounds[a]]
+                w.writerow(row + [r.n_pos, r.n_neg])
+    doc = {"definitions": DEFINITIONS, "conventions": conventions, "methods": methods, "notes": notes,
+           "models": [{"name": m["name"], "miou": m.get("miou"), "pixels": m.get("pixels"), "images": m.get("images"),
+                       "results": {k: r.as_dict() for k, r in m["results"].items()}} for m in run["models"]]}
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    tex = ["\\begin{tabular}{l" + "c" * len(methods) + "}", "\\toprule",
+           "Model & " + " & ".join(DISPLAY.get(k, k) for k in methods) + " \\\\", "\\midrule"]
+    for m in run["models"]:
+        cells = [" / ".join(_fmt(getattr(m["results"][k], a), 1) for a in ("fpr95", "auroc", "ap", "f1")) for k in methods]
+        tex.append(_row_label(m).replace("%", "\\%") + " & " + " & ".join(cells) + " \\\\")
+    tex += ["\\bottomrule", "\\end{tabular}", ""]
+    (out / "report.tex").write_text("\n".join(tex))
+    save_histograms(out / "histograms.npz",
+                    {f"{m['name']}::{k}": h for m in run["models"] for k, h in m["histograms"].items()},
+                    extra={"models": [{"name": m["name"], "miou": m.get("miou"), "images": m.get("images")}
+                                      for m in run["models"]], "methods": methods, "notes": notes})
+    if plots:
+        from .plots import write_plots
+        write_plots(run, out)
+    return doc

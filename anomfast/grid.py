@@ -1,0 +1,196 @@
+"""Evaluation grids: models x methods over one set of label maps, read from disk.
+
+A grid file (TOML) names the label directory and mapping and, per model, where its
+per-image logits live (and optional SML statistics or in-distribution logits to fit
+them). Paths are relative to the grid file::
+
+    [labels]
+    dir = "labels"            # PNG (as data sets ship them) or .npy/.npz/.pt label maps
+    anomaly_ids = [1]
+    void_ids = [255]
+    semantic_dir = "semantic" # optional: semantic labels for mIoU (255 = ignore)
+    [[models]]
+    name = "SmallFCN Baseline"
+    logits = "models/a/logits"        # a directory or a glob of .npy/.npz/.pt/.safetensors
+    sml_stats = "a_sml.npz"           # optional, or
+    fit_logits = "models/a/fit/logits"
+
+Everything is checked before any long work starts: every label has a logits file of
+the same stem for every model (and the other way round), shapes agree, methods exist.
+"""
+from __future__ import annotations
+
+import glob as _glob
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .labels import LabelMap
+
+LOGIT_EXT = (".npy", ".npz", ".pt", ".safetensors")
+LABEL_EXT = (".png", ".npy", ".npz", ".pt")
+
+
+class GridError(ValueError):
+    """A grid that cannot be evaluated (missing files, mismatched shapes...)."""
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    logits: dict            # stem -> path
+    sml_stats: Path | None = None
+    fit_logits: dict = field(default_factory=dict)
+
+
+@dataclass
+class Grid:
+    labels: dict            # stem -> path
+    label_map: LabelMap
+    models: list
+    semantic: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
+    root: Path | None = None
+
+
+def _files(spec, base: Path, exts, what: str) -> dict:
+    p = Path(spec)
+    if not p.is_absolute():
+        p = base / p
+    if p.is_dir():
+        files = [f for f in sorted(p.iterdir()) if f.suffix in exts]
+    else:
+        files = [Path(f) for f in sorted(_glob.glob(str(p))) if Path(f).suffix in exts]
+        if not files and not any(ch in str(spec) for ch in "*?["):
+            raise GridError(f"{what}: {p} does not exist")
+    if not files:
+        raise GridError(f"{what}: no {'/'.join(exts)} files in {p}")
+    out = {}
+    for f in files:
+        if f.stem in out:
+            raise GridError(f"{what}: two files for image {f.stem!r}: {out[f.stem].name} and {f.name}")
+        out[f.stem] = f
+    return out
+
+
+def load_array(path: Path) -> np.ndarray:
+    s = path.suffix
+    if s == ".npy":
+        return np.load(path, allow_pickle=False)
+    if s == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if len(keys) != 1:
+                raise GridError(f"{path}: expected one array in the .npz, found {keys}")
+            return z[keys[0]]
+    if s == ".pt":
+        t = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(t, torch.Tensor):
+            raise GridError(f"{path}: expected a tensor, got {type(t).__name__}")
+        return t
+    if s == ".safetensors":
+        from safetensors.numpy import load_file
+        d = load_file(str(path))
+        if len(d) != 1:
+            raise GridError(f"{path}: expected one tensor in the .safetensors file, found {list(d)}")
+        return next(iter(d.values()))
+    if s == ".png":
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover
+            from .demo import read_png
+            return read_png(path)
+        with Image.open(path) as im:
+            return np.asarray(im)
+    raise GridError(f"{path}: unsupported file type {s}")
+
+
+def array_shape(path: Path) -> tuple:
+    if path.suffix == ".npy":
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    if path.suffix == ".png":
+        try:
+            from PIL import Image
+            with Image.open(path) as im:
+                return (im.size[1], im.size[0]) if im.mode in ("L", "P", "I", "I;16", "1") else (im.size[1], im.size[0], len(im.getbands()))
+        except ImportError:  # pragma: no cover
+            pass
+    return tuple(np.asarray(load_array(path)).shape)
+
+
+def _match(what: str, labels: dict, files: dict):
+    missing = sorted(set(labels) - set(files))
+    extra = sorted(set(files) - set(labels))
+    if missing:
+        raise GridError(f"{what}: no logits file for {len(missing)} labelled image(s), e.g. {missing[:3]}")
+    if extra:
+        raise GridError(f"{what}: {len(extra)} logits file(s) have no label map, e.g. {extra[:3]}")
+
+
+def load_grid(path) -> Grid:
+    path = Path(path)
+    if not path.exists():
+        raise GridError(f"grid file {path} does not exist")
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import tomli as tomllib
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except Exception as exc:
+        raise GridError(f"{path}: not valid TOML ({exc})") from None
+    return grid_from_config(cfg, path.parent)
+
+
+def grid_from_config(cfg: dict, base: Path) -> Grid:
+    if "labels" not in cfg or "dir" not in cfg["labels"]:
+        raise GridError("grid: a [labels] table with dir = ... is required")
+    if not cfg.get("models"):
+        raise GridError("grid: at least one [[models]] entry is required")
+    lab = cfg["labels"]
+    lm = LabelMap(anomaly_ids=lab.get("anomaly_ids", [1]), void_ids=lab.get("void_ids", [255]),
+                  normal_ids=lab.get("normal_ids", "rest" if "anomaly_ids" in lab else [0]))
+    labels = _files(lab["dir"], base, LABEL_EXT, "labels")
+    semantic = _files(lab["semantic_dir"], base, LABEL_EXT, "semantic labels") if lab.get("semantic_dir") else {}
+    images = _files(lab["images_dir"], base, (".png",), "images") if lab.get("images_dir") else {}
+    if not images and (base / "images").is_dir():
+        images = _files("images", base, (".png",), "images")
+    models = []
+    names = set()
+    for i, m in enumerate(cfg["models"]):
+        if "name" not in m or "logits" not in m:
+            raise GridError(f"grid: model #{i + 1} needs name = ... and logits = ...")
+        if m["name"] in names:
+            raise GridError(f"grid: model name {m['name']!r} appears twice")
+        names.add(m["name"])
+        logits = _files(m["logits"], base, LOGIT_EXT, f"model {m['name']!r} logits")
+        _match(f"model {m['name']!r}", labels, logits)
+        sml = None
+        if m.get("sml_stats"):
+            sml = Path(m["sml_stats"]) if Path(m["sml_stats"]).is_absolute() else base / m["sml_stats"]
+            if not sml.exists():
+                raise GridError(f"model {m['name']!r}: SML statistics file {sml} does not exist")
+        fit = _files(m["fit_logits"], base, LOGIT_EXT, f"model {m['name']!r} fit logits") if m.get("fit_logits") else {}
+        models.append(ModelSpec(m["name"], logits, sml, fit))
+    g = Grid(labels=labels, label_map=lm, models=models, semantic=semantic, images=images, root=base)
+    check_shapes(g)
+    return g
+
+
+def check_shapes(g: Grid) -> None:
+    """Label maps (H, W) and logits (C, H, W) agree, for the first and last image of every
+    model (cheap header reads); every image is checked again when it is read."""
+    stems = sorted(g.labels)
+    for stem in {stems[0], stems[-1]}:
+        ls = array_shape(g.labels[stem])
+        if len(ls) != 2:
+            raise GridError(f"label map {g.labels[stem].name} has shape {ls}, expected (H, W)")
+        for m in g.models:
+            s = array_shape(m.logits[stem])
+            if len(s) == 4 and s[0] == 1:
+                s = s[1:]
+            if len(s) != 3 or tuple(s[1:]) != tuple(ls):
+                raise GridError(f"model {m.name!r}: logits {m.logits[stem].name} have shape {s}, "
+                                f"expected (C, {ls[0]}, {ls[1]}) to match the label map")

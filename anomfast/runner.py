@@ -1,0 +1,133 @@
+"""Full-grid evaluation: every (model x method) pair over the grid's images, one fused
+pass per image, a prefetching reader, a progress line, flat memory."""
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from . import _fused
+from .functional import fit_sml
+from .grid import Grid, GridError, load_array
+from .histogram import Histogram
+from .methods import coord_to_score, resolve
+from .sml import SMLStats
+
+
+class Progress:
+    """One status line per model on stderr: images, images/s, pixels/s."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.t0 = time.perf_counter()
+        self.n = self.px = 0
+
+    def update(self, pixels: int):
+        self.n += 1
+        self.px += pixels
+        if self.enabled and (self.n == self.total or self.n % 8 == 0):
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            bar = "#" * int(24 * self.n / self.total)
+            sys.stderr.write(f"\r{self.label[:28]:28s} [{bar:24s}] {self.n}/{self.total} "
+                             f"{self.n / dt:7.1f} img/s {self.px / dt / 1e6:7.2f} Mpx/s")
+            if self.n == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _prefetch(fn, items, depth: int = 4):
+    """Yields fn(item) in order, reading up to `depth` items ahead on a thread."""
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        futs = [ex.submit(fn, it) for it in items[:depth]]
+        for i in range(len(items)):
+            res = futs[i].result()
+            if i + depth < len(items):
+                futs.append(ex.submit(fn, items[i + depth]))
+            futs[i] = None
+            yield res
+
+
+def _as_chw(a, path) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3:
+        raise GridError(f"{path}: logits must be (C, H, W), got {tuple(t.shape)}")
+    return t
+
+
+def fit_model_sml(model, progress: bool = True) -> SMLStats:
+    if model.sml_stats is not None:
+        return SMLStats.load(model.sml_stats)
+    if not model.fit_logits:
+        raise GridError(f"model {model.name!r}: method 'sml' needs sml_stats = ... or fit_logits = ... in the grid")
+    stems = sorted(model.fit_logits)
+    batches = (_as_chw(load_array(model.fit_logits[s]), model.fit_logits[s]).unsqueeze(0) for s in stems)
+    return fit_sml(batches)
+
+
+def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = True, n_examples: int = 3,
+                  temperature: float = 1.0, distributed: bool = False) -> dict:
+    """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...}."""
+    stems = sorted(grid.labels)
+    rank, world = 0, 1
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    my_stems = stems[rank::world]
+    out = []
+    for model in grid.models:
+        params = {"temperature": temperature}
+        if "sml" in methods:
+            params["sml"] = fit_model_sml(model, progress)
+        spec = resolve(methods, **params)
+        hist = _fused.new_histogram(len(spec.names), device)
+        counters = _fused.new_counters(device)
+        conf = None
+        examples = []
+        pb = Progress(model.name, len(my_stems), progress and rank == 0)
+
+        def read(stem):
+            x = _as_chw(load_array(model.logits[stem]), model.logits[stem])
+            y = torch.as_tensor(np.asarray(load_array(grid.labels[stem])))
+            sem = torch.as_tensor(np.asarray(load_array(grid.semantic[stem]))) if stem in grid.semantic else None
+            return stem, x, y, sem
+
+        for stem, x, y, sem in _prefetch(read, my_stems):
+            if tuple(y.shape) != tuple(x.shape[1:]):
+                raise GridError(f"image {stem!r}: label map {tuple(y.shape)} vs logits {tuple(x.shape)} of model {model.name!r}")
+            xb = _fused.as_logits(x.unsqueeze(0).to(device))
+            yb = _fused.as_labels(y.unsqueeze(0).to(device), xb)
+            want_maps = len(examples) < n_examples and bool((y != 0).any())
+            _, _, maps = _fused.fused_pass(xb, yb, spec, label_map=grid.label_map, hist=hist, counters=counters,
+                                           want_maps=want_maps)
+            if sem is not None:
+                C = xb.shape[1]
+                pred = xb[0].argmax(dim=0).flatten().to(torch.int64)
+                s = sem.to(device).flatten().to(torch.int64)
+                ok = (s >= 0) & (s < C)
+                cm = torch.bincount(s[ok] * C + pred[ok], minlength=C * C).reshape(C, C)
+                conf = cm if conf is None else conf + cm
+            if want_maps:
+                examples.append({"stem": stem, "labels": y.numpy(),
+                                 "maps": {n: coord_to_score(n, maps[j, 0].cpu().numpy()) for j, n in enumerate(spec.names)}})
+            pb.update(int(y.numel()))
+        if world > 1:
+            torch.distributed.all_reduce(hist)
+            torch.distributed.all_reduce(counters)
+            if conf is not None:
+                torch.distributed.all_reduce(conf)
+        pixels = _fused.check_counters(counters, None, grid.label_map)
+        miou = None
+        if conf is not None:
+            c = conf.double().cpu()
+            inter = c.diag()
+            union = c.sum(0) + c.sum(1) - inter
+            present = c.sum(1) > 0
+            miou = float((inter[present] / union[present]).mean())
+        hists = {n: Histogram(n, hist[j].cpu(), spec.params_of(n)) for j, n in enumerate(spec.names)}
+        out.append({"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
+                    "images": len(stems)})
+    return {"models": out, "methods": list(methods)}
