@@ -6,6 +6,7 @@ metrics are finalized from the histograms with certified bounds.
 from __future__ import annotations
 
 from . import _core
+from .evaluator import Evaluator
 from .functional import Results, evaluate, fit_sml, score_maps
 from .histogram import Histogram, load_histograms, save_histograms
 from .labels import LabelMap
@@ -15,7 +16,7 @@ from .sml import SMLStats
 __version__ = str(_core._C.VERSION)
 METHODS = tuple(_CODES)
 
-__all__ = ["evaluate", "score_maps", "fit_sml", "SMLStats", "LabelMap", "Histogram", "save_histograms",
+__all__ = ["Evaluator", "evaluate", "score_maps", "fit_sml", "SMLStats", "LabelMap", "Histogram", "save_histograms",
            "load_histograms", "Results", "build_info", "METHODS", "__version__"]
 
 

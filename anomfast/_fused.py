@@ -101,34 +101,45 @@ def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSp
         return hist, counters, maps
     if spec.sml is not None and "sml" in spec.names and spec.sml.num_classes != C:
         raise ValueError(f"SML statistics were fitted for {spec.sml.num_classes} classes but the logits have C = {C}")
+    lut = off = None
+    if with_hist:
+        lut, off = (label_map or LabelMap.default()).lut()
+        lut = lut.to(dev)
+    sml_mean = sml_inv = None
+    if "sml" in spec.names:
+        sml_mean, sml_inv = spec.sml.kernel_arrays(dev)
+    launch(logits, labels, hist, counters, maps, spec.codes, spec.temperature, spec.gen_gamma,
+           spec.entropy_normalize, sml_mean, sml_inv, lut, off or 0, num_threads)
+    return hist, counters, maps
+
+
+def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, entropy_normalize,
+           sml_mean, sml_inv, lut, lut_offset, num_threads=0) -> None:
+    """Fills the core's argument struct from already validated tensors and runs it (on
+    the CUDA core and the caller's current stream for CUDA tensors)."""
+    B, C, H, W = logits.shape
+    if B * H * W == 0:
+        return
+    dev = logits.device
     g = _geometry(logits, labels)
-    keep = []  # tensors whose pointers the core uses must outlive the call
-    if dev.type == "cuda":
-        core = _core.cuda_core()
-    else:
-        core = _core._C
+    core = _core.cuda_core() if dev.type == "cuda" else _core._C
     a = core.FusedArgs()
     a.logits_ptr = logits.data_ptr()
     a.logit_dtype = _LOGIT_DTYPES[logits.dtype]
     a.B, a.C, a.H, a.W = g["B"], g["C"], g["H"], g["W"]
     a.ls_b, a.ls_c, a.ls_h, a.ls_w = g["ls"]
-    if with_hist:
-        lut, off = (label_map or LabelMap.default()).lut()
-        lut = lut.to(dev)
-        keep.append(lut)
+    if labels is not None:
         a.labels_ptr = labels.data_ptr()
         a.label_dtype = _LABEL_DTYPES[labels.dtype]
         a.ys_b, a.ys_h, a.ys_w = g["ys"]
-        a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), off, lut.numel()
+        a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), int(lut_offset), lut.numel()
         a.hist_ptr = hist.data_ptr()
-    a.methods = spec.codes
-    a.temperature = spec.temperature
-    a.gen_gamma = spec.gen_gamma
-    a.entropy_normalize = int(spec.entropy_normalize)
-    if "sml" in spec.names:
-        mean, inv = spec.sml.kernel_arrays(dev)
-        keep += [mean, inv]
-        a.sml_mean_ptr, a.sml_inv_std_ptr = mean.data_ptr(), inv.data_ptr()
+    a.methods = list(codes)
+    a.temperature = float(temperature)
+    a.gen_gamma = float(gen_gamma)
+    a.entropy_normalize = int(bool(entropy_normalize))
+    if sml_mean is not None:
+        a.sml_mean_ptr, a.sml_inv_std_ptr = sml_mean.data_ptr(), sml_inv.data_ptr()
     if maps is not None:
         a.maps_ptr = maps.data_ptr()
     a.counters_ptr = counters.data_ptr()
@@ -136,7 +147,6 @@ def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSp
     if dev.type == "cuda":
         a.stream = torch.cuda.current_stream(dev).cuda_stream
     core.fused(a)
-    return hist, counters, maps
 
 
 def fit_pass(logits: torch.Tensor, labels: torch.Tensor | None, label_map: LabelMap | None,

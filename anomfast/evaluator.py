@@ -1,0 +1,150 @@
+"""Stateful evaluator for training / validation loops (shaped like a torchmetrics metric).
+
+    ev = anomfast.Evaluator(methods=("max_logit", "energy"))
+    for logits, labels in loader:
+        ev.update(logits, labels)          # no host sync, no device->host copy
+    results = ev.compute()                 # all_reduce across ranks, then finalize
+    ev.reset()
+
+State: one int64 histogram (M, 2, NBINS) and a few int64 counters, on the device of the
+first batch. They sum across batches and processes, so distributed sync is a single
+all_reduce of a few MB and the result is bit-identical to one process seeing all data.
+Input checks that need the data (label values outside the label map, NaN/inf logits)
+are counted on the device by the core and raised by compute().
+
+Distributed samplers pad the last batch with duplicated samples (DistributedSampler
+repeats indices so every rank gets the same count), which would count those pixels
+twice. Pass ``keep`` (bool (B,), e.g. ``dataset_index < len(dataset)``) to update() to
+drop padded samples without a host sync; or use ``drop_last=True`` / an uneven sampler.
+
+The fused update is registered as the custom op ``anomfast::fused_update`` (with a fake
+implementation), so a validation step calling update() compiles with
+``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _core, _fused
+from .functional import Results
+from .histogram import Histogram
+from .labels import as_label_map
+from .methods import resolve
+
+
+@torch.library.custom_op("anomfast::fused_update", mutates_args=("hist", "counters"))
+def fused_update(logits: torch.Tensor, labels: torch.Tensor, hist: torch.Tensor, counters: torch.Tensor,
+                 lut: torch.Tensor, lut_offset: int, codes: list[int], temperature: float, gen_gamma: float,
+                 entropy_normalize: bool, sml_mean: Optional[torch.Tensor],
+                 sml_inv: Optional[torch.Tensor]) -> None:
+    """Adds the batch to hist (M, 2, NBINS) and counters in one fused pass."""
+    _fused.launch(logits, labels, hist, counters, None, codes, temperature, gen_gamma, entropy_normalize,
+                  sml_mean, sml_inv, lut, lut_offset)
+
+
+@fused_update.register_fake
+def _(logits, labels, hist, counters, lut, lut_offset, codes, temperature, gen_gamma, entropy_normalize,
+      sml_mean, sml_inv) -> None:
+    return None
+
+
+class Evaluator:
+    def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
+                 fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
+                 sync_on_compute: bool = True, process_group=None, **method_params):
+        if nonfinite not in ("error", "ignore"):
+            raise ValueError(f"nonfinite must be 'error' or 'ignore', got {nonfinite!r}")
+        self.spec = resolve(methods, **method_params)
+        self.label_map = as_label_map(label_map, ignore_index)
+        self.nonfinite = nonfinite
+        self.conventions = dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
+        self.sync_on_compute = sync_on_compute
+        self.process_group = process_group
+        self.hist: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
+        self._consts: dict = {}
+
+    @property
+    def methods(self) -> tuple:
+        return self.spec.names
+
+    def _device_state(self, device: torch.device):
+        if self.hist is None:
+            self.hist = _fused.new_histogram(len(self.spec.names), device)
+            self.counters = _fused.new_counters(device)
+        elif self.hist.device != device:
+            raise ValueError(f"this evaluator's state is on {self.hist.device} but the batch is on {device}")
+        if device not in self._consts:
+            lut, off = self.label_map.lut()
+            mean = inv = None
+            if "sml" in self.spec.names:
+                mean, inv = self.spec.sml.kernel_arrays(device)
+            self._consts[device] = (lut.to(device), off, mean, inv)
+        return self._consts[device]
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Adds a batch: logits (B, C, H, W) float32/16/bf16, labels (B, H, W) integers.
+        ``keep`` (bool (B,)) drops samples (e.g. distributed padding) without a host sync."""
+        x = _fused.as_logits(logits)
+        y = _fused.as_labels(labels, x)
+        if self.spec.sml is not None and "sml" in self.spec.names and self.spec.sml.num_classes != x.shape[1]:
+            raise ValueError(f"SML statistics were fitted for {self.spec.sml.num_classes} classes, logits have {x.shape[1]}")
+        if keep is not None:
+            if not self.label_map.void_ids:
+                raise ValueError("keep= needs a void id in the label map to mask dropped samples")
+            if keep.shape != (x.shape[0],) or keep.dtype != torch.bool:
+                raise ValueError(f"keep must be a bool tensor of shape ({x.shape[0]},), got {keep.dtype} {tuple(keep.shape)}")
+            void = torch.full((), self.label_map.void_ids[0], dtype=y.dtype, device=y.device)
+            y = torch.where(keep.to(y.device)[:, None, None], y, void)
+        lut, off, mean, inv = self._device_state(x.device)
+        torch.ops.anomfast.fused_update(x, y, self.hist, self.counters, lut, off, self.spec.codes,
+                                        self.spec.temperature, self.spec.gen_gamma, self.spec.entropy_normalize,
+                                        mean, inv)
+
+    def _synced(self):
+        hist, counters = self.hist, self.counters
+        dist = torch.distributed
+        if self.sync_on_compute and dist.is_available() and dist.is_initialized():
+            if hist is None:
+                raise RuntimeError("compute() in a distributed run needs at least one update() on every rank")
+            hist, counters = hist.clone(), counters.clone()
+            dist.all_reduce(hist, group=self.process_group)
+            dist.all_reduce(counters, group=self.process_group)
+        return hist, counters
+
+    def compute(self) -> Results:
+        """Per method AUROC, AP, FPR95, best F1 + threshold with certified bounds."""
+        hist, counters = self._synced()
+        if hist is None:
+            raise RuntimeError("compute() called before any update()")
+        pixels = _fused.check_counters(counters.cpu(), None, self.label_map, self.nonfinite)
+        res = Results()
+        res.pixels = pixels
+        res.histograms = {n: Histogram(n, hist[j].cpu(), self.spec.params_of(n)) for j, n in enumerate(self.spec.names)}
+        for n, h in res.histograms.items():
+            res[n] = h.finalize(**self.conventions)
+        return res
+
+    def reset(self) -> None:
+        if self.hist is not None:
+            self.hist.zero_()
+            self.counters.zero_()
+
+    def state_dict(self) -> dict:
+        return {"methods": list(self.spec.names), "params": {n: self.spec.params_of(n) for n in self.spec.names},
+                "nbins": _core.NBINS, "hist": None if self.hist is None else self.hist.clone(),
+                "counters": None if self.counters is None else self.counters.clone()}
+
+    def load_state_dict(self, d: dict) -> None:
+        if list(d["methods"]) != list(self.spec.names) or d["params"] != {n: self.spec.params_of(n) for n in self.spec.names}:
+            raise ValueError(f"state is for methods {d['methods']} {d['params']}, this evaluator has "
+                             f"{list(self.spec.names)}")
+        if d["nbins"] != _core.NBINS:
+            raise ValueError(f"state has {d['nbins']} bins, this build {_core.NBINS}")
+        if d["hist"] is None:
+            self.hist = self.counters = None
+            return
+        self.hist = d["hist"].clone().contiguous()
+        self.counters = d["counters"].clone().contiguous()

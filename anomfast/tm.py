@@ -1,0 +1,56 @@
+"""A real ``torchmetrics.Metric`` around the fused core (optional dependency), so the
+evaluator plugs into Lightning as is::
+
+    from anomfast.tm import AnomalyMetrics
+    self.val_anomaly = AnomalyMetrics(methods=("max_logit", "energy"))
+    self.val_anomaly.update(logits, labels)        # in validation_step
+    self.log_dict(self.val_anomaly.compute_flat()) # or .compute() -> Results
+
+States are the int64 histogram and counters with ``dist_reduce_fx="sum"``: torchmetrics'
+own sync sums them across processes.
+"""
+from __future__ import annotations
+
+try:
+    from torchmetrics import Metric
+except ImportError as exc:  # pragma: no cover - optional
+    raise ImportError("anomfast.tm needs torchmetrics: pip install torchmetrics") from exc
+
+import torch
+
+from . import _core, _fused
+from .evaluator import Evaluator
+
+
+class AnomalyMetrics(Metric):
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
+                 fpr_mode: str = "first", ap_mode: str = "step", **kwargs):
+        method_params = {k: kwargs.pop(k) for k in list(kwargs) if k in ("temperature", "sml", "sml_stats",
+                                                                        "entropy_normalize", "gen_gamma")}
+        super().__init__(**kwargs)
+        self._ev = Evaluator(methods, label_map=label_map, ignore_index=ignore_index, nonfinite=nonfinite,
+                             fpr_mode=fpr_mode, ap_mode=ap_mode, sync_on_compute=False, **method_params)
+        M = len(self._ev.spec.names)
+        self.add_state("hist", default=torch.zeros((M, 2, _core.NBINS), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("counters", default=torch.zeros(_core.N_COUNTERS, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        self._ev.hist, self._ev.counters = self.hist, self.counters
+        self._ev.update(logits, labels, keep)
+
+    def compute(self):
+        self._ev.hist, self._ev.counters = self.hist, self.counters
+        return self._ev.compute()
+
+    def compute_flat(self) -> dict:
+        """{"<method>/<metric>": float} for logging."""
+        r = self.compute()
+        return {f"{m}/{k}": getattr(v, k) for m, v in r.items() for k in ("auroc", "ap", "fpr95", "f1", "threshold")}
+
+
+__all__ = ["AnomalyMetrics"]
+del _fused
