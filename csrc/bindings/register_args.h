@@ -1,0 +1,97 @@
+// Registration of the argument structs (views.h) and the binning constants, shared by
+// the compiled modules so that _C and _C_cuda expose the same names. Registration
+// only, no logic.
+#pragma once
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "../common/binning.h"
+#include "../common/views.h"
+
+#define AF_STR2(x) #x
+#define AF_STR(x) AF_STR2(x)
+
+namespace anomfast {
+namespace bindings {
+
+namespace py = pybind11;
+
+// module_local: a second module registering the same C++ types (the CUDA module next to
+// the CPU one) must keep them local, or pybind11 refuses the duplicate at import.
+inline void register_args(py::module_& m, bool module_local) {
+  py::class_<FusedArgs>(m, "FusedArgs", py::module_local(module_local))
+      .def(py::init<>())
+      .def_readwrite("logits_ptr", &FusedArgs::logits_ptr)
+      .def_readwrite("logit_dtype", &FusedArgs::logit_dtype)
+      .def_readwrite("B", &FusedArgs::B).def_readwrite("C", &FusedArgs::C)
+      .def_readwrite("H", &FusedArgs::H).def_readwrite("W", &FusedArgs::W)
+      .def_readwrite("ls_b", &FusedArgs::ls_b).def_readwrite("ls_c", &FusedArgs::ls_c)
+      .def_readwrite("ls_h", &FusedArgs::ls_h).def_readwrite("ls_w", &FusedArgs::ls_w)
+      .def_readwrite("labels_ptr", &FusedArgs::labels_ptr)
+      .def_readwrite("label_dtype", &FusedArgs::label_dtype)
+      .def_readwrite("ys_b", &FusedArgs::ys_b).def_readwrite("ys_h", &FusedArgs::ys_h)
+      .def_readwrite("ys_w", &FusedArgs::ys_w)
+      .def_readwrite("lut_ptr", &FusedArgs::lut_ptr)
+      .def_readwrite("lut_offset", &FusedArgs::lut_offset)
+      .def_readwrite("lut_len", &FusedArgs::lut_len)
+      .def_property(
+          "methods",
+          [](const FusedArgs& a) { return std::vector<int32_t>(a.methods, a.methods + a.n_methods); },
+          [](FusedArgs& a, const std::vector<int32_t>& v) {
+            if (v.size() > (size_t)MAX_METHODS) throw std::invalid_argument("too many methods");
+            a.n_methods = (int32_t)v.size();
+            for (size_t i = 0; i < v.size(); ++i) a.methods[i] = v[i];
+          })
+      .def_readwrite("temperature", &FusedArgs::temperature)
+      .def_readwrite("sml_mean_ptr", &FusedArgs::sml_mean_ptr)
+      .def_readwrite("sml_inv_std_ptr", &FusedArgs::sml_inv_std_ptr)
+      .def_readwrite("gen_gamma", &FusedArgs::gen_gamma)
+      .def_readwrite("entropy_normalize", &FusedArgs::entropy_normalize)
+      .def_readwrite("hist_ptr", &FusedArgs::hist_ptr)
+      .def_readwrite("maps_ptr", &FusedArgs::maps_ptr)
+      .def_readwrite("counters_ptr", &FusedArgs::counters_ptr)
+      .def_readwrite("num_threads", &FusedArgs::num_threads)
+      .def_readwrite("stream", &FusedArgs::stream);
+
+  py::class_<FitArgs>(m, "FitArgs", py::module_local(module_local))
+      .def(py::init<>())
+      .def_readwrite("logits_ptr", &FitArgs::logits_ptr)
+      .def_readwrite("logit_dtype", &FitArgs::logit_dtype)
+      .def_readwrite("B", &FitArgs::B).def_readwrite("C", &FitArgs::C)
+      .def_readwrite("H", &FitArgs::H).def_readwrite("W", &FitArgs::W)
+      .def_readwrite("ls_b", &FitArgs::ls_b).def_readwrite("ls_c", &FitArgs::ls_c)
+      .def_readwrite("ls_h", &FitArgs::ls_h).def_readwrite("ls_w", &FitArgs::ls_w)
+      .def_readwrite("labels_ptr", &FitArgs::labels_ptr)
+      .def_readwrite("label_dtype", &FitArgs::label_dtype)
+      .def_readwrite("ys_b", &FitArgs::ys_b).def_readwrite("ys_h", &FitArgs::ys_h)
+      .def_readwrite("ys_w", &FitArgs::ys_w)
+      .def_readwrite("lut_ptr", &FitArgs::lut_ptr)
+      .def_readwrite("lut_offset", &FitArgs::lut_offset)
+      .def_readwrite("lut_len", &FitArgs::lut_len)
+      .def_readwrite("count_ptr", &FitArgs::count_ptr)
+      .def_readwrite("sum_ptr", &FitArgs::sum_ptr)
+      .def_readwrite("sumsq_ptr", &FitArgs::sumsq_ptr)
+      .def_readwrite("counters_ptr", &FitArgs::counters_ptr)
+      .def_readwrite("num_threads", &FitArgs::num_threads)
+      .def_readwrite("stream", &FitArgs::stream);
+}
+
+// NBINS & co.: the binning scheme and counter layout the module was compiled with.
+inline void register_constants(py::module_& m) {
+  m.attr("NBINS") = NBINS;
+  m.attr("BIN_MANT_BITS") = BIN_MANT_BITS;
+  m.attr("BIN_EXP_MIN") = BIN_EXP_MIN;
+  m.attr("BIN_EXP_COUNT") = BIN_EXP_COUNT;
+  m.attr("N_COUNTERS") = (int)N_COUNTERS;
+  m.attr("MAX_METHODS") = MAX_METHODS;
+#if defined(ANOMFAST_VERSION)
+  m.attr("VERSION") = AF_STR(ANOMFAST_VERSION);
+#endif
+}
+
+}  // namespace bindings
+}  // namespace anomfast

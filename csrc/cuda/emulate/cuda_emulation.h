@@ -1,0 +1,189 @@
+// Host emulation of the CUDA features fused_cuda.cu uses, so that its kernels run, and
+// are tested, on machines without a GPU: tests/test_cuda_build.py compiles fused_cuda.cu
+// with g++ -DANOMFAST_CUDA_EMULATE into a throw-away module. Not for production.
+//
+// One std::thread per CUDA thread; the blocks of a launch run one after another (so
+// __shared__ variables can be plain statics); warp intrinsics meet at a per-warp barrier,
+// so a warp-wide call that some lane of the warp never reaches hangs here, where on a GPU
+// it would be undefined behaviour. Dynamic shared memory is poisoned before every block.
+// The runtime API calls are stand-ins for one device with one multiprocessor that fits
+// two blocks, so every launch runs a grid of at most two blocks and the grid-stride loops
+// take several turns.
+#pragma once
+#include <barrier>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+
+// ------------------------------------------------------------------ runtime stand-ins
+#define CUDART_VERSION 0
+typedef int cudaError_t;
+constexpr cudaError_t cudaSuccess = 0;
+typedef struct emulated_stream* cudaStream_t;
+enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost = 1, cudaMemoryTypeDevice = 2,
+                      cudaMemoryTypeManaged = 3 };
+struct cudaPointerAttributes {
+  cudaMemoryType type;
+  int device;
+};
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void*) {
+  a->type = cudaMemoryTypeDevice;  // host memory is the emulated device's memory
+  a->device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = 1; return cudaSuccess; }
+template <class Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, Kernel, int, size_t) {
+  *n = 2;
+  return cudaSuccess;
+}
+inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 0; return cudaSuccess; }
+inline cudaError_t cudaDriverGetVersion(int* v) { *v = 0; return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 0; return cudaSuccess; }
+
+// ------------------------------------------------------------------ execution model
+struct emulated_dim3 {
+  unsigned x = 0, y = 1, z = 1;
+};
+inline thread_local emulated_dim3 threadIdx, blockIdx;
+inline emulated_dim3 blockDim, gridDim;
+
+namespace emulate {
+
+constexpr size_t SMEM_BYTES = 64 * 1024;
+alignas(16) inline unsigned char dyn_smem[SMEM_BYTES];
+
+struct Warp {
+  std::barrier<> bar{32};
+  uint64_t slot[32];
+};
+inline std::vector<std::unique_ptr<Warp>> warps;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::mutex atomic_mutex, launch_mutex;
+
+inline int lane() { return (int)(threadIdx.x & 31u); }
+
+// Every lane publishes v; returns after all 32 have, with everyone's values in out.
+inline void exchange(uint64_t v, uint64_t (&out)[32]) {
+  Warp& w = *warps[threadIdx.x / 32];
+  w.slot[lane()] = v;
+  w.bar.arrive_and_wait();
+  std::memcpy(out, w.slot, sizeof(out));
+  w.bar.arrive_and_wait();
+}
+
+template <class T>
+uint64_t to_bits(T v) {
+  uint64_t u = 0;
+  std::memcpy(&u, &v, sizeof(T));
+  return u;
+}
+template <class T>
+T from_bits(uint64_t u) {
+  T v;
+  std::memcpy(&v, &u, sizeof(T));
+  return v;
+}
+
+template <class Body>
+void launch(unsigned grid, unsigned block, size_t smem, Body&& body) {
+  std::lock_guard<std::mutex> lock(launch_mutex);
+  if (smem > SMEM_BYTES || block % 32 != 0) throw std::runtime_error("emulated launch: bad configuration");
+  gridDim.x = grid;
+  blockDim.x = block;
+  for (unsigned b = 0; b < grid; ++b) {
+    std::barrier<> bar((std::ptrdiff_t)block);
+    block_barrier = &bar;
+    warps.clear();
+    for (unsigned i = 0; i < block / 32; ++i) warps.push_back(std::make_unique<Warp>());
+    std::memset(dyn_smem, 0xAB, sizeof(dyn_smem));
+    std::vector<std::thread> threads;
+    threads.reserve(block);
+    for (unsigned t = 0; t < block; ++t) {
+      threads.emplace_back([&body, t, b] {
+        threadIdx.x = t;
+        blockIdx.x = b;
+        body();
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
+}  // namespace emulate
+
+inline unsigned char* dynamic_smem() { return emulate::dyn_smem; }
+
+// ------------------------------------------------------------------ intrinsics
+inline void __syncthreads() { emulate::block_barrier->arrive_and_wait(); }
+template <class T>
+T __ldg(const T* p) {
+  return *p;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+
+inline unsigned __match_any_sync(unsigned, uint32_t key) {
+  uint64_t s[32];
+  emulate::exchange(key, s);
+  unsigned m = 0;
+  for (int i = 0; i < 32; ++i) m |= ((uint32_t)s[i] == key ? 1u : 0u) << i;
+  return m;
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+  uint64_t s[32];
+  emulate::exchange(pred ? 1 : 0, s);
+  unsigned m = 0;
+  for (int i = 0; i < 32; ++i) m |= (s[i] ? 1u : 0u) << i;
+  return m;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+template <class T>
+T __shfl_sync(unsigned, T v, int src) {
+  uint64_t s[32];
+  emulate::exchange(emulate::to_bits(v), s);
+  return emulate::from_bits<T>(s[src & 31]);
+}
+template <class T>
+T __shfl_up_sync(unsigned, T v, unsigned delta) {
+  uint64_t s[32];
+  emulate::exchange(emulate::to_bits(v), s);
+  const int src = emulate::lane() - (int)delta;
+  return emulate::from_bits<T>(s[src < 0 ? emulate::lane() : src]);
+}
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  uint64_t s[32];
+  emulate::exchange(emulate::to_bits(v), s);
+  return emulate::from_bits<T>(s[(emulate::lane() ^ lane_mask) & 31]);
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  std::lock_guard<std::mutex> lock(emulate::atomic_mutex);
+  const unsigned long long old = *p;
+  *p = old + v;
+  return old;
+}
+inline double atomicAdd(double* p, double v) {
+  std::lock_guard<std::mutex> lock(emulate::atomic_mutex);
+  const double old = *p;
+  *p = old + v;
+  return old;
+}

@@ -1,0 +1,603 @@
+// Fused CUDA core: logits -> every requested method's bin coordinate -> per-method,
+// per-label int64 histograms, in one launch on the caller's stream; and the SML fit.
+// Argument shapes and units: fused_cuda.h and ../common/views.h.
+//
+// One thread per pixel. Consecutive threads take consecutive pixels of the flattened
+// (B, H, W) index, which runs along W, so for NCHW logits each class is read by a warp
+// as one coalesced line (channels-last and other strides work, with more sectors per
+// load). The grid is persistent (as many blocks as fit on the device at once), each
+// block walking the pixels with a grid-sized stride; every thread of a warp runs the
+// same number of iterations, so the warp-wide votes below always see all 32 lanes.
+//
+// The per-pixel math is score_math.h's, called in the same order as the CPU core
+// (class loops from 0 to C - 1, the same accumulators). Built with -fmad=false (the
+// default, ANOMFAST_CUDA_FMAD=OFF) it performs exactly the float operations of the CPU
+// core's baseline build, so both give the same bits (the AVX2+FMA CPU build contracts
+// and differs in the last bits). Pixels with C <= CREG classes keep their logits in
+// registers (fully unrolled class loops, guarded by c < C); larger C re-reads them from
+// global memory in each pass, which then mostly hits L1/L2.
+//
+// ANOMFAST_CUDA_EMULATE compiles this file with a host C++ compiler against
+// emulate/cuda_emulation.h (a thread per CUDA thread), so that CPU-only CI runs these
+// kernels (tests/test_cuda_build.py).
+//
+// Histograms: (M, 2, NBINS) int64 in global memory (8 MiB per method and label, too big
+// for shared memory). Lanes of a warp whose pixels fall into the same bin add once
+// (__match_any_sync + popcount), which matters for ties: fp16/bf16 logits and very
+// confident pixels put many neighbours in one bin, and same-address atomics serialize.
+// The pixel counters go through a warp sum and a shared-memory sum per block; one global
+// atomic per counter and block.
+//
+// SML fit: per predicted class count / sum / sum of squares of the max logit; lanes
+// predicting the same class are reduced in the warp first, then added into per-block
+// shared-memory partials (C <= FIT_SMEM_C) that are flushed once per block, or straight
+// into global memory for larger C. Sums are float64 atomics, so their last bits depend
+// on the order blocks finish in (as the CPU core's depend on its thread order).
+#if defined(ANOMFAST_CUDA_EMULATE)
+#include "emulate/cuda_emulation.h"  // host threads stand in for the GPU: tests only
+#else
+#include <cuda_runtime.h>
+#endif
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "../common/binning.h"
+#include "../common/score_math.h"
+#include "../common/views.h"
+#include "fused_cuda.h"
+
+#ifndef ANOMFAST_CUDA_ARCHS
+#define ANOMFAST_CUDA_ARCHS "unknown"
+#endif
+#ifndef ANOMFAST_CUDA_FMAD
+#define ANOMFAST_CUDA_FMAD 0
+#endif
+
+namespace anomfast {
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int CREG = 32;              // logits per pixel held in registers
+constexpr int LUT_SMEM_MAX = 4096;    // label tables up to this many entries go to shared memory
+constexpr int FIT_SMEM_C = 256;       // SML fit: per-block shared partials up to this many classes
+constexpr unsigned FULL = 0xffffffffu;
+
+std::atomic<int> g_hist_aggregation{1};
+
+// ------------------------------------------------------------------ device helpers
+
+#if !defined(ANOMFAST_CUDA_EMULATE)
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem_[];
+  return smem_;
+}
+#endif
+
+__device__ __forceinline__ int lane_id() { return (int)(threadIdx.x & 31u); }
+
+template <int DT>
+__device__ __forceinline__ float load_logit(const void* base, int64_t off);
+template <>
+__device__ __forceinline__ float load_logit<F32>(const void* base, int64_t off) {
+  return __ldg(static_cast<const float*>(base) + off);
+}
+template <>
+__device__ __forceinline__ float load_logit<F16>(const void* base, int64_t off) {
+  return half_to_float(__ldg(static_cast<const unsigned short*>(base) + off));
+}
+template <>
+__device__ __forceinline__ float load_logit<BF16>(const void* base, int64_t off) {
+  return bf16_to_float(__ldg(static_cast<const unsigned short*>(base) + off));
+}
+
+__device__ __forceinline__ int64_t load_label(const void* yp, int32_t dt, int64_t off) {
+  switch (dt) {
+    case U8: return __ldg(static_cast<const unsigned char*>(yp) + off);
+    case I8: return __ldg(static_cast<const signed char*>(yp) + off);
+    case BOOL: return __ldg(static_cast<const unsigned char*>(yp) + off) ? 1 : 0;
+    case I16: return __ldg(static_cast<const short*>(yp) + off);
+    case I32: return __ldg(static_cast<const int*>(yp) + off);
+    default: return __ldg(static_cast<const long long*>(yp) + off);
+  }
+}
+
+__device__ __forceinline__ int label_class(const void* yp, int32_t dt, int64_t off, const int8_t* lut,
+                                           int64_t lut_offset, int64_t lut_len) {
+  const int64_t v = load_label(yp, dt, off) - lut_offset;
+  return (v >= 0 && v < lut_len) ? (int)lut[v] : (int)LABEL_INVALID;
+}
+
+// Flat pixel index -> (b, h, w); 32-bit division whenever the index fits.
+__device__ __forceinline__ void split_pixel(int64_t p, int64_t H, int64_t W, bool idx32, int64_t& b, int64_t& h,
+                                            int64_t& w) {
+  if (idx32) {
+    const uint32_t q = (uint32_t)p, W32 = (uint32_t)W, H32 = (uint32_t)H;
+    const uint32_t r = q / W32, b32 = r / H32;
+    w = q - r * W32;
+    h = r - b32 * H32;
+    b = b32;
+  } else {
+    const int64_t r = p / W;
+    w = p - r * W;
+    b = r / H;
+    h = r - b * H;
+  }
+}
+
+// Calls f(c) for c = C0 .. C - 1 in order. CR > 0: fully unrolled to CR with a c < C
+// guard, so register arrays indexed by c stay in registers.
+template <int CR, int C0, class F>
+__device__ __forceinline__ void for_classes(int32_t C, F&& f) {
+  if constexpr (CR > 0) {
+#pragma unroll
+    for (int c = C0; c < CR; ++c) {
+      if (c < C) f(c);
+    }
+  } else {
+#pragma unroll 4
+    for (int32_t c = C0; c < C; ++c) f(c);
+  }
+}
+
+struct Needs {
+  bool s1, sT, sx, gen;
+};
+
+// The PixelSums of one pixel, with the CPU core's formulas and accumulation order
+// (fused_cpu.cpp, tile_sums). Returns true when some logit is NaN or +-inf.
+template <int DT, int CR>
+__device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t ls_c, int32_t C, Needs nd,
+                                           float inv_t, float gamma, PixelSums& s) {
+  float xr[CR > 0 ? CR : 1];
+  if constexpr (CR > 0) {
+    // every load issued before the first use
+#pragma unroll
+    for (int c = 0; c < CR; ++c) xr[c] = c < C ? load_logit<DT>(lp, base + c * ls_c) : 0.0f;
+  }
+  auto X = [&](int c) -> float {
+    if constexpr (CR > 0) return xr[c];
+    else return load_logit<DT>(lp, base + c * ls_c);
+  };
+  float m = X(0);
+  float chk = m * 0.0f;  // stays 0 unless some logit is NaN or inf (inf * 0 = NaN)
+  int32_t k = 0;
+  for_classes<CR, 1>(C, [&](int c) {
+    const float x = X(c);
+    k = x > m ? c : k;     // first maximum
+    m = m < x ? x : m;     // std::max(m, x), NaN handling included
+    chk += x * 0.0f;
+  });
+  float s1 = 0.0f, sx = 0.0f, sT = 0.0f, g = 0.0f;
+  if (nd.sx) {
+    for_classes<CR, 0>(C, [&](int c) {
+      const float d = X(c) - m;
+      const float e = fast_exp(d);
+      s1 += (float)(c != k) * e;
+      sx += e * d;
+    });
+  } else if (nd.s1) {
+    for_classes<CR, 0>(C, [&](int c) { s1 += (float)(c != k) * fast_exp(X(c) - m); });
+  }
+  if (nd.sT) {
+    for_classes<CR, 0>(C, [&](int c) { sT += fast_exp((X(c) - m) * inv_t); });
+  }
+  if (nd.gen) {
+    // p^g (1-p)^g = exp(g (log p + log(1 - p))), with 1 - p written without
+    // cancellation: (z - e_c) / z for c != k, S' / z for the argmax.
+    const float z = 1.0f + s1, lz = fast_log(z);
+    for_classes<CR, 0>(C, [&](int c) {
+      const float d = X(c) - m;
+      const float e = fast_exp(d);
+      const float one_minus = (c == k) ? s1 : (z - e);
+      const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;
+      const float term = fast_exp(gamma * ((d - lz) + l1));
+      g += (one_minus > 0.0f && e > 0.0f) ? term : 0.0f;
+    });
+  }
+  s.m = m;
+  s.k = k;
+  s.s1 = s1;
+  s.sT = sT;
+  s.sx = sx;
+  s.gen = g;
+  return chk != 0.0f;
+}
+
+// One histogram increment per valid lane into h[cls * NBINS + bin]; lanes with the same
+// (cls, bin) combine first. Called by all 32 lanes of the warp.
+__device__ __forceinline__ void hist_add(unsigned long long* h, bool valid, int cls, int32_t bin, int mode) {
+  const uint32_t key = valid ? (((uint32_t)bin << 1) | (uint32_t)cls) : 0xffffffffu;  // bin < 2^21
+  const int lane = lane_id();
+  unsigned long long* dst = h + (int64_t)cls * NBINS + bin;
+  if (mode == 1) {
+    const unsigned peers = __match_any_sync(FULL, key);
+    if (valid && lane == __ffs(peers) - 1) atomicAdd(dst, (unsigned long long)__popc(peers));
+  } else if (mode == 2) {
+    const uint32_t prev = __shfl_up_sync(FULL, key, 1);
+    const bool head = lane == 0 || prev != key;
+    const unsigned heads = __ballot_sync(FULL, head);
+    if (valid && head) {
+      const unsigned later = heads & ~((2u << lane) - 1u);  // lane 31: 2u << 31 == 0, nothing later
+      const int next = later ? __ffs(later) - 1 : 32;
+      atomicAdd(dst, (unsigned long long)(next - lane));
+    }
+  } else if (valid) {
+    atomicAdd(dst, 1ull);
+  }
+}
+
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+  return v;
+}
+
+// Sum of x over the lanes of each peer group (lanes with equal keys), valid in the
+// group's lowest lane. Called by all 32 lanes.
+template <class T>
+__device__ __forceinline__ T reduce_peers(unsigned peers, T x) {
+  const int lane = lane_id();
+  int rank = __popc(peers & ((1u << lane) - 1u));  // position among the peers
+  peers &= 0xfffffffeu << lane;                    // peers above this lane
+  while (__any_sync(FULL, peers)) {
+    const int next = __ffs(peers);
+    const T t = __shfl_sync(FULL, x, (next - 1) & 31);
+    if (next) x += t;
+    const bool done = rank & 1;  // odd ranks handed their sum down this round
+    peers &= __ballot_sync(FULL, !done);
+    rank >>= 1;
+  }
+  return x;
+}
+
+// Copies the label table into shared memory when it fits; returns the table to use.
+__device__ __forceinline__ const int8_t* stage_lut(const int8_t* lut, int64_t lut_len, bool to_shared,
+                                                   int8_t* smem) {
+  if (!to_shared) return lut;
+  for (int64_t i = threadIdx.x; i < lut_len; i += blockDim.x) smem[i] = lut[i];
+  return smem;
+}
+
+// Adds the per-thread counters into counters[] with one global atomic per block.
+__device__ __forceinline__ void flush_counters(const unsigned long long (&cnt)[N_COUNTERS],
+                                               unsigned long long* s_cnt, int64_t* counters) {
+#pragma unroll
+  for (int q = 0; q < N_COUNTERS; ++q) {
+    const unsigned long long v = warp_sum(cnt[q]);
+    if (lane_id() == 0 && v) atomicAdd(&s_cnt[q], v);
+  }
+  __syncthreads();
+  if (threadIdx.x < N_COUNTERS && s_cnt[threadIdx.x])
+    atomicAdd(reinterpret_cast<unsigned long long*>(counters) + threadIdx.x, s_cnt[threadIdx.x]);
+}
+
+// ------------------------------------------------------------------ kernels
+
+struct FusedParams {
+  FusedArgs a;
+  int64_t n_pix;
+  float inv_t, inv_log_c;
+  Needs nd;
+  bool with_hist, idx32, lut_shared;
+  int agg;
+};
+
+template <int DT, int CR>
+__global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
+  unsigned char* smem = dynamic_smem();
+  __shared__ unsigned long long s_cnt[N_COUNTERS];
+  const FusedArgs& a = P.a;
+  if (threadIdx.x < N_COUNTERS) s_cnt[threadIdx.x] = 0;
+  const int8_t* lut = nullptr;
+  if (P.with_hist)
+    lut = stage_lut(reinterpret_cast<const int8_t*>(a.lut_ptr), a.lut_len, P.lut_shared,
+                    reinterpret_cast<int8_t*>(smem));
+  __syncthreads();
+
+  const void* lp = reinterpret_cast<const void*>(a.logits_ptr);
+  const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
+  const float* sml_mean = reinterpret_cast<const float*>(a.sml_mean_ptr);
+  const float* sml_inv = reinterpret_cast<const float*>(a.sml_inv_std_ptr);
+  unsigned long long* hist = reinterpret_cast<unsigned long long*>(a.hist_ptr);
+  float* maps = reinterpret_cast<float*>(a.maps_ptr);
+  const int32_t C = (int32_t)a.C;
+  const int64_t N = P.n_pix;
+  unsigned long long cnt[N_COUNTERS] = {0, 0, 0, 0};
+
+  // base is the same for every thread of the block, so whole warps iterate together
+  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += (int64_t)gridDim.x * THREADS) {
+    const int64_t p = base + threadIdx.x;
+    const bool active = p < N;
+    PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
+    bool valid = false;
+    int cls = LABEL_VOID;
+    if (active) {
+      int64_t b, h, w;
+      split_pixel(p, a.H, a.W, P.idx32, b, h, w);
+      const bool bad = pixel_sums<DT, CR>(lp, b * a.ls_b + h * a.ls_h + w * a.ls_w, a.ls_c, C, P.nd, P.inv_t,
+                                          a.gen_gamma, s);
+      if (P.with_hist) {
+        cls = label_class(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w * a.ys_w, lut, a.lut_offset, a.lut_len);
+        if (cls == LABEL_VOID) ++cnt[CNT_VOID];
+        else if (cls == LABEL_INVALID) ++cnt[CNT_INVALID];
+        else if (bad) ++cnt[CNT_NONFINITE];
+        else { ++cnt[CNT_BINNED]; valid = true; }
+      }
+    }
+    const int cls01 = valid ? cls : 0;
+    for (int j = 0; j < a.n_methods; ++j) {
+      const int32_t meth = a.methods[j];
+      float mu = 0.0f, inv = 0.0f;
+      if (meth == SML && active) {
+        mu = __ldg(sml_mean + s.k);
+        inv = __ldg(sml_inv + s.k);
+      }
+      const float t = method_coord(meth, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
+      if (maps && active) maps[(int64_t)j * N + p] = t;  // maps are (M, B, H, W) contiguous
+      if (P.with_hist) hist_add(hist + (int64_t)j * 2 * NBINS, valid, cls01, bin_index(t), P.agg);
+    }
+  }
+  if (P.with_hist) flush_counters(cnt, s_cnt, reinterpret_cast<int64_t*>(a.counters_ptr));
+}
+
+struct FitParams {
+  FitArgs a;
+  int64_t n_pix;
+  bool idx32, lut_shared, smem_partials;
+  int64_t lut_bytes;  // offset of the partials in dynamic shared memory
+};
+
+template <int DT>
+__global__ void __launch_bounds__(THREADS) fit_kernel(const FitParams P) {
+  unsigned char* smem = dynamic_smem();
+  __shared__ unsigned long long s_cnt[N_COUNTERS];
+  const FitArgs& a = P.a;
+  const int32_t C = (int32_t)a.C;
+  unsigned long long* g_count = reinterpret_cast<unsigned long long*>(a.count_ptr);
+  double* g_sum = reinterpret_cast<double*>(a.sum_ptr);
+  double* g_sumsq = reinterpret_cast<double*>(a.sumsq_ptr);
+  unsigned long long* p_count = g_count;
+  double* p_sum = g_sum;
+  double* p_sumsq = g_sumsq;
+  if (P.smem_partials) {
+    p_count = reinterpret_cast<unsigned long long*>(smem + P.lut_bytes);
+    p_sum = reinterpret_cast<double*>(p_count + C);
+    p_sumsq = p_sum + C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      p_count[c] = 0;
+      p_sum[c] = 0.0;
+      p_sumsq[c] = 0.0;
+    }
+  }
+  if (threadIdx.x < N_COUNTERS) s_cnt[threadIdx.x] = 0;
+  const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
+  const int8_t* lut = nullptr;
+  if (yp)
+    lut = stage_lut(reinterpret_cast<const int8_t*>(a.lut_ptr), a.lut_len, P.lut_shared,
+                    reinterpret_cast<int8_t*>(smem));
+  __syncthreads();
+
+  const void* lp = reinterpret_cast<const void*>(a.logits_ptr);
+  const int64_t N = P.n_pix;
+  const Needs none{false, false, false, false};
+  unsigned long long cnt[N_COUNTERS] = {0, 0, 0, 0};
+  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += (int64_t)gridDim.x * THREADS) {
+    const int64_t p = base + threadIdx.x;
+    bool valid = false;
+    PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (p < N) {
+      int64_t b, h, w;
+      split_pixel(p, a.H, a.W, P.idx32, b, h, w);
+      const bool bad = pixel_sums<DT, 0>(lp, b * a.ls_b + h * a.ls_h + w * a.ls_w, a.ls_c, C, none, 1.0f, 0.0f, s);
+      const int cls = yp ? label_class(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w * a.ys_w, lut, a.lut_offset,
+                                       a.lut_len)
+                         : (int)LABEL_NORMAL;
+      if (cls == LABEL_INVALID) ++cnt[CNT_INVALID];
+      else if (cls != LABEL_NORMAL) ++cnt[CNT_VOID];
+      else if (bad) ++cnt[CNT_NONFINITE];
+      else { ++cnt[CNT_BINNED]; valid = true; }
+    }
+    const double m = valid ? (double)s.m : 0.0;
+    const unsigned peers = __match_any_sync(FULL, valid ? (uint32_t)s.k : 0xffffffffu);
+    const double sum = reduce_peers(peers, m);
+    const double sumsq = reduce_peers(peers, m * m);  // exact: a float's square fits a double
+    if (valid && lane_id() == __ffs(peers) - 1) {
+      atomicAdd(p_count + s.k, (unsigned long long)__popc(peers));
+      atomicAdd(p_sum + s.k, sum);
+      atomicAdd(p_sumsq + s.k, sumsq);
+    }
+  }
+  // flush_counters' __syncthreads also orders every shared partial before the flush below
+  flush_counters(cnt, s_cnt, reinterpret_cast<int64_t*>(a.counters_ptr));
+  if (P.smem_partials) {
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      if (p_count[c]) {
+        atomicAdd(g_count + c, p_count[c]);
+        atomicAdd(g_sum + c, p_sum[c]);
+        atomicAdd(g_sumsq + c, p_sumsq[c]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ host side
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("anomfast CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+
+// Makes `dev` the current device for the scope (the tensors may live on a device other
+// than the current one), restoring the caller's device after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int dev) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != dev) check(cudaSetDevice(dev), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+int device_of(int64_t ptr) {
+  cudaPointerAttributes attr{};
+  check(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)), "cudaPointerGetAttributes");
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw std::runtime_error("anomfast CUDA: the logits are not in device memory");
+  return attr.device;
+}
+
+// Blocks of a persistent grid: as many as can be resident at once (cached per device
+// and kernel; the occupancy query is host-only but not free).
+template <class Kernel>
+int64_t resident_blocks(Kernel kernel, int dev, size_t smem) {
+  struct Entry {
+    const void* fn;
+    int dev;
+    size_t smem;
+    int64_t blocks;
+  };
+  static std::mutex mu;
+  static Entry cache[64];
+  static int n_cached = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  for (int i = 0; i < n_cached; ++i) {
+    if (cache[i].fn == (const void*)kernel && cache[i].dev == dev && cache[i].smem == smem) return cache[i].blocks;
+  }
+  int sms = 0, per_sm = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  const int64_t blocks = (int64_t)sms * (per_sm > 0 ? per_sm : 1);
+  if (n_cached < 64) cache[n_cached++] = Entry{(const void*)kernel, dev, smem, blocks};
+  return blocks;
+}
+
+// The one switch from run-time choices to template arguments: logit dtype x whether a
+// pixel's logits fit in registers. Usage:
+//   with_kernel_config(a.logit_dtype, a.C, [&](auto dt, auto cr) {
+//     launch(fused_kernel<decltype(dt)::value, decltype(cr)::value>);
+//   });
+template <class F>
+void with_kernel_config(int32_t dtype, int64_t C, F&& f) {
+  auto by_c = [&](auto dt) {
+    if (C <= CREG) f(dt, std::integral_constant<int, CREG>{});
+    else f(dt, std::integral_constant<int, 0>{});
+  };
+  switch (dtype) {
+    case F16: by_c(std::integral_constant<int, F16>{}); break;
+    case BF16: by_c(std::integral_constant<int, BF16>{}); break;
+    default: by_c(std::integral_constant<int, F32>{}); break;
+  }
+}
+
+template <class Kernel, class Params>
+void launch(Kernel kernel, const Params& P, int dev, size_t smem, int64_t stream) {
+  const int64_t want = (P.n_pix + THREADS - 1) / THREADS;
+  const int64_t cap = resident_blocks(kernel, dev, smem);
+  const unsigned grid = (unsigned)(want < cap ? want : cap);
+#if defined(ANOMFAST_CUDA_EMULATE)
+  (void)stream;
+  emulate::launch(grid, THREADS, smem, [&] { kernel(P); });
+#else
+  kernel<<<grid, THREADS, smem, reinterpret_cast<cudaStream_t>(stream)>>>(P);
+#endif
+  check(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace
+
+void set_hist_aggregation(int mode) {
+  if (mode < 0 || mode > 2) throw std::invalid_argument("histogram aggregation mode must be 0, 1 or 2");
+  g_hist_aggregation.store(mode);
+}
+
+int hist_aggregation() { return g_hist_aggregation.load(); }
+
+void fused_cuda(const FusedArgs& a) {
+  const int64_t n = a.B * a.H * a.W;
+  if (n == 0) return;
+  FusedParams P{};
+  P.a = a;
+  P.n_pix = n;
+  P.idx32 = n <= (int64_t)UINT32_MAX;
+  P.inv_t = 1.0f / a.temperature;
+  P.inv_log_c = a.C > 1 ? 1.0f / fast_log((float)a.C) : 0.0f;  // as the CPU core
+  P.nd = Needs{false, false, false, false};
+  for (int j = 0; j < a.n_methods; ++j) {
+    switch (a.methods[j]) {
+      case MSP: P.nd.s1 = true; break;
+      case ENERGY:
+        if (a.temperature == 1.0f) P.nd.s1 = true;
+        else P.nd.sT = true;
+        break;
+      case ENTROPY: P.nd.s1 = P.nd.sx = true; break;
+      case GEN: P.nd.s1 = P.nd.gen = true; break;
+      default: break;
+    }
+  }
+  P.with_hist = a.labels_ptr != 0 && a.hist_ptr != 0;
+  P.lut_shared = P.with_hist && a.lut_len <= LUT_SMEM_MAX;
+  P.agg = g_hist_aggregation.load();
+  const size_t smem = P.lut_shared ? (size_t)a.lut_len : 0;
+  const int dev = device_of(a.logits_ptr);
+  DeviceGuard guard(dev);
+  with_kernel_config(a.logit_dtype, a.C, [&](auto dt, auto cr) {
+    launch(fused_kernel<decltype(dt)::value, decltype(cr)::value>, P, dev, smem, a.stream);
+  });
+}
+
+void fit_sml_cuda(const FitArgs& a) {
+  const int64_t n = a.B * a.H * a.W;
+  if (n == 0) return;
+  FitParams P{};
+  P.a = a;
+  P.n_pix = n;
+  P.idx32 = n <= (int64_t)UINT32_MAX;
+  P.lut_shared = a.labels_ptr != 0 && a.lut_len <= LUT_SMEM_MAX;
+  P.lut_bytes = P.lut_shared ? (a.lut_len + 15) / 16 * 16 : 0;
+  P.smem_partials = a.C <= FIT_SMEM_C;
+  const size_t smem = (size_t)P.lut_bytes + (P.smem_partials ? (size_t)a.C * 24 : 0);
+  const int dev = device_of(a.logits_ptr);
+  DeviceGuard guard(dev);
+  // one pass over the classes: nothing to keep in registers
+  switch (a.logit_dtype) {
+    case F16: launch(fit_kernel<F16>, P, dev, smem, a.stream); break;
+    case BF16: launch(fit_kernel<BF16>, P, dev, smem, a.stream); break;
+    default: launch(fit_kernel<F32>, P, dev, smem, a.stream); break;
+  }
+}
+
+CudaInfo cuda_info(bool probe) {
+  CudaInfo info;
+  info.cuda_version = CUDART_VERSION;
+  info.archs = ANOMFAST_CUDA_ARCHS;
+  info.fmad = ANOMFAST_CUDA_FMAD != 0;
+  if (!probe) return info;
+  info.probed = true;
+  cudaRuntimeGetVersion(&info.runtime_version);
+  if (cudaDriverGetVersion(&info.driver_version) != cudaSuccess) info.driver_version = 0;
+  const cudaError_t e = cudaGetDeviceCount(&info.device_count);
+  info.runtime_ok = e == cudaSuccess;
+  if (!info.runtime_ok) {
+    info.device_count = 0;
+    info.error = cudaGetErrorString(e);
+    cudaGetLastError();  // do not leave the error for the next call to report
+  }
+  return info;
+}
+
+}  // namespace anomfast

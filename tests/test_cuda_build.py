@@ -1,0 +1,320 @@
+"""The CUDA module as built: what CPU-only CI can check (it imports without a driver,
+exposes the CPU module's names, reports its build, hides the static CUDA runtime, fails
+cleanly on bad pointers); the CUDA kernels' logic run on the CPU under a host emulation
+(fused_cuda.cu compiled by g++ with csrc/cuda/emulate/cuda_emulation.h, one thread per
+CUDA thread) and compared with the CPU core; and a CUDA-vs-CPU comparison that runs
+only where a GPU is visible. The full GPU check is bench/gpu_check.py; tests/test_scores.py
+and friends also run on "cuda" wherever a GPU is available.
+
+ANOMFAST_EXPECT_CUDA=1 turns "no CUDA module in this build" from a skip into a failure
+(set it in CI jobs that install nvcc). ANOMFAST_SKIP_EMULATION=1 skips the emulation
+test (it compiles for about 20 s and runs for about 30 s).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import anomfast
+from anomfast import _core
+
+cuda_mod = _core._C_cuda
+needs_cuda_build = pytest.mark.skipif(cuda_mod is None, reason="built without the CUDA module")
+has_gpu = cuda_mod is not None and torch.cuda.is_available()
+
+
+def test_cuda_module_present_when_expected():
+    if os.environ.get("ANOMFAST_EXPECT_CUDA") == "1":
+        assert cuda_mod is not None, f"expected a CUDA build: {_core._CUDA_IMPORT_ERROR}"
+    info = anomfast.build_info()
+    assert info["cuda"] is (cuda_mod is not None)
+    if cuda_mod is None:
+        assert info["cuda_note"]
+
+
+@needs_cuda_build
+def test_build_info_reports_the_build():
+    info = anomfast.build_info()
+    assert info["cuda"] is True
+    assert isinstance(info["cuda_version"], int) and info["cuda_version"] >= 11000
+    assert isinstance(info["cuda_archs"], str) and info["cuda_archs"] not in ("", "unknown")
+    assert isinstance(info["cuda_fmad"], bool)
+    # probed: never raises, with or without a driver
+    assert isinstance(info["cuda_runtime_ok"], bool)
+    assert info["cuda_device_count"] >= 0
+    if not info["cuda_runtime_ok"]:
+        assert info["cuda_device_count"] == 0 and info["cuda_error"]
+    quiet = cuda_mod.build_info(probe=False)
+    assert "cuda_runtime_ok" not in quiet and quiet["cuda_archs"] == info["cuda_archs"]
+
+
+@needs_cuda_build
+def test_same_names_and_constants_as_cpu_module():
+    cpu = _core._C
+    for name in ("FusedArgs", "FitArgs", "fused", "fit_sml", "build_info"):
+        assert hasattr(cuda_mod, name), name
+    for name in ("NBINS", "BIN_MANT_BITS", "BIN_EXP_MIN", "BIN_EXP_COUNT", "N_COUNTERS", "MAX_METHODS", "VERSION"):
+        assert getattr(cuda_mod, name) == getattr(cpu, name), name
+    for cls in ("FusedArgs", "FitArgs"):
+        fields_cpu = {k for k in dir(getattr(cpu, cls)()) if not k.startswith("_")}
+        fields_cuda = {k for k in dir(getattr(cuda_mod, cls)()) if not k.startswith("_")}
+        assert fields_cpu == fields_cuda, cls
+    a = cuda_mod.FusedArgs()
+    a.methods = [0, 1, 2, 5]
+    assert a.methods == [0, 1, 2, 5]
+    with pytest.raises(ValueError):
+        a.methods = list(range(cpu.MAX_METHODS + 1))
+
+
+@needs_cuda_build
+def test_empty_input_makes_no_cuda_call():
+    """B * H * W == 0 returns before touching the runtime, so it works without a GPU."""
+    a = cuda_mod.FusedArgs()
+    a.B, a.C, a.H, a.W = 0, 19, 4, 4
+    a.methods = [0]
+    cuda_mod.fused(a)
+    f = cuda_mod.FitArgs()
+    f.B, f.C, f.H, f.W = 2, 19, 0, 4
+    cuda_mod.fit_sml(f)
+
+
+@needs_cuda_build
+def test_host_pointer_raises_instead_of_crashing():
+    x = torch.randn(1, 3, 2, 2)
+    a = cuda_mod.FusedArgs()
+    a.logits_ptr = x.data_ptr()
+    a.B, a.C, a.H, a.W = 1, 3, 2, 2
+    a.ls_b, a.ls_c, a.ls_h, a.ls_w = x.stride()
+    a.methods = [0]
+    with pytest.raises(RuntimeError, match="anomfast CUDA"):
+        cuda_mod.fused(a)
+
+
+@needs_cuda_build
+def test_aggregation_mode_is_validated():
+    before = cuda_mod.build_info(probe=False)["cuda_hist_aggregation"]
+    with pytest.raises(ValueError):
+        cuda_mod._set_hist_aggregation(3)
+    assert cuda_mod.build_info(probe=False)["cuda_hist_aggregation"] == before
+
+
+@needs_cuda_build
+def test_import_without_visible_gpu():
+    """Importing makes no CUDA call; build_info reports no device instead of raising."""
+    code = ("import anomfast, anomfast._core as c; assert c._C_cuda is not None; "
+            "i = anomfast.build_info(); assert i['cuda_device_count'] == 0, i; print('ok')")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs nm on Linux")
+def test_static_cuda_runtime_is_not_exported():
+    """torch loads its own libcudart globally; ours must not be interposable."""
+    r = subprocess.run(["nm", "-D", "--defined-only", cuda_mod.__file__], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    exported = [line.split()[-1] for line in r.stdout.splitlines() if line.strip()]
+    leaked = [s for s in exported if s.startswith(("cuda", "__cuda", "cu"))]
+    assert not leaked, leaked[:10]
+    assert "PyInit__C_cuda" in exported
+
+
+# ------------------------------------------------------------------ host emulation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cxx():
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def emulated_module(tmp_path_factory):
+    """fused_cuda.cu + module_cuda.cpp compiled for the host with ANOMFAST_CUDA_EMULATE."""
+    if os.environ.get("ANOMFAST_SKIP_EMULATION") == "1":
+        pytest.skip("ANOMFAST_SKIP_EMULATION=1")
+    src = ROOT / "csrc" / "cuda" / "fused_cuda.cu"
+    if not src.exists():
+        pytest.skip("no CUDA sources next to the tests (installed package)")
+    cxx = _cxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    pybind11 = pytest.importorskip("pybind11")
+    out = tmp_path_factory.mktemp("emulated")
+    probe = out / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(out / "probe"), "-lpthread"],
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"{cxx} lacks C++20 <barrier>")
+    so = out / ("_C_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-Wno-unknown-pragmas",
+           "-DANOMFAST_CUDA_EMULATE", "-DANOMFAST_VERSION=" + str(_core._C.VERSION),
+           '-DANOMFAST_CUDA_ARCHS="host-emulation"', "-I" + pybind11.get_include(),
+           "-I" + sysconfig.get_paths()["include"], "-x", "c++", str(src),
+           str(ROOT / "csrc" / "bindings" / "module_cuda.cpp"), "-o", str(so), "-lpthread"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return so
+
+
+def test_cuda_kernels_under_host_emulation(emulated_module):
+    """The CUDA kernels (warp votes, grid-stride loop, shared-memory LUT and partials,
+    every dtype / label type / layout / aggregation mode) against the CPU core."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_cuda_build as t; t.emulation_checks({str(emulated_module)!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "EMULATION OK" in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
+def emulation_checks(so_path):
+    """Runs in a child process (a kernel bug may hang a warp barrier there)."""
+    import importlib.util
+
+    import numpy as np
+
+    from anomfast import _fused, binning, reference
+    from anomfast.labels import LabelMap
+    from anomfast.methods import resolve
+
+    spec = importlib.util.spec_from_file_location("_C_cuda", so_path)
+    emu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu)
+    assert emu.build_info(probe=False)["cuda_archs"] == "host-emulation"
+    cpu = _core._C
+
+    class Routed:  # the CPU path of _fused, with the emulated CUDA kernels
+        FusedArgs, FitArgs, fused, fit_sml = emu.FusedArgs, emu.FitArgs, emu.fused, emu.fit_sml
+
+    def run(core, fn, *a, **kw):
+        saved, _core._C = _core._C, core
+        try:
+            return fn(*a, **kw)
+        finally:
+            _core._C = saved
+
+    g = torch.Generator().manual_seed(1234)
+
+    def logits(B, C, H, W, dtype=torch.float32):
+        x = torch.randn(B, C, H, W, generator=g) * 4
+        k = torch.randint(0, C, (B, 1, H, W), generator=g)
+        x.scatter_add_(1, k, torch.rand(B, 1, H, W, generator=g) * 12)
+        return x.to(dtype)
+
+    def labels(B, H, W):
+        u = torch.rand(B, H, W, generator=g)
+        y = torch.zeros(B, H, W, dtype=torch.uint8)
+        y[u < 0.1] = 1
+        y[u > 0.85] = 255
+        return y
+
+    def compare(x, y, sp, lm=None, name=""):
+        h, c, maps = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
+        hc, cc, mc = _fused.fused_pass(x, y, sp, label_map=lm, want_maps=True)
+        assert torch.equal(c, cc), (name, c.tolist(), cc.tolist())
+        cls = (lm or LabelMap.default()).classify(y)
+        fin = torch.isfinite(x.float()).all(dim=1)
+        for j, m in enumerate(sp.names):
+            idx = reference.bin_index(maps[j])
+            for lab in (0, 1):
+                want = torch.bincount(idx[(cls == lab) & fin], minlength=binning.NBINS)
+                assert torch.equal(h[j, lab], want), (name, m, lab)
+            assert torch.allclose(maps[j][fin], mc[j][fin], rtol=1e-5, atol=1e-5), (name, m)
+            if cpu.build_info()["cpu_isa"] == "baseline":
+                assert torch.equal(maps[j][fin], mc[j][fin]), (name, m, "not bit-identical to the CPU")
+        return h, c
+
+    base = resolve(["max_logit", "msp", "energy", "entropy", "gen"], temperature=1.7, entropy_normalize=True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for C in (19, 40, 1):
+            x = logits(2, C, 7, 45, dtype)
+            y = labels(2, 7, 45)
+            stats = run(Routed, anomfast.fit_sml, x, y, missing="global") if C > 1 else None
+            stats_cpu = anomfast.fit_sml(x, y, missing="global") if C > 1 else None
+            if C > 1:
+                assert np.array_equal(stats.count, stats_cpu.count)
+                assert np.allclose(stats.sum, stats_cpu.sum, rtol=1e-12) and np.allclose(stats.sumsq, stats_cpu.sumsq,
+                                                                                          rtol=1e-12)
+            sp = resolve(["max_logit", "msp", "energy", "sml", "entropy", "gen"], sml=stats_cpu) if C > 1 else base
+            x[0, 0, 0, :2] = float("nan")
+            x[1, -1, 1, 3] = float("inf")
+            h, c = compare(x, y, sp, name=f"{dtype} C={C}")
+            for mode in (0, 2):
+                emu._set_hist_aggregation(mode)
+                h2, c2, _ = run(Routed, _fused.fused_pass, x, y, sp)
+                emu._set_hist_aggregation(1)
+                assert torch.equal(h2, h) and torch.equal(c2, c), f"aggregation mode {mode}"
+            for name, v in (("channels_last", x.contiguous(memory_format=torch.channels_last)), ("strided", None)):
+                if v is None:
+                    wide = torch.zeros(2, C, 7, 90, dtype=dtype)
+                    wide[..., ::2] = x
+                    v = wide[..., ::2]
+                h3, c3, _ = run(Routed, _fused.fused_pass, v, y, sp)
+                assert torch.equal(h3, h) and torch.equal(c3, c), name
+    x = logits(3, 19, 5, 33)
+    y = labels(3, 5, 33)
+    sp = resolve(["max_logit", "msp"])
+    for dt in (torch.int64, torch.int32, torch.int16):
+        compare(x, y.to(dt), sp, name=str(dt))
+    compare(x, y == 1, sp, name="bool labels")
+    yl = y.to(torch.int64)
+    yl[0, 0, :4] = 9000
+    yl[2, 1, :3] = 7
+    compare(x, yl, sp, lm=LabelMap(anomaly_ids=(1,), void_ids=(255, 9000), normal_ids=(0,)), name="global LUT")
+    y8 = y.to(torch.int16).masked_fill(y == 255, -1).to(torch.int8)
+    compare(x, y8, sp, lm=LabelMap(anomaly_ids=(1,), void_ids=(-1,), normal_ids=(0,)), name="int8 labels")
+    big = logits(2, 300, 6, 20)
+    s1 = run(Routed, anomfast.fit_sml, big, labels(2, 6, 20), missing="global")
+    assert s1.count.sum() > 0
+    yb = labels(2, 6, 20)
+    s1 = run(Routed, anomfast.fit_sml, big, yb, missing="global")
+    s2 = anomfast.fit_sml(big, yb, missing="global")
+    assert np.array_equal(s1.count, s2.count) and np.allclose(s1.sum, s2.sum, rtol=1e-12), "fit, global partials"
+    m1 = run(Routed, anomfast.score_maps, logits(400, 7, 1, 1), methods=["msp", "energy"])
+    assert all(torch.isfinite(v).all() for v in m1.values())
+    print("EMULATION OK")
+
+
+# ------------------------------------------------------------------ needs a GPU
+
+@pytest.mark.skipif(not has_gpu, reason="needs a CUDA GPU and the CUDA module")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_histograms_match_cpu(rng, dtype):
+    from anomfast import _fused, binning, reference
+    from anomfast.methods import resolve
+    from conftest import random_labels, random_logits
+
+    x = random_logits(rng, 3, 19, 37, 61, dtype=dtype)
+    y = random_labels(rng, 3, 37, 61)
+    x[0, 2, 0, 0] = float("nan")
+    stats = anomfast.fit_sml(x[1:].float())
+    spec = resolve(["max_logit", "msp", "energy", "sml", "entropy", "gen"], sml=stats)
+    hc, cc, mc = _fused.fused_pass(x, y, spec, want_maps=True)
+    hg, cg, mg = _fused.fused_pass(x.cuda(), y.cuda(), spec, want_maps=True)
+    torch.cuda.synchronize()
+    hg, cg, mg = hg.cpu(), cg.cpu(), mg.cpu()
+    assert torch.equal(cg, cc)
+    fin = torch.isfinite(x.float()).all(dim=1)
+    for j, m in enumerate(spec.names):
+        idx = reference.bin_index(mg[j])
+        for lab in (0, 1):
+            want = torch.bincount(idx[(y == lab) & fin].flatten(), minlength=binning.NBINS)
+            assert torch.equal(hg[j, lab], want), f"{m} label {lab}"
+        torch.testing.assert_close(mg[j][fin], mc[j][fin], rtol=1e-5, atol=1e-5)
+        if anomfast.build_info()["cpu_isa"] == "baseline" and not anomfast.build_info()["cuda_fmad"]:
+            assert torch.equal(hg[j], hc[j]), f"{m}: the baseline CPU build and -fmad=false must agree exactly"
+        moved = (hg[j] - hc[j]).abs().sum().item()
+        assert moved <= 0.002 * hc[j].sum().item(), f"{m}: {moved} pixels in other bins than on the CPU"
+    gpu_stats = anomfast.fit_sml(x[1:].float().cuda())
+    assert (gpu_stats.count == stats.count).all()
+    torch.testing.assert_close(torch.as_tensor(gpu_stats.sum), torch.as_tensor(stats.sum), rtol=1e-12, atol=1e-9)
