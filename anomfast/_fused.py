@@ -8,7 +8,7 @@ import torch
 
 from . import _core
 from .labels import LabelMap
-from .methods import MethodSpec
+from .methods import CODES, EXTERNAL, MethodSpec
 
 _LOGIT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LABEL_DTYPES = {torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13, torch.int8: 14,
@@ -56,13 +56,16 @@ def as_labels(y, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
     return y
 
 
-def _geometry(logits: torch.Tensor, labels: torch.Tensor | None):
+def _geometry(logits: torch.Tensor, labels: torch.Tensor | None, fold: bool = True):
     """Shape and element strides for the core, folding dimensions where memory allows
     so that tiles run along long rows: (N, C, 1, 1) becomes one row of N pixels, and a
-    plane whose rows follow each other in memory becomes one row of H * W pixels."""
+    plane whose rows follow each other in memory becomes one row of H * W pixels.
+    fold=False (HEAT: 3x3 neighbourhoods need the true rows) keeps (B, H, W)."""
     B, C, H, W = logits.shape
     lb, lc, lh, lw = logits.stride()
     yb, yh, yw = labels.stride() if labels is not None else (0, 0, 0)
+    if not fold:
+        return dict(B=B, C=C, H=H, W=W, ls=(lb, lc, lh, lw), ys=(yb, yh, yw))
     if H == 1 and W == 1 and B > 1:
         return dict(B=1, C=C, H=1, W=B, ls=(0, lc, 0, lb), ys=(0, 0, yb))
     if H > 1 and lh == W * lw and (labels is None or yh == W * yw):
@@ -78,13 +81,57 @@ def new_counters(device) -> torch.Tensor:
     return torch.zeros(_core.N_COUNTERS, dtype=torch.int64, device=device)
 
 
+def _supports(core, code: int) -> bool:
+    return code in tuple(getattr(core, "METHOD_CODES", (0, 1, 2, 3, 4, 5)))
+
+
+def check_device_support(spec: MethodSpec, device) -> None:
+    """HEAT and post-processed SML run on the CPU core only (for now): a clear error
+    instead of a wrong or missing score on CUDA."""
+    if device.type != "cuda":
+        return
+    core = _core.cuda_core()
+    if "heat" in spec.names and not _supports(core, CODES["heat"]):
+        raise NotImplementedError("HEAT on CUDA is not implemented yet; move the logits and features to the CPU")
+    if spec.external and not _supports(core, EXTERNAL):
+        raise NotImplementedError("SML with boundary suppression / smoothing (sml_full) on CUDA is not implemented "
+                                  "yet; move the logits to the CPU or use plain SML")
+
+
+def heat_input(logits: torch.Tensor, spec: MethodSpec, features):
+    """HEAT's Mahalanobis map M (B, H, W) float32, or None when heat is not requested."""
+    if "heat" not in spec.names:
+        return None
+    from . import heat as _heat
+    if spec.heat.num_classes != logits.shape[1]:
+        raise ValueError(f"HEAT statistics were fitted for {spec.heat.num_classes} classes but the logits have "
+                         f"C = {logits.shape[1]}")
+    f = _heat.as_features(features, logits, spec.heat)
+    return _heat.distance_map(f, spec.heat, logits.shape[2:])
+
+
+def external_input(logits: torch.Tensor, spec: MethodSpec):
+    """(n_ext, B, H, W) float32 coordinate maps of the methods computed outside the core
+    (SML with post-processing), or None."""
+    if not spec.external:
+        return None
+    from .sml import postprocess
+    mean, inv = spec.sml.kernel_arrays(logits.device)
+    m, k = logits.max(dim=1)  # first maximum, as the core; a NaN logit makes the pixel's SML NaN
+    m = m.to(torch.float32)
+    sml = -(m - mean[k]) * inv[k]  # the core's float32 formula (score_math.h), bit for bit
+    out = postprocess(sml, k, spec.sml_boundary_suppression, spec.sml_smoothing)
+    return out.unsqueeze(0).contiguous()
+
+
 def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSpec, *,
                label_map: LabelMap | None = None, hist: torch.Tensor | None = None,
                counters: torch.Tensor | None = None, want_maps: bool = False,
-               num_threads: int = 0):
+               num_threads: int = 0, features=None):
     """One read of the logits: adds to `hist` (M, 2, NBINS) and `counters`, optionally
     returns the (M, B, H, W) float32 coordinate maps. Inputs must come from as_logits /
-    as_labels. Raises nothing about the data itself: callers inspect `counters`."""
+    as_labels; `features` (B, D, h, w) are needed for HEAT. Raises nothing about the data
+    itself: callers inspect `counters`."""
     dev = logits.device
     M = len(spec.names)
     with_hist = labels is not None
@@ -101,6 +148,9 @@ def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSp
         return hist, counters, maps
     if spec.sml is not None and "sml" in spec.names and spec.sml.num_classes != C:
         raise ValueError(f"SML statistics were fitted for {spec.sml.num_classes} classes but the logits have C = {C}")
+    check_device_support(spec, dev)
+    heat_m = heat_input(logits, spec, features)
+    ext = external_input(logits, spec)
     lut = off = None
     if with_hist:
         lut, off = (label_map or LabelMap.default()).lut()
@@ -108,20 +158,25 @@ def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSp
     sml_mean = sml_inv = None
     if "sml" in spec.names:
         sml_mean, sml_inv = spec.sml.kernel_arrays(dev)
+    heat_params = list(spec.heat.kernel_constants()) if heat_m is not None else [1.0, 0.0, 1.0]
     launch(logits, labels, hist, counters, maps, spec.codes, spec.temperature, spec.gen_gamma,
-           spec.entropy_normalize, sml_mean, sml_inv, lut, off or 0, num_threads)
+           spec.entropy_normalize, sml_mean, sml_inv, lut, off or 0, num_threads,
+           heat_m=heat_m, heat_params=heat_params, ext=ext)
     return hist, counters, maps
 
 
 def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, entropy_normalize,
-           sml_mean, sml_inv, lut, lut_offset, num_threads=0) -> None:
+           sml_mean, sml_inv, lut, lut_offset, num_threads=0, *, heat_m=None, heat_params=(1.0, 0.0, 1.0),
+           ext=None) -> None:
     """Fills the core's argument struct from already validated tensors and runs it (on
-    the CUDA core and the caller's current stream for CUDA tensors)."""
+    the CUDA core and the caller's current stream for CUDA tensors). heat_m: (B, H, W)
+    float32 contiguous M map; heat_params: (temperature, mean, 1 / std); ext: (n_ext, B,
+    H, W) float32 contiguous external coordinates."""
     B, C, H, W = logits.shape
     if B * H * W == 0:
         return
     dev = logits.device
-    g = _geometry(logits, labels)
+    g = _geometry(logits, labels, fold=CODES["heat"] not in codes)
     core = _core.cuda_core() if dev.type == "cuda" else _core._C
     a = core.FusedArgs()
     a.logits_ptr = logits.data_ptr()
@@ -140,6 +195,11 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
     a.entropy_normalize = int(bool(entropy_normalize))
     if sml_mean is not None:
         a.sml_mean_ptr, a.sml_inv_std_ptr = sml_mean.data_ptr(), sml_inv.data_ptr()
+    if heat_m is not None:
+        a.heat_m_ptr = heat_m.data_ptr()
+        a.heat_temperature, a.heat_mean, a.heat_inv_std = (float(v) for v in heat_params)
+    if ext is not None:
+        a.ext_ptr = ext.data_ptr()
     if maps is not None:
         a.maps_ptr = maps.data_ptr()
     a.counters_ptr = counters.data_ptr()
@@ -195,7 +255,8 @@ def check_counters(counters: torch.Tensor, labels: torch.Tensor | None, label_ma
             f"{lm.normal_ids if isinstance(lm.normal_ids, str) else list(lm.normal_ids)} "
             "(pass ignore_index=... or label_map=LabelMap(...))")
     if c[_core.CNT_NONFINITE] > 0 and nonfinite == "error":
-        raise ValueError(f"{c[_core.CNT_NONFINITE]} valid pixel(s) have NaN or infinite logits; "
+        raise ValueError(f"{c[_core.CNT_NONFINITE]} valid pixel(s) have NaN or infinite logits (or a non-finite "
+                         "HEAT / post-processed SML score, e.g. from NaN features or a NaN logit nearby); "
                          "pass nonfinite='ignore' to skip them (they are counted, not scored)")
     return {"nonfinite": c[_core.CNT_NONFINITE], "invalid": c[_core.CNT_INVALID],
             "void": c[_core.CNT_VOID], "binned": c[_core.CNT_BINNED]}

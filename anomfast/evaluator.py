@@ -38,15 +38,19 @@ from .methods import resolve
 def fused_update(logits: torch.Tensor, labels: torch.Tensor, hist: torch.Tensor, counters: torch.Tensor,
                  lut: torch.Tensor, lut_offset: int, codes: list[int], temperature: float, gen_gamma: float,
                  entropy_normalize: bool, sml_mean: Optional[torch.Tensor],
-                 sml_inv: Optional[torch.Tensor]) -> None:
-    """Adds the batch to hist (M, 2, NBINS) and counters in one fused pass."""
+                 sml_inv: Optional[torch.Tensor], heat_m: Optional[torch.Tensor] = None,
+                 heat_params: Optional[list[float]] = None, ext: Optional[torch.Tensor] = None) -> None:
+    """Adds the batch to hist (M, 2, NBINS) and counters in one fused pass. heat_m: HEAT's
+    Mahalanobis map (B, H, W); heat_params: (T, mean, 1 / std); ext: (n_ext, B, H, W)
+    external coordinates (post-processed SML)."""
     _fused.launch(logits, labels, hist, counters, None, codes, temperature, gen_gamma, entropy_normalize,
-                  sml_mean, sml_inv, lut, lut_offset)
+                  sml_mean, sml_inv, lut, lut_offset, heat_m=heat_m,
+                  heat_params=heat_params if heat_params is not None else (1.0, 0.0, 1.0), ext=ext)
 
 
 @fused_update.register_fake
 def _(logits, labels, hist, counters, lut, lut_offset, codes, temperature, gen_gamma, entropy_normalize,
-      sml_mean, sml_inv) -> None:
+      sml_mean, sml_inv, heat_m=None, heat_params=None, ext=None) -> None:
     return None
 
 
@@ -84,11 +88,17 @@ class Evaluator:
             self._consts[device] = (lut.to(device), off, mean, inv)
         return self._consts[device]
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None, *,
+               features: torch.Tensor | None = None) -> None:
         """Adds a batch: logits (B, C, H, W) float32/16/bf16, labels (B, H, W) integers.
-        ``keep`` (bool (B,)) drops samples (e.g. distributed padding) without a host sync."""
+        ``keep`` (bool (B,)) drops samples (e.g. distributed padding) without a host sync.
+        ``features`` (B, D, h, w): the feature map of the batch, needed by HEAT."""
         x = _fused.as_logits(logits)
         y = _fused.as_labels(labels, x)
+        _fused.check_device_support(self.spec, x.device)
+        heat_m = _fused.heat_input(x, self.spec, features)
+        ext = _fused.external_input(x, self.spec)
+        heat_params = list(self.spec.heat.kernel_constants()) if heat_m is not None else None
         if self.spec.sml is not None and "sml" in self.spec.names and self.spec.sml.num_classes != x.shape[1]:
             raise ValueError(f"SML statistics were fitted for {self.spec.sml.num_classes} classes, logits have {x.shape[1]}")
         if keep is not None:
@@ -101,7 +111,7 @@ class Evaluator:
         lut, off, mean, inv = self._device_state(x.device)
         torch.ops.anomfast.fused_update(x, y, self.hist, self.counters, lut, off, self.spec.codes,
                                         self.spec.temperature, self.spec.gen_gamma, self.spec.entropy_normalize,
-                                        mean, inv)
+                                        mean, inv, heat_m, heat_params, ext)
 
     def _synced(self):
         hist, counters = self.hist, self.counters

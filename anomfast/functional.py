@@ -2,6 +2,8 @@
 
     maps = anomfast.score_maps(logits, methods=("max_logit", "energy"))
     stats = anomfast.fit_sml(in_distribution_logits)
+    heat = anomfast.fit_heat(id_logits, id_features, id_semantic_labels)
+    anomfast.evaluate(logits, labels, methods=("energy", "heat"), features=features, heat=heat)
     results = anomfast.evaluate(logits, labels, methods=("max_logit", "msp", "energy", "sml"), sml=stats)
     results["energy"].fpr95, results["energy"].bounds["fpr95"]
 """
@@ -16,38 +18,45 @@ import torch
 from . import _fused
 from .histogram import Histogram
 from .labels import ANOMALY, NORMAL, LabelMap, as_label_map
-from .methods import coord_to_score, resolve
+from .methods import CODES, EXTERNAL, coord_to_score, resolve
+from .heat import as_features, fit_heat  # noqa: F401  (fit_heat: part of the functional API)
 from .sml import SMLStats
 
 
-def _batches(logits, labels=None):
-    """Pairs (logits, labels) from tensors/arrays or from iterables of batches."""
+def _batches(logits, labels=None, features=None):
+    """Triples (logits, labels, features) from tensors/arrays or from aligned iterables
+    of batches (labels / features None: not given)."""
     single = isinstance(logits, (torch.Tensor, np.ndarray))
     if single:
-        yield logits, labels
+        yield logits, labels, features
         return
-    if labels is None:
-        for lg in logits:
-            yield lg, None
-        return
-    if isinstance(labels, (torch.Tensor, np.ndarray)):
-        raise TypeError("logits is an iterable of batches, so labels must be an iterable of batches too")
-    it_l = iter(labels)
+    others = {"labels": labels, "features": features}
+    its = {}
+    for name, v in others.items():
+        if v is None:
+            continue
+        if isinstance(v, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"logits is an iterable of batches, so {name} must be an iterable of batches too")
+        its[name] = iter(v)
     for i, lg in enumerate(logits):
-        try:
-            y = next(it_l)
-        except StopIteration:
-            raise ValueError(f"labels ran out after {i} batches while logits had more") from None
-        yield lg, y
-    if next(it_l, None) is not None:
-        raise ValueError("labels have more batches than logits")
+        got = {}
+        for name, it in its.items():
+            try:
+                got[name] = next(it)
+            except StopIteration:
+                raise ValueError(f"{name} ran out after {i} batches while logits had more") from None
+        yield lg, got.get("labels"), got.get("features")
+    for name, it in its.items():
+        if next(it, None) is not None:
+            raise ValueError(f"{name} have more batches than logits")
 
 
-def score_maps(logits, methods=None, *, num_threads: int = 0, **method_params) -> dict:
-    """Per-pixel score maps {method: float32 (B, H, W)}, higher = more anomalous."""
+def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **method_params) -> dict:
+    """Per-pixel score maps {method: float32 (B, H, W)}, higher = more anomalous.
+    features (B, D, h, w): the feature map HEAT needs (heat=fit_heat(...) statistics)."""
     spec = resolve(methods, **method_params)
     x = _fused.as_logits(logits)
-    _, _, maps = _fused.fused_pass(x, None, spec, want_maps=True, num_threads=num_threads)
+    _, _, maps = _fused.fused_pass(x, None, spec, want_maps=True, num_threads=num_threads, features=features)
     return {n: coord_to_score(n, maps[j]) for j, n in enumerate(spec.names)}
 
 
@@ -60,7 +69,7 @@ def fit_sml(logits_batches, labels=None, *, label_map=None, ignore_index: int = 
     count = total = totsq = None
     counters = None
     C = None
-    for lg, y in _batches(logits_batches, labels):
+    for lg, y, _ in _batches(logits_batches, labels):
         x = _fused.as_logits(lg)
         yy = _fused.as_labels(y, x) if y is not None else None
         if C is None:
@@ -102,11 +111,13 @@ def _finalize(hists: dict, conventions: dict):
 def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool = False, *,
              label_map=None, fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
              per_image: bool = False, subsample: int | None = None, seed: int = 42,
-             nonfinite: str = "error", num_threads: int = 0, **method_params) -> Results:
+             nonfinite: str = "error", num_threads: int = 0, features=None, **method_params) -> Results:
     """Evaluate anomaly scores of segmentation logits against anomaly labels.
 
     logits (B, C, H, W) and labels (B, H, W), or iterables of such batches. Returns
     {method: MetricResult} with auroc, ap, fpr95, f1, threshold and certified bounds.
+    features (B, D, h, w) (or an iterable of batches aligned with the logits): the
+    feature maps HEAT needs, with heat=anomfast.fit_heat(...).
 
     exact=True keeps every valid pixel's score and sorts (verification, small data).
     per_image=True averages the metrics over images (images lacking anomaly or normal
@@ -134,12 +145,16 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
     reservoir = None  # (keys, scores (M, n), labels)
     rng = np.random.default_rng(seed)
     n_batches = 0
-    for lg, y in _batches(logits, labels):
+    need_features = "heat" in spec.names
+    for lg, y, f in _batches(logits, labels, features if need_features else None):
         x = _fused.as_logits(lg)
         yy = _fused.as_labels(y, x)
+        if need_features:
+            f = as_features(f, x, spec.heat)
         n_batches += 1
-        images = [(x[i:i + 1], yy[i:i + 1]) for i in range(x.shape[0])] if per_image else [(x, yy)]
-        for xi, yi in images:
+        images = ([(x[i:i + 1], yy[i:i + 1], None if f is None else f[i:i + 1]) for i in range(x.shape[0])]
+                  if per_image else [(x, yy, f)])
+        for xi, yi, fi in images:
             counters = _fused.new_counters(x.device)
             h = None
             if per_image:
@@ -149,7 +164,7 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
                     hist = _fused.new_histogram(M, x.device)
                 h = hist
             h, counters, maps = _fused.fused_pass(xi, yi, spec, label_map=lm, hist=h, counters=counters,
-                                                  want_maps=need_maps, num_threads=num_threads)
+                                                  want_maps=need_maps, num_threads=num_threads, features=fi)
             summary = _fused.check_counters(counters, yi, lm, nonfinite)
             for k in totals:
                 totals[k] += summary[k]
@@ -162,6 +177,9 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
                 valid = (cls == NORMAL) | (cls == ANOMALY)
                 if nonfinite == "ignore":
                     valid &= torch.isfinite(xi.float()).all(dim=1).flatten()
+                    for j, code in enumerate(spec.codes):  # the core also skips non-finite HEAT / external scores
+                        if code in (CODES["heat"], EXTERNAL):
+                            valid &= torch.isfinite(maps[j]).flatten()
                 sc = maps.reshape(M, -1)[:, valid].cpu()
                 lab = (cls[valid] == ANOMALY).cpu()
                 if exact:

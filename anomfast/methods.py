@@ -9,27 +9,33 @@ m = max_c l_c, k = argmax_c l_c:
     sml        s = -(m - mean[k]) / std[k]                   needs fit_sml(...) statistics
     entropy    s = -sum_c p_c log p_c   (/ log C if entropy_normalize)
     gen        s = sum_c p_c^g (1 - p_c)^g                   gamma g (default 0.1)
+    heat       s = (w_E E + M + w_K K) / (w_E + 1 + w_K)     needs features= and fit_heat(...)
+                   statistics (heat=); see anomfast/heat.py
 
-"heat" (energy + feature Mahalanobis + spatial consistency) is not implemented in
-this version and raises NotImplementedError rather than returning another score.
+SML post-processing (Jung et al.'s full method; anomfast/sml.py: postprocess):
+``sml_boundary_suppression=True`` replaces the scores on predicted-class boundaries by
+the mean of their non-boundary neighbours (4 iterations, width 4),
+``sml_smoothing=True`` applies the dilated 7x7 Gaussian smoothing, ``sml_full=True``
+turns both on. Default: plain per-pixel SML. The post-processed map is binned by the
+core as an external coordinate map (method code EXTERNAL).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from .heat import HeatStats
 from .sml import SMLStats
 
-CODES = {"max_logit": 0, "msp": 1, "energy": 2, "sml": 3, "entropy": 4, "gen": 5}
+CODES = {"max_logit": 0, "msp": 1, "energy": 2, "sml": 3, "entropy": 4, "gen": 5, "heat": 6}
+EXTERNAL = 7  # core code of a method whose coordinates are computed outside the core
 DISPLAY = {"max_logit": "Simple Max Logits", "msp": "Maximum Softmax Probability",
            "sml": "Standardized Max Logits", "energy": "Energy Score", "entropy": "Entropy",
            "gen": "GEN", "heat": "HEAT"}
 DEFAULT_METHODS = ("max_logit", "msp", "energy")
-NOT_IMPLEMENTED = {
-    "heat": "HEAT (energy + feature-space Mahalanobis + spatial consistency) is not implemented yet "
-            "(tracked in the HEAT issue); it is not replaced by another score",
-}
-PARAMS = {"temperature", "sml", "sml_stats", "entropy_normalize", "gen_gamma"}
+NOT_IMPLEMENTED: dict = {}
+SML_POST = ("sml_full", "sml_boundary_suppression", "sml_smoothing")
+PARAMS = {"temperature", "sml", "sml_stats", "entropy_normalize", "gen_gamma", "heat", "heat_stats"} | set(SML_POST)
 
 
 @dataclass
@@ -40,19 +46,38 @@ class MethodSpec:
     sml: SMLStats | None = None
     entropy_normalize: bool = False
     gen_gamma: float = 0.1
+    heat: HeatStats | None = None
+    sml_boundary_suppression: bool = False
+    sml_smoothing: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
+    def sml_post(self) -> bool:
+        """SML is post-processed (spatially) before binning."""
+        return "sml" in self.names and (self.sml_boundary_suppression or self.sml_smoothing)
+
+    @property
     def codes(self) -> list:
-        return [CODES[n] for n in self.names]
+        return [EXTERNAL if (n == "sml" and self.sml_post) else CODES[n] for n in self.names]
+
+    @property
+    def external(self) -> tuple:
+        """Names of the methods binned from external coordinate maps, in core order."""
+        return tuple(n for n, c in zip(self.names, self.codes) if c == EXTERNAL)
 
     def params_of(self, name: str) -> dict:
         """The parameters that define method `name`'s score (stored with its histogram)."""
         if name == "energy":
             return {"temperature": self.temperature}
         if name == "sml":
-            return {"sml": self.sml.describe(), "sml_mean": [float(v) for v in self.sml.mean],
-                    "sml_std": [float(v) for v in self.sml.std]}
+            d = {"sml": self.sml.describe(), "sml_mean": [float(v) for v in self.sml.mean],
+                 "sml_std": [float(v) for v in self.sml.std]}
+            if self.sml_post:  # only then, so plain SML keeps its parameters (and histograms add)
+                d["sml_boundary_suppression"] = bool(self.sml_boundary_suppression)
+                d["sml_smoothing"] = bool(self.sml_smoothing)
+            return d
+        if name == "heat":
+            return {"heat": self.heat.describe()}
         if name == "entropy":
             return {"entropy_normalize": bool(self.entropy_normalize)}
         if name == "gen":
@@ -88,6 +113,17 @@ def resolve(methods=None, **params) -> MethodSpec:
                              "(or SMLStats.load(path))")
         if not isinstance(sml, SMLStats):
             raise TypeError(f"sml must be an SMLStats (from anomfast.fit_sml or SMLStats.load), got {type(sml).__name__}")
+    heat = params.get("heat", params.get("heat_stats"))
+    if "heat" in names:
+        if heat is None:
+            raise ValueError("method 'heat' needs statistics: pass heat=anomfast.fit_heat(logits, features, "
+                             "semantic_labels) (or HeatStats.load(path)), and features= with the data")
+        if not isinstance(heat, HeatStats):
+            raise TypeError(f"heat must be a HeatStats (from anomfast.fit_heat or HeatStats.load), got "
+                            f"{type(heat).__name__}")
+    full = bool(params.get("sml_full", False))
+    bs = bool(params.get("sml_boundary_suppression", full))
+    sm = bool(params.get("sml_smoothing", full))
     t = float(params.get("temperature", 1.0))
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {t}")
@@ -95,7 +131,8 @@ def resolve(methods=None, **params) -> MethodSpec:
     if not (math.isfinite(g) and g > 0):
         raise ValueError(f"gen_gamma must be a finite number > 0, got {g}")
     return MethodSpec(names=names, temperature=t, sml=sml,
-                      entropy_normalize=bool(params.get("entropy_normalize", False)), gen_gamma=g)
+                      entropy_normalize=bool(params.get("entropy_normalize", False)), gen_gamma=g,
+                      heat=heat, sml_boundary_suppression=bs, sml_smoothing=sm)
 
 
 def coord_to_score(name: str, t):

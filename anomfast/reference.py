@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .labels import ANOMALY, NORMAL, LabelMap
 
@@ -117,4 +118,138 @@ def histogram(logits, labels, method: str, label_map: LabelMap | None = None, **
     for c, row in ((NORMAL, 0), (ANOMALY, 1)):
         sel = cls == c
         out[row] = torch.bincount(idx[sel].flatten(), minlength=nb)
+    return out
+
+
+# ---------------------------------------------------------------------------- HEAT
+
+def heat_distance(features, mean, precision, size=None) -> torch.Tensor:
+    """M: min_c sqrt((f - mu_c)^T P (f - mu_c)) per feature vector, the quadratic form
+    evaluated directly (no expansion), float64 (B, h, w); bilinearly resized to `size`
+    (align_corners=False) when given. Classes whose mean is NaN (no fitting pixels) are
+    left out of the min."""
+    f = torch.as_tensor(features).to(torch.float64)
+    mu = torch.as_tensor(np.asarray(mean), dtype=torch.float64)
+    P = torch.as_tensor(np.asarray(precision), dtype=torch.float64)
+    mu = mu[torch.isfinite(mu).all(dim=1)]
+    diff = f.unsqueeze(1) - mu[None, :, :, None, None]                  # (B, C, D, h, w)
+    d2 = torch.einsum("bcdhw,de,bcehw->bchw", diff, P, diff)
+    d = d2.clamp_min(0).sqrt().amin(dim=1)
+    if size is not None and tuple(d.shape[1:]) != tuple(size):
+        d = F.interpolate(d.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return d
+
+
+def heat_score(logits, features, mean, precision, *, temperature: float = 1.0, score_mean: float | None = None,
+               score_std: float | None = None) -> torch.Tensor:
+    """HEAT, float64 (B, H, W), straight from the definition (anomfast/heat.py)."""
+    x = _f64(logits)
+    B, C, H, W = x.shape
+    E = -temperature * torch.logsumexp(x / temperature, dim=1)
+    M = heat_distance(features, mean, precision, size=(H, W))
+    p = torch.softmax(x, dim=1)
+    q = F.avg_pool2d(p, 3, stride=1, padding=1, count_include_pad=True)
+    K = (p * torch.log((p + 1e-8) / (q + 1e-8))).sum(dim=1)
+    ent = -(p * torch.log_softmax(x, dim=1)).sum(dim=1)
+    r = ((p - 1.0 / C) ** 2).sum(dim=1, keepdim=True)
+    v = F.avg_pool2d(r, 3, stride=1, padding=1, count_include_pad=True)[:, 0]
+    wE, wM, wK = 1.0 / (ent + 1e-6), torch.ones_like(ent), 1.0 / (v + 1e-6)
+    tot = wE + wM + wK
+    s = (wE / tot) * E + (wM / tot) * M + (wK / tot) * K
+    if score_std is not None:
+        s = (s - score_mean) / score_std
+    return s
+
+
+def fit_heat(logits_batches, features_batches, labels_batches, ignore_index: int = 255, temperature: float = 1.0,
+             standardize: bool = True):
+    """(count, mean, cov, precision, score_mean, score_std) from the definition: labels
+    downsampled by nearest neighbour to the feature size, per-class means, tied covariance
+    (1/N) sum_c sum_i (f_i - mu_c)(f_i - mu_c)^T + 1e-4 I (two passes, no shifted sums),
+    then mean / population std of the raw HEAT score on pixels with a class label."""
+    if isinstance(logits_batches, (torch.Tensor, np.ndarray)):
+        logits_batches, features_batches, labels_batches = [logits_batches], [features_batches], [labels_batches]
+    fs, ks = [], []
+    for f, y in zip(features_batches, labels_batches):
+        f = torch.as_tensor(f).to(torch.float64)
+        y = torch.as_tensor(y).to(torch.int64)
+        ys = F.interpolate(y.unsqueeze(1).double(), size=f.shape[2:], mode="nearest")[:, 0].to(torch.int64)
+        keep = ys != ignore_index
+        fs.append(f.permute(0, 2, 3, 1)[keep])
+        ks.append(ys[keep])
+    C = torch.as_tensor(logits_batches[0]).shape[1]
+    f, k = torch.cat(fs), torch.cat(ks)
+    count = torch.bincount(k, minlength=C)
+    mean = torch.stack([f[k == c].mean(dim=0) if count[c] > 0 else torch.full((f.shape[1],), float("nan"),
+                                                                               dtype=torch.float64)
+                        for c in range(C)])
+    dev = f - mean[k]
+    cov = dev.T @ dev / f.shape[0] + 1e-4 * torch.eye(f.shape[1], dtype=torch.float64)
+    prec = torch.linalg.inv(cov)
+    sm = ss = None
+    if standardize:
+        vals = []
+        for lg, ft, y in zip(logits_batches, features_batches, labels_batches):
+            s = heat_score(lg, ft, mean.numpy(), prec.numpy(), temperature=temperature)
+            vals.append(s[torch.as_tensor(y) != ignore_index])
+        v = torch.cat(vals)
+        sm, ss = float(v.mean()), float(v.std(unbiased=False))
+    return count.numpy(), mean.numpy(), cov.numpy(), prec.numpy(), sm, ss
+
+
+# ------------------------------------------------------------- SML post-processing
+
+def sml_postprocess(score, pred, boundary_suppression: bool = True, smoothing: bool = True) -> np.ndarray:
+    """Boundary suppression and dilated smoothing of Jung et al. (official code), float64
+    NumPy, written from the description with explicit neighbourhood loops:
+
+    - boundary: pixels whose 3x3-cross max of the class map differs from its 3x3-square
+      min, neighbours outside the image ignored;
+    - 4 iterations i = 0..3: expand the boundary to every pixel within L1 distance
+      4 - i - 1 (0 in the last iteration); each boundary pixel becomes the mean of the
+      non-boundary values of its 3x3 neighbourhood in the edge-padded image (keeps its
+      value if there are none); non-boundary pixels keep theirs;
+    - smoothing: edge padding 18, sum of g[a, b] * x[y + 6 (a - 3), x + 6 (b - 3)] over the
+      normalised 7x7 Gaussian g of sigma 1.
+    """
+    s = np.array(score, dtype=np.float64)
+    k = np.asarray(pred).astype(np.int64)
+    if s.ndim == 2:
+        s, k = s[None], k[None]
+    B, H, W = s.shape
+    out = s.copy()
+    if boundary_suppression:
+        bnd = np.zeros((B, H, W), bool)
+        for b in range(B):
+            for i in range(H):
+                for j in range(W):
+                    cross = [k[b, i, j]] + [k[b, i + di, j + dj] for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                                            if 0 <= i + di < H and 0 <= j + dj < W]
+                    square = [k[b, i + di, j + dj] for di in (-1, 0, 1) for dj in (-1, 0, 1)
+                              if 0 <= i + di < H and 0 <= j + dj < W]
+                    bnd[b, i, j] = max(cross) != min(square)
+        for it in range(4):
+            r = 0 if it == 3 else 4 - it - 1
+            exp = np.zeros_like(bnd)
+            for di in range(-r, r + 1):
+                for dj in range(-r, r + 1):
+                    if abs(di) + abs(dj) > r or abs(di) >= H or abs(dj) >= W:
+                        continue
+                    sh = np.zeros_like(bnd)
+                    sh[:, max(0, -di):H - max(0, di), max(0, -dj):W - max(0, dj)] = \
+                        bnd[:, max(0, di):H - max(0, -di), max(0, dj):W - max(0, -dj)]
+                    exp |= sh
+            keep = ~exp
+            xp = np.pad(out * keep, ((0, 0), (1, 1), (1, 1)), mode="edge")
+            kp = np.pad(keep.astype(np.float64), ((0, 0), (1, 1), (1, 1)), mode="edge")
+            tot = sum(xp[:, a:a + H, c:c + W] for a in range(3) for c in range(3))
+            n = sum(kp[:, a:a + H, c:c + W] for a in range(3) for c in range(3))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                avg = np.where(n == 0, out, tot / np.where(n == 0, 1, n))
+            out = np.where(keep, out, avg)
+    if smoothing:
+        g = np.exp(-((np.arange(7)[:, None] - 3.0) ** 2 + (np.arange(7)[None, :] - 3.0) ** 2) / 2.0)
+        g /= g.sum()
+        xp = np.pad(out, ((0, 0), (18, 18), (18, 18)), mode="edge")
+        out = sum(g[a, c] * xp[:, 6 * a:6 * a + H, 6 * c:6 * c + W] for a in range(7) for c in range(7))
     return out

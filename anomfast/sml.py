@@ -10,6 +10,13 @@ A class predicted fewer than twice during fitting (or with zero spread) has no u
 statistics. ``missing="global"`` (default) gives such classes the statistics pooled
 over all fitted pixels and records them in ``fallback_classes`` (with a warning);
 ``missing="error"`` raises instead. Scores are never NaN because of a missing class.
+
+The published method also post-processes the SML map spatially (boundary suppression
+and dilated smoothing, see ``postprocess`` below); it is selected by the method
+parameters ``sml_full=True`` (both), ``sml_boundary_suppression=`` and
+``sml_smoothing=`` (each alone; they override ``sml_full``). The default is plain
+per-pixel SML. The post-processed map is computed here in float32 PyTorch and binned
+by the core as an external coordinate map, so histograms and metrics work unchanged.
 """
 from __future__ import annotations
 
@@ -97,3 +104,91 @@ class SMLStats:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: unknown SML statistics format {meta.get('format')!r}, expected {FORMAT}")
             return cls(z["count"], z["sum"], z["sumsq"], missing=meta.get("missing", "global"))
+
+
+# ------------------------------------------------------------- SML post-processing
+# Jung et al.'s boundary suppression and dilated smoothing, as in the official code
+# (BoundarySuppressionWithSmoothing, boundary width 4 in 4 iterations, 7x7 Gaussian of
+# sigma 1 with dilation 6). The published code post-processes the standardized max
+# logit (high = in-distribution); our score is its negative. Every step is a masked
+# average or a convolution, which commute with negation (round-to-nearest is symmetric),
+# so post-processing the score gives exactly the negated published map.
+BOUNDARY_WIDTH = 4
+BOUNDARY_ITERATIONS = 4
+SMOOTH_SIZE, SMOOTH_SIGMA, SMOOTH_DILATION = 7, 1.0, 6
+
+
+def gaussian_kernel(size: int = SMOOTH_SIZE, sigma: float = SMOOTH_SIGMA) -> np.ndarray:
+    """size x size Gaussian (float64), normalised to sum 1, as the official code builds it."""
+    c = (size - 1) / 2
+    x = np.arange(size, dtype=np.float64)
+    g = np.exp(-((x[:, None] - c) ** 2 + (x[None, :] - c) ** 2) / (2 * sigma ** 2)) / (2 * np.pi * sigma ** 2)
+    return g / g.sum()
+
+
+def _cross_max(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """max over the pixel and its 4 neighbours; outside the image counts as `fill`."""
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), value=fill)
+    H, W = x.shape[-2:]
+    out = p[..., 1:H + 1, 1:W + 1]
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        out = torch.maximum(out, p[..., dy:dy + H, dx:dx + W])
+    return out
+
+
+def find_boundaries(pred: torch.Tensor) -> torch.Tensor:
+    """bool (B, 1, H, W): dilation of the class map with the 3x3 cross != its erosion with
+    the 3x3 square (the official code's structuring elements; kornia's geodesic border,
+    so the image border creates no boundary). Class ids compare as numbers, which makes
+    a diagonal neighbour with a larger id (only) not a boundary, as published."""
+    y = pred.unsqueeze(1).to(torch.float32)  # class ids are exact in float32
+    dil = _cross_max(y, -float("inf"))
+    ero = -torch.nn.functional.max_pool2d(-y, 3, stride=1, padding=1)  # max_pool pads with -inf
+    return dil != ero
+
+
+def _expand(boundaries: torch.Tensor, r: int) -> torch.Tensor:
+    """Dilation by the L1 ball (diamond) of radius r: the official d_ks[r] kernels are the
+    centre pixel dilated r times by the 3x3 cross."""
+    out = boundaries.to(torch.float32)
+    for _ in range(r):
+        out = _cross_max(out, 0.0)
+    return out > 0
+
+
+def _box3_sum(x: torch.Tensor) -> torch.Tensor:
+    """3x3 sums with replication padding (out-of-image neighbours repeat the edge)."""
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    w = torch.ones((1, 1, 3, 3), dtype=x.dtype, device=x.device)
+    return torch.nn.functional.conv2d(p, w)
+
+
+def postprocess(score: torch.Tensor, pred: torch.Tensor, boundary_suppression: bool = True,
+                smoothing: bool = True) -> torch.Tensor:
+    """SML post-processing of a float32 score map (B, H, W), given the predicted class map
+    pred (B, H, W). Returns a new float32 (B, H, W) map.
+
+    Boundary suppression (4 iterations): at iteration i the class boundaries (see
+    find_boundaries) are expanded by a diamond of radius 4 - i - 1 (the last iteration
+    uses the raw boundary); each boundary pixel takes the mean of the non-boundary
+    values in its 3x3 neighbourhood (replication padding, so edge pixels count
+    repeatedly, as published) and keeps its value when there is none. Dilated smoothing:
+    7x7 Gaussian (sigma 1, sum 1), dilation 6, replication padding 18."""
+    out = score.to(torch.float32).unsqueeze(1)
+    if boundary_suppression:
+        boundaries = find_boundaries(pred)
+        diff = BOUNDARY_WIDTH // BOUNDARY_ITERATIONS
+        for it in range(BOUNDARY_ITERATIONS):
+            r = 0 if it == BOUNDARY_ITERATIONS - 1 else BOUNDARY_WIDTH - diff * it - 1
+            keep = (~_expand(boundaries, r)).to(torch.float32)  # 1 = non-boundary
+            prev = out
+            total = _box3_sum(out * keep)          # NaN/inf at a boundary pixel spread, as published
+            n = _box3_sum(keep)
+            avg = torch.where(n == 0, prev, total / n.clamp_min(1.0))
+            out = torch.where(keep == 0, avg, prev)
+    if smoothing:
+        pad = SMOOTH_DILATION * (SMOOTH_SIZE // 2)
+        k = torch.as_tensor(gaussian_kernel(), dtype=torch.float32, device=out.device).view(1, 1, SMOOTH_SIZE, SMOOTH_SIZE)
+        out = torch.nn.functional.conv2d(torch.nn.functional.pad(out, (pad, pad, pad, pad), mode="replicate"), k,
+                                         dilation=SMOOTH_DILATION)
+    return out[:, 0].contiguous()

@@ -85,6 +85,9 @@ def digits():
         fit_logits = model(X[tr]).reshape(-1, 5, 1, 1).contiguous()
         logits = model(X[test]).reshape(-1, 5, 1, 1).contiguous()
         hidden = model[1](model[0](X[test]))
+        fit_hidden = model[1](model[0](X[tr]))
     labels = (t[test] >= 5).to(torch.uint8).reshape(-1, 1, 1)
     return {"logits": logits, "labels": labels, "fit_logits": fit_logits, "features": hidden,
-            "inputs": X[test]}
+            "inputs": X[test],
+            # for HEAT: hidden activations (N, 32) and class ids (N, 1, 1) of the fitting digits
+            "fit_features": fit_hidden, "fit_labels": t[tr].reshape(-1, 1, 1)}

@@ -166,9 +166,14 @@ def test_clear_errors(bad, match):
         anomfast.evaluate(args.pop("logits"), args.pop("labels"), **args)
 
 
-def test_heat_is_not_silently_replaced():
-    with pytest.raises(NotImplementedError, match="HEAT"):
-        anomfast.evaluate(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.uint8), methods=["heat"])
+def test_heat_needs_statistics_and_features():
+    """HEAT is never replaced by another score: without its inputs it is an error."""
+    x, y = torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="method 'heat' needs statistics"):
+        anomfast.evaluate(x, y, methods=["heat"])
+    stats = anomfast.fit_heat(x, torch.randn(1, 2, 4, 4), torch.randint(0, 3, (1, 4, 4)), standardize=False)
+    with pytest.raises(ValueError, match=r"HEAT needs features=\(B, D, h, w\)"):
+        anomfast.evaluate(x, y, methods=["heat"], heat=stats)
 
 
 def test_bad_label_values_and_nonfinite_logits(rng):

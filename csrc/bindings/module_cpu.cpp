@@ -70,6 +70,11 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("sml_inv_std_ptr", &FusedArgs::sml_inv_std_ptr)
       .def_readwrite("gen_gamma", &FusedArgs::gen_gamma)
       .def_readwrite("entropy_normalize", &FusedArgs::entropy_normalize)
+      .def_readwrite("heat_m_ptr", &FusedArgs::heat_m_ptr)
+      .def_readwrite("heat_temperature", &FusedArgs::heat_temperature)
+      .def_readwrite("heat_mean", &FusedArgs::heat_mean)
+      .def_readwrite("heat_inv_std", &FusedArgs::heat_inv_std)
+      .def_readwrite("ext_ptr", &FusedArgs::ext_ptr)
       .def_readwrite("hist_ptr", &FusedArgs::hist_ptr)
       .def_readwrite("maps_ptr", &FusedArgs::maps_ptr)
       .def_readwrite("counters_ptr", &FusedArgs::counters_ptr)
@@ -110,5 +115,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("BIN_EXP_COUNT") = BIN_EXP_COUNT;
   m.attr("N_COUNTERS") = (int)N_COUNTERS;
   m.attr("MAX_METHODS") = MAX_METHODS;
+  // method codes this core bins (views.h: Method); HEAT and EXTERNAL are CPU-only so far
+  m.attr("METHOD_CODES") = std::vector<int32_t>{MAX_LOGIT, MSP, ENERGY, SML, ENTROPY, GEN, HEAT, EXTERNAL};
   m.attr("VERSION") = AF_STR(ANOMFAST_VERSION);
 }

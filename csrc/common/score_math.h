@@ -9,6 +9,8 @@
 //   sml       : -(m - mean[k]) / std[k]
 //   entropy   : H(p) = log(1 + S') - sum_c e_c (l_c - m) / (1 + S')   [/ log C]
 //   gen       : sum_c p_c^g (1 - p_c)^g                                [gamma g]
+//   heat      : (w_E E + w_M M + w_K K) / (w_E + w_M + w_K)          [see heat_* below]
+//   external  : a coordinate computed outside the core, binned as it is
 //
 // Bin coordinate. The histograms bin a per-method coordinate t that is an increasing
 // function of the score. It is the score itself for every method but msp, whose
@@ -124,7 +126,20 @@ struct PixelSums {
   float gen;     // sum_c p_c^g (1 - p_c)^g             (gen, filled in a later loop)
 };
 
+// -T logsumexp(l / T) from the pixel's sums: sT = sum_c exp((l_c - m) / T) (T != 1).
+ANOMFAST_HD float energy_score(float m, float s1, float sT, float temperature) {
+  return temperature == 1.0f ? -(m + fast_log1p(s1)) : -(m + temperature * fast_log(sT));
+}
+
+// Entropy of the softmax in nats, clamped at 0 (rounding can dip below for one-hot pixels).
+ANOMFAST_HD float entropy_score(float s1, float sx) {
+  float h = fast_log1p(s1) - sx / (1.0f + s1);
+  return h < 0.0f ? 0.0f : h;
+}
+
 // Bin coordinate of one method (see the header comment); `z` = 1 + S'.
+// HEAT and EXTERNAL need more than one pixel's logits and are computed by the cores
+// with the heat_* pieces below; here they return 0.
 ANOMFAST_HD float method_coord(int32_t method, const PixelSums& s, float temperature,
                                float sml_mean_k, float sml_inv_std_k, float inv_log_c,
                                int32_t entropy_normalize) {
@@ -135,12 +150,11 @@ ANOMFAST_HD float method_coord(int32_t method, const PixelSums& s, float tempera
     case 1:  // msp, coordinate u = 1 - max softmax
       return s.s1 / z;
     case 2:  // energy
-      return temperature == 1.0f ? -(s.m + fast_log1p(s.s1)) : -(s.m + temperature * fast_log(s.sT));
+      return energy_score(s.m, s.s1, s.sT, temperature);
     case 3:  // sml
       return -(s.m - sml_mean_k) * sml_inv_std_k;
     case 4: {  // entropy
-      float h = fast_log1p(s.s1) - s.sx / z;
-      h = h < 0.0f ? 0.0f : h;
+      float h = entropy_score(s.s1, s.sx);
       return entropy_normalize ? h * inv_log_c : h;
     }
     case 5:  // gen
@@ -148,6 +162,44 @@ ANOMFAST_HD float method_coord(int32_t method, const PixelSums& s, float tempera
     default:
       return 0.0f;
   }
+}
+
+// ---------------------------------------------------------------------------- HEAT
+// Per pixel, p = softmax(l), all neighbourhoods 3x3 with zeros outside the image and a
+// fixed divisor 9 (avg_pool2d(count_include_pad=True)):
+//   E   = energy_score(...) with heat's own temperature
+//   M   = min_c Mahalanobis distance of the pixel's feature vector (computed in Python
+//         with a matrix product at the feature resolution, upsampled bilinearly)
+//   K   = sum_c p_c log((p_c + 1e-8) / (q_c + 1e-8)),  q = 3x3 mean of p
+//   H   = entropy of p;  r = sum_c (p_c - 1/C)^2;  v = 3x3 mean of r
+//   w_E = 1 / (H + 1e-6),  w_M = 1,  w_K = 1 / (v + 1e-6), normalized to sum 1
+//   heat = (w_E E + M + w_K K) / (w_E + 1 + w_K), standardized: (heat - mean) * inv_std
+// The 1e-6 floors keep the weights finite for one-hot pixels (H = 0) and uniform
+// neighbourhoods (v = 0, e.g. C = 1), where they reach 1e6 and the score tends to the
+// mean of the terms with the largest weights instead of dividing by zero.
+constexpr float HEAT_EPS_KL = 1e-8f;
+constexpr float HEAT_EPS_W = 1e-6f;
+
+// softmax probability of one class from l_c - m and 1 / sum_c exp(l_c - m)
+ANOMFAST_HD float softmax_p(float l_minus_m, float inv_z) { return fast_exp(l_minus_m) * inv_z; }
+
+// one class's term of K; q >= p / 9 (the centre is in its own neighbourhood), so the
+// ratio lies in [1e-8 / (1 + 1e-8), 9] and the log never sees 0 or a denormal
+ANOMFAST_HD float heat_kl_term(float p, float q) {
+  return p * fast_log((p + HEAT_EPS_KL) / (q + HEAT_EPS_KL));
+}
+
+// one class's term of r (spread of p around the uniform distribution)
+ANOMFAST_HD float heat_spread_term(float p, float inv_c) {
+  float d = p - inv_c;
+  return d * d;
+}
+
+ANOMFAST_HD float heat_combine(float E, float M, float K, float H, float v, float mean, float inv_std) {
+  float wE = 1.0f / (H + HEAT_EPS_W);
+  float wK = 1.0f / (v + HEAT_EPS_W);
+  float raw = (wE * E + M + wK * K) / (wE + 1.0f + wK);
+  return (raw - mean) * inv_std;
 }
 
 }  // namespace anomfast

@@ -11,7 +11,15 @@
 //   hist    : int64 (n_methods, 2, NBINS) contiguous; [m][0] normal, [m][1] anomaly
 //   maps    : float32 (n_methods, B, H, W) contiguous or 0 (no per-pixel output);
 //             holds each method's *bin coordinate* (see score_math.h)
+//   heat_m  : float32 (B, H, W) contiguous, method HEAT only: the feature-space
+//             Mahalanobis term M, already upsampled to the logits' size (Python)
+//   ext     : float32 (n_ext, B, H, W) contiguous, method EXTERNAL only: per-pixel
+//             coordinates computed outside the core (SML with boundary suppression /
+//             smoothing, user scores); the i-th EXTERNAL entry of `methods` reads ext[i]
 //   counters: int64[N_COUNTERS], see Counter
+//
+// heat_m, ext and maps are indexed like the core's (B, H, W) geometry, which Python may
+// fold (see anomfast/_fused.py: _geometry); contiguous maps index the same either way.
 #pragma once
 #include <cstdint>
 
@@ -19,14 +27,19 @@ namespace anomfast {
 
 enum DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, U8 = 10, I16 = 11, I32 = 12, I64 = 13, I8 = 14, BOOL = 15 };
 
-enum Method : int32_t { MAX_LOGIT = 0, MSP = 1, ENERGY = 2, SML = 3, ENTROPY = 4, GEN = 5 };
-constexpr int N_METHOD_KINDS = 6;
+enum Method : int32_t {
+  MAX_LOGIT = 0, MSP = 1, ENERGY = 2, SML = 3, ENTROPY = 4, GEN = 5,
+  HEAT = 6,      // needs heat_m_ptr and the true (unfolded) H x W geometry: 3x3 neighbourhoods
+  EXTERNAL = 7,  // bins a precomputed coordinate map (ext_ptr)
+};
+constexpr int N_METHOD_KINDS = 8;
 constexpr int MAX_METHODS = 8;
 
 enum LabelClass : int8_t { LABEL_NORMAL = 0, LABEL_ANOMALY = 1, LABEL_VOID = 2, LABEL_INVALID = 3 };
 
 enum Counter : int32_t {
-  CNT_NONFINITE = 0,  // valid (non-void) pixels with a NaN/inf logit: skipped, never binned
+  CNT_NONFINITE = 0,  // valid (non-void) pixels with a NaN/inf logit, or a non-finite HEAT /
+                      // EXTERNAL coordinate: skipped for every method, never binned
   CNT_INVALID = 1,    // pixels whose label value is not in the label map: skipped
   CNT_VOID = 2,       // void pixels: skipped
   CNT_BINNED = 3,     // pixels added to the histograms
@@ -53,6 +66,13 @@ struct FusedArgs {
   int64_t sml_inv_std_ptr = 0;     // float32[C]
   float gen_gamma = 0.1f;          // gen
   int32_t entropy_normalize = 0;   // entropy / log C
+  // heat: (w_E E + M + w_K K) / (w_E + 1 + w_K), then (. - heat_mean) * heat_inv_std
+  int64_t heat_m_ptr = 0;          // float32 (B, H, W) contiguous
+  float heat_temperature = 1.0f;   // T of heat's energy term (independent of `temperature`)
+  float heat_mean = 0.0f;          // standardization fitted on in-distribution data
+  float heat_inv_std = 1.0f;       //   (0 and 1: raw score)
+  // external coordinates
+  int64_t ext_ptr = 0;             // float32 (n_ext, B, H, W) contiguous
   // outputs
   int64_t hist_ptr = 0;            // int64 (n_methods, 2, NBINS), accumulated into
   int64_t maps_ptr = 0;            // float32 (n_methods, B, H, W) or 0

@@ -13,6 +13,11 @@
 // flushes early after 2^31 pixels, so the uint32 counts cannot overflow. Integer
 // sums make the result independent of the thread count and of the tile order.
 //
+// HEAT needs 3x3 neighbourhoods of the softmax: its tiles also load the rows above
+// and below and one column either side (see heat_tile), so it runs on the true
+// H x W geometry (Python does not fold rows for it). EXTERNAL methods bin coordinate
+// maps computed outside the core (Python post-processing, user scores).
+//
 // This file is compiled once per instruction set (ANOMFAST_ISA_NS); dispatch.cpp
 // picks the best one the running CPU supports.
 #include <algorithm>
@@ -286,8 +291,174 @@ inline void coord_loop(const TileState& st, int n, const FusedArgs& a, const flo
   if (out_map) std::memcpy(out_map, v, sizeof(float) * (size_t)n);
 }
 
+// A precomputed coordinate (HEAT's tile values, an EXTERNAL map row) -> bins. A
+// non-finite coordinate marks the pixel bad: it is then skipped for every method and
+// counted, exactly like a pixel with a NaN/inf logit, so all methods see the same pixels.
+inline void given_coord_loop(const float* src, int n, TileState& st, int32_t* out_idx, float* out_map) {
+  float v[TILE];
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    v[i] = src[i];
+    out_idx[i] = bin_index(v[i]);
+    st.bad[i] = (uint8_t)(st.bad[i] | (uint8_t)nonfinite_bits(f2u(v[i])));
+  }
+  if (out_map) std::memcpy(out_map, v, sizeof(float) * (size_t)n);
+}
+
+// ---------------------------------------------------------------------------- HEAT
+// A tile of row h (pixels w0 .. w0+n-1) needs p and r = sum_c (p_c - 1/C)^2 on rows
+// h-1 .. h+1 and columns w0-1 .. w0+n; outside the image both are 0 (zero padding,
+// divisor 9 everywhere). heat_tile loads those three halo rows and computes their
+// softmax itself, so every logit row is read three times (once for each tile row whose
+// neighbourhood contains it) and its softmax is recomputed each time. The second and
+// third reads hit the cache (neighbouring tiles were just read); the extra work is one
+// exp per class for each of the 3 x (n + 2) halo pixels, plus a log per class for K:
+// about 4x the arithmetic of the plain methods (bench/heat_cost.py). Keeping the
+// softmax of the previous two rows in a sliding window would cut the exps to ~1.1x but
+// ties each thread to runs of consecutive rows; tiles stay independent instead, so the
+// OpenMP schedule, the determinism and the other methods' results do not change.
+constexpr int HALO = TILE + 2;
+constexpr int HALO_PAD = ((HALO + V - 1) / V) * V;  // whole V-blocks of halo columns
+
+struct HeatBuf {
+  std::vector<float> p;      // [r][c][j], r < 3, j < HALO_PAD: logits, then p in place
+  float rr[3][HALO_PAD];     // r per halo pixel
+  float sT[TILE];            // sum_c exp((l_c - m) / T_heat) of the tile's pixels
+  float val[TILE];           // the tile's heat coordinates
+  explicit HeatBuf(int64_t C) : p((size_t)(3 * C * HALO_PAD), 0.0f) {}
+};
+
+// Logits of image row `row_base` (offset of (b, h, 0)), columns w0-1 .. w0+n, into
+// dst[c * HALO_PAD + j] (column w = w0 - 1 + j); columns outside the image get 0.
+template <int DT>
+inline void load_halo_row(const void* lp, int64_t C, int64_t row_base, int64_t ls_c, int64_t ls_w, int64_t w0,
+                          int n, int64_t W, int& jlo, int& jhi, float* dst) {
+  jlo = w0 == 0 ? 1 : 0;
+  jhi = (int)std::min<int64_t>(n + 2, W - w0 + 1);
+  for (int64_t c = 0; c < C; ++c) {
+    float* d = dst + c * HALO_PAD;
+    const int64_t base = row_base + c * ls_c + (w0 - 1) * ls_w;
+    for (int j = 0; j < jlo; ++j) d[j] = 0.0f;
+    if (ls_w == 1) {
+#pragma omp simd
+      for (int j = jlo; j < jhi; ++j) d[j] = load_logit<DT>(lp, base + j);
+    } else {
+      for (int j = jlo; j < jhi; ++j) d[j] = load_logit<DT>(lp, base + j * ls_w);
+    }
+    for (int j = jhi; j < HALO_PAD; ++j) d[j] = 0.0f;
+  }
+}
+
+// In place: logits -> softmax, and r; both zeroed outside [jlo, jhi) (outside the image).
+inline void halo_softmax(float* P, int64_t C, int jlo, int jhi, float inv_c, float* rr) {
+  const int32_t Ci = (int32_t)C;
+  for (int j0 = 0; j0 < HALO_PAD; j0 += V) {
+    float mv[V], z[V], r[V];
+#pragma omp simd
+    for (int j = 0; j < V; ++j) {
+      mv[j] = P[j0 + j];
+      z[j] = 0.0f;
+      r[j] = 0.0f;
+    }
+    for (int32_t c = 1; c < Ci; ++c) {
+      const float* row = P + c * HALO_PAD + j0;
+#pragma omp simd
+      for (int j = 0; j < V; ++j) mv[j] = std::max(mv[j], row[j]);
+    }
+    for (int32_t c = 0; c < Ci; ++c) {
+      float* row = P + c * HALO_PAD + j0;
+#pragma omp simd
+      for (int j = 0; j < V; ++j) {
+        row[j] = fast_exp(row[j] - mv[j]);
+        z[j] += row[j];
+      }
+    }
+#pragma omp simd
+    for (int j = 0; j < V; ++j) {
+      const int jj = j0 + j;
+      z[j] = (jj >= jlo && jj < jhi) ? 1.0f / z[j] : 0.0f;  // 0: outside, p = 0
+    }
+    for (int32_t c = 0; c < Ci; ++c) {
+      float* row = P + c * HALO_PAD + j0;
+#pragma omp simd
+      for (int j = 0; j < V; ++j) {
+        row[j] = row[j] * z[j];
+        r[j] += heat_spread_term(row[j], inv_c);
+      }
+    }
+#pragma omp simd
+    for (int j = 0; j < V; ++j) {
+      const int jj = j0 + j;
+      rr[j0 + j] = (jj >= jlo && jj < jhi) ? r[j] : 0.0f;
+    }
+  }
+}
+
+// HEAT coordinates of one tile into hb.val. `rows`/`cs`: the tile's own logits as
+// tile_rows returned them (for heat's energy with T != 1); st: its tile_sums (m, s1, sx).
+template <int DT>
+inline void heat_tile(const FusedArgs& a, const void* lp, int64_t b, int64_t h, int64_t w0, int n,
+                      const float* rows, int64_t cs, const TileState& st, const float* m_row, HeatBuf& hb) {
+  const int64_t C = a.C;
+  const int32_t Ci = (int32_t)C;
+  const float inv_c = 1.0f / (float)C;
+  float* P[3];
+  for (int r = 0; r < 3; ++r) {
+    P[r] = hb.p.data() + (size_t)r * (size_t)C * HALO_PAD;
+    const int64_t hr = h - 1 + r;
+    if (hr < 0 || hr >= a.H) {
+      std::memset(P[r], 0, sizeof(float) * (size_t)(C * HALO_PAD));
+      std::memset(hb.rr[r], 0, sizeof(hb.rr[r]));
+      continue;
+    }
+    int jlo = 0, jhi = 0;
+    load_halo_row<DT>(lp, C, b * a.ls_b + hr * a.ls_h, a.ls_c, a.ls_w, w0, n, a.W, jlo, jhi, P[r]);
+    halo_softmax(P[r], C, jlo, jhi, inv_c, hb.rr[r]);
+  }
+  // K and v of the centre pixels i (halo column i + 1)
+  float K[TILE], v[TILE];
+  const float ninth = 1.0f / 9.0f;
+#pragma omp simd
+  for (int i = 0; i < TILE; ++i) {
+    K[i] = 0.0f;
+    v[i] = (hb.rr[0][i] + hb.rr[0][i + 1] + hb.rr[0][i + 2] + hb.rr[1][i] + hb.rr[1][i + 1] + hb.rr[1][i + 2] +
+            hb.rr[2][i] + hb.rr[2][i + 1] + hb.rr[2][i + 2]) * ninth;
+  }
+  for (int32_t c = 0; c < Ci; ++c) {
+    const float* p0 = P[0] + c * HALO_PAD;
+    const float* p1 = P[1] + c * HALO_PAD;
+    const float* p2 = P[2] + c * HALO_PAD;
+#pragma omp simd
+    for (int i = 0; i < TILE; ++i) {
+      const float q = (p0[i] + p0[i + 1] + p0[i + 2] + p1[i] + p1[i + 1] + p1[i + 2] + p2[i] + p2[i + 1] + p2[i + 2]) *
+                      ninth;
+      K[i] += heat_kl_term(p1[i + 1], q);
+    }
+  }
+  const float T = a.heat_temperature;
+  if (T != 1.0f) {
+    const float inv_t = 1.0f / T;
+#pragma omp simd
+    for (int i = 0; i < TILE; ++i) hb.sT[i] = 0.0f;
+    for (int32_t c = 0; c < Ci; ++c) {
+      const float* row = rows + c * cs;
+#pragma omp simd
+      for (int i = 0; i < TILE; ++i) hb.sT[i] += fast_exp((row[i] - st.m[i]) * inv_t);
+    }
+  }
+  float Mv[TILE];
+  for (int i = 0; i < n; ++i) Mv[i] = m_row[i];
+  for (int i = n; i < TILE; ++i) Mv[i] = 0.0f;
+#pragma omp simd
+  for (int i = 0; i < TILE; ++i) {
+    const float E = energy_score(st.m[i], st.s1[i], hb.sT[i], T);
+    const float H = entropy_score(st.s1[i], st.sx[i]);
+    hb.val[i] = heat_combine(E, Mv[i], K[i], H, v[i], a.heat_mean, a.heat_inv_std);
+  }
+}
+
 struct Flags {
-  bool need_s1 = false, need_sT = false, need_sx = false, need_gen = false;
+  bool need_s1 = false, need_sT = false, need_sx = false, need_gen = false, heat = false;
 };
 
 inline Flags method_flags(const FusedArgs& a) {
@@ -301,6 +472,7 @@ inline Flags method_flags(const FusedArgs& a) {
         break;
       case ENTROPY: f.need_s1 = f.need_sx = true; break;
       case GEN: f.need_s1 = f.need_gen = true; break;
+      case HEAT: f.need_s1 = f.need_sx = f.heat = true; break;  // energy (T = 1) and entropy terms
       default: break;
     }
   }
@@ -323,8 +495,12 @@ void fused_impl(const FusedArgs& a) {
   const int8_t* lut = reinterpret_cast<const int8_t*>(a.lut_ptr);
   int64_t* hist = reinterpret_cast<int64_t*>(a.hist_ptr);
   float* maps = reinterpret_cast<float*>(a.maps_ptr);
+  const float* heat_m = reinterpret_cast<const float*>(a.heat_m_ptr);
+  const float* ext = reinterpret_cast<const float*>(a.ext_ptr);
   int64_t* counters = reinterpret_cast<int64_t*>(a.counters_ptr);
   const int64_t plane = a.H * a.W, map_stride = a.B * plane;
+  int ext_slot[MAX_METHODS];  // which ext map each EXTERNAL method reads (order of appearance)
+  for (int j = 0, e = 0; j < M; ++j) ext_slot[j] = a.methods[j] == EXTERNAL ? e++ : -1;
   int err = 0;
 
 #if defined(_OPENMP)
@@ -337,6 +513,7 @@ void fused_impl(const FusedArgs& a) {
     int8_t cls[TILE];
     int32_t idx[MAX_METHODS][TILE];
     TileState st;
+    std::unique_ptr<HeatBuf> hb(fl.heat ? new HeatBuf(C) : nullptr);
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
     const size_t scratch_bins = with_hist ? (size_t)M * 2 * NBINS : 0;
     uint32_t* priv = with_hist ? thread_scratch(scratch_bins * sizeof(uint32_t)) : nullptr;
@@ -380,10 +557,14 @@ void fused_impl(const FusedArgs& a) {
       const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
                                         buf.data(), cs);
       tile_sums(rows, cs, C, fl.need_s1, fl.need_sT, fl.need_sx, fl.need_gen, inv_t, a.gen_gamma, st);
+      const int64_t px = b * plane + h * a.W + w0;  // the tile's offset in (B, H, W) maps
+      if (fl.heat) heat_tile<DT>(a, lp, b, h, w0, n, rows, cs, st, heat_m + px, *hb);
 
       for (int j = 0; j < M; ++j) {
-        float* out_map = maps ? maps + j * map_stride + b * plane + h * a.W + w0 : nullptr;
+        float* out_map = maps ? maps + j * map_stride + px : nullptr;
         switch (a.methods[j]) {
+          case HEAT: given_coord_loop(hb->val, n, st, idx[j], out_map); break;
+          case EXTERNAL: given_coord_loop(ext + ext_slot[j] * map_stride + px, n, st, idx[j], out_map); break;
           case MAX_LOGIT: coord_loop<MAX_LOGIT>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
           case MSP: coord_loop<MSP>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
           case ENERGY: coord_loop<ENERGY>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;

@@ -528,6 +528,12 @@ void set_hist_aggregation(int mode) {
 int hist_aggregation() { return g_hist_aggregation.load(); }
 
 void fused_cuda(const FusedArgs& a) {
+  for (int j = 0; j < a.n_methods; ++j) {
+    // HEAT (3x3 neighbourhoods) and EXTERNAL coordinate maps exist only in the CPU core
+    if (a.methods[j] < 0 || a.methods[j] > GEN)
+      throw std::invalid_argument("anomfast CUDA: method code " + std::to_string(a.methods[j]) +
+                                  " (heat / external maps) is not implemented on CUDA yet");
+  }
   const int64_t n = a.B * a.H * a.W;
   if (n == 0) return;
   FusedParams P{};

@@ -1,0 +1,380 @@
+"""HEAT: energy + feature-space Mahalanobis distance + spatial consistency, per pixel.
+
+With logits l (B, C, H, W), p = softmax(l) and features (B, D, h, w) of the same images:
+
+    E   = -T logsumexp(l / T)                                   energy, T = stats.temperature
+    M   = min_c sqrt((f - mu_c)^T S^-1 (f - mu_c))              at the feature resolution,
+                                                                then bilinear to (H, W)
+    K   = sum_c p_c log((p_c + 1e-8) / (q_c + 1e-8))            q = 3x3 mean of p
+    w_E = 1 / (H(p) + 1e-6),  w_M = 1,  w_K = 1 / (v + 1e-6)    v = 3x3 mean of sum_c (p_c - 1/C)^2
+    heat = (w_E E + w_M M + w_K K) / (w_E + w_M + w_K)          [- mean] / std  (standardize=True)
+
+3x3 means count pixels outside the image as zeros and always divide by 9
+(``avg_pool2d(count_include_pad=True)``). The class means mu_c and the tied covariance
+S (+ 1e-4 I) are fitted by :func:`fit_heat` on in-distribution features grouped by
+their ground-truth class (labels downsampled to the feature resolution by nearest
+neighbour). The components are combined raw, exactly as above.
+
+Standardization: ``fit_heat(standardize=True)`` (default) also stores the mean and std
+of the raw score over the in-distribution pixels and the score becomes
+(heat - mean) / std. These are fixed numbers, so a pixel's score and the reported
+threshold do not depend on which other images were evaluated or in which order. The
+source project normalised with a running (EMA) mean/std updated batch by batch during
+evaluation, so its scores depended on batch order and batch size; that is not
+reproduced. Standardization is an increasing affine map: the metrics do not change
+(exactly with exact=True; up to the bin resolution of the histograms otherwise), only
+the score scale and the threshold do.
+
+Work split: M needs matrix products, (pixels x D) @ (D x D) to whiten the features
+and (pixels x D) @ (D x C) against the whitened class means (see distance_sq), done
+here by torch (BLAS / cuBLAS) at the feature resolution; everything else is per pixel
+or 3x3 and runs in the fused core in the same pass as the other methods
+(csrc/cpu/fused_cpu.cpp: heat_tile; the formulas in csrc/common/score_math.h).
+
+Classes without any fitting pixel have no mean: with ``missing="exclude"`` (default)
+they are left out of the min in M (listed in ``stats.missing_classes``, with a
+warning); ``missing="error"`` raises instead.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FORMAT = "anomfast-heat-v1"
+COV_EPS = 1e-4   # added to the diagonal of the tied covariance before inverting
+_FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class HeatStats:
+    """Fitted HEAT statistics (see the module docstring). float64 throughout.
+
+    mean: (C, D) class means (NaN rows for classes without pixels); cov: (D, D) tied
+    covariance including + 1e-4 I; precision: its inverse; count: (C,) feature pixels
+    per class; temperature: T of the energy term; score_mean / score_std: the
+    standardization of the combined score (None: raw score)."""
+    mean: np.ndarray
+    cov: np.ndarray
+    precision: np.ndarray
+    count: np.ndarray
+    temperature: float = 1.0
+    score_mean: float | None = None
+    score_std: float | None = None
+    missing: str = "exclude"
+
+    def __post_init__(self):
+        self.mean = np.asarray(self.mean, dtype=np.float64)
+        self.cov = np.asarray(self.cov, dtype=np.float64)
+        self.precision = np.asarray(self.precision, dtype=np.float64)
+        self.count = np.asarray(self.count, dtype=np.int64)
+        if self.mean.ndim != 2:
+            raise ValueError(f"HeatStats: mean must be (C, D), got shape {self.mean.shape}")
+        C, D = self.mean.shape
+        if self.cov.shape != (D, D) or self.precision.shape != (D, D) or self.count.shape != (C,):
+            raise ValueError(f"HeatStats: shapes disagree: mean {self.mean.shape}, cov {self.cov.shape}, "
+                             f"precision {self.precision.shape}, count {self.count.shape}")
+        if self.missing not in ("exclude", "error"):
+            raise ValueError(f"missing must be 'exclude' or 'error', got {self.missing!r}")
+        t = float(self.temperature)
+        if not (np.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {t}")
+        self.temperature = t
+        if (self.score_mean is None) != (self.score_std is None):
+            raise ValueError("HeatStats: give both score_mean and score_std, or neither")
+        if self.score_std is not None:
+            self.score_mean, self.score_std = float(self.score_mean), float(self.score_std)
+            if not (np.isfinite(self.score_mean) and np.isfinite(self.score_std) and self.score_std > 0):
+                raise ValueError(f"HeatStats: standardization needs a finite mean and a std > 0, got "
+                                 f"{self.score_mean}, {self.score_std}")
+        present = (self.count > 0) & np.isfinite(self.mean).all(axis=1)
+        self.missing_classes = [int(c) for c in np.nonzero(~present)[0]]
+        if not present.any():
+            raise ValueError("HEAT statistics have no class with fitting pixels")
+        if self.missing_classes:
+            if self.missing == "error":
+                raise ValueError(f"HEAT: classes {self.missing_classes} have no fitting pixels (no class mean); "
+                                 "fit on more data or pass missing='exclude' to leave them out of the "
+                                 "Mahalanobis min")
+            warnings.warn(f"HEAT: classes {self.missing_classes} have no fitting pixels; they are left out of "
+                          "the Mahalanobis min", RuntimeWarning, stacklevel=3)
+        self._present = present
+        self._cache: dict = {}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[1])
+
+    @property
+    def standardized(self) -> bool:
+        return self.score_std is not None
+
+    def kernel_constants(self) -> tuple[float, float, float]:
+        """(temperature, mean, 1 / std) for the core; (T, 0, 1) when not standardized."""
+        if self.score_std is None:
+            return self.temperature, 0.0, 1.0
+        return self.temperature, self.score_mean, 1.0 / self.score_std
+
+    def with_standardization(self, score_mean: float | None, score_std: float | None) -> "HeatStats":
+        """A copy with another standardization (None, None: the raw combined score)."""
+        out = copy.copy(self)
+        out.score_mean, out.score_std = score_mean, score_std
+        if score_std is not None:
+            out.score_mean, out.score_std = float(score_mean), float(score_std)
+            if not (np.isfinite(out.score_mean) and np.isfinite(out.score_std) and out.score_std > 0):
+                raise ValueError(f"HeatStats: standardization needs a finite mean and a std > 0, got "
+                                 f"{score_mean}, {score_std}")
+        return out
+
+    def _matrices(self, device) -> tuple:
+        """float32 (L, Wt, ww, center) on `device` for distance_sq: P = L L^T (Cholesky),
+        class means whitened, w_c = L^T (mu_c - center), stacked as Wt (D, C'), ww = |w_c|^2.
+        center = mean of the class means."""
+        key = str(device)
+        if key not in self._cache:
+            mu = self.mean[self._present]
+            center = mu.mean(axis=0)
+            L = np.linalg.cholesky(self.precision)        # P = L L^T
+            w = (mu - center) @ L                         # (C', D): rows w_c^T = (mu_c - center)^T L
+            f32 = dict(dtype=torch.float32, device=device)
+            self._cache[key] = (torch.as_tensor(L, **f32), torch.as_tensor(w.T.copy(), **f32),
+                                torch.as_tensor((w * w).sum(axis=1), **f32), torch.as_tensor(center, **f32),
+                                torch.as_tensor(w, **f32))
+        return self._cache[key]
+
+    def describe(self) -> dict:
+        return {"num_classes": self.num_classes, "dim": self.dim, "pixels": int(self.count.sum()),
+                "temperature": self.temperature, "missing_classes": self.missing_classes,
+                "score_mean": self.score_mean, "score_std": self.score_std}
+
+    def save(self, path) -> None:
+        meta = json.dumps({"format": FORMAT, "temperature": self.temperature, "score_mean": self.score_mean,
+                           "score_std": self.score_std, "missing": self.missing})
+        with open(Path(path), "wb") as f:
+            np.savez(f, mean=self.mean, cov=self.cov, precision=self.precision, count=self.count,
+                     meta=np.array(meta))
+
+    @classmethod
+    def load(cls, path) -> "HeatStats":
+        with np.load(Path(path), allow_pickle=False) as z:
+            try:
+                meta = json.loads(str(z["meta"]))
+            except KeyError:
+                raise ValueError(f"{path} is not an anomfast HEAT statistics file (no metadata)") from None
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: unknown HEAT statistics format {meta.get('format')!r}, expected {FORMAT}")
+            return cls(z["mean"], z["cov"], z["precision"], z["count"], meta["temperature"], meta["score_mean"],
+                       meta["score_std"], missing=meta.get("missing", "exclude"))
+
+
+def as_features(f, logits: torch.Tensor, stats: HeatStats | None = None, name: str = "features") -> torch.Tensor:
+    """(B, D, h, w) float tensor on the logits' device (a (D, h, w) array is one image)."""
+    if f is None:
+        raise ValueError("HEAT needs features=(B, D, h, w): the feature map of the same images, aligned with "
+                         "the logits")
+    if isinstance(f, np.ndarray):
+        f = torch.from_numpy(f)
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, D, h, w), got {type(f).__name__}")
+    if f.dim() == 3:
+        f = f.unsqueeze(0)
+    if f.dim() != 4:
+        raise ValueError(f"HEAT needs features=(B, D, h, w); got shape {tuple(f.shape)}")
+    if f.dtype not in _FEATURE_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {f.dtype}")
+    B = logits.shape[0]
+    if f.shape[0] != B:
+        raise ValueError(f"{name} batch size {f.shape[0]} does not match the logits' {B}")
+    if min(f.shape[1:]) < 1:
+        raise ValueError(f"{name} shape {tuple(f.shape)} has an empty dimension")
+    if stats is not None and f.shape[1] != stats.dim:
+        raise ValueError(f"HEAT statistics were fitted on D = {stats.dim} features but {name} have D = {f.shape[1]}")
+    if f.device != logits.device:
+        raise ValueError(f"{name} are on {f.device} but logits on {logits.device}; put both on the same device")
+    return f
+
+
+def distance_sq(features: torch.Tensor, stats: HeatStats) -> torch.Tensor:
+    """min_c (f - mu_c)^T P (f - mu_c) per feature vector: float32 (B, h, w).
+
+    With P = L L^T, z = L^T (f - center) and w_c = L^T (mu_c - center) (center = mean of
+    the class means), the distance is |z - w_c|^2 = |z|^2 - 2 z.w_c + |w_c|^2: two
+    matrix products (z for all pixels, then z against every w_c) give every class's
+    distance. That expansion cancels when a feature is much closer to a class mean than
+    to the center (in float32 a distance below ~1e-3 of |z| would lose all its digits),
+    so it only picks the nearest class; the distance to that class is then recomputed
+    directly as |z - w_k|^2, whose error is relative to the distance itself. Centering
+    keeps |z| near the spread of the classes rather than the features' offset from 0."""
+    L, Wt, ww, center, Wrows = stats._matrices(features.device)
+    B, D, h, w = features.shape
+    g = features.to(torch.float32).permute(0, 2, 3, 1).reshape(-1, D) - center
+    z = g @ L                                                        # (N, D)
+    approx = (z * z).sum(dim=1, keepdim=True) - 2.0 * (z @ Wt) + ww   # (N, C')
+    k = approx.argmin(dim=1)
+    d = z - Wrows[k]
+    return (d * d).sum(dim=1).reshape(B, h, w)
+
+
+def distance_map(features: torch.Tensor, stats: HeatStats, size) -> torch.Tensor:
+    """M: sqrt of distance_sq at the feature resolution, bilinearly resized to `size`
+    = (H, W) (align_corners=False). float32 (B, H, W), contiguous."""
+    d = distance_sq(features, stats).sqrt_()
+    H, W = int(size[0]), int(size[1])
+    if tuple(d.shape[1:]) != (H, W):
+        d = F.interpolate(d.unsqueeze(1), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    return d.contiguous()
+
+
+# ------------------------------------------------------------------------ fitting
+
+def _semantic_valid(y: torch.Tensor, C: int, label_map, ignore_index) -> torch.Tensor:
+    """bool (B, H, W): pixels whose semantic label is a class id in [0, C). Values that
+    are neither a class nor ignored raise."""
+    if label_map is not None:
+        from .labels import INVALID, NORMAL
+        cls = label_map.classify(y)
+        if bool((cls == INVALID).any()):
+            bad = y[cls == INVALID].flatten()[0].item()
+            raise ValueError(f"semantic label value {bad} is not in the label map")
+        valid = cls == NORMAL
+    else:
+        ign = torch.zeros_like(y, dtype=torch.bool)
+        for v in ([ignore_index] if isinstance(ignore_index, (int, np.integer)) else list(ignore_index or ())):
+            ign |= y == int(v)
+        valid = ~ign
+    yv = y[valid]
+    if yv.numel() and (int(yv.min()) < 0 or int(yv.max()) >= C):
+        bad = yv[(yv < 0) | (yv >= C)][0].item()
+        raise ValueError(f"semantic label value {bad} is neither a class id in [0, {C}) nor ignored "
+                         f"(ignore_index={ignore_index!r}); fit_heat needs semantic (class id) labels")
+    return valid
+
+
+def _triples(logits_batches, features_batches, labels_batches):
+    single = [isinstance(v, (torch.Tensor, np.ndarray)) for v in (logits_batches, features_batches, labels_batches)]
+    if all(single):
+        yield logits_batches, features_batches, labels_batches
+        return
+    if any(single):
+        raise TypeError("fit_heat: pass logits, features and labels either all as single batches (tensors / "
+                        "arrays) or all as iterables of aligned batches")
+    its = [iter(v) for v in (features_batches, labels_batches)]
+    for i, lg in enumerate(logits_batches):
+        try:
+            f, y = next(its[0]), next(its[1])
+        except StopIteration:
+            raise ValueError(f"features or labels ran out after {i} batches while logits had more") from None
+        yield lg, f, y
+    for it, what in zip(its, ("features", "labels")):
+        if next(it, None) is not None:
+            raise ValueError(f"{what} have more batches than logits")
+
+
+def fit_heat(logits_batches, features_batches, labels_batches, *, label_map=None, ignore_index=255,
+             num_classes: int | None = None, standardize: bool = True, temperature: float = 1.0,
+             missing: str = "exclude", num_threads: int = 0) -> HeatStats:
+    """Fit HEAT statistics on in-distribution data.
+
+    logits (B, C, H, W), features (B, D, h, w) and *semantic* labels (B, H, W) (class ids
+    0..C-1 at the logits' resolution, ``ignore_index`` (an int or a list) ignored, or a
+    LabelMap whose normal ids are the class ids): one batch each, or aligned iterables of
+    batches. Labels are downsampled to (h, w) by nearest neighbour for the feature
+    statistics: per-class means and the tied (pooled within-class, 1/N) covariance
+    + 1e-4 I, accumulated in float64. With ``standardize=True`` a second pass computes
+    the raw HEAT score of every valid pixel and stores its mean and (population) std,
+    so the data must be iterable twice: tensors, lists, or re-iterable loaders (a
+    one-shot iterator or generator is refused).
+    """
+    from . import _fused
+    from .labels import LabelMap
+    from .methods import resolve
+    if label_map is not None and not isinstance(label_map, LabelMap):
+        raise TypeError(f"label_map must be an anomfast.LabelMap, got {type(label_map).__name__}")
+    if standardize and any(isinstance(v, Iterator) for v in (logits_batches, features_batches, labels_batches)):
+        raise ValueError("fit_heat(standardize=True) reads the data twice (feature statistics, then the score's "
+                         "mean/std), but got a one-shot iterator/generator; pass lists, tensors or a re-iterable "
+                         "loader, or standardize=False")
+    C = D = None
+    count = sums = scatter = shift = None
+    n_batches = 0
+    for lg, f, y in _triples(logits_batches, features_batches, labels_batches):
+        x = _fused.as_logits(lg)
+        feats = as_features(f, x)
+        yy = _fused.as_labels(y, x)
+        if C is None:
+            C = int(num_classes) if num_classes is not None else x.shape[1]
+            if C != x.shape[1]:
+                raise ValueError(f"num_classes={num_classes} but the logits have C = {x.shape[1]}")
+            D = feats.shape[1]
+            count = torch.zeros(C, dtype=torch.int64)
+            sums = torch.zeros(C, D, dtype=torch.float64)
+            scatter = torch.zeros(D, D, dtype=torch.float64)
+        elif x.shape[1] != C or feats.shape[1] != D:
+            raise ValueError(f"batches disagree: C = {C}, D = {D} then C = {x.shape[1]}, D = {feats.shape[1]}")
+        n_batches += 1
+        _semantic_valid(yy, C, label_map, ignore_index)  # checks every label value at full resolution
+        h, w = feats.shape[2:]
+        ys = F.interpolate(yy.unsqueeze(1).to(torch.float32), size=(h, w), mode="nearest")[:, 0].to(torch.int64)
+        valid = _semantic_valid(ys, C, label_map, ignore_index)
+        g = feats.permute(0, 2, 3, 1)[valid].to(torch.float64).cpu()     # (N, D)
+        k = ys[valid].cpu()
+        if g.shape[0] == 0:
+            continue
+        if shift is None:
+            shift = g.mean(dim=0)  # accumulate around a shift: sum g g^T - n mu mu^T keeps its digits
+        g = g - shift
+        count += torch.bincount(k, minlength=C)
+        sums.index_add_(0, k, g)
+        scatter += g.T @ g
+    if C is None:
+        raise ValueError("fit_heat got no batches")
+    N = int(count.sum())
+    if N < 2:
+        raise ValueError(f"fit_heat saw {N} valid feature pixels; at least 2 are needed")
+    n = count.to(torch.float64)
+    mu_s = sums / n.clamp_min(1).unsqueeze(1)
+    within = scatter - (n.unsqueeze(1) * mu_s).T @ mu_s          # sum_c sum_i (g_i - mu_c)(g_i - mu_c)^T
+    cov = (within / N + within.T / N) / 2 + COV_EPS * torch.eye(D, dtype=torch.float64)
+    precision = torch.linalg.inv(cov)
+    precision = (precision + precision.T) / 2
+    mean = mu_s + shift
+    mean[count == 0] = float("nan")
+    stats = HeatStats(mean.numpy(), cov.numpy(), precision.numpy(), count.numpy(), temperature, missing=missing)
+    if not standardize:
+        return stats
+    # second pass: mean / std of the raw combined score over valid in-distribution pixels
+    spec = resolve(["heat"], heat=stats)
+    tot_n, tot_mean, tot_m2 = 0, 0.0, 0.0
+    for lg, f, y in _triples(logits_batches, features_batches, labels_batches):
+        x = _fused.as_logits(lg)
+        feats = as_features(f, x, stats)
+        yy = _fused.as_labels(y, x)
+        _, _, maps = _fused.fused_pass(x, None, spec, want_maps=True, features=feats, num_threads=num_threads)
+        s = maps[0][_semantic_valid(yy, C, label_map, ignore_index)].to(torch.float64)
+        if s.numel() == 0:
+            continue
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("fit_heat: non-finite HEAT scores on valid pixels (NaN/inf logits or features)")
+        bn, bm = s.numel(), float(s.mean())
+        bm2 = float(((s - bm) ** 2).sum())
+        delta = bm - tot_mean  # Chan et al.'s pairwise update: exact enough, order-independent to rounding
+        tot_m2 += bm2 + delta * delta * tot_n * bn / (tot_n + bn)
+        tot_mean += delta * bn / (tot_n + bn)
+        tot_n += bn
+    if tot_n < 2:
+        raise ValueError(f"fit_heat: {tot_n} valid pixels for the standardization; at least 2 are needed")
+    std = (tot_m2 / tot_n) ** 0.5
+    if not std > 0:
+        raise ValueError("fit_heat: the raw HEAT score is constant on the fitting data; use standardize=False")
+    return stats.with_standardization(tot_mean, std)
