@@ -60,8 +60,9 @@ def _cmd_eval(args) -> int:
         grid = load_grid(Path(root) / "grid.toml")
         methods = methods or DEMO_METHODS
         notes.append("Built-in demo: scenes of scikit-learn's real digits; networks trained on digits 0-4, "
-                     "digits 5-9 pasted as anomalies with void boundaries. HEAT is not implemented in this "
-                     "version, so it has no column (it is never replaced by another score).")
+                     "digits 5-9 pasted as anomalies with void boundaries. HEAT exists in the Python API "
+                     "(anomfast.evaluate(..., features=..., heat=anomfast.fit_heat(...))) but the grid runner "
+                     "does not read feature files yet, so it has no column here (never replaced by another score).")
     resolve([m for m in methods if m != "sml"] or ["max_logit"])  # unknown methods fail here, before any work
     if "sml" in methods:
         for m in grid.models:
