@@ -91,7 +91,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
 
         def read(stem):
             x = _as_chw(load_array(model.logits[stem]), model.logits[stem])
-            y = torch.as_tensor(np.asarray(load_array(grid.labels[stem])))
+            y = torch.from_numpy(np.array(load_array(grid.labels[stem])))
             sem = torch.as_tensor(np.asarray(load_array(grid.semantic[stem]))) if stem in grid.semantic else None
             return stem, x, y, sem
 
