@@ -111,7 +111,7 @@ def test_import_without_visible_gpu():
     code = ("import anomfast, anomfast._core as c; assert c._C_cuda is not None; "
             "i = anomfast.build_info(); assert i['cuda_device_count'] == 0, i; print('ok')")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd="/")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
@@ -173,7 +173,7 @@ def test_cuda_kernels_under_host_emulation(emulated_module):
     every dtype / label type / layout / aggregation mode) against the CPU core."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import test_cuda_build as t; t.emulation_checks({str(emulated_module)!r})")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert r.returncode == 0 and "EMULATION OK" in r.stdout, (r.stdout + r.stderr)[-4000:]
 
 
