@@ -29,8 +29,8 @@ class AnomalyMetrics(Metric):
 
     def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
                  fpr_mode: str = "first", ap_mode: str = "step", **kwargs):
-        method_params = {k: kwargs.pop(k) for k in list(kwargs) if k in ("temperature", "sml", "sml_stats",
-                                                                        "entropy_normalize", "gen_gamma")}
+        from .methods import PARAMS
+        method_params = {k: kwargs.pop(k) for k in list(kwargs) if k in PARAMS}
         super().__init__(**kwargs)
         self._ev = Evaluator(methods, label_map=label_map, ignore_index=ignore_index, nonfinite=nonfinite,
                              fpr_mode=fpr_mode, ap_mode=ap_mode, sync_on_compute=False, **method_params)
@@ -38,9 +38,10 @@ class AnomalyMetrics(Metric):
         self.add_state("hist", default=torch.zeros((M, 2, _core.NBINS), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("counters", default=torch.zeros(_core.N_COUNTERS, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None,
+               features: torch.Tensor | None = None) -> None:
         self._ev.hist, self._ev.counters = self.hist, self.counters
-        self._ev.update(logits, labels, keep)
+        self._ev.update(logits, labels, keep, features=features)
 
     def compute(self):
         self._ev.hist, self._ev.counters = self.hist, self.counters
