@@ -3,6 +3,7 @@
     anomfast eval --out DIR                     # the built-in real demo grid
     anomfast eval --grid grid.toml --out DIR    # your models x methods grid
     anomfast fit --logits DIR --out sml.npz     # SML statistics from in-distribution logits
+    anomfast fit --method heat --logits DIR --features DIR --labels DIR --out heat.npz
     anomfast report --histograms DIR/histograms.npz --out DIR2 [--fpr-mode interp ...]
     anomfast info
 """
@@ -13,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_METHODS = ["max_logit", "msp", "sml", "energy"]
+DEMO_METHODS = ["max_logit", "msp", "sml", "energy", "heat"]  # the seed table's columns
 
 
 def _cmd_info(args) -> int:
@@ -47,11 +48,13 @@ def _cmd_eval(args) -> int:
             cfg = {"labels": {"dir": str(Path(args.labels).resolve()), "anomaly_ids": args.anomaly_ids,
                               "void_ids": args.void_ids},
                    "models": [{"name": args.name or Path(args.logits).name, "logits": str(Path(args.logits).resolve())}]}
-            if args.sml_stats:
-                cfg["models"][0]["sml_stats"] = str(Path(args.sml_stats).resolve())
+            for key in ("sml_stats", "features", "heat_stats"):
+                if getattr(args, key):
+                    cfg["models"][0][key] = str(Path(getattr(args, key)).resolve())
             grid = grid_from_config(cfg, Path.cwd())
         methods = methods or ["max_logit", "msp", "energy"] + (
-            ["sml"] if all(m.sml_stats or m.fit_logits for m in grid.models) else [])
+            ["sml"] if all(m.has_sml for m in grid.models) else []) + (
+            ["heat"] if all(m.has_heat for m in grid.models) else [])
     else:
         from .demo import build_demo
         print("anomfast: no data given, running the built-in demo (digits scenes, Fishyscapes Static protocol)",
@@ -60,14 +63,16 @@ def _cmd_eval(args) -> int:
         grid = load_grid(Path(root) / "grid.toml")
         methods = methods or DEMO_METHODS
         notes.append("Built-in demo: scenes of scikit-learn's real digits; networks trained on digits 0-4, "
-                     "digits 5-9 pasted as anomalies with void boundaries. HEAT exists in the Python API "
-                     "(anomfast.evaluate(..., features=..., heat=anomfast.fit_heat(...))) but the grid runner "
-                     "does not read feature files yet, so it has no column here (never replaced by another score).")
-    resolve([m for m in methods if m != "sml"] or ["max_logit"])  # unknown methods fail here, before any work
-    if "sml" in methods:
-        for m in grid.models:
-            if not (m.sml_stats or m.fit_logits):
-                raise ValueError(f"method 'sml' needs sml_stats or fit_logits for model {m.name!r}")
+                     "digits 5-9 pasted as anomalies with void boundaries. SML and HEAT statistics are fitted on "
+                     "held-out in-distribution scenes; HEAT uses each network's 1/4-resolution context features "
+                     "and is standardized with the fitted mean / std of its in-distribution score.")
+    resolve([m for m in methods if m not in ("sml", "heat")] or ["max_logit"])  # unknown methods fail here, before any work
+    for m in grid.models:  # before any long work
+        if "sml" in methods and not m.has_sml:
+            raise ValueError(f"method 'sml' needs sml_stats or fit_logits for model {m.name!r}")
+        if "heat" in methods and not m.has_heat:
+            raise ValueError(f"method 'heat' needs features and heat_stats (or fit_logits + fit_features + "
+                             f"fit_semantic) for model {m.name!r}")
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
                         distributed=args.distributed)
     run["notes"] = notes
@@ -82,16 +87,35 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_fit(args) -> int:
-    from .grid import GridError, _files, load_array
-    from .runner import _as_chw
-    from .functional import fit_sml
-    files = _files(args.logits, Path.cwd(), (".npy", ".npz", ".pt", ".safetensors"), "fit logits")
-    stats = fit_sml(_as_chw(load_array(files[s]), files[s]).unsqueeze(0) for s in sorted(files))
+    from .grid import LABEL_EXT, LOGIT_EXT, _files, _match
+    from .runner import _Reader
+    files = _files(args.logits, Path.cwd(), LOGIT_EXT, "fit logits")
+    stems = sorted(files)
+    if args.method == "sml":
+        from .functional import fit_sml
+        stats = fit_sml(_Reader(files, stems, "logits"))
+        stats.save(args.out)
+        print(f"anomfast: SML statistics for {stats.num_classes} classes from {int(stats.count.sum())} pixels "
+              f"-> {args.out}")
+        if stats.fallback_classes:
+            print(f"anomfast: classes {stats.fallback_classes} use the pooled statistics (too few pixels)")
+        return 0
+    if not (args.features and args.labels):
+        raise ValueError("anomfast fit --method heat needs --features DIR (D, h, w per image) and --labels DIR "
+                         "(semantic class-id maps, --ignore-index ignored) matching --logits by file name")
+    from .heat import fit_heat
+    feats = _files(args.features, Path.cwd(), LOGIT_EXT, "fit features")
+    labels = _files(args.labels, Path.cwd(), LABEL_EXT, "fit semantic labels")
+    _match("fit", files, feats, kind="features", other="logits file")
+    _match("fit", files, labels, kind="semantic label", other="logits file")
+    stats = fit_heat(_Reader(files, stems, "logits"), _Reader(feats, stems, "features"),
+                     _Reader(labels, stems, "labels"), ignore_index=args.ignore_index,
+                     temperature=args.temperature, standardize=not args.raw)
     stats.save(args.out)
-    print(f"anomfast: SML statistics for {stats.num_classes} classes from {int(stats.count.sum())} pixels -> {args.out}")
-    if stats.fallback_classes:
-        print(f"anomfast: classes {stats.fallback_classes} use the pooled statistics (too few pixels)")
-    del GridError
+    d = stats.describe()
+    print(f"anomfast: HEAT statistics, {d['num_classes']} classes x D = {d['dim']} from {d['pixels']} feature "
+          f"pixels" + ("" if args.raw else f", score mean {d['score_mean']:.4g} std {d['score_std']:.4g}")
+          + f" -> {args.out}")
     return 0
 
 
@@ -131,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--labels", help="folder of label maps matching --logits by file name")
     pe.add_argument("--name", help="model name for --logits")
     pe.add_argument("--sml-stats", help="SML statistics file (anomfast fit) for --logits")
+    pe.add_argument("--features", help="folder of per-image feature maps (D, h, w) for --logits (method heat)")
+    pe.add_argument("--heat-stats", help="HEAT statistics file (anomfast fit --method heat) for --logits")
     pe.add_argument("--anomaly-ids", type=int, nargs="+", default=[1])
     pe.add_argument("--void-ids", type=int, nargs="+", default=[255])
-    pe.add_argument("--methods", help="comma-separated methods (default: max_logit,msp,energy[,sml])")
+    pe.add_argument("--methods", help="comma-separated methods (default: max_logit,msp,energy, plus sml and heat "
+                    "when every model has what they need)")
     pe.add_argument("--device", default="cpu", help="cpu or cuda")
     pe.add_argument("--distributed", action="store_true", help="shard images over torch.distributed ranks")
     pe.add_argument("--cache", help="demo cache folder (default $ANOMFAST_CACHE or ~/.cache/anomfast)")
@@ -141,8 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     conventions(pe)
     pe.set_defaults(func=_cmd_eval)
 
-    pf = sub.add_parser("fit", help="fit SML statistics from in-distribution logits")
-    pf.add_argument("--logits", required=True)
+    pf = sub.add_parser("fit", help="fit SML (or HEAT) statistics from in-distribution data")
+    pf.add_argument("--method", default="sml", choices=["sml", "heat"])
+    pf.add_argument("--logits", required=True, help="folder/glob of in-distribution logits (C, H, W)")
+    pf.add_argument("--features", help="heat: folder of feature maps (D, h, w), same file names")
+    pf.add_argument("--labels", help="heat: folder of semantic label maps (class ids), same file names")
+    pf.add_argument("--ignore-index", type=int, default=255, help="heat: label value to ignore")
+    pf.add_argument("--temperature", type=float, default=1.0, help="heat: T of the energy term")
+    pf.add_argument("--raw", action="store_true", help="heat: no standardization of the combined score")
     pf.add_argument("--out", required=True)
     pf.set_defaults(func=_cmd_fit)
 

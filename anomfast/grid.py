@@ -12,11 +12,16 @@ them). Paths are relative to the grid file::
     [[models]]
     name = "SmallFCN Baseline"
     logits = "models/a/logits"        # a directory or a glob of .npy/.npz/.pt/.safetensors
-    sml_stats = "a_sml.npz"           # optional, or
-    fit_logits = "models/a/fit/logits"
+    sml_stats = "a_sml.npz"           # optional (method sml), or
+    fit_logits = "models/a/fit/logits"  # in-distribution logits to fit SML (and HEAT) on
+    features = "models/a/features"    # optional (method heat): per-image (D, h, w) feature maps
+    heat_stats = "a_heat.npz"         # optional (anomfast fit --method heat), or
+    fit_features = "models/a/fit/features"  # with fit_logits and fit_semantic (class ids,
+    fit_semantic = "models/a/fit/semantic"  # 255 ignored): HEAT statistics fitted on the fly
 
 Everything is checked before any long work starts: every label has a logits file of
-the same stem for every model (and the other way round), shapes agree, methods exist.
+the same stem for every model (and the other way round), feature files likewise, the
+fitting files of a model match each other, shapes agree, methods exist.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from .labels import LabelMap
 
 LOGIT_EXT = (".npy", ".npz", ".pt", ".safetensors")
 LABEL_EXT = (".png", ".npy", ".npz", ".pt")
+MODEL_KEYS = {"name", "logits", "sml_stats", "fit_logits", "features", "heat_stats", "fit_features", "fit_semantic"}
 
 
 class GridError(ValueError):
@@ -43,6 +49,19 @@ class ModelSpec:
     logits: dict            # stem -> path
     sml_stats: Path | None = None
     fit_logits: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)       # stem -> path, for HEAT
+    heat_stats: Path | None = None
+    fit_features: dict = field(default_factory=dict)
+    fit_semantic: dict = field(default_factory=dict)
+
+    @property
+    def has_heat(self) -> bool:
+        """Features for every image and a source of HEAT statistics."""
+        return bool(self.features) and (self.heat_stats is not None or bool(self.fit_features))
+
+    @property
+    def has_sml(self) -> bool:
+        return self.sml_stats is not None or bool(self.fit_logits)
 
 
 @dataclass
@@ -120,13 +139,20 @@ def array_shape(path: Path) -> tuple:
     return tuple(np.asarray(load_array(path)).shape)
 
 
-def _match(what: str, labels: dict, files: dict):
+def _match(what: str, labels: dict, files: dict, kind: str = "logits", other: str = "label map"):
     missing = sorted(set(labels) - set(files))
     extra = sorted(set(files) - set(labels))
     if missing:
-        raise GridError(f"{what}: no logits file for {len(missing)} labelled image(s), e.g. {missing[:3]}")
+        raise GridError(f"{what}: no {kind} file for {len(missing)} image(s) that have a {other}, e.g. {missing[:3]}")
     if extra:
-        raise GridError(f"{what}: {len(extra)} logits file(s) have no label map, e.g. {extra[:3]}")
+        raise GridError(f"{what}: {len(extra)} {kind} file(s) have no {other}, e.g. {extra[:3]}")
+
+
+def _path(spec, base: Path, what: str) -> Path:
+    p = Path(spec) if Path(spec).is_absolute() else base / spec
+    if not p.exists():
+        raise GridError(f"{what} {p} does not exist")
+    return p
 
 
 def load_grid(path) -> Grid:
@@ -165,15 +191,30 @@ def grid_from_config(cfg: dict, base: Path) -> Grid:
         if m["name"] in names:
             raise GridError(f"grid: model name {m['name']!r} appears twice")
         names.add(m["name"])
+        unknown = set(m) - MODEL_KEYS
+        if unknown:
+            raise GridError(f"model {m['name']!r}: unknown key(s) {sorted(unknown)} in the grid; known: "
+                            f"{sorted(MODEL_KEYS)}")
         logits = _files(m["logits"], base, LOGIT_EXT, f"model {m['name']!r} logits")
         _match(f"model {m['name']!r}", labels, logits)
-        sml = None
-        if m.get("sml_stats"):
-            sml = Path(m["sml_stats"]) if Path(m["sml_stats"]).is_absolute() else base / m["sml_stats"]
-            if not sml.exists():
-                raise GridError(f"model {m['name']!r}: SML statistics file {sml} does not exist")
-        fit = _files(m["fit_logits"], base, LOGIT_EXT, f"model {m['name']!r} fit logits") if m.get("fit_logits") else {}
-        models.append(ModelSpec(m["name"], logits, sml, fit))
+        name = m["name"]
+        sml = _path(m["sml_stats"], base, f"model {name!r}: SML statistics file") if m.get("sml_stats") else None
+        fit = _files(m["fit_logits"], base, LOGIT_EXT, f"model {name!r} fit logits") if m.get("fit_logits") else {}
+        feats = {}
+        if m.get("features"):
+            feats = _files(m["features"], base, LOGIT_EXT, f"model {name!r} features")
+            _match(f"model {name!r}", labels, feats, kind="features")
+        heat = _path(m["heat_stats"], base, f"model {name!r}: HEAT statistics file") if m.get("heat_stats") else None
+        fit_f, fit_s = {}, {}
+        if m.get("fit_features") or m.get("fit_semantic"):
+            if not (m.get("fit_features") and m.get("fit_semantic") and fit):
+                raise GridError(f"model {name!r}: fitting HEAT needs fit_logits, fit_features and fit_semantic "
+                                "(semantic class-id label maps) together")
+            fit_f = _files(m["fit_features"], base, LOGIT_EXT, f"model {name!r} fit features")
+            fit_s = _files(m["fit_semantic"], base, LABEL_EXT, f"model {name!r} fit semantic labels")
+            _match(f"model {name!r} fitting data", fit, fit_f, kind="fit features", other="fit logits file")
+            _match(f"model {name!r} fitting data", fit, fit_s, kind="fit semantic label", other="fit logits file")
+        models.append(ModelSpec(name, logits, sml, fit, feats, heat, fit_f, fit_s))
     g = Grid(labels=labels, label_map=lm, models=models, semantic=semantic, images=images, root=base)
     check_shapes(g)
     return g
@@ -194,3 +235,10 @@ def check_shapes(g: Grid) -> None:
             if len(s) != 3 or tuple(s[1:]) != tuple(ls):
                 raise GridError(f"model {m.name!r}: logits {m.logits[stem].name} have shape {s}, "
                                 f"expected (C, {ls[0]}, {ls[1]}) to match the label map")
+            if m.features:
+                fs = array_shape(m.features[stem])
+                if len(fs) == 4 and fs[0] == 1:
+                    fs = fs[1:]
+                if len(fs) != 3:
+                    raise GridError(f"model {m.name!r}: features {m.features[stem].name} have shape {fs}, "
+                                    "expected (D, h, w)")

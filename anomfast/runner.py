@@ -12,6 +12,7 @@ import torch
 from . import _fused
 from .functional import fit_sml
 from .grid import Grid, GridError, load_array
+from .heat import HeatStats, as_features, fit_heat
 from .histogram import Histogram
 from .methods import coord_to_score, resolve
 from .sml import SMLStats
@@ -50,12 +51,13 @@ def _prefetch(fn, items, depth: int = 4):
             yield res
 
 
-def _as_chw(a, path) -> torch.Tensor:
+def _as_chw(a, path, kind: str = "logits") -> torch.Tensor:
     t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 3:
-        raise GridError(f"{path}: logits must be (C, H, W), got {tuple(t.shape)}")
+        raise GridError(f"{path}: {kind} must be ({'C, H, W' if kind != 'features' else 'D, h, w'}), "
+                        f"got {tuple(t.shape)}")
     return t
 
 
@@ -67,6 +69,38 @@ def fit_model_sml(model, progress: bool = True) -> SMLStats:
     stems = sorted(model.fit_logits)
     batches = (_as_chw(load_array(model.fit_logits[s]), model.fit_logits[s]).unsqueeze(0) for s in stems)
     return fit_sml(batches)
+
+
+class _Reader:
+    """Re-iterable lazy reader of aligned per-image files (one image per batch): fit_heat
+    reads the fitting data twice without holding it in memory."""
+
+    def __init__(self, files: dict, stems, kind: str):
+        self.files, self.stems, self.kind = files, list(stems), kind
+
+    def __iter__(self):
+        for s in self.stems:
+            a = load_array(self.files[s])
+            if self.kind == "labels":
+                t = torch.as_tensor(np.array(a))
+                if t.dim() != 2:
+                    raise GridError(f"{self.files[s]}: semantic label map must be (H, W), got {tuple(t.shape)}")
+                yield t.unsqueeze(0)
+            else:
+                yield _as_chw(a, self.files[s], self.kind).unsqueeze(0)
+
+
+def fit_model_heat(model) -> HeatStats:
+    """The model's HEAT statistics: heat_stats file, or fitted on fit_logits /
+    fit_features / fit_semantic (255 ignored) with standardization."""
+    if model.heat_stats is not None:
+        return HeatStats.load(model.heat_stats)
+    if not model.fit_features:
+        raise GridError(f"model {model.name!r}: method 'heat' needs heat_stats = ... or fit_logits, fit_features "
+                        "and fit_semantic in the grid")
+    stems = sorted(model.fit_logits)
+    return fit_heat(_Reader(model.fit_logits, stems, "logits"), _Reader(model.fit_features, stems, "features"),
+                    _Reader(model.fit_semantic, stems, "labels"), ignore_index=255)
 
 
 def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = True, n_examples: int = 3,
@@ -82,6 +116,11 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         params = {"temperature": temperature}
         if "sml" in methods:
             params["sml"] = fit_model_sml(model, progress)
+        need_feats = "heat" in methods
+        if need_feats:
+            if not model.features:
+                raise GridError(f"model {model.name!r}: method 'heat' needs features = ... (per-image feature maps)")
+            params["heat"] = fit_model_heat(model)
         spec = resolve(methods, **params)
         hist = _fused.new_histogram(len(spec.names), device)
         counters = _fused.new_counters(device)
@@ -93,16 +132,20 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             x = _as_chw(load_array(model.logits[stem]), model.logits[stem])
             y = torch.from_numpy(np.array(load_array(grid.labels[stem])))
             sem = torch.as_tensor(np.asarray(load_array(grid.semantic[stem]))) if stem in grid.semantic else None
-            return stem, x, y, sem
+            f = _as_chw(load_array(model.features[stem]), model.features[stem], "features") if need_feats else None
+            return stem, x, y, sem, f
 
-        for stem, x, y, sem in _prefetch(read, my_stems):
+        for stem, x, y, sem, f in _prefetch(read, my_stems):
             if tuple(y.shape) != tuple(x.shape[1:]):
                 raise GridError(f"image {stem!r}: label map {tuple(y.shape)} vs logits {tuple(x.shape)} of model {model.name!r}")
             xb = _fused.as_logits(x.unsqueeze(0).to(device))
             yb = _fused.as_labels(y.unsqueeze(0).to(device), xb)
             want_maps = len(examples) < n_examples and bool((y != 0).any())
+            fb = None
+            if f is not None:
+                fb = as_features(f.unsqueeze(0).to(device), xb, spec.heat, name=f"features of image {stem!r}")
             _, _, maps = _fused.fused_pass(xb, yb, spec, label_map=grid.label_map, hist=hist, counters=counters,
-                                           want_maps=want_maps)
+                                           want_maps=want_maps, features=fb)
             if sem is not None:
                 C = xb.shape[1]
                 pred = xb[0].argmax(dim=0).flatten().to(torch.int64)

@@ -90,3 +90,93 @@ def test_bad_grid_fails_fast_with_clear_message(tmp_path, rng, breakage, message
     assert r.returncode != 0
     assert message in r.stderr and r.stderr.count("\n") <= 2, r.stderr
     assert not (tmp_path / "o" / "report.md").exists()
+
+
+def make_heat_grid(tmp_path, rng, n=4, n_fit=3, H=16, W=20, C=5, D=6):
+    """A one-model grid with per-image features and HEAT fitting data on disk."""
+    from PIL import Image
+    data = {"x": [], "y": [], "f": [], "fx": [], "ff": [], "fs": []}
+    for d in ("labels", "m/logits", "m/features", "m/fit/logits", "m/fit/features", "m/fit/semantic"):
+        (tmp_path / d).mkdir(parents=True)
+    for i in range(n):
+        y = random_labels(rng, 1, H, W, p_anomaly=0.2, p_void=0.1)[0]
+        y[0, 0], y[0, 1] = 0, 1
+        Image.fromarray(y.numpy()).save(tmp_path / "labels" / f"img{i}.png")
+        x = random_logits(rng, 1, C, H, W)[0]
+        f = torch.randn(D, H // 4, W // 4, generator=rng)
+        np.save(tmp_path / "m/logits" / f"img{i}.npy", x.numpy())
+        np.save(tmp_path / "m/features" / f"img{i}.npy", f.numpy())
+        data["x"].append(x), data["y"].append(y), data["f"].append(f)
+    for i in range(n_fit):
+        x = random_logits(rng, 1, C, H, W)[0]
+        f = torch.randn(D, H // 4, W // 4, generator=rng)
+        s = torch.randint(0, C, (H, W), generator=rng, dtype=torch.int64).to(torch.uint8)
+        s[torch.rand(H, W, generator=rng) < 0.1] = 255
+        np.save(tmp_path / "m/fit/logits" / f"fit{i}.npy", x.numpy())
+        np.save(tmp_path / "m/fit/features" / f"fit{i}.npy", f.numpy())
+        Image.fromarray(s.numpy()).save(tmp_path / "m/fit/semantic" / f"fit{i}.png")
+        data["fx"].append(x), data["ff"].append(f), data["fs"].append(s.to(torch.int64))
+    (tmp_path / "grid.toml").write_text(
+        '[labels]\ndir = "labels"\nanomaly_ids = [1]\nvoid_ids = [255]\nnormal_ids = [0]\n'
+        '[[models]]\nname = "M"\nlogits = "m/logits"\nfeatures = "m/features"\nfit_logits = "m/fit/logits"\n'
+        'fit_features = "m/fit/features"\nfit_semantic = "m/fit/semantic"\n')
+    return data
+
+
+def test_eval_heat_grid_matches_python_api_and_fit_command(tmp_path, rng):
+    data = make_heat_grid(tmp_path, rng)
+    out = tmp_path / "out"
+    assert main(["eval", "--grid", str(tmp_path / "grid.toml"), "--out", str(out), "--quiet", "--no-plots"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    got = doc["models"][0]["results"]
+    assert set(got) == {"max_logit", "msp", "energy", "sml", "heat"}   # defaults: every method the grid supports
+    heat = anomfast.fit_heat([x[None] for x in data["fx"]], [f[None] for f in data["ff"]],
+                             [s[None] for s in data["fs"]])
+    api = anomfast.evaluate(torch.stack(data["x"]), torch.stack(data["y"]), methods=["heat", "energy"],
+                            features=torch.stack(data["f"]), heat=heat)
+    for meth in ("heat", "energy"):
+        for k in ("auroc", "ap", "fpr95", "f1", "threshold"):
+            assert got[meth][k] == pytest.approx(getattr(api[meth], k), abs=0, rel=1e-12), (meth, k)
+    assert got["heat"]["auroc"] != got["energy"]["auroc"]
+    # anomfast fit --method heat writes the same statistics; a grid that names the file gives the same results
+    assert main(["fit", "--method", "heat", "--logits", str(tmp_path / "m/fit/logits"),
+                 "--features", str(tmp_path / "m/fit/features"), "--labels", str(tmp_path / "m/fit/semantic"),
+                 "--out", str(tmp_path / "heat.npz")]) == 0
+    loaded = anomfast.HeatStats.load(tmp_path / "heat.npz")
+    np.testing.assert_allclose(loaded.precision, heat.precision, rtol=1e-12)
+    assert loaded.score_mean == pytest.approx(heat.score_mean, rel=1e-12)
+    out2 = tmp_path / "out2"
+    assert main(["eval", "--logits", str(tmp_path / "m/logits"), "--labels", str(tmp_path / "labels"),
+                 "--features", str(tmp_path / "m/features"), "--heat-stats", str(tmp_path / "heat.npz"),
+                 "--methods", "heat", "--out", str(out2), "--quiet", "--no-plots"]) == 0
+    got2 = json.loads((out2 / "results.json").read_text())["models"][0]["results"]["heat"]
+    assert got2["auroc"] == pytest.approx(got["heat"]["auroc"], rel=1e-12)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing_feature", "no features file for 1 image(s)"),
+    ("no_features", "method 'heat' needs features"),
+    ("partial_fit", "fitting HEAT needs fit_logits, fit_features and fit_semantic"),
+    ("unknown_key", "unknown key(s) ['feature']"),
+    ("feature_shape", "expected (D, h, w)"),
+])
+def test_bad_heat_grid_fails_fast(tmp_path, rng, breakage, message, capsys):
+    make_heat_grid(tmp_path, rng)
+    g = tmp_path / "grid.toml"
+    if breakage == "missing_feature":
+        (tmp_path / "m/features/img3.npy").unlink()
+    elif breakage == "no_features":
+        g.write_text(g.read_text().replace('features = "m/features"\n', ""))
+    elif breakage == "partial_fit":
+        g.write_text(g.read_text().replace('fit_semantic = "m/fit/semantic"\n', ""))
+    elif breakage == "unknown_key":
+        g.write_text(g.read_text().replace('features = "m/features"', 'feature = "m/features"'))
+    else:
+        np.save(tmp_path / "m/features/img0.npy", np.zeros((6, 4), np.float32))
+    args = ["eval", "--grid", str(g), "--out", str(tmp_path / "o"), "--quiet"]
+    if breakage == "no_features":
+        args += ["--methods", "energy,heat"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
