@@ -63,3 +63,54 @@ def check_against_reference(x, y, stats, spec):
         for row, lab in ((0, 0), (1, 1)):
             want = torch.bincount(idx[y == lab].flatten(), minlength=binning.NBINS)
             assert torch.equal(hist[j, row], want), f"{m}: histogram differs from its own scores' binning"
+
+
+def torch_scores(x, stats, methods=METHODS4):
+    """float32 pure-PyTorch scores (B, H, W) per method, as a user feeding a peer library
+    would compute them (higher = more anomalous)."""
+    out = {}
+    x = x.float()
+    mx, k = x.max(dim=1)
+    for m in methods:
+        if m == "max_logit":
+            out[m] = -mx
+        elif m == "msp":
+            out[m] = -torch.softmax(x, dim=1).amax(dim=1)
+        elif m == "energy":
+            out[m] = -torch.logsumexp(x, dim=1)
+        elif m == "sml":
+            mu = torch.as_tensor(stats.mean, dtype=torch.float32)
+            sd = torch.as_tensor(stats.std, dtype=torch.float32)
+            out[m] = -(mx - mu[k]) / sd[k]
+        else:
+            raise ValueError(f"no torch baseline for {m}")
+    return out
+
+
+class TorchmetricsJob:
+    """The same job with torchmetrics: per method a MetricCollection of BinaryAUROC and
+    BinaryAveragePrecision (the collection shares their precision-recall state), fed the
+    valid pixels' scores. thresholds=None: exact (keeps every score); an int: binned on
+    that many thresholds over [0, 1] (torchmetrics applies a sigmoid to scores outside
+    [0, 1]). Default validate_args, as users run it."""
+
+    def __init__(self, stats, thresholds=None, methods=METHODS4, ignore_index=255):
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+        self.stats, self.methods, self.ignore_index = stats, list(methods), ignore_index
+        self.metrics = {m: MetricCollection({"auroc": BinaryAUROC(thresholds=thresholds),
+                                             "ap": BinaryAveragePrecision(thresholds=thresholds)})
+                        for m in self.methods}
+
+    def update(self, x, y):
+        valid = y != self.ignore_index
+        t = y[valid].long()
+        for m, s in torch_scores(x, self.stats, self.methods).items():
+            self.metrics[m].update(s[valid], t)
+
+    def compute(self):
+        return {m: {k: float(v) for k, v in c.compute().items()} for m, c in self.metrics.items()}
+
+    def reset(self):
+        for c in self.metrics.values():
+            c.reset()

@@ -8,8 +8,11 @@
 // in L1; each logit is read from memory once.
 //
 // Histograms: each OpenMP thread counts into a private uint32 copy (mmap'ed, so only
-// the pages it touches are ever backed; kept for the thread's lifetime) and marks which 1024-bin blocks it touched;
-// at the end it adds only those blocks into the shared int64 histograms. A thread
+// the pages it touches are ever backed; kept for the thread's lifetime). It remembers
+// the first TOUCHED_CAP distinct bins it touches and marks which 1024-bin blocks it
+// touched; at the end it adds into the shared int64 histograms only the remembered
+// bins (small calls: cost independent of the histogram size) or, past the cap, only
+// the touched blocks. A thread
 // flushes early after 2^31 pixels, so the uint32 counts cannot overflow. Integer
 // sums make the result independent of the thread count and of the tile order.
 //
@@ -50,6 +53,7 @@ constexpr int TILE = 64;
 constexpr int BLOCK_SHIFT = 10;  // dirty-tracking granularity: 1024 bins = one 4 KiB page of uint32
 constexpr int64_t NBLOCKS = (NBINS + (1 << BLOCK_SHIFT) - 1) >> BLOCK_SHIFT;
 constexpr uint64_t FLUSH_EVERY = 1ull << 31;
+constexpr int TOUCHED_CAP = 4096;  // distinct bins remembered per thread before falling back to blocks
 
 // Zero-initialised scratch memory whose untouched pages cost nothing.
 class Scratch {
@@ -518,6 +522,8 @@ void fused_impl(const FusedArgs& a) {
     const size_t scratch_bins = with_hist ? (size_t)M * 2 * NBINS : 0;
     uint32_t* priv = with_hist ? thread_scratch(scratch_bins * sizeof(uint32_t)) : nullptr;
     std::vector<uint8_t> dirty(with_hist ? (size_t)M * 2 * NBLOCKS : 0, 0);
+    std::vector<int64_t> touched(with_hist ? TOUCHED_CAP : 0);
+    int n_touched = 0;  // > TOUCHED_CAP: too many to remember, flush by dirty blocks
     uint64_t since_flush = 0;
     if (with_hist && !priv) {
 #pragma omp atomic write
@@ -525,6 +531,18 @@ void fused_impl(const FusedArgs& a) {
     }
 
     auto flush = [&]() {
+      if (n_touched <= TOUCHED_CAP) {
+        for (int k = 0; k < n_touched; ++k) {
+          const int64_t q = touched[k];
+#pragma omp atomic
+          hist[q] += (int64_t)priv[q];
+          priv[q] = 0;
+        }
+        std::fill(dirty.begin(), dirty.end(), 0);
+        n_touched = 0;
+        since_flush = 0;
+        return;
+      }
       for (int64_t h = 0; h < (int64_t)M * 2; ++h) {
         for (int64_t blk = 0; blk < NBLOCKS; ++blk) {
           if (!dirty[h * NBLOCKS + blk]) continue;
@@ -541,6 +559,7 @@ void fused_impl(const FusedArgs& a) {
           }
         }
       }
+      n_touched = 0;
       since_flush = 0;
     };
 
@@ -586,7 +605,11 @@ void fused_impl(const FusedArgs& a) {
         for (int j = 0; j < M; ++j) {
           const int64_t h2 = (int64_t)j * 2 + c;
           const int32_t bi = idx[j][i];
-          ++priv[h2 * NBINS + bi];
+          const int64_t q = h2 * NBINS + bi;
+          if (priv[q]++ == 0 && n_touched <= TOUCHED_CAP) {
+            if (n_touched < TOUCHED_CAP) touched[n_touched] = q;
+            ++n_touched;
+          }
           dirty[h2 * NBLOCKS + (bi >> BLOCK_SHIFT)] = 1;
         }
       }
