@@ -32,7 +32,40 @@ def _conventions(args) -> dict:
     return {"fpr_mode": args.fpr_mode, "ap_mode": args.ap_mode}
 
 
+def _init_distributed(args) -> bool:
+    """--distributed: join the process group torchrun describes in the environment
+    (gloo on the CPU, nccl for --device cuda). Returns True when this call created it."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    if not args.distributed or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise ValueError("--distributed: this torch build has no torch.distributed")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("--distributed needs a launcher that sets RANK / WORLD_SIZE / MASTER_ADDR, e.g. "
+                         "torchrun --nproc_per_node=N -m anomfast eval --distributed ...")
+    backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return True
+
+
 def _cmd_eval(args) -> int:
+    import torch.distributed as dist
+    created = _init_distributed(args)
+    try:
+        return _eval(args)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _eval(args) -> int:
+    import torch.distributed as dist
+
     from .grid import grid_from_config, load_grid
     from .methods import resolve
     from .report import write_report
@@ -59,7 +92,13 @@ def _cmd_eval(args) -> int:
         from .demo import build_demo
         print("anomfast: no data given, running the built-in demo (digits scenes, Fishyscapes Static protocol)",
               file=sys.stderr)
-        root = build_demo(args.cache, progress=lambda s: print(f"  demo: {s}", file=sys.stderr))
+        dist_on = dist.is_available() and dist.is_initialized()
+        if not dist_on or dist.get_rank() == 0:  # one rank builds the cache, the others wait, then read it
+            root = build_demo(args.cache, progress=lambda s: print(f"  demo: {s}", file=sys.stderr))
+        if dist_on:
+            dist.barrier()
+            if dist.get_rank() != 0:
+                root = build_demo(args.cache)
         grid = load_grid(Path(root) / "grid.toml")
         methods = methods or DEMO_METHODS
         notes.append("Built-in demo: scenes of scikit-learn's real digits; networks trained on digits 0-4, "
@@ -76,7 +115,6 @@ def _cmd_eval(args) -> int:
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
                         distributed=args.distributed)
     run["notes"] = notes
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
     write_report(run, Path(args.out), _conventions(args), plots=not args.no_plots)

@@ -135,6 +135,20 @@ def test_sml_fit_matches_reference_and_roundtrips(rng, tmp_path):
     np.testing.assert_array_equal(st2.std, st.std)
 
 
+def test_sml_fit_bit_identical_for_any_thread_count(rng):
+    """Float sums are added in a fixed order (groups of tiles), so the fitted statistics
+    do not depend on the number of threads (several groups: 1536 tiles)."""
+    x = random_logits(rng, 2, 5, 48, 1024)
+    sums = []
+    for threads in (1, 2, 3):
+        st = anomfast.fit_sml(x, num_threads=threads)
+        sums.append((st.count, st.mean, st.std))
+    for c, m, s in sums[1:]:
+        np.testing.assert_array_equal(c, sums[0][0])
+        np.testing.assert_array_equal(m, sums[0][1])
+        np.testing.assert_array_equal(s, sums[0][2])
+
+
 def test_sml_missing_class_error_or_documented_fallback():
     x = torch.zeros(1, 3, 2, 2)
     x[0, 0] = torch.tensor([[5.0, 6.0], [7.0, 8.0]])  # class 0 always predicted

@@ -638,9 +638,16 @@ void fit_impl(const FitArgs& a) {
   double* sum = reinterpret_cast<double*>(a.sum_ptr);
   double* sumsq = reinterpret_cast<double*>(a.sumsq_ptr);
   int64_t* counters = reinterpret_cast<int64_t*>(a.counters_ptr);
+  // Floating-point sums depend on their order: each fixed group of FIT_GROUP tiles is
+  // summed in tile order into its own slot, and the slots are added in group order
+  // after the parallel loop, so the statistics are bit-identical for any thread count
+  // and schedule (counts are integers and need no such care).
+  constexpr int64_t FIT_GROUP = 256;
+  const int64_t n_groups = (n_tiles + FIT_GROUP - 1) / FIT_GROUP;
+  std::vector<double> gsum((size_t)(n_groups * C), 0.0), gsq((size_t)(n_groups * C), 0.0);
 #if defined(_OPENMP)
   int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-  nt = (int)std::max<int64_t>(1, std::min<int64_t>(nt, n_tiles));
+  nt = (int)std::max<int64_t>(1, std::min<int64_t>(nt, n_groups));
 #pragma omp parallel num_threads(nt)
 #endif
   {
@@ -648,48 +655,53 @@ void fit_impl(const FitArgs& a) {
     int8_t cls[TILE];
     TileState st;
     std::vector<int64_t> lc((size_t)C, 0);
-    std::vector<double> ls((size_t)C, 0.0), lq((size_t)C, 0.0);
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
-    for (int64_t t = 0; t < n_tiles; ++t) {
-      const int64_t w0 = (t % nW) * TILE;
-      const int64_t bh = t / nW;
-      const int64_t b = bh / a.H, h = bh % a.H;
-      const int n = (int)std::min<int64_t>(TILE, a.W - w0);
-      int64_t cs = TILE;
-      const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
-                                        buf.data(), cs);
-      tile_sums(rows, cs, C, false, false, false, false, 1.0f, 0.0f, st);
-      if (yp) {
-        label_tile(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w0 * a.ys_w, a.ys_w, n, lut, a.lut_offset,
-                   a.lut_len, cls);
-      } else {
-        for (int i = 0; i < n; ++i) cls[i] = LABEL_NORMAL;
-      }
-      for (int i = 0; i < n; ++i) {
-        if (cls[i] == LABEL_INVALID) { ++cnt[CNT_INVALID]; continue; }
-        if (cls[i] != LABEL_NORMAL) { ++cnt[CNT_VOID]; continue; }
-        if (st.bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
-        const int32_t k = st.k[i];
-        const double m = st.m[i];
-        lc[k] += 1;
-        ls[k] += m;
-        lq[k] += m * m;
-        ++cnt[CNT_BINNED];
+    for (int64_t g = 0; g < n_groups; ++g) {
+      double* ls = gsum.data() + g * C;
+      double* lq = gsq.data() + g * C;
+      for (int64_t t = g * FIT_GROUP; t < std::min(n_tiles, (g + 1) * FIT_GROUP); ++t) {
+        const int64_t w0 = (t % nW) * TILE;
+        const int64_t bh = t / nW;
+        const int64_t b = bh / a.H, h = bh % a.H;
+        const int n = (int)std::min<int64_t>(TILE, a.W - w0);
+        int64_t cs = TILE;
+        const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
+                                          buf.data(), cs);
+        tile_sums(rows, cs, C, false, false, false, false, 1.0f, 0.0f, st);
+        if (yp) {
+          label_tile(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w0 * a.ys_w, a.ys_w, n, lut, a.lut_offset,
+                     a.lut_len, cls);
+        } else {
+          for (int i = 0; i < n; ++i) cls[i] = LABEL_NORMAL;
+        }
+        for (int i = 0; i < n; ++i) {
+          if (cls[i] == LABEL_INVALID) { ++cnt[CNT_INVALID]; continue; }
+          if (cls[i] != LABEL_NORMAL) { ++cnt[CNT_VOID]; continue; }
+          if (st.bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
+          const int32_t k = st.k[i];
+          const double m = st.m[i];
+          lc[k] += 1;
+          ls[k] += m;
+          lq[k] += m * m;
+          ++cnt[CNT_BINNED];
+        }
       }
     }
 #if defined(_OPENMP)
 #pragma omp critical(anomfast_fit_reduce)
 #endif
     {
-      for (int64_t c = 0; c < C; ++c) {
-        count[c] += lc[c];
-        sum[c] += ls[c];
-        sumsq[c] += lq[c];
-      }
+      for (int64_t c = 0; c < C; ++c) count[c] += lc[c];
       for (int q = 0; q < N_COUNTERS; ++q) counters[q] += cnt[q];
+    }
+  }
+  for (int64_t g = 0; g < n_groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      sum[c] += gsum[g * C + c];
+      sumsq[c] += gsq[g * C + c];
     }
   }
 }
