@@ -1,7 +1,13 @@
 """Loads the compiled cores. The CPU core always exists; the CUDA core is optional."""
 from __future__ import annotations
 
-from . import _C  # noqa: F401  (built by CMake; see CMakeLists.txt)
+import os
+
+if os.environ.get("ANOMFAST_CPU_ISA", "avx512") not in ("baseline", "avx2", "avx512"):
+    raise ImportError(f"ANOMFAST_CPU_ISA={os.environ['ANOMFAST_CPU_ISA']!r}: expected baseline, avx2 or avx512 "
+                      "(a cap on the CPU core's instruction set; unset: the widest this CPU runs)")
+
+from . import _C  # noqa: E402  (built by CMake; see CMakeLists.txt)
 
 try:  # built only when CMake found a CUDA compiler
     from . import _C_cuda  # type: ignore[attr-defined]

@@ -136,6 +136,28 @@ def test_histogram_flush_both_modes(rng, pixels, threads):
             assert torch.equal(hist[j, row], want), f"{m} label {lab}"
 
 
+@pytest.mark.parametrize("pixels", [1500, 70000])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_histogram_counts_past_a_byte(rng, pixels, threads):
+    """The core keeps the low byte of each private count apart from the rest and carries
+    256 at a time; bins hit hundreds to thousands of times in one call, in small calls
+    (bins flushed one by one) and large ones (flushed by blocks), count exactly."""
+    methods = ["max_logit", "msp", "energy", "entropy"]
+    spec = resolve(methods)
+    x = random_logits(rng, 1, 3, 1, pixels, scale=20.0)
+    x[..., : 3 * pixels // 4] = x[..., :1]        # 3/4 of the pixels: one bin per method
+    y = random_labels(rng, 1, 1, pixels, p_anomaly=0.3)
+    hist = _fused.new_histogram(len(methods), "cpu")
+    for _ in range(2):                             # the second call adds onto the first
+        hist, _, maps = _fused.fused_pass(x, y, spec, hist=hist, want_maps=True, num_threads=threads)
+    for j, m in enumerate(methods):
+        idx = reference.bin_index(maps[j])
+        for row, lab in ((0, 0), (1, 1)):
+            want = 2 * torch.bincount(idx[y == lab].flatten(), minlength=binning.NBINS)
+            assert int(want.max()) > 2 * 256, "the test must overflow a byte within one call"
+            assert torch.equal(hist[j, row], want), f"{m} label {lab}"
+
+
 def test_binning_rules_agree(rng):
     """Bit-twiddling rule (NumPy mirror of binning.h) == frexp-based reference rule,
     on values spanning every octave, signs, zeros, tiny and huge values, inf."""
@@ -265,3 +287,68 @@ def test_real_digits_scores(digits):
     y = digits["labels"].bool()
     for m in ["max_logit", "msp", "energy"]:
         assert maps[m][y].mean() > maps[m][~y].mean(), m
+
+
+_ISA_SCRIPT = r"""
+import sys, numpy as np, torch, anomfast
+from anomfast import _fused
+from anomfast.methods import resolve
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+x = torch.randn(2, 19, 33, 150, generator=g) * 4
+x[:, :, :, :40] = x[:, :, :, :1]                     # repeated scores
+x[0, :, 5, 7] = float("nan")
+y = torch.randint(0, 3, (2, 33, 150), generator=g).to(torch.uint8)
+y[y == 2] = 255
+st = anomfast.fit_sml(x[1:])
+spec = resolve(["max_logit", "msp", "energy", "sml", "entropy", "gen"], sml=st, temperature=1.3)
+hist, counters, maps = _fused.fused_pass(x, y, spec, want_maps=True)
+np.savez(sys.argv[2], hist=hist.numpy(), counters=counters.numpy(), maps=maps.numpy(),
+         sml_sum=np.asarray(st.sum), isa=anomfast.build_info()["cpu_isa"])
+"""
+
+
+def test_cpu_isa_builds_agree(rng, tmp_path):
+    """The AVX-512 and AVX2 builds of the core (ANOMFAST_CPU_ISA caps the dispatch) give
+    bit-identical score maps, histograms, counters and SML sums: same arithmetic, FMA
+    contraction in both, only the vector width differs. The baseline build has no FMA,
+    so its scores may differ in the last bits (a few pixels change bins); it must agree
+    within float32 rounding and count the same pixels."""
+    import os
+    import subprocess
+    import sys
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+    script = tmp_path / "isa.py"
+    script.write_text(_ISA_SCRIPT)
+    runs = {}
+    for isa in ("baseline", "avx2", "avx512"):
+        out = tmp_path / f"{isa}.npz"
+        env = dict(os.environ, ANOMFAST_CPU_ISA=isa)
+        r = subprocess.run([sys.executable, str(script), str(seed), str(out)], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        with np.load(out) as z:
+            runs[isa] = {k: z[k] for k in z.files}
+    assert str(runs["baseline"]["isa"]) == "baseline"
+    if str(runs["avx512"]["isa"]) == "avx512":
+        assert str(runs["avx2"]["isa"]) == "avx2+fma"
+        for k in ("hist", "counters", "maps", "sml_sum"):
+            np.testing.assert_array_equal(runs["avx512"][k], runs["avx2"][k], err_msg=k)
+    elif str(runs["avx2"]["isa"]) != "avx2+fma":
+        pytest.skip("this CPU runs neither the AVX2 nor the AVX-512 build")
+    base, fast = runs["baseline"], runs["avx2"]
+    np.testing.assert_array_equal(base["counters"], fast["counters"])
+    np.testing.assert_array_equal(base["hist"].sum(axis=-1), fast["hist"].sum(axis=-1))
+    ok = np.isfinite(base["maps"])
+    np.testing.assert_array_equal(ok, np.isfinite(fast["maps"]))
+    np.testing.assert_allclose(fast["maps"][ok], base["maps"][ok], rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(fast["sml_sum"], base["sml_sum"], rtol=1e-12)
+
+
+def test_bad_cpu_isa_value_is_a_clear_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, ANOMFAST_CPU_ISA="sse9")
+    r = subprocess.run([sys.executable, "-c", "import anomfast"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "ANOMFAST_CPU_ISA='sse9'" in r.stderr

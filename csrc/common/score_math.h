@@ -69,24 +69,47 @@ ANOMFAST_HD float half_to_float(uint16_t h) {
 }
 ANOMFAST_HD float bf16_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
 
-// exp(x). Inputs below -87.3 give 0 (they only appear as e_c = exp(l_c - m) of
-// negligible classes), above 88.7 are clamped.
-ANOMFAST_HD float fast_exp(float x) {
-  x = x < -87.33654f ? -87.33654f : x;
-  x = x > 88.72283f ? 88.72283f : x;
-  // round(x / ln2) with the 1.5 * 2^23 trick (no floor call, vectorizes on SSE2)
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+// exp's range reduction: t = x / ln2 + 1.5 * 2^23 rounds x / ln2 to the nearest
+// integer n = t - 1.5 * 2^23 (no floor call, vectorizes on SSE2); while |n| < 2^22 the
+// low mantissa bits of t hold n itself.
+constexpr float EXP_ROUND = 12582912.0f;  // 1.5 * 2^23
+ANOMFAST_HD float exp_round(float x) { return x * 1.44269504088896341f + EXP_ROUND; }
+
+// exp(x - n ln2), |x - n ln2| <= ln2 / 2: the polynomial part of exp
+ANOMFAST_HD float exp_reduced(float x, float n) {
   float r = x - n * 0.693359375f;
   r = r - n * (-2.12194440e-4f);
   float z = r * r;
   float p = ((((1.9875691500E-4f * r + 1.3981999507E-3f) * r + 8.3334519073E-3f) * r +
               4.1665795894E-2f) * r + 1.6666665459E-1f) * r + 5.0000001201E-1f;
-  p = p * z + r + 1.0f;
+  return p * z + r + 1.0f;
+}
+
+// exp(x). Inputs below -87.3 give 0 (they only appear as e_c = exp(l_c - m) of
+// negligible classes), above 88.7 are clamped.
+ANOMFAST_HD float fast_exp(float x) {
+  x = x < -87.33654f ? -87.33654f : x;
+  x = x > 88.72283f ? 88.72283f : x;
+  float n = exp_round(x) - EXP_ROUND;
+  float p = exp_reduced(x, n);
   int32_t ni = (int32_t)n;
   // 2^n built in two halves so n = -126 .. 128 never overflows the exponent field
   int32_t n1 = ni >> 1, n2 = ni - n1;
   float s1 = u2f((uint32_t)(n1 + 127) << 23), s2 = u2f((uint32_t)(n2 + 127) << 23);
   float out = p * s1 * s2;
+  return x <= -87.33654f ? 0.0f : out;
+}
+
+// fast_exp(x) for x <= 0 (and NaN), bit for bit (checked on every such float32, with
+// and without FMA contraction), in fewer operations: the hot loops' exp(l_c - m). Here
+// n = -126 .. 0, so 2^n is one float, read straight off the bits of t (no float -> int
+// conversion, no upper clamp), and p * 2^n rounds once like p * s1 * s2 (p * s1 is
+// exact). The CPU msp pass got ~15% faster with it.
+ANOMFAST_HD float fast_exp_nonpos(float x) {
+  float xc = x < -87.33654f ? -87.33654f : x;  // keeps n >= -126; such x give 0 below
+  float t = exp_round(xc);
+  float p = exp_reduced(xc, t - EXP_ROUND);
+  float out = p * u2f((f2u(t) + 127u) << 23);  // (n + 127) << 23: the bits above 9 shift out
   return x <= -87.33654f ? 0.0f : out;
 }
 

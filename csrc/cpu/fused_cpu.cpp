@@ -7,14 +7,22 @@
 // input layout (NCHW, channels-last, any strides) and dtype. The tile buffer lives
 // in L1; each logit is read from memory once.
 //
-// Histograms: each OpenMP thread counts into a private uint32 copy (mmap'ed, so only
-// the pages it touches are ever backed; kept for the thread's lifetime). It remembers
-// the first TOUCHED_CAP distinct bins it touches and marks which 1024-bin blocks it
-// touched; at the end it adds into the shared int64 histograms only the remembered
-// bins (small calls: cost independent of the histogram size) or, past the cap, only
-// the touched blocks. A thread
-// flushes early after 2^31 pixels, so the uint32 counts cannot overflow. Integer
-// sums make the result independent of the thread count and of the tile order.
+// Histograms: each OpenMP thread counts into a private copy (mmap'ed, so only the
+// pages it touches are ever backed; kept for the thread's lifetime), indexed flat as
+// the shared (methods, 2, NBINS) histograms. A count is split in two arrays: its low
+// byte in `low`, the carries (multiples of 256) in a uint32 array: the randomly
+// addressed increments touch only `low`, 4x smaller, so more of it stays in cache.
+// The tiles' bin indices are buffered and counted in bursts (see qbuf). A thread
+// remembers the first TOUCHED_CAP distinct bins it touches and marks which 1024-bin
+// blocks it touched; at the end it adds into the shared int64 histograms only the
+// remembered bins (small calls: cost independent of the histogram size) or, past the
+// cap, the touched blocks: then all threads meet and each sums a share of the blocks
+// over every thread's copy, with plain vector adds (per-bin atomics on the shared
+// histograms cost more than the counting itself). Past the cap, the counting loop's
+// only branch is the rare carry: skipped pixels (void, invalid label, non-finite)
+// count into a trash slot after the histograms, never added. A thread flushes early
+// after 2^31 pixels, so the counts cannot overflow. Integer sums make the result
+// independent of the thread count and of the tile order.
 //
 // HEAT needs 3x3 neighbourhoods of the softmax: its tiles also load the rows above
 // and below and one column either side (see heat_tile), so it runs on the true
@@ -51,9 +59,10 @@ namespace {
 
 constexpr int TILE = 64;
 constexpr int BLOCK_SHIFT = 10;  // dirty-tracking granularity: 1024 bins = one 4 KiB page of uint32
-constexpr int64_t NBLOCKS = (NBINS + (1 << BLOCK_SHIFT) - 1) >> BLOCK_SHIFT;
 constexpr uint64_t FLUSH_EVERY = 1ull << 31;
 constexpr int TOUCHED_CAP = 4096;  // distinct bins remembered per thread before falling back to blocks
+constexpr int BURST_TILES = 16;    // tiles whose counts are added to the private histograms at once
+constexpr int QCAP = BURST_TILES * TILE;
 
 // Zero-initialised scratch memory whose untouched pages cost nothing.
 class Scratch {
@@ -83,6 +92,14 @@ class Scratch {
   size_t bytes_;
   void* ptr_ = nullptr;
 };
+
+inline int thread_id() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 // Per-thread private histogram memory, kept between calls (OpenMP pool threads live
 // on), so its pages are faulted in once, not on every call. Invariant: all zero
@@ -148,22 +165,31 @@ inline const float* tile_rows(const void* lp, int64_t C, int64_t base, int64_t l
   return buf;
 }
 
-inline int64_t load_label(const void* yp, int32_t dt, int64_t off) {
-  switch (dt) {
-    case U8: return static_cast<const uint8_t*>(yp)[off];
-    case I8: return static_cast<const int8_t*>(yp)[off];
-    case BOOL: return static_cast<const uint8_t*>(yp)[off] ? 1 : 0;
-    case I16: return static_cast<const int16_t*>(yp)[off];
-    case I32: return static_cast<const int32_t*>(yp)[off];
-    default: return static_cast<const int64_t*>(yp)[off];
+// Label values -> LabelClass through the LUT; one loop per label dtype, so the
+// per-pixel work is a load, a range check and the LUT read.
+template <typename T>
+inline void label_tile_t(const T* y, int64_t ys_w, int n, const int8_t* lut, int64_t lut_offset, int64_t lut_len,
+                         int8_t* cls) {
+  for (int i = 0; i < n; ++i) {
+    const int64_t v = (int64_t)y[i * ys_w] - lut_offset;
+    cls[i] = (v >= 0 && v < lut_len) ? lut[v] : (int8_t)LABEL_INVALID;
   }
 }
 
 inline void label_tile(const void* yp, int32_t dt, int64_t base, int64_t ys_w, int n,
                        const int8_t* lut, int64_t lut_offset, int64_t lut_len, int8_t* cls) {
-  for (int i = 0; i < n; ++i) {
-    int64_t v = load_label(yp, dt, base + i * ys_w) - lut_offset;
-    cls[i] = (v >= 0 && v < lut_len) ? lut[v] : (int8_t)LABEL_INVALID;
+  switch (dt) {
+    case U8: return label_tile_t(static_cast<const uint8_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
+    case I8: return label_tile_t(static_cast<const int8_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
+    case BOOL: {  // any nonzero byte is true
+      int8_t v[TILE];
+      const uint8_t* y = static_cast<const uint8_t*>(yp) + base;
+      for (int i = 0; i < n; ++i) v[i] = y[i * ys_w] ? 1 : 0;
+      return label_tile_t(v, 1, n, lut, lut_offset, lut_len, cls);
+    }
+    case I16: return label_tile_t(static_cast<const int16_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
+    case I32: return label_tile_t(static_cast<const int32_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
+    default: return label_tile_t(static_cast<const int64_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
   }
 }
 
@@ -219,13 +245,13 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
 #pragma omp simd
           for (int i = 0; i < V; ++i) {
             const float d = row[i] - mv[i];
-            const float e = fast_exp(d);
+            const float e = fast_exp_nonpos(d);
             s1[i] += (float)(c != kv[i]) * e;
             sx[i] += e * d;
           }
         } else {
 #pragma omp simd
-          for (int i = 0; i < V; ++i) s1[i] += (float)(c != kv[i]) * fast_exp(row[i] - mv[i]);
+          for (int i = 0; i < V; ++i) s1[i] += (float)(c != kv[i]) * fast_exp_nonpos(row[i] - mv[i]);
         }
       }
 #pragma omp simd
@@ -241,7 +267,7 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
       for (int32_t c = 0; c < Ci; ++c) {
         const float* row = buf + c * cs + i0;
 #pragma omp simd
-        for (int i = 0; i < V; ++i) sT[i] += fast_exp((row[i] - mv[i]) * inv_t);
+        for (int i = 0; i < V; ++i) sT[i] += fast_exp_nonpos((row[i] - mv[i]) * inv_t);  // T > 0
       }
 #pragma omp simd
       for (int i = 0; i < V; ++i) st.sT[i0 + i] = sT[i];
@@ -506,22 +532,43 @@ void fused_impl(const FusedArgs& a) {
   int ext_slot[MAX_METHODS];  // which ext map each EXTERNAL method reads (order of appearance)
   for (int j = 0, e = 0; j < M; ++j) ext_slot[j] = a.methods[j] == EXTERNAL ? e++ : -1;
   int err = 0;
+  // flat private histograms: (methods, 2, NBINS) like hist, then the trash slot
+  const int64_t trash = with_hist ? (int64_t)M * 2 * NBINS : 0;
+  const int64_t n_blocks = (trash >> BLOCK_SHIFT) + 1;
+  int any_blocks = 0;  // some thread flushes by dirty blocks: the shared reduction runs
 
 #if defined(_OPENMP)
   int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
   nt = (int)std::max<int64_t>(1, std::min<int64_t>(nt, n_tiles));
+  const int chunk = (int)std::max<int64_t>(16, std::min<int64_t>(64, n_tiles / (8 * nt)));
+#else
+  const int nt = 1;
+#endif
+  std::vector<uint32_t*> all_priv((size_t)nt, nullptr);  // every thread's copy, for the reduction
+  std::vector<uint8_t*> all_lo((size_t)nt, nullptr);
+  std::vector<uint8_t*> all_dirty((size_t)nt, nullptr), all_wrapped((size_t)nt, nullptr);
+#if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)
 #endif
   {
     std::vector<float> buf((size_t)C * TILE);
     int8_t cls[TILE];
-    int32_t idx[MAX_METHODS][TILE];
+    // Counts wait in qbuf (per method: flat slots in priv, one per pixel) and are added
+    // in bursts of BURST_TILES tiles: interleaved tile by tile with the streaming reads
+    // of the logits, the scattered increments miss the caches far more often (bursts
+    // made the 4-method pass 15% faster on Zen 4).
+    std::unique_ptr<int32_t[]> qbuf(new int32_t[(size_t)M * QCAP]);  // uninitialized: written before read
+    int nq = 0;  // pixels waiting in qbuf
     TileState st;
     std::unique_ptr<HeatBuf> hb(fl.heat ? new HeatBuf(C) : nullptr);
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
-    const size_t scratch_bins = with_hist ? (size_t)M * 2 * NBINS : 0;
-    uint32_t* priv = with_hist ? thread_scratch(scratch_bins * sizeof(uint32_t)) : nullptr;
-    std::vector<uint8_t> dirty(with_hist ? (size_t)M * 2 * NBLOCKS : 0, 0);
+    // private counts, flat histograms then the trash slot: the low byte of each in low
+    // (the hot, 4x smaller array; 11% faster than whole uint32 counts), the carries in priv
+    const size_t n_slots = (size_t)(trash + 1), lo_bytes = (n_slots + 63) & ~(size_t)63;
+    uint8_t* low = with_hist ? reinterpret_cast<uint8_t*>(thread_scratch(lo_bytes + n_slots * sizeof(uint32_t))) : nullptr;
+    uint32_t* priv = low ? reinterpret_cast<uint32_t*>(low + lo_bytes) : nullptr;
+    std::vector<uint8_t> dirty(with_hist ? (size_t)n_blocks : 0, 0);
+    std::vector<uint8_t> wrapped(dirty.size(), 0);  // blocks where priv is nonzero (low wrapped)
     std::vector<int64_t> touched(with_hist ? TOUCHED_CAP : 0);
     int n_touched = 0;  // > TOUCHED_CAP: too many to remember, flush by dirty blocks
     uint64_t since_flush = 0;
@@ -529,42 +576,89 @@ void fused_impl(const FusedArgs& a) {
 #pragma omp atomic write
       err = 1;
     }
+    const int tid = thread_id();
+    all_priv[tid] = priv;
+    all_lo[tid] = low;
+    all_dirty[tid] = dirty.data();
+    all_wrapped[tid] = wrapped.data();
 
+    // Adds this thread's counts into hist by itself (per-bin atomics: other threads may
+    // be counting or flushing): the remembered bins, or every nonzero bin of its dirty
+    // blocks. Used at the end for small calls and for the early flush of long ones.
     auto flush = [&]() {
       if (n_touched <= TOUCHED_CAP) {
         for (int k = 0; k < n_touched; ++k) {
           const int64_t q = touched[k];
 #pragma omp atomic
-          hist[q] += (int64_t)priv[q];
+          hist[q] += (int64_t)priv[q] + low[q];
           priv[q] = 0;
+          low[q] = 0;
         }
         std::fill(dirty.begin(), dirty.end(), 0);
-        n_touched = 0;
-        since_flush = 0;
-        return;
-      }
-      for (int64_t h = 0; h < (int64_t)M * 2; ++h) {
-        for (int64_t blk = 0; blk < NBLOCKS; ++blk) {
-          if (!dirty[h * NBLOCKS + blk]) continue;
-          dirty[h * NBLOCKS + blk] = 0;
-          const int64_t lo = blk << BLOCK_SHIFT, hi = std::min<int64_t>(NBINS, lo + (1 << BLOCK_SHIFT));
-          uint32_t* p = priv + h * NBINS;
-          int64_t* g = hist + h * NBINS;
-          for (int64_t bi = lo; bi < hi; ++bi) {
-            if (p[bi]) {
+        std::fill(wrapped.begin(), wrapped.end(), 0);
+      } else {
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+          if (!dirty[blk]) continue;
+          dirty[blk] = wrapped[blk] = 0;
+          const int64_t lo = blk << BLOCK_SHIFT, hi = std::min<int64_t>(trash, lo + (1 << BLOCK_SHIFT));
+          for (int64_t q = lo; q < hi; ++q) {
+            if (priv[q] | low[q]) {
 #pragma omp atomic
-              g[bi] += (int64_t)p[bi];
-              p[bi] = 0;
+              hist[q] += (int64_t)priv[q] + low[q];
+              priv[q] = 0;
+              low[q] = 0;
             }
           }
         }
       }
+      priv[trash] = 0;
+      low[trash] = 0;
       n_touched = 0;
       since_flush = 0;
     };
 
+    // Adds the waiting counts to low (and the carries to priv).
+    auto burst = [&]() {
+      if (n_touched > TOUCHED_CAP) {
+        for (int j = 0; j < M; ++j) {
+          const int32_t* q = qbuf.get() + (size_t)j * QCAP;
+          for (int i = 0; i < nq; ++i) {
+            if (++low[q[i]] == 0) {  // 1 in 256 or fewer: the branch is predicted
+              priv[q[i]] += 256;
+              wrapped[q[i] >> BLOCK_SHIFT] = 1;
+            }
+            dirty[q[i] >> BLOCK_SHIFT] = 1;
+          }
+        }
+      } else {
+        for (int j = 0; j < M; ++j) {
+          const int32_t* q = qbuf.get() + (size_t)j * QCAP;
+          for (int i = 0; i < nq; ++i) {
+            if (q[i] == (int32_t)trash) continue;
+            const uint8_t was = low[q[i]]++;
+            if (was == 255) {
+              priv[q[i]] += 256;
+              wrapped[q[i] >> BLOCK_SHIFT] = 1;
+            }
+            if (was == 0 && priv[q[i]] == 0 && n_touched <= TOUCHED_CAP) {
+              if (n_touched < TOUCHED_CAP) touched[n_touched] = q[i];
+              ++n_touched;
+            }
+            dirty[q[i] >> BLOCK_SHIFT] = 1;
+          }
+        }
+      }
+      since_flush += (uint64_t)nq;
+      nq = 0;
+      if (since_flush >= FLUSH_EVERY) flush();
+    };
+
+    // Chunks of up to 64 tiles: each class row is then read as a 16 KiB sequential
+    // stream, long enough for the hardware prefetcher to ramp up (16-tile chunks, one
+    // 4 KiB page per stream, were ~4% slower); at least 8 chunks per thread when the
+    // call has tiles enough.
 #if defined(_OPENMP)
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, chunk)
 #endif
     for (int64_t t = 0; t < n_tiles; ++t) {
       if (with_hist && !priv) continue;
@@ -581,42 +675,102 @@ void fused_impl(const FusedArgs& a) {
 
       for (int j = 0; j < M; ++j) {
         float* out_map = maps ? maps + j * map_stride + px : nullptr;
+        int32_t* out_idx = qbuf.get() + (size_t)j * QCAP + nq;
         switch (a.methods[j]) {
-          case HEAT: given_coord_loop(hb->val, n, st, idx[j], out_map); break;
-          case EXTERNAL: given_coord_loop(ext + ext_slot[j] * map_stride + px, n, st, idx[j], out_map); break;
-          case MAX_LOGIT: coord_loop<MAX_LOGIT>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
-          case MSP: coord_loop<MSP>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
-          case ENERGY: coord_loop<ENERGY>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
-          case SML: coord_loop<SML>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
-          case ENTROPY: coord_loop<ENTROPY>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
-          default: coord_loop<GEN>(st, n, a, sml_mean, sml_inv, inv_log_c, idx[j], out_map); break;
+          case HEAT: given_coord_loop(hb->val, n, st, out_idx, out_map); break;
+          case EXTERNAL: given_coord_loop(ext + ext_slot[j] * map_stride + px, n, st, out_idx, out_map); break;
+          case MAX_LOGIT: coord_loop<MAX_LOGIT>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
+          case MSP: coord_loop<MSP>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
+          case ENERGY: coord_loop<ENERGY>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
+          case SML: coord_loop<SML>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
+          case ENTROPY: coord_loop<ENTROPY>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
+          default: coord_loop<GEN>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
         }
       }
       if (!with_hist) continue;
 
       label_tile(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w0 * a.ys_w, a.ys_w, n, lut, a.lut_offset,
                  a.lut_len, cls);
+      // where each pixel's count goes: its label's row of method 0, or -1 (skipped)
+      int32_t row[TILE];
+      int32_t n_void = 0, n_invalid = 0, n_nonfinite = 0;
       for (int i = 0; i < n; ++i) {
-        const int8_t c = cls[i];
-        if (c == LABEL_VOID) { ++cnt[CNT_VOID]; continue; }
-        if (c == LABEL_INVALID) { ++cnt[CNT_INVALID]; continue; }
-        if (st.bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
-        ++cnt[CNT_BINNED];
-        for (int j = 0; j < M; ++j) {
-          const int64_t h2 = (int64_t)j * 2 + c;
-          const int32_t bi = idx[j][i];
-          const int64_t q = h2 * NBINS + bi;
-          if (priv[q]++ == 0 && n_touched <= TOUCHED_CAP) {
-            if (n_touched < TOUCHED_CAP) touched[n_touched] = q;
-            ++n_touched;
-          }
-          dirty[h2 * NBLOCKS + (bi >> BLOCK_SHIFT)] = 1;
-        }
+        // bitwise, not &&: no branches, so the loop vectorizes (integer sums: no pragma needed)
+        const int32_t c = cls[i], bad = st.bad[i];
+        const int32_t labelled = (int32_t)(c == LABEL_NORMAL) | (int32_t)(c == LABEL_ANOMALY);
+        n_void += (int32_t)(c == LABEL_VOID);
+        n_invalid += (int32_t)(c == LABEL_INVALID);
+        n_nonfinite += labelled & bad;
+        row[i] = (labelled & (bad ^ 1)) ? c * (int32_t)NBINS : -1;
       }
-      since_flush += (uint64_t)n;
-      if (since_flush >= FLUSH_EVERY) flush();
+      cnt[CNT_VOID] += n_void;
+      cnt[CNT_INVALID] += n_invalid;
+      cnt[CNT_NONFINITE] += n_nonfinite;
+      cnt[CNT_BINNED] += n - n_void - n_invalid - n_nonfinite;
+      for (int j = 0; j < M; ++j) {
+        const int32_t hj = j * 2 * (int32_t)NBINS;
+        int32_t* q = qbuf.get() + (size_t)j * QCAP + nq;
+#pragma omp simd
+        for (int i = 0; i < n; ++i) q[i] = row[i] >= 0 ? hj + row[i] + q[i] : (int32_t)trash;
+      }
+      nq += n;
+      if (nq + TILE > QCAP) burst();
     }
-    if (with_hist && priv) flush();
+    if (with_hist) {
+      if (priv) burst();
+      // Threads past the cap leave their counts for the shared block reduction below;
+      // the others flush theirs first (their atomics must not meet its plain adds).
+      if (priv && n_touched <= TOUCHED_CAP) flush();
+      if (priv && n_touched > TOUCHED_CAP) {
+#pragma omp atomic write
+        any_blocks = 1;
+      }
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+      int blocks_pending = 0;
+#pragma omp atomic read
+      blocks_pending = any_blocks;
+      if (blocks_pending) {
+        // every block of hist is written by one thread, from every thread's copy
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+          const int64_t lo = blk << BLOCK_SHIFT, hi = std::min<int64_t>(trash, lo + (1 << BLOCK_SHIFT));
+          for (int t = 0; t < nt; ++t) {
+            if (!all_priv[t] || !all_dirty[t][blk]) continue;
+            all_dirty[t][blk] = 0;
+            uint8_t* p8 = all_lo[t];
+            if (all_wrapped[t][blk]) {
+              all_wrapped[t][blk] = 0;
+              uint32_t* p = all_priv[t];
+#pragma omp simd
+              for (int64_t q = lo; q < hi; ++q) {
+                hist[q] += (int64_t)p[q] + p8[q];
+                p[q] = 0;
+                p8[q] = 0;
+              }
+            } else {
+              // priv is all zero here: leave its 4 KiB alone; and hist's cache lines
+              // alone where 64 bins in a row are empty (sparse blocks of smaller calls)
+              for (int64_t g0 = lo; g0 < hi; g0 += 64) {
+                const int64_t g1 = std::min<int64_t>(hi, g0 + 64);
+                uint8_t any = 0;
+                for (int64_t q = g0; q < g1; ++q) any |= p8[q];
+                if (!any) continue;
+#pragma omp simd
+                for (int64_t q = g0; q < g1; ++q) {
+                  hist[q] += (int64_t)p8[q];
+                  p8[q] = 0;
+                }
+              }
+            }
+          }
+        }
+        if (priv) priv[trash] = low[trash] = 0;
+      }
+    }
     for (int q = 0; q < N_COUNTERS; ++q) {
 #if defined(_OPENMP)
 #pragma omp atomic
