@@ -34,6 +34,19 @@ def reference_histograms(x, y, stats, methods=METHODS4):
     return out
 
 
+def best_of(fn, repeat):
+    """Best wall time of `repeat` calls after one warm-up call (thread pool, page faults
+    of the histogram scratch)."""
+    import time
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def read_bandwidth_gbs(nbytes=512 * 2**20, repeat=5):
     """Memory read bandwidth of this machine, measured now: a float32 sum over a buffer
     much larger than the caches, all threads torch uses (best of `repeat`)."""

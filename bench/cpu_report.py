@@ -18,17 +18,7 @@ import anomfast  # noqa: E402
 from anomfast import _fused  # noqa: E402
 from anomfast.methods import resolve  # noqa: E402
 
-from common import METHODS4, check_against_reference, fit_stats, make_inputs, read_bandwidth_gbs, reference_histograms  # noqa: E402
-
-
-def best_of(fn, repeat):
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from common import METHODS4, best_of, check_against_reference, fit_stats, make_inputs, read_bandwidth_gbs, reference_histograms  # noqa: E402
 
 
 def main():

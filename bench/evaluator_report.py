@@ -20,20 +20,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import anomfast  # noqa: E402
 from anomfast.tm import AnomalyMetrics  # noqa: E402
 
-from common import METHODS4, TorchmetricsJob, fit_stats, make_inputs  # noqa: E402
+from common import METHODS4, TorchmetricsJob, best_of, fit_stats, make_inputs  # noqa: E402
 
 N_BATCHES = 4
 TINY = (1, 19, 8, 8)
 TINY_CALLS = 300
-
-
-def best_of(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 class AnomfastJob:

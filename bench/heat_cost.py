@@ -12,7 +12,8 @@ shown alone). A correctness check against the float64 reference runs first.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -21,17 +22,10 @@ from anomfast import _fused, heat, reference
 from anomfast.methods import resolve
 from anomfast.sml import postprocess
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_of  # noqa: E402
+
 PLAIN = ["max_logit", "msp", "energy", "sml"]
-
-
-def best_of(fn, repeats):
-    fn()  # warm-up: thread pool, page faults of the histogram scratch
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def data(g, B, C, H, W, D, h, w):
