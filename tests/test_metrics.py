@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import sys
-import time
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -516,19 +515,20 @@ def test_mean_over_images():
     assert math.isnan(empty.auroc)
 
 
-def test_speed_one_million_groups():
+def test_one_million_groups():
+    """Histogram-scale input (10^6 groups, as many as bins): every convention finalizes
+    with consistent bounds (its time is measured in bench/, never asserted here)."""
     rng = np.random.default_rng(0)
     G = 1_000_000
     pos = rng.poisson(0.3, G).astype(np.int64)
     neg = rng.poisson(30, G).astype(np.int64)
     pos[0] = 1
     lo = -np.arange(G, dtype=np.float64)
-    M.metrics_from_groups(pos[:1000], neg[:1000], lo[:1000], lo[:1000] + 0.5)  # warm-up
     for am in M.AP_MODES:
-        t = time.perf_counter()
         r = M.metrics_from_groups(pos, neg, lo, lo + 0.5, ap_mode=am, fpr_mode="interp")
-        assert time.perf_counter() - t < 1.0
-        assert r.bounds["ap"][0] <= r.ap <= r.bounds["ap"][1]
+        for k in ("auroc", "ap", "fpr95", "f1"):
+            assert r.bounds[k][0] <= getattr(r, k) <= r.bounds[k][1], (am, k)
+        assert 0.0 < r.auroc < 1.0
 
 
 def test_large_counts_no_overflow():
