@@ -15,9 +15,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from . import _fused
+from . import _fused, binning
 from .histogram import Histogram
-from .labels import ANOMALY, NORMAL, LabelMap, as_label_map
+from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
 from .methods import CODES, EXTERNAL, coord_to_score, resolve
 from .heat import as_features, fit_heat  # noqa: F401  (fit_heat: part of the functional API)
 from .sml import SMLStats
@@ -230,4 +230,70 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
     for j, n in enumerate(spec.names):
         results.histograms[n] = Histogram(n, hist[j].cpu(), spec.params_of(n))
     results.update(_finalize(results.histograms, conventions))
+    return results
+
+
+def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False, *, label_map=None,
+                    fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
+                    nonfinite: str = "error") -> Results:
+    """Certified metrics for per-pixel scores computed elsewhere (your own method).
+
+    scores: a tensor / array of any shape (e.g. (B, H, W)), higher = more anomalous, or a
+    dict {name: scores} for several methods; labels: integers of the same shape. The
+    scores are binned with the same rule as the fused core (as float32), so the result,
+    its bounds and its Histogram behave exactly like a built-in method's; exact=True
+    sorts instead. Names of built-in methods are refused (their histograms hold the
+    core's coordinates, which differ for msp). Non-finite scores on valid pixels raise
+    (``nonfinite="ignore"``: skipped and counted in ``results.pixels``).
+    """
+    from .metrics import groups_from_scores, metrics_from_groups
+    if nonfinite not in ("error", "ignore"):
+        raise ValueError(f"nonfinite must be 'error' or 'ignore', got {nonfinite!r}")
+    named = scores if isinstance(scores, dict) else {"custom": scores}
+    if not named:
+        raise ValueError("evaluate_scores got no scores")
+    lm = as_label_map(label_map, ignore_index)
+    y = torch.as_tensor(labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels))
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
+        raise TypeError(f"labels must be an integer array, got {y.dtype}")
+    cls = lm.classify(y.to(torch.int64))
+    if bool((cls == INVALID).any()):
+        bad = y[cls == INVALID].flatten()[0].item()
+        raise ValueError(f"label value {bad} is neither normal, anomaly nor void in the label map {lm}")
+    valid = ((cls == NORMAL) | (cls == ANOMALY)).numpy()
+    anomaly = (cls == ANOMALY).numpy()
+    conventions = dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
+    results = Results()
+    results.histograms, results.pixels = {}, {}
+    for name, s in named.items():
+        if not isinstance(name, str) or name in CODES:
+            raise ValueError(f"score name {name!r} is a built-in method (or not a string); evaluate built-in "
+                             "methods from logits with anomfast.evaluate, or pick another name")
+        s = s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s)
+        if not np.issubdtype(s.dtype, np.floating) and not np.issubdtype(s.dtype, np.integer):
+            raise TypeError(f"scores {name!r} must be numbers, got {s.dtype}")
+        if s.shape != tuple(y.shape):
+            raise ValueError(f"scores {name!r} have shape {s.shape} but labels {tuple(y.shape)}; they must match")
+        s = s.astype(np.float32)   # the bins are defined on float32 values
+        fin = np.isfinite(s)
+        bad = valid & ~fin
+        if bad.any() and nonfinite == "error":
+            raise ValueError(f"scores {name!r} have {int(bad.sum())} non-finite values on valid pixels "
+                             "(nonfinite='ignore' skips them)")
+        keep = valid & fin
+        results.pixels[name] = {"binned": int(keep.sum()), "nonfinite": int(bad.sum()),
+                                "void": int((~valid).sum()), "invalid": 0}
+        if exact:
+            sv = s[keep].astype(np.float64)
+            pos, neg, lo, hi = groups_from_scores(sv, anomaly[keep])
+            r = metrics_from_groups(pos, neg, lo, hi, exact=True, **conventions)
+            r.method, r.params = name, {}
+        else:
+            idx = binning.bin_index(s[keep])
+            counts = np.stack([np.bincount(idx[~anomaly[keep]], minlength=binning.NBINS),
+                               np.bincount(idx[anomaly[keep]], minlength=binning.NBINS)]).astype(np.int64)
+            h = Histogram(name, torch.from_numpy(counts), {"source": "evaluate_scores"})
+            results.histograms[name] = h
+            r = h.finalize(**conventions)
+        results[name] = r
     return results

@@ -223,3 +223,49 @@ def test_histogram_save_load_merge(rng, tmp_path):
     c = anomfast.evaluate(x, y, methods=["energy"])  # temperature 1: a different score
     with pytest.raises(ValueError, match="different methods/parameters"):
         merged + c.histograms["energy"]
+
+
+def test_evaluate_scores_user_method_against_sklearn(rng):
+    """Scores computed outside anomfast: binned like the core, bounds contain the exact
+    (scikit-learn) values, exact=True equals scikit-learn, and a built-in method's own
+    score map gives exactly the fused histogram."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    x = random_logits(rng, 2, 19, 40, 50)
+    y = random_labels(rng, 2, 40, 50, p_anomaly=0.1, p_void=0.1)
+    mine = -torch.logsumexp(x * 0.7, dim=1) + 0.3 * torch.randn(2, 40, 50, generator=rng)
+    mine[0, :5, :5] = 2.5                                     # ties
+    r = anomfast.evaluate_scores({"mine": mine}, y)
+    rx = anomfast.evaluate_scores(mine.numpy(), y.numpy(), exact=True)["custom"]
+    keep = (y != 255).numpy().ravel()
+    t, s = (y.numpy().ravel()[keep] == 1), mine.numpy().ravel()[keep].astype(np.float64)
+    auroc, ap = roc_auc_score(t, s), average_precision_score(t, s)
+    assert rx.auroc == pytest.approx(auroc, abs=1e-9) and rx.ap == pytest.approx(ap, abs=1e-9)
+    lo, hi = r["mine"].bounds["auroc"]
+    assert lo - 1e-12 <= auroc <= hi + 1e-12
+    lo, hi = r["mine"].bounds["ap"]
+    assert lo - 1e-12 <= ap <= hi + 1e-12
+    assert abs(r["mine"].auroc - auroc) < 1e-4
+    assert r.pixels["mine"]["binned"] == int(keep.sum())
+    own = anomfast.score_maps(x, methods=["max_logit"])["max_logit"]
+    fused = anomfast.evaluate(x, y, methods=["max_logit"]).histograms["max_logit"]
+    assert torch.equal(anomfast.evaluate_scores({"ml": own}, y).histograms["ml"].counts, fused.counts)
+
+
+def test_evaluate_scores_errors(rng):
+    y = random_labels(rng, 1, 4, 5)
+    s = torch.randn(1, 4, 5, generator=rng)
+    with pytest.raises(ValueError, match="shape"):
+        anomfast.evaluate_scores(s[:, :3], y)
+    with pytest.raises(ValueError, match="built-in method"):
+        anomfast.evaluate_scores({"msp": s}, y)
+    y2 = y.clone()
+    y2[0, 0, 0] = 7
+    with pytest.raises(ValueError, match="label value 7"):
+        anomfast.evaluate_scores(s, y2)
+    s2 = s.clone()
+    y[0, 1, 1] = 0
+    s2[0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        anomfast.evaluate_scores(s2, y)
+    r = anomfast.evaluate_scores(s2, y, nonfinite="ignore")
+    assert r.pixels["custom"]["nonfinite"] == 1
