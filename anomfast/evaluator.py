@@ -47,6 +47,13 @@ def _fused_update_eager(logits: torch.Tensor, labels: torch.Tensor, hist: torch.
                   heat_params=heat_params if heat_params is not None else (1.0, 0.0, 1.0), ext=ext)
 
 
+def _is_compiling() -> bool:
+    f = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    if f is None:  # pragma: no cover - older torch
+        from torch._dynamo import is_compiling as f
+    return bool(f())
+
+
 # The custom op wraps the same function: torch.compile traces it as one opaque op; eager
 # calls skip the op dispatch (tens of microseconds per call).
 fused_update = torch.library.custom_op("anomfast::fused_update", mutates_args=("hist", "counters"))(
@@ -116,7 +123,7 @@ class Evaluator:
         lut, off, mean, inv = self._device_state(x.device)
         args = (x, y, self.hist, self.counters, lut, off, self.spec.codes, self.spec.temperature,
                 self.spec.gen_gamma, self.spec.entropy_normalize, mean, inv, heat_m, heat_params, ext)
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             torch.ops.anomfast.fused_update(*args)   # traced as one opaque op (see register_fake)
         else:
             _fused_update_eager(*args)               # same function, without the op dispatch (~80 us / call)
