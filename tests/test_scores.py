@@ -114,17 +114,13 @@ def test_histograms_equal_binning_of_own_scores(rng, device, dtype, shape):
     assert c[2] == int((yc == 255).sum()) and c[3] == int((yc != 255).sum()) and c[0] == c[1] == 0
 
 
-@pytest.mark.parametrize("pixels", [1, 700, 1024, 1100, 3000, 20000])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_histogram_flush_both_modes(rng, pixels, threads):
-    """The core flushes a thread's private counts by a list of the distinct bins it
-    touched (up to 4096 per thread) or, past that, by touched 1024-bin blocks; around and
-    past the switch, with accumulation across calls and repeated bins, the histograms
-    equal the reference binning."""
+def _check_repeated_bins(rng, pixels, threads, repeated, need_byte_overflow):
+    """Two fused calls into one histogram on (1, 3, 1, pixels) logits whose first
+    `repeated` pixels share one score; the counts equal twice the reference binning."""
     methods = ["max_logit", "msp", "energy", "entropy"]
     spec = resolve(methods)
     x = random_logits(rng, 1, 3, 1, pixels, scale=20.0)
-    x[..., : pixels // 4] = x[..., :1]            # repeated scores: the same bins many times
+    x[..., :repeated] = x[..., :1]                 # the same bins many times
     y = random_labels(rng, 1, 1, pixels, p_anomaly=0.3)
     hist = _fused.new_histogram(len(methods), "cpu")
     for _ in range(2):                             # the second call adds onto the first
@@ -133,7 +129,19 @@ def test_histogram_flush_both_modes(rng, pixels, threads):
         idx = reference.bin_index(maps[j])
         for row, lab in ((0, 0), (1, 1)):
             want = 2 * torch.bincount(idx[y == lab].flatten(), minlength=binning.NBINS)
+            if need_byte_overflow:
+                assert int(want.max()) > 2 * 256, "the test must overflow a byte within one call"
             assert torch.equal(hist[j, row], want), f"{m} label {lab}"
+
+
+@pytest.mark.parametrize("pixels", [1, 700, 1024, 1100, 3000, 20000])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_histogram_flush_both_modes(rng, pixels, threads):
+    """The core flushes a thread's private counts by a list of the distinct bins it
+    touched (up to 4096 per thread) or, past that, by touched 1024-bin blocks; around and
+    past the switch, with accumulation across calls and repeated bins, the histograms
+    equal the reference binning."""
+    _check_repeated_bins(rng, pixels, threads, pixels // 4, need_byte_overflow=False)
 
 
 @pytest.mark.parametrize("pixels", [1500, 70000])
@@ -142,20 +150,7 @@ def test_histogram_counts_past_a_byte(rng, pixels, threads):
     """The core keeps the low byte of each private count apart from the rest and carries
     256 at a time; bins hit hundreds to thousands of times in one call, in small calls
     (bins flushed one by one) and large ones (flushed by blocks), count exactly."""
-    methods = ["max_logit", "msp", "energy", "entropy"]
-    spec = resolve(methods)
-    x = random_logits(rng, 1, 3, 1, pixels, scale=20.0)
-    x[..., : 3 * pixels // 4] = x[..., :1]        # 3/4 of the pixels: one bin per method
-    y = random_labels(rng, 1, 1, pixels, p_anomaly=0.3)
-    hist = _fused.new_histogram(len(methods), "cpu")
-    for _ in range(2):                             # the second call adds onto the first
-        hist, _, maps = _fused.fused_pass(x, y, spec, hist=hist, want_maps=True, num_threads=threads)
-    for j, m in enumerate(methods):
-        idx = reference.bin_index(maps[j])
-        for row, lab in ((0, 0), (1, 1)):
-            want = 2 * torch.bincount(idx[y == lab].flatten(), minlength=binning.NBINS)
-            assert int(want.max()) > 2 * 256, "the test must overflow a byte within one call"
-            assert torch.equal(hist[j, row], want), f"{m} label {lab}"
+    _check_repeated_bins(rng, pixels, threads, 3 * pixels // 4, need_byte_overflow=True)
 
 
 def test_binning_rules_agree(rng):

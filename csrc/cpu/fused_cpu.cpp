@@ -113,6 +113,17 @@ inline uint32_t* thread_scratch(size_t bytes) {
   return static_cast<uint32_t*>(s->get());
 }
 
+// Tile t of a (B, H, W) call cut into rows of nW tiles: image b, row h, first column
+// w0 and its n <= TILE pixels (the last tile of a row may be shorter).
+struct TilePos {
+  int64_t b, h, w0;
+  int n;
+};
+inline TilePos tile_pos(int64_t t, int64_t nW, int64_t H, int64_t W) {
+  const int64_t w0 = (t % nW) * TILE, bh = t / nW;
+  return {bh / H, bh % H, w0, (int)std::min<int64_t>(TILE, W - w0)};
+}
+
 template <int DT>
 inline float load_logit(const void* base, int64_t off);
 template <>
@@ -662,10 +673,9 @@ void fused_impl(const FusedArgs& a) {
 #endif
     for (int64_t t = 0; t < n_tiles; ++t) {
       if (with_hist && !priv) continue;
-      const int64_t w0 = (t % nW) * TILE;
-      const int64_t bh = t / nW;
-      const int64_t b = bh / a.H, h = bh % a.H;
-      const int n = (int)std::min<int64_t>(TILE, a.W - w0);
+      const TilePos tp = tile_pos(t, nW, a.H, a.W);
+      const int64_t b = tp.b, h = tp.h, w0 = tp.w0;
+      const int n = tp.n;
       int64_t cs = TILE;
       const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
                                         buf.data(), cs);
@@ -817,10 +827,9 @@ void fit_impl(const FitArgs& a) {
       double* ls = gsum.data() + g * C;
       double* lq = gsq.data() + g * C;
       for (int64_t t = g * FIT_GROUP; t < std::min(n_tiles, (g + 1) * FIT_GROUP); ++t) {
-        const int64_t w0 = (t % nW) * TILE;
-        const int64_t bh = t / nW;
-        const int64_t b = bh / a.H, h = bh % a.H;
-        const int n = (int)std::min<int64_t>(TILE, a.W - w0);
+        const TilePos tp = tile_pos(t, nW, a.H, a.W);
+        const int64_t b = tp.b, h = tp.h, w0 = tp.w0;
+        const int n = tp.n;
         int64_t cs = TILE;
         const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
                                           buf.data(), cs);
