@@ -1,29 +1,16 @@
-// Python bindings of the CPU core: registration only, no logic.
+// Python bindings of the CPU core: registration only, no logic. The argument structs and
+// constants are registered by register_args.h, shared with the CUDA module (_C_cuda).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <stdexcept>
+#include <string>
 #include <vector>
 
-#include "../common/binning.h"
-#include "../common/views.h"
 #include "../cpu/dispatch.h"
+#include "register_args.h"
 
 namespace py = pybind11;
 using namespace anomfast;
-
-#define AF_STR2(x) #x
-#define AF_STR(x) AF_STR2(x)
-
-template <class Args>
-void set_methods(Args& a, const std::vector<int32_t>& m);
-
-template <>
-void set_methods(FusedArgs& a, const std::vector<int32_t>& m) {
-  if (m.size() > (size_t)MAX_METHODS) throw std::invalid_argument("too many methods");
-  a.n_methods = (int32_t)m.size();
-  for (size_t i = 0; i < m.size(); ++i) a.methods[i] = m[i];
-}
 
 static py::dict build_info() {
   py::dict d;
@@ -47,61 +34,7 @@ static py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "anomfast CPU core (fused scores -> histograms, SML fitting)";
-  py::class_<FusedArgs>(m, "FusedArgs")
-      .def(py::init<>())
-      .def_readwrite("logits_ptr", &FusedArgs::logits_ptr)
-      .def_readwrite("logit_dtype", &FusedArgs::logit_dtype)
-      .def_readwrite("B", &FusedArgs::B).def_readwrite("C", &FusedArgs::C)
-      .def_readwrite("H", &FusedArgs::H).def_readwrite("W", &FusedArgs::W)
-      .def_readwrite("ls_b", &FusedArgs::ls_b).def_readwrite("ls_c", &FusedArgs::ls_c)
-      .def_readwrite("ls_h", &FusedArgs::ls_h).def_readwrite("ls_w", &FusedArgs::ls_w)
-      .def_readwrite("labels_ptr", &FusedArgs::labels_ptr)
-      .def_readwrite("label_dtype", &FusedArgs::label_dtype)
-      .def_readwrite("ys_b", &FusedArgs::ys_b).def_readwrite("ys_h", &FusedArgs::ys_h)
-      .def_readwrite("ys_w", &FusedArgs::ys_w)
-      .def_readwrite("lut_ptr", &FusedArgs::lut_ptr)
-      .def_readwrite("lut_offset", &FusedArgs::lut_offset)
-      .def_readwrite("lut_len", &FusedArgs::lut_len)
-      .def_property("methods",
-                    [](const FusedArgs& a) { return std::vector<int32_t>(a.methods, a.methods + a.n_methods); },
-                    [](FusedArgs& a, const std::vector<int32_t>& v) { set_methods(a, v); })
-      .def_readwrite("temperature", &FusedArgs::temperature)
-      .def_readwrite("sml_mean_ptr", &FusedArgs::sml_mean_ptr)
-      .def_readwrite("sml_inv_std_ptr", &FusedArgs::sml_inv_std_ptr)
-      .def_readwrite("gen_gamma", &FusedArgs::gen_gamma)
-      .def_readwrite("entropy_normalize", &FusedArgs::entropy_normalize)
-      .def_readwrite("heat_m_ptr", &FusedArgs::heat_m_ptr)
-      .def_readwrite("heat_temperature", &FusedArgs::heat_temperature)
-      .def_readwrite("heat_mean", &FusedArgs::heat_mean)
-      .def_readwrite("heat_inv_std", &FusedArgs::heat_inv_std)
-      .def_readwrite("ext_ptr", &FusedArgs::ext_ptr)
-      .def_readwrite("hist_ptr", &FusedArgs::hist_ptr)
-      .def_readwrite("maps_ptr", &FusedArgs::maps_ptr)
-      .def_readwrite("counters_ptr", &FusedArgs::counters_ptr)
-      .def_readwrite("num_threads", &FusedArgs::num_threads)
-      .def_readwrite("stream", &FusedArgs::stream);
-
-  py::class_<FitArgs>(m, "FitArgs")
-      .def(py::init<>())
-      .def_readwrite("logits_ptr", &FitArgs::logits_ptr)
-      .def_readwrite("logit_dtype", &FitArgs::logit_dtype)
-      .def_readwrite("B", &FitArgs::B).def_readwrite("C", &FitArgs::C)
-      .def_readwrite("H", &FitArgs::H).def_readwrite("W", &FitArgs::W)
-      .def_readwrite("ls_b", &FitArgs::ls_b).def_readwrite("ls_c", &FitArgs::ls_c)
-      .def_readwrite("ls_h", &FitArgs::ls_h).def_readwrite("ls_w", &FitArgs::ls_w)
-      .def_readwrite("labels_ptr", &FitArgs::labels_ptr)
-      .def_readwrite("label_dtype", &FitArgs::label_dtype)
-      .def_readwrite("ys_b", &FitArgs::ys_b).def_readwrite("ys_h", &FitArgs::ys_h)
-      .def_readwrite("ys_w", &FitArgs::ys_w)
-      .def_readwrite("lut_ptr", &FitArgs::lut_ptr)
-      .def_readwrite("lut_offset", &FitArgs::lut_offset)
-      .def_readwrite("lut_len", &FitArgs::lut_len)
-      .def_readwrite("count_ptr", &FitArgs::count_ptr)
-      .def_readwrite("sum_ptr", &FitArgs::sum_ptr)
-      .def_readwrite("sumsq_ptr", &FitArgs::sumsq_ptr)
-      .def_readwrite("counters_ptr", &FitArgs::counters_ptr)
-      .def_readwrite("num_threads", &FitArgs::num_threads)
-      .def_readwrite("stream", &FitArgs::stream);
+  bindings::register_args(m, /*module_local=*/false);
 
   m.def("fused", &fused_cpu, py::arg("args"), py::call_guard<py::gil_scoped_release>(),
         "One fused pass: scores -> histograms (+ optional coordinate maps).");
@@ -109,13 +42,7 @@ PYBIND11_MODULE(_C, m) {
         "SML fitting pass: per predicted class count / sum / sum of squares of the max logit.");
   m.def("build_info", &build_info);
 
-  m.attr("NBINS") = NBINS;
-  m.attr("BIN_MANT_BITS") = BIN_MANT_BITS;
-  m.attr("BIN_EXP_MIN") = BIN_EXP_MIN;
-  m.attr("BIN_EXP_COUNT") = BIN_EXP_COUNT;
-  m.attr("N_COUNTERS") = (int)N_COUNTERS;
-  m.attr("MAX_METHODS") = MAX_METHODS;
+  bindings::register_constants(m);
   // method codes this core bins (views.h: Method); HEAT and EXTERNAL are CPU-only so far
   m.attr("METHOD_CODES") = std::vector<int32_t>{MAX_LOGIT, MSP, ENERGY, SML, ENTROPY, GEN, HEAT, EXTERNAL};
-  m.attr("VERSION") = AF_STR(ANOMFAST_VERSION);
 }
