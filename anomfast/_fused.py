@@ -127,7 +127,7 @@ def external_input(logits: torch.Tensor, spec: MethodSpec):
 def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSpec, *,
                label_map: LabelMap | None = None, hist: torch.Tensor | None = None,
                counters: torch.Tensor | None = None, want_maps: bool = False,
-               num_threads: int = 0, features=None):
+               num_threads: int = 0, features=None, flush_every: int = 0):
     """One read of the logits: adds to `hist` (M, 2, NBINS) and `counters`, optionally
     returns the (M, B, H, W) float32 coordinate maps. Inputs must come from as_logits /
     as_labels; `features` (B, D, h, w) are needed for HEAT. Raises nothing about the data
@@ -161,17 +161,18 @@ def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSp
     heat_params = list(spec.heat.kernel_constants()) if heat_m is not None else [1.0, 0.0, 1.0]
     launch(logits, labels, hist, counters, maps, spec.codes, spec.temperature, spec.gen_gamma,
            spec.entropy_normalize, sml_mean, sml_inv, lut, off or 0, num_threads,
-           heat_m=heat_m, heat_params=heat_params, ext=ext)
+           heat_m=heat_m, heat_params=heat_params, ext=ext, flush_every=flush_every)
     return hist, counters, maps
 
 
 def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, entropy_normalize,
            sml_mean, sml_inv, lut, lut_offset, num_threads=0, *, heat_m=None, heat_params=(1.0, 0.0, 1.0),
-           ext=None) -> None:
+           ext=None, flush_every=0) -> None:
     """Fills the core's argument struct from already validated tensors and runs it (on
     the CUDA core and the caller's current stream for CUDA tensors). heat_m: (B, H, W)
     float32 contiguous M map; heat_params: (temperature, mean, 1 / std); ext: (n_ext, B,
-    H, W) float32 contiguous external coordinates."""
+    H, W) float32 contiguous external coordinates. flush_every (CPU, for tests): pixels a
+    thread counts privately before adding them to `hist` (0: the core's 2^31)."""
     B, C, H, W = logits.shape
     if B * H * W == 0:
         return
@@ -204,6 +205,8 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
         a.maps_ptr = maps.data_ptr()
     a.counters_ptr = counters.data_ptr()
     a.num_threads = int(num_threads)
+    if flush_every:
+        a.flush_every = int(flush_every)
     if dev.type == "cuda":
         a.stream = torch.cuda.current_stream(dev).cuda_stream
     core.fused(a)

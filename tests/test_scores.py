@@ -114,7 +114,7 @@ def test_histograms_equal_binning_of_own_scores(rng, device, dtype, shape):
     assert c[2] == int((yc == 255).sum()) and c[3] == int((yc != 255).sum()) and c[0] == c[1] == 0
 
 
-def _check_repeated_bins(rng, pixels, threads, repeated, need_byte_overflow):
+def _check_repeated_bins(rng, pixels, threads, repeated, need_byte_overflow, flush_every=0):
     """Two fused calls into one histogram on (1, 3, 1, pixels) logits whose first
     `repeated` pixels share one score; the counts equal twice the reference binning."""
     methods = ["max_logit", "msp", "energy", "entropy"]
@@ -124,7 +124,8 @@ def _check_repeated_bins(rng, pixels, threads, repeated, need_byte_overflow):
     y = random_labels(rng, 1, 1, pixels, p_anomaly=0.3)
     hist = _fused.new_histogram(len(methods), "cpu")
     for _ in range(2):                             # the second call adds onto the first
-        hist, _, maps = _fused.fused_pass(x, y, spec, hist=hist, want_maps=True, num_threads=threads)
+        hist, _, maps = _fused.fused_pass(x, y, spec, hist=hist, want_maps=True, num_threads=threads,
+                                          flush_every=flush_every)
     for j, m in enumerate(methods):
         idx = reference.bin_index(maps[j])
         for row, lab in ((0, 0), (1, 1)):
@@ -138,7 +139,8 @@ def _check_repeated_bins(rng, pixels, threads, repeated, need_byte_overflow):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_histogram_flush_both_modes(rng, pixels, threads):
     """The core flushes a thread's private counts by a list of the distinct bins it
-    touched (up to 4096 per thread) or, past that, by touched 1024-bin blocks; around and
+    touched (up to 4096 per thread) or, past that, by the range of slots it counted into per
+    method and label (64-slot groups, empty ones skipped); around and
     past the switch, with accumulation across calls and repeated bins, the histograms
     equal the reference binning."""
     _check_repeated_bins(rng, pixels, threads, pixels // 4, need_byte_overflow=False)
@@ -149,8 +151,19 @@ def test_histogram_flush_both_modes(rng, pixels, threads):
 def test_histogram_counts_past_a_byte(rng, pixels, threads):
     """The core keeps the low byte of each private count apart from the rest and carries
     256 at a time; bins hit hundreds to thousands of times in one call, in small calls
-    (bins flushed one by one) and large ones (flushed by blocks), count exactly."""
+    (bins flushed one by one) and large ones (flushed by slot ranges), count exactly."""
     _check_repeated_bins(rng, pixels, threads, 3 * pixels // 4, need_byte_overflow=True)
+
+
+@pytest.mark.parametrize("flush_every", [1000, 9000, 30000])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_histogram_early_flush(rng, flush_every, threads):
+    """A thread adds its private counts to the shared histogram early, while the other
+    threads go on counting, every `flush_every` pixels (2^31 in use, so no private count
+    can overflow; lowered here to reach that path): by the list of touched bins (1000:
+    fewer than 4096 distinct bins by then) or by the slot ranges (larger), with repeated
+    bins and counts past a byte, the histograms still equal the reference binning."""
+    _check_repeated_bins(rng, 70000, threads, 3 * 70000 // 4, need_byte_overflow=True, flush_every=flush_every)
 
 
 def test_binning_rules_agree(rng):

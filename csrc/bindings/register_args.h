@@ -60,6 +60,7 @@ inline void register_args(py::module_& m, bool module_local) {
       .def_readwrite("maps_ptr", &FusedArgs::maps_ptr)
       .def_readwrite("counters_ptr", &FusedArgs::counters_ptr)
       .def_readwrite("num_threads", &FusedArgs::num_threads)
+      .def_readwrite("flush_every", &FusedArgs::flush_every)
       .def_readwrite("stream", &FusedArgs::stream);
 
   py::class_<FitArgs>(m, "FitArgs", py::module_local(module_local))

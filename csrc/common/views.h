@@ -79,6 +79,8 @@ struct FusedArgs {
   int64_t counters_ptr = 0;        // int64[N_COUNTERS], accumulated into
   // execution
   int32_t num_threads = 0;         // CPU: 0 = OpenMP default
+  int64_t flush_every = 0;         // CPU: pixels a thread counts privately before adding them to
+                                   //   hist (0 = 2^31, so counts cannot overflow); tests lower it
   int64_t stream = 0;              // CUDA: cudaStream_t as an integer
 };
 

@@ -13,14 +13,16 @@
 // byte in `low`, the carries (multiples of 256) in a uint32 array: the randomly
 // addressed increments touch only `low`, 4x smaller, so more of it stays in cache.
 // The tiles' bin indices are buffered and counted in bursts (see qbuf). A thread
-// remembers the first TOUCHED_CAP distinct bins it touches and marks which 1024-bin
-// blocks it touched; at the end it adds into the shared int64 histograms only the
-// remembered bins (small calls: cost independent of the histogram size) or, past the
-// cap, the touched blocks: then all threads meet and each sums a share of the blocks
-// over every thread's copy, with plain vector adds (per-bin atomics on the shared
-// histograms cost more than the counting itself). Past the cap, the counting loop's
-// only branch is the rare carry: skipped pixels (void, invalid label, non-finite)
-// count into a trash slot after the histograms, never added. A thread flushes early
+// remembers the first TOUCHED_CAP distinct bins it touches and, per method and label,
+// the smallest and largest slot it counted into (taken with vector min/max while the
+// slots are computed; marking touched blocks per increment cost as much as the
+// increments). At the end it adds into the shared int64 histograms only the remembered
+// bins (small calls: cost independent of the histogram size) or, past the cap, the
+// 64-slot groups within those ranges that hold counts: then all threads meet and each
+// sums a share of the 1024-slot blocks over every thread's copy, with plain vector adds
+// (per-bin atomics on the shared histograms cost more than the counting itself). Past
+// the cap, the counting loop's only branch is the rare carry: skipped pixels (void,
+// invalid label, non-finite) count into a trash slot after the histograms, never added. A thread flushes early
 // after 2^31 pixels, so the counts cannot overflow. Integer sums make the result
 // independent of the thread count and of the tile order.
 //
@@ -32,6 +34,7 @@
 // This file is compiled once per instruction set (ANOMFAST_ISA_NS); dispatch.cpp
 // picks the best one the running CPU supports.
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -58,9 +61,10 @@ namespace ANOMFAST_ISA_NS {
 namespace {
 
 constexpr int TILE = 64;
-constexpr int BLOCK_SHIFT = 10;  // dirty-tracking granularity: 1024 bins = one 4 KiB page of uint32
+constexpr int GROUP_SHIFT = 6;   // 64 slots (one cache line of low): the unit a reduction adds or skips
+constexpr int BLOCK_SHIFT = 10;  // 1024 slots: the unit threads share the end-of-call reduction by
 constexpr uint64_t FLUSH_EVERY = 1ull << 31;
-constexpr int TOUCHED_CAP = 4096;  // distinct bins remembered per thread before falling back to blocks
+constexpr int TOUCHED_CAP = 4096;  // distinct bins remembered per thread before falling back to ranges
 constexpr int BURST_TILES = 16;    // tiles whose counts are added to the private histograms at once
 constexpr int QCAP = BURST_TILES * TILE;
 
@@ -498,6 +502,67 @@ inline void heat_tile(const FusedArgs& a, const void* lp, int64_t b, int64_t h, 
   }
 }
 
+// Per thread, per (method, label) segment: the smallest and largest private slot counted
+// since the last flush (lo > hi: none). A flush adds only the 64-slot groups between
+// them; the groups outside hold no counts of that segment.
+struct SlotRanges {
+  int32_t lo[2 * MAX_METHODS], hi[2 * MAX_METHODS];
+  void reset() {
+    for (int k = 0; k < 2 * MAX_METHODS; ++k) {
+      lo[k] = INT32_MAX;
+      hi[k] = -1;
+    }
+  }
+};
+
+// Adds one thread's private counts of the 64-slot groups that overlap slots [a0, a1)
+// into hist and zeroes them (whole groups: the groups' other slots are added too, which
+// is harmless: each added count is zeroed, so nothing is added twice). Groups whose low
+// bytes are all zero and that never wrapped are skipped without touching hist. The trash
+// slot (the last, at `trash`) is never added. ATOMIC: other threads may add to hist now.
+template <bool ATOMIC>
+inline void add_groups(int64_t* hist, uint8_t* low, uint32_t* priv, uint8_t* wrapped, int64_t a0, int64_t a1,
+                       int64_t trash) {
+  for (int64_t g = a0 >> GROUP_SHIFT; g <= (a1 - 1) >> GROUP_SHIFT; ++g) {
+    const int64_t g0 = g << GROUP_SHIFT, g1 = std::min<int64_t>(trash, g0 + (1 << GROUP_SHIFT));
+    if (wrapped[g]) {
+      wrapped[g] = 0;
+      for (int64_t q = g0; q < g1; ++q) {
+        const int64_t v = (int64_t)priv[q] + low[q];
+        if (ATOMIC) {
+          if (v) {
+#pragma omp atomic
+            hist[q] += v;
+          }
+        } else {
+          hist[q] += v;
+        }
+        priv[q] = 0;
+        low[q] = 0;
+      }
+      continue;
+    }
+    uint8_t any = 0;
+    for (int64_t q = g0; q < g1; ++q) any |= low[q];
+    if (!any) continue;
+    if (ATOMIC) {
+      for (int64_t q = g0; q < g1; ++q) {
+        if (low[q]) {
+#pragma omp atomic
+          hist[q] += (int64_t)low[q];
+        }
+        low[q] = 0;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t q = g0; q < g1; ++q) {
+        hist[q] += (int64_t)low[q];
+        low[q] = 0;
+      }
+    }
+  }
+}
+
 struct Flags {
   bool need_s1 = false, need_sT = false, need_sx = false, need_gen = false, heat = false;
 };
@@ -546,7 +611,9 @@ void fused_impl(const FusedArgs& a) {
   // flat private histograms: (methods, 2, NBINS) like hist, then the trash slot
   const int64_t trash = with_hist ? (int64_t)M * 2 * NBINS : 0;
   const int64_t n_blocks = (trash >> BLOCK_SHIFT) + 1;
-  int any_blocks = 0;  // some thread flushes by dirty blocks: the shared reduction runs
+  const uint64_t flush_every = a.flush_every > 0 ? std::min<uint64_t>((uint64_t)a.flush_every, FLUSH_EVERY) : FLUSH_EVERY;
+  const int n_seg = 2 * M;  // (method, label) segments of NBINS slots
+  int any_blocks = 0;  // some thread flushes by ranges: the shared reduction runs
 
 #if defined(_OPENMP)
   int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
@@ -557,7 +624,8 @@ void fused_impl(const FusedArgs& a) {
 #endif
   std::vector<uint32_t*> all_priv((size_t)nt, nullptr);  // every thread's copy, for the reduction
   std::vector<uint8_t*> all_lo((size_t)nt, nullptr);
-  std::vector<uint8_t*> all_dirty((size_t)nt, nullptr), all_wrapped((size_t)nt, nullptr);
+  std::vector<uint8_t*> all_wrapped((size_t)nt, nullptr);
+  std::vector<SlotRanges> all_ranges((size_t)nt);
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)
 #endif
@@ -574,14 +642,19 @@ void fused_impl(const FusedArgs& a) {
     std::unique_ptr<HeatBuf> hb(fl.heat ? new HeatBuf(C) : nullptr);
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
     // private counts, flat histograms then the trash slot: the low byte of each in low
-    // (the hot, 4x smaller array; 11% faster than whole uint32 counts), the carries in priv
+    // (the hot, 4x smaller array; 11% faster than whole uint32 counts), the carries in
+    // priv, and a flag per 64-slot group where priv may be nonzero (set on the rare carry)
     const size_t n_slots = (size_t)(trash + 1), lo_bytes = (n_slots + 63) & ~(size_t)63;
-    uint8_t* low = with_hist ? reinterpret_cast<uint8_t*>(thread_scratch(lo_bytes + n_slots * sizeof(uint32_t))) : nullptr;
+    const size_t n_groups = (size_t)(trash >> GROUP_SHIFT) + 1;
+    uint8_t* low = with_hist ? reinterpret_cast<uint8_t*>(
+                                   thread_scratch(lo_bytes + n_slots * sizeof(uint32_t) + n_groups))
+                             : nullptr;
     uint32_t* priv = low ? reinterpret_cast<uint32_t*>(low + lo_bytes) : nullptr;
-    std::vector<uint8_t> dirty(with_hist ? (size_t)n_blocks : 0, 0);
-    std::vector<uint8_t> wrapped(dirty.size(), 0);  // blocks where priv is nonzero (low wrapped)
+    uint8_t* wrapped = low ? reinterpret_cast<uint8_t*>(priv + n_slots) : nullptr;
+    SlotRanges& rng = all_ranges[(size_t)thread_id()];
+    rng.reset();
     std::vector<int64_t> touched(with_hist ? TOUCHED_CAP : 0);
-    int n_touched = 0;  // > TOUCHED_CAP: too many to remember, flush by dirty blocks
+    int n_touched = 0;  // > TOUCHED_CAP: too many to remember, flush by ranges
     uint64_t since_flush = 0;
     if (with_hist && !priv) {
 #pragma omp atomic write
@@ -590,12 +663,11 @@ void fused_impl(const FusedArgs& a) {
     const int tid = thread_id();
     all_priv[tid] = priv;
     all_lo[tid] = low;
-    all_dirty[tid] = dirty.data();
-    all_wrapped[tid] = wrapped.data();
+    all_wrapped[tid] = wrapped;
 
     // Adds this thread's counts into hist by itself (per-bin atomics: other threads may
-    // be counting or flushing): the remembered bins, or every nonzero bin of its dirty
-    // blocks. Used at the end for small calls and for the early flush of long ones.
+    // be counting or flushing): the remembered bins, or the groups of its slot ranges.
+    // Used at the end for small calls and for the early flush of long ones.
     auto flush = [&]() {
       if (n_touched <= TOUCHED_CAP) {
         for (int k = 0; k < n_touched; ++k) {
@@ -604,26 +676,18 @@ void fused_impl(const FusedArgs& a) {
           hist[q] += (int64_t)priv[q] + low[q];
           priv[q] = 0;
           low[q] = 0;
+          wrapped[q >> GROUP_SHIFT] = 0;
         }
-        std::fill(dirty.begin(), dirty.end(), 0);
-        std::fill(wrapped.begin(), wrapped.end(), 0);
       } else {
-        for (int64_t blk = 0; blk < n_blocks; ++blk) {
-          if (!dirty[blk]) continue;
-          dirty[blk] = wrapped[blk] = 0;
-          const int64_t lo = blk << BLOCK_SHIFT, hi = std::min<int64_t>(trash, lo + (1 << BLOCK_SHIFT));
-          for (int64_t q = lo; q < hi; ++q) {
-            if (priv[q] | low[q]) {
-#pragma omp atomic
-              hist[q] += (int64_t)priv[q] + low[q];
-              priv[q] = 0;
-              low[q] = 0;
-            }
-          }
+        for (int sg = 0; sg < n_seg; ++sg) {
+          if (rng.lo[sg] > rng.hi[sg]) continue;
+          add_groups<true>(hist, low, priv, wrapped, rng.lo[sg], (int64_t)rng.hi[sg] + 1, trash);
         }
       }
       priv[trash] = 0;
       low[trash] = 0;
+      wrapped[trash >> GROUP_SHIFT] = 0;
+      rng.reset();
       n_touched = 0;
       since_flush = 0;
     };
@@ -631,14 +695,22 @@ void fused_impl(const FusedArgs& a) {
     // Adds the waiting counts to low (and the carries to priv).
     auto burst = [&]() {
       if (n_touched > TOUCHED_CAP) {
+        // Local restrict pointers and a local count: the uint8 stores may alias anything,
+        // so without them the compiler reloads every pointer, nq and q[i] after each
+        // increment. No per-increment bookkeeping: the slot ranges were taken when qbuf
+        // was filled (marking touched blocks here cost as much as the increments).
+        uint8_t* __restrict lo8 = low;
+        uint32_t* __restrict hi32 = priv;
+        uint8_t* __restrict wrp = wrapped;
+        const int n_q = nq;
         for (int j = 0; j < M; ++j) {
-          const int32_t* q = qbuf.get() + (size_t)j * QCAP;
-          for (int i = 0; i < nq; ++i) {
-            if (++low[q[i]] == 0) {  // 1 in 256 or fewer: the branch is predicted
-              priv[q[i]] += 256;
-              wrapped[q[i] >> BLOCK_SHIFT] = 1;
+          const int32_t* __restrict q = qbuf.get() + (size_t)j * QCAP;
+          for (int i = 0; i < n_q; ++i) {
+            const int32_t s = q[i];
+            if (++lo8[s] == 0) {  // 1 in 256 or fewer: the branch is predicted
+              hi32[s] += 256;
+              wrp[s >> GROUP_SHIFT] = 1;
             }
-            dirty[q[i] >> BLOCK_SHIFT] = 1;
           }
         }
       } else {
@@ -649,19 +721,18 @@ void fused_impl(const FusedArgs& a) {
             const uint8_t was = low[q[i]]++;
             if (was == 255) {
               priv[q[i]] += 256;
-              wrapped[q[i] >> BLOCK_SHIFT] = 1;
+              wrapped[q[i] >> GROUP_SHIFT] = 1;
             }
             if (was == 0 && priv[q[i]] == 0 && n_touched <= TOUCHED_CAP) {
               if (n_touched < TOUCHED_CAP) touched[n_touched] = q[i];
               ++n_touched;
             }
-            dirty[q[i] >> BLOCK_SHIFT] = 1;
           }
         }
       }
       since_flush += (uint64_t)nq;
       nq = 0;
-      if (since_flush >= FLUSH_EVERY) flush();
+      if (since_flush >= flush_every) flush();
     };
 
     // Chunks of up to 64 tiles: each class row is then read as a 16 KiB sequential
@@ -720,15 +791,28 @@ void fused_impl(const FusedArgs& a) {
       for (int j = 0; j < M; ++j) {
         const int32_t hj = j * 2 * (int32_t)NBINS;
         int32_t* q = qbuf.get() + (size_t)j * QCAP + nq;
-#pragma omp simd
-        for (int i = 0; i < n; ++i) q[i] = row[i] >= 0 ? hj + row[i] + q[i] : (int32_t)trash;
+        // and the smallest / largest slot of each label (the flush scans only between them)
+        int32_t lo0 = INT32_MAX, hi0 = -1, lo1 = INT32_MAX, hi1 = -1;
+#pragma omp simd reduction(min : lo0, lo1) reduction(max : hi0, hi1)
+        for (int i = 0; i < n; ++i) {
+          const int32_t s = row[i] >= 0 ? hj + row[i] + q[i] : (int32_t)trash;
+          q[i] = s;
+          lo0 = std::min(lo0, row[i] == 0 ? s : INT32_MAX);
+          hi0 = std::max(hi0, row[i] == 0 ? s : -1);
+          lo1 = std::min(lo1, row[i] > 0 ? s : INT32_MAX);
+          hi1 = std::max(hi1, row[i] > 0 ? s : -1);
+        }
+        rng.lo[2 * j] = std::min(rng.lo[2 * j], lo0);
+        rng.hi[2 * j] = std::max(rng.hi[2 * j], hi0);
+        rng.lo[2 * j + 1] = std::min(rng.lo[2 * j + 1], lo1);
+        rng.hi[2 * j + 1] = std::max(rng.hi[2 * j + 1], hi1);
       }
       nq += n;
       if (nq + TILE > QCAP) burst();
     }
     if (with_hist) {
       if (priv) burst();
-      // Threads past the cap leave their counts for the shared block reduction below;
+      // Threads past the cap leave their counts for the shared reduction below;
       // the others flush theirs first (their atomics must not meet its plain adds).
       if (priv && n_touched <= TOUCHED_CAP) flush();
       if (priv && n_touched > TOUCHED_CAP) {
@@ -748,37 +832,22 @@ void fused_impl(const FusedArgs& a) {
 #endif
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
           const int64_t lo = blk << BLOCK_SHIFT, hi = std::min<int64_t>(trash, lo + (1 << BLOCK_SHIFT));
+          // a block spans at most two segments (1024 < NBINS)
+          const int s0 = (int)(lo / NBINS), s1 = (int)std::min<int64_t>(n_seg - 1, (hi - 1) / NBINS);
           for (int t = 0; t < nt; ++t) {
-            if (!all_priv[t] || !all_dirty[t][blk]) continue;
-            all_dirty[t][blk] = 0;
-            uint8_t* p8 = all_lo[t];
-            if (all_wrapped[t][blk]) {
-              all_wrapped[t][blk] = 0;
-              uint32_t* p = all_priv[t];
-#pragma omp simd
-              for (int64_t q = lo; q < hi; ++q) {
-                hist[q] += (int64_t)p[q] + p8[q];
-                p[q] = 0;
-                p8[q] = 0;
-              }
-            } else {
-              // priv is all zero here: leave its 4 KiB alone; and hist's cache lines
-              // alone where 64 bins in a row are empty (sparse blocks of smaller calls)
-              for (int64_t g0 = lo; g0 < hi; g0 += 64) {
-                const int64_t g1 = std::min<int64_t>(hi, g0 + 64);
-                uint8_t any = 0;
-                for (int64_t q = g0; q < g1; ++q) any |= p8[q];
-                if (!any) continue;
-#pragma omp simd
-                for (int64_t q = g0; q < g1; ++q) {
-                  hist[q] += (int64_t)p8[q];
-                  p8[q] = 0;
-                }
-              }
+            if (!all_priv[t]) continue;
+            const SlotRanges& r = all_ranges[(size_t)t];
+            for (int sg = s0; sg <= s1; ++sg) {
+              const int64_t a0 = std::max<int64_t>(lo, r.lo[sg]), a1 = std::min<int64_t>(hi, (int64_t)r.hi[sg] + 1);
+              if (a0 < a1) add_groups<false>(hist, all_lo[t], all_priv[t], all_wrapped[t], a0, a1, trash);
             }
           }
         }
-        if (priv) priv[trash] = low[trash] = 0;
+        if (priv) {
+          priv[trash] = low[trash] = 0;
+          wrapped[trash >> GROUP_SHIFT] = 0;
+        }
+        rng.reset();  // after the omp for's implicit barrier: every thread's ranges were read above
       }
     }
     for (int q = 0; q < N_COUNTERS; ++q) {
