@@ -353,25 +353,37 @@ inline void given_coord_loop(const float* src, int n, TileState& st, int32_t* ou
 // ---------------------------------------------------------------------------- HEAT
 // A tile of row h (pixels w0 .. w0+n-1) needs p and r = sum_c (p_c - 1/C)^2 on rows
 // h-1 .. h+1 and columns w0-1 .. w0+n; outside the image both are 0 (zero padding,
-// divisor 9 everywhere). heat_tile loads those three halo rows and computes their
-// softmax itself, so every logit row is read three times (once for each tile row whose
-// neighbourhood contains it) and its softmax is recomputed each time. The second and
-// third reads hit the cache (neighbouring tiles were just read); the extra work is one
-// exp per class for each of the 3 x (n + 2) halo pixels, plus a log per class for K:
-// about 4x the arithmetic of the plain methods (bench/heat_cost.py). Keeping the
-// softmax of the previous two rows in a sliding window would cut the exps to ~1.1x but
-// ties each thread to runs of consecutive rows; tiles stay independent instead, so the
-// OpenMP schedule, the determinism and the other methods' results do not change.
+// divisor 9 everywhere). heat_tile gets those three halo rows' softmax from a cache of
+// three rows (HeatBuf): with HEAT on, the tiles are visited down the image, column
+// block by column block (heat_tile_pos), so rows h-1 and h were computed for the tile
+// above and only row h+1 is new. A halo row's softmax is a pure function of the row,
+// so a cached row and a recomputed one are the same bits: the order changes nothing
+// but the work (one halo row of n + 2 pixels per tile instead of three, plus a
+// refill of two rows at the start of each chunk of tiles).
 constexpr int HALO = TILE + 2;
 constexpr int HALO_PAD = ((HALO + V - 1) / V) * V;  // whole V-blocks of halo columns
 
 struct HeatBuf {
-  std::vector<float> p;      // [r][c][j], r < 3, j < HALO_PAD: logits, then p in place
-  float rr[3][HALO_PAD];     // r per halo pixel
+  std::vector<float> p;      // [slot][c][j], slot < 3, j < HALO_PAD: logits, then p in place
+  float rr[3][HALO_PAD];     // r per halo pixel of each slot
+  int64_t key[3];            // the image row segment a slot holds (row_key), -1: none
+  std::vector<float> zero_p; // a row outside the image: p = 0
+  float zero_rr[HALO_PAD];   //   and r = 0
   float sT[TILE];            // sum_c exp((l_c - m) / T_heat) of the tile's pixels
   float val[TILE];           // the tile's heat coordinates
-  explicit HeatBuf(int64_t C) : p((size_t)(3 * C * HALO_PAD), 0.0f) {}
+  explicit HeatBuf(int64_t C)
+      : p((size_t)(3 * C * HALO_PAD), 0.0f), key{-1, -1, -1}, zero_p((size_t)(C * HALO_PAD), 0.0f) {
+    std::memset(zero_rr, 0, sizeof(zero_rr));
+  }
 };
+
+// With HEAT, tile t is row h of column block t / H (images one after the other):
+// consecutive tiles lie one under the other, so heat_tile's row cache hits.
+inline TilePos heat_tile_pos(int64_t t, int64_t nW, int64_t H, int64_t W) {
+  const int64_t h = t % H, bw = t / H;
+  const int64_t w0 = (bw % nW) * TILE;
+  return {bw / nW, h, w0, (int)std::min<int64_t>(TILE, W - w0)};
+}
 
 // Logits of image row `row_base` (offset of (b, h, 0)), columns w0-1 .. w0+n, into
 // dst[c * HALO_PAD + j] (column w = w0 - 1 + j); columns outside the image get 0.
@@ -447,18 +459,32 @@ inline void heat_tile(const FusedArgs& a, const void* lp, int64_t b, int64_t h, 
   const int64_t C = a.C;
   const int32_t Ci = (int32_t)C;
   const float inv_c = 1.0f / (float)C;
-  float* P[3];
+  // rows h-1 .. h+1 from the cache; a missing row goes into a slot none of them uses
+  auto row_key = [&](int64_t hr) { return (hr < 0 || hr >= a.H) ? (int64_t)-1 : (b * a.H + hr) * a.W + w0; };
+  const int64_t want[3] = {row_key(h - 1), row_key(h), row_key(h + 1)};
+  const float* P[3];
+  const float* RR[3];
   for (int r = 0; r < 3; ++r) {
-    P[r] = hb.p.data() + (size_t)r * (size_t)C * HALO_PAD;
-    const int64_t hr = h - 1 + r;
-    if (hr < 0 || hr >= a.H) {
-      std::memset(P[r], 0, sizeof(float) * (size_t)(C * HALO_PAD));
-      std::memset(hb.rr[r], 0, sizeof(hb.rr[r]));
+    if (want[r] < 0) {
+      P[r] = hb.zero_p.data();
+      RR[r] = hb.zero_rr;
       continue;
     }
-    int jlo = 0, jhi = 0;
-    load_halo_row<DT>(lp, C, b * a.ls_b + hr * a.ls_h, a.ls_c, a.ls_w, w0, n, a.W, jlo, jhi, P[r]);
-    halo_softmax(P[r], C, jlo, jhi, inv_c, hb.rr[r]);
+    int slot = -1;
+    for (int k = 0; k < 3; ++k) slot = hb.key[k] == want[r] ? k : slot;
+    if (slot < 0) {
+      for (int k = 2; k >= 0; --k) {
+        const int64_t held = hb.key[k];
+        if (held < 0 || (held != want[0] && held != want[1] && held != want[2])) slot = k;  // empty or unused
+      }
+      float* dst = hb.p.data() + (size_t)slot * (size_t)C * HALO_PAD;
+      int jlo = 0, jhi = 0;
+      load_halo_row<DT>(lp, C, b * a.ls_b + (h - 1 + r) * a.ls_h, a.ls_c, a.ls_w, w0, n, a.W, jlo, jhi, dst);
+      halo_softmax(dst, C, jlo, jhi, inv_c, hb.rr[slot]);
+      hb.key[slot] = want[r];
+    }
+    P[r] = hb.p.data() + (size_t)slot * (size_t)C * HALO_PAD;
+    RR[r] = hb.rr[slot];
   }
   // K and v of the centre pixels i (halo column i + 1)
   float K[TILE], v[TILE];
@@ -466,8 +492,8 @@ inline void heat_tile(const FusedArgs& a, const void* lp, int64_t b, int64_t h, 
 #pragma omp simd
   for (int i = 0; i < TILE; ++i) {
     K[i] = 0.0f;
-    v[i] = (hb.rr[0][i] + hb.rr[0][i + 1] + hb.rr[0][i + 2] + hb.rr[1][i] + hb.rr[1][i + 1] + hb.rr[1][i + 2] +
-            hb.rr[2][i] + hb.rr[2][i + 1] + hb.rr[2][i + 2]) * ninth;
+    v[i] = (RR[0][i] + RR[0][i + 1] + RR[0][i + 2] + RR[1][i] + RR[1][i + 1] + RR[1][i + 2] + RR[2][i] +
+            RR[2][i + 1] + RR[2][i + 2]) * ninth;
   }
   for (int32_t c = 0; c < Ci; ++c) {
     const float* p0 = P[0] + c * HALO_PAD;
@@ -744,7 +770,7 @@ void fused_impl(const FusedArgs& a) {
 #endif
     for (int64_t t = 0; t < n_tiles; ++t) {
       if (with_hist && !priv) continue;
-      const TilePos tp = tile_pos(t, nW, a.H, a.W);
+      const TilePos tp = fl.heat ? heat_tile_pos(t, nW, a.H, a.W) : tile_pos(t, nW, a.H, a.W);
       const int64_t b = tp.b, h = tp.h, w0 = tp.w0;
       const int n = tp.n;
       int64_t cs = TILE;
