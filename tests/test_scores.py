@@ -72,6 +72,34 @@ def test_coordinates_match_reference(rng, device):
     np.testing.assert_allclose(c.numpy(), ref.numpy(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:SML. classes")
+@pytest.mark.parametrize("device", DEVICES)
+def test_finite_logits_beyond_float32_spread(rng, device):
+    """Finite logits further apart than float32 can hold (l_c - m overflows to -inf) are
+    finite pixels: every method's score is finite and matches the float64 reference
+    (one-hot softmax: entropy 0, not NaN), and the pixels are binned, not counted as
+    non-finite."""
+    x = random_logits(rng, 1, 5, 4, 6)
+    x[0, 0, :2] = 3e38
+    x[0, 1, :2] = -3e38
+    x[0, 2, 2:] = -3.4e38
+    x[0, 3, 2:] = 1e38
+    x = x.to(device)
+    y = torch.zeros(1, 4, 6, dtype=torch.uint8, device=device)
+    stats = anomfast.fit_sml(random_logits(rng, 2, 5, 8, 8).to(device))
+    spec = resolve(LOGIT_METHODS, sml=stats)
+    hist, counters, maps = _fused.fused_pass(x, y, spec, want_maps=True)
+    assert counters.cpu().tolist() == [0, 0, 0, 24]
+    x64 = x.double().cpu()
+    for j, m in enumerate(LOGIT_METHODS):
+        got = maps[j].double().cpu()
+        ref = reference.coordinate(x64, m, **ref_kwargs(m, stats))
+        assert bool(torch.isfinite(got).all()), m
+        tol = 1e-5 * (ref.abs() + scale_of(m, x64, stats)) + 1e-30
+        assert bool(((got - ref).abs() <= tol).all()), m
+        assert int(hist[j, 0].sum()) == 24
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_error_at_most_twice_pytorch(rng, device, dtype):

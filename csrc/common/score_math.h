@@ -113,6 +113,11 @@ ANOMFAST_HD float fast_exp_nonpos(float x) {
   return x <= -87.33654f ? 0.0f : out;
 }
 
+// One class's term e_c (l_c - m) of the entropy sum sx, with e = exp(d), d = l_c - m <= 0.
+// Where e is 0 the term is 0: finite logits further apart than the float32 range give
+// d = -inf, and 0 * -inf would make the entropy NaN (the float64 reference gives 0 there).
+ANOMFAST_HD float entropy_term(float e, float d) { return e * (d < -87.33654f ? 0.0f : d); }
+
 // log(x) for finite x > 0 (normal range).
 ANOMFAST_HD float fast_log(float x) {
   uint32_t u = f2u(x);

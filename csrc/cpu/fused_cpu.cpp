@@ -262,7 +262,7 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
             const float d = row[i] - mv[i];
             const float e = fast_exp_nonpos(d);
             s1[i] += (float)(c != kv[i]) * e;
-            sx[i] += e * d;
+            sx[i] += entropy_term(e, d);
           }
         } else {
 #pragma omp simd
@@ -531,7 +531,7 @@ inline void heat_tile(const FusedArgs& a, const void* lp, int64_t b, int64_t h, 
 // Per thread, per (method, label) segment: the smallest and largest private slot counted
 // since the last flush (lo > hi: none). A flush adds only the 64-slot groups between
 // them; the groups outside hold no counts of that segment.
-struct SlotRanges {
+struct alignas(64) SlotRanges {  // own cache lines: each thread updates its own per tile
   int32_t lo[2 * MAX_METHODS], hi[2 * MAX_METHODS];
   void reset() {
     for (int k = 0; k < 2 * MAX_METHODS; ++k) {

@@ -179,7 +179,7 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
       const float d = X(c) - m;
       const float e = fast_exp(d);
       s1 += (float)(c != k) * e;
-      sx += e * d;
+      sx += entropy_term(e, d);
     });
   } else if (nd.s1) {
     for_classes<CR, 0>(C, [&](int c) { s1 += (float)(c != k) * fast_exp(X(c) - m); });
