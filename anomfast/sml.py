@@ -118,11 +118,12 @@ BOUNDARY_ITERATIONS = 4
 SMOOTH_SIZE, SMOOTH_SIGMA, SMOOTH_DILATION = 7, 1.0, 6
 
 
-def gaussian_kernel(size: int = SMOOTH_SIZE, sigma: float = SMOOTH_SIGMA) -> np.ndarray:
-    """size x size Gaussian (float64), normalised to sum 1, as the official code builds it."""
+def gaussian_kernel_1d(size: int = SMOOTH_SIZE, sigma: float = SMOOTH_SIGMA) -> np.ndarray:
+    """1-D Gaussian (float64, sum 1). Its outer product with itself is the official code's
+    size x size kernel (exp(-(dx^2 + dy^2) / 2 sigma^2), normalised to sum 1), which
+    postprocess applies as a row pass and a column pass."""
     c = (size - 1) / 2
-    x = np.arange(size, dtype=np.float64)
-    g = np.exp(-((x[:, None] - c) ** 2 + (x[None, :] - c) ** 2) / (2 * sigma ** 2)) / (2 * np.pi * sigma ** 2)
+    g = np.exp(-((np.arange(size, dtype=np.float64) - c) ** 2) / (2 * sigma ** 2))
     return g / g.sum()
 
 
@@ -157,10 +158,13 @@ def _expand(boundaries: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _box3_sum(x: torch.Tensor) -> torch.Tensor:
-    """3x3 sums with replication padding (out-of-image neighbours repeat the edge)."""
+    """3x3 sums with replication padding (out-of-image neighbours repeat the edge), as
+    three column sums of three-pixel row sums: a one-channel 3x3 conv2d took ~10x longer
+    on the CPU (12 ms on 512 x 1024, called 8 times per map)."""
     p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-    w = torch.ones((1, 1, 3, 3), dtype=x.dtype, device=x.device)
-    return torch.nn.functional.conv2d(p, w)
+    H, W = x.shape[-2:]
+    rows = p[..., 0:W] + p[..., 1:W + 1] + p[..., 2:W + 2]
+    return rows[..., 0:H, :] + rows[..., 1:H + 1, :] + rows[..., 2:H + 2, :]
 
 
 def postprocess(score: torch.Tensor, pred: torch.Tensor, boundary_suppression: bool = True,
@@ -187,8 +191,13 @@ def postprocess(score: torch.Tensor, pred: torch.Tensor, boundary_suppression: b
             avg = torch.where(n == 0, prev, total / n.clamp_min(1.0))
             out = torch.where(keep == 0, avg, prev)
     if smoothing:
+        # the separable Gaussian as a row pass then a column pass of 7 dilated taps (a
+        # one-channel dilated conv2d took longer than everything else here on the CPU)
         pad = SMOOTH_DILATION * (SMOOTH_SIZE // 2)
-        k = torch.as_tensor(gaussian_kernel(), dtype=torch.float32, device=out.device).view(1, 1, SMOOTH_SIZE, SMOOTH_SIZE)
-        out = torch.nn.functional.conv2d(torch.nn.functional.pad(out, (pad, pad, pad, pad), mode="replicate"), k,
-                                         dilation=SMOOTH_DILATION)
+        H, W = out.shape[-2:]
+        p = torch.nn.functional.pad(out, (pad, pad, pad, pad), mode="replicate")
+        g = [float(v) for v in gaussian_kernel_1d().astype(np.float32)]
+        d = SMOOTH_DILATION
+        rows = sum(g[k] * p[..., k * d:k * d + W] for k in range(SMOOTH_SIZE))
+        out = sum(g[k] * rows[..., k * d:k * d + H, :] for k in range(SMOOTH_SIZE))
     return out[:, 0].contiguous()
