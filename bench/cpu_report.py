@@ -36,6 +36,12 @@ def main():
     for nt in (1, 2):
         t = best_of(lambda: _fused.fused_pass(x, y, spec, hist=hist, num_threads=nt), 10)
         rows.append((f"anomfast fused, 4 methods, {nt} thread(s)", t))
+    # the score math alone: the same pass without labels adds nothing to any histogram
+    rows.append(("anomfast fused, 4 methods, scores only (no histograms), 2 threads",
+                 best_of(lambda: _fused.fused_pass(x, None, spec, num_threads=2), 10)))
+    ml = resolve(["max_logit"])
+    rows.append(("anomfast fused, max_logit, scores only (no histograms), 2 threads",
+                 best_of(lambda: _fused.fused_pass(x, None, ml, num_threads=2), 10)))
     for m in METHODS4:
         s1 = resolve([m], sml=st)
         h1 = _fused.new_histogram(1, "cpu")

@@ -42,6 +42,13 @@ def test_fused_cpu(benchmark, data, checked):
 
 
 @pytest.mark.benchmark(group="fused-19x512x1024-f32")
+def test_fused_cpu_scores_only(benchmark, data, checked):
+    """The same pass without labels: the score math alone, no histogram touched."""
+    x, y, st = data
+    benchmark(lambda: _fused.fused_pass(x, None, checked))
+
+
+@pytest.mark.benchmark(group="fused-19x512x1024-f32")
 def test_reference_torch_float64(benchmark, data, checked):
     x, y, st = data
     benchmark.pedantic(lambda: reference_histograms(x, y, st), rounds=2, iterations=1)
