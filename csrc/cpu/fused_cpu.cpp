@@ -22,13 +22,15 @@
 // sums a share of the 1024-slot blocks over every thread's copy, with plain vector adds
 // (per-bin atomics on the shared histograms cost more than the counting itself). Past
 // the cap, the counting loop's only branch is the rare carry: skipped pixels (void,
-// invalid label, non-finite) count into a trash slot after the histograms, never added. A thread flushes early
-// after 2^31 pixels, so the counts cannot overflow. Integer sums make the result
-// independent of the thread count and of the tile order.
+// invalid label, non-finite) count into a trash slot after the histograms, never
+// added. A thread flushes early after 2^31 pixels (FusedArgs.flush_every lowers this
+// for tests), so the counts cannot overflow. Integer sums make the result independent
+// of the thread count and of the tile order.
 //
-// HEAT needs 3x3 neighbourhoods of the softmax: its tiles also load the rows above
-// and below and one column either side (see heat_tile), so it runs on the true
-// H x W geometry (Python does not fold rows for it). EXTERNAL methods bin coordinate
+// HEAT needs 3x3 neighbourhoods of the softmax: its tiles also use the rows above
+// and below and one column either side (see heat_tile; with HEAT the tiles are visited
+// down each column block so those rows are cached), so it runs on the true H x W
+// geometry (Python does not fold rows for it). EXTERNAL methods bin coordinate
 // maps computed outside the core (Python post-processing, user scores).
 //
 // This file is compiled once per instruction set (ANOMFAST_ISA_NS); dispatch.cpp
