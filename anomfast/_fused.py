@@ -256,7 +256,8 @@ def check_counters(counters: torch.Tensor, labels: torch.Tensor | None, label_ma
             + (f" (first: {first})" if first is not None else "")
             + f"; expected anomaly ids {list(lm.anomaly_ids)}, void ids {list(lm.void_ids)}, normal ids "
             f"{lm.normal_ids if isinstance(lm.normal_ids, str) else list(lm.normal_ids)} "
-            "(pass ignore_index=... or label_map=LabelMap(...))")
+            "(pass ignore_index=... or label_map=LabelMap(...); normal_ids='rest' counts every other value "
+            "as normal)")
     if c[_core.CNT_NONFINITE] > 0 and nonfinite == "error":
         raise ValueError(f"{c[_core.CNT_NONFINITE]} valid pixel(s) have NaN or infinite logits (or a non-finite "
                          "HEAT / post-processed SML score, e.g. from NaN features or a NaN logit nearby); "

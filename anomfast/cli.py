@@ -53,8 +53,26 @@ def _init_distributed(args) -> bool:
     return True
 
 
+def _check_device(device: str) -> None:
+    """--device: a clear error before any work when it cannot be used."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (expected cpu or cuda[:N])") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: anomfast runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch build or machine has no usable CUDA GPU "
+                             f"(torch {torch.__version__}, CUDA {torch.version.cuda})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _cmd_eval(args) -> int:
     import torch.distributed as dist
+    _check_device(args.device)
     created = _init_distributed(args)
     try:
         return _eval(args)
@@ -78,8 +96,16 @@ def _eval(args) -> int:
         else:
             if not args.labels:
                 raise ValueError("--logits needs --labels DIR")
+            normal = args.normal_ids
+            if normal != ["rest"]:
+                try:
+                    normal = [int(v) for v in normal]
+                except ValueError:
+                    raise ValueError(f"--normal-ids: integers or the word rest, got {' '.join(normal)}") from None
+            else:
+                normal = "rest"
             cfg = {"labels": {"dir": str(Path(args.labels).resolve()), "anomaly_ids": args.anomaly_ids,
-                              "void_ids": args.void_ids},
+                              "void_ids": args.void_ids, "normal_ids": normal},
                    "models": [{"name": args.name or Path(args.logits).name, "logits": str(Path(args.logits).resolve())}]}
             for key in ("sml_stats", "features", "heat_stats"):
                 if getattr(args, key):
@@ -195,13 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--sml-stats", help="SML statistics file (anomfast fit) for --logits")
     pe.add_argument("--features", help="folder of per-image feature maps (D, h, w) for --logits (method heat)")
     pe.add_argument("--heat-stats", help="HEAT statistics file (anomfast fit --method heat) for --logits")
-    pe.add_argument("--anomaly-ids", type=int, nargs="+", default=[1])
-    pe.add_argument("--void-ids", type=int, nargs="+", default=[255])
+    pe.add_argument("--anomaly-ids", type=int, nargs="+", default=[1], help="label values of anomalies (default 1)")
+    pe.add_argument("--void-ids", type=int, nargs="+", default=[255], help="label values to ignore (default 255)")
+    pe.add_argument("--normal-ids", nargs="+", default=["0"],
+                    help="label values of normal pixels (default 0), or 'rest': every other value; a value in "
+                         "no list is an error")
     pe.add_argument("--methods", help="comma-separated methods (default: max_logit,msp,energy, plus sml and heat "
                     "when every model has what they need)")
     pe.add_argument("--device", default="cpu", help="cpu or cuda")
     pe.add_argument("--distributed", action="store_true", help="shard images over torch.distributed ranks")
-    pe.add_argument("--cache", help="demo cache folder (default $ANOMFAST_CACHE or ~/.cache/anomfast)")
+    pe.add_argument("--cache", help="demo cache folder, used as given (default: a demo-v<version> folder under "
+                    "$ANOMFAST_CACHE, or under ~/.cache/anomfast)")
     pe.add_argument("--quiet", action="store_true", help="no progress line")
     conventions(pe)
     pe.set_defaults(func=_cmd_eval)

@@ -8,6 +8,7 @@ them). Paths are relative to the grid file::
     dir = "labels"            # PNG (as data sets ship them) or .npy/.npz/.pt label maps
     anomaly_ids = [1]
     void_ids = [255]
+    normal_ids = [0]          # the default; "rest": every value not anomaly or void is normal
     semantic_dir = "semantic" # optional: semantic labels for mIoU (255 = ignore)
     [[models]]
     name = "SmallFCN Baseline"
@@ -37,6 +38,8 @@ from .labels import LabelMap
 LOGIT_EXT = (".npy", ".npz", ".pt", ".safetensors")
 LABEL_EXT = (".png", ".npy", ".npz", ".pt")
 MODEL_KEYS = {"name", "logits", "sml_stats", "fit_logits", "features", "heat_stats", "fit_features", "fit_semantic"}
+LABEL_KEYS = {"dir", "anomaly_ids", "void_ids", "normal_ids", "semantic_dir", "images_dir"}
+TOP_KEYS = {"labels", "models"}
 
 
 class GridError(ValueError):
@@ -175,9 +178,20 @@ def grid_from_config(cfg: dict, base: Path) -> Grid:
         raise GridError("grid: a [labels] table with dir = ... is required")
     if not cfg.get("models"):
         raise GridError("grid: at least one [[models]] entry is required")
+    unknown = set(cfg) - TOP_KEYS
+    if unknown:
+        raise GridError(f"grid: unknown key(s) or table(s) {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
     lab = cfg["labels"]
-    lm = LabelMap(anomaly_ids=lab.get("anomaly_ids", [1]), void_ids=lab.get("void_ids", [255]),
-                  normal_ids=lab.get("normal_ids", "rest" if "anomaly_ids" in lab else [0]))
+    unknown = set(lab) - LABEL_KEYS
+    if unknown:
+        raise GridError(f"grid: unknown key(s) {sorted(unknown)} in [labels]; known: {sorted(LABEL_KEYS)}")
+    # normal_ids defaults to [0] like the API: a label value outside the map is an error,
+    # never silently a normal pixel (normal_ids = "rest" for data sets storing class ids)
+    try:
+        lm = LabelMap(anomaly_ids=lab.get("anomaly_ids", [1]), void_ids=lab.get("void_ids", [255]),
+                      normal_ids=lab.get("normal_ids", [0]))
+    except (TypeError, ValueError) as exc:
+        raise GridError(f"grid: [labels]: {exc}") from None
     labels = _files(lab["dir"], base, LABEL_EXT, "labels")
     semantic = _files(lab["semantic_dir"], base, LABEL_EXT, "semantic labels") if lab.get("semantic_dir") else {}
     images = _files(lab["images_dir"], base, (".png",), "images") if lab.get("images_dir") else {}

@@ -131,7 +131,14 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         def read(stem):
             x = _as_chw(load_array(model.logits[stem]), model.logits[stem])
             y = torch.from_numpy(np.array(load_array(grid.labels[stem])))
-            sem = torch.as_tensor(np.asarray(load_array(grid.semantic[stem]))) if stem in grid.semantic else None
+            bad = grid.label_map.first_invalid_value(y)  # here, on the reading thread, to name the file
+            if bad is not None:
+                lm = grid.label_map
+                raise GridError(f"label map {grid.labels[stem].name}: value {bad} is in none of [labels]' "
+                                f"anomaly_ids {list(lm.anomaly_ids)}, void_ids {list(lm.void_ids)}, normal_ids "
+                                f"{lm.normal_ids if isinstance(lm.normal_ids, str) else list(lm.normal_ids)} "
+                                '(normal_ids = "rest" / --normal-ids rest counts every other value as normal)')
+            sem = torch.from_numpy(np.array(load_array(grid.semantic[stem]))) if stem in grid.semantic else None
             f = _as_chw(load_array(model.features[stem]), model.features[stem], "features") if need_feats else None
             return stem, x, y, sem, f
 

@@ -74,15 +74,34 @@ def test_eval_end_to_end_matches_python_api(tmp_path, rng):
     ("missing_label", "no logits file"),
     ("wrong_shape", "expected (C, 16, 20)"),
     ("unknown_method", "unknown method"),
+    ("labels_key_typo", "unknown key(s) ['void_id'] in [labels]"),
+    ("unknown_top_level_key", "unknown key(s) or table(s) ['bogus']"),
+    ("unexpected_label_value", "label map img2.png: value 7 is in none of [labels]'"),
+    ("no_cuda", "no usable CUDA GPU"),
 ])
 def test_bad_grid_fails_fast_with_clear_message(tmp_path, rng, breakage, message):
+    from PIL import Image
     make_grid(tmp_path, rng)
-    args = ["eval", "--grid", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "o"), "--quiet"]
+    grid = tmp_path / "grid.toml"
+    args = ["eval", "--grid", str(grid), "--out", str(tmp_path / "o"), "--quiet"]
     if breakage == "missing_label":
         (tmp_path / "a" / "img9.npy").write_bytes((tmp_path / "a" / "img0.npy").read_bytes())
         message = "have no label map"
     elif breakage == "wrong_shape":
         np.save(tmp_path / "a" / "img0.npy", np.zeros((5, 16, 21), np.float32))
+    elif breakage == "labels_key_typo":  # once silently the default [255]
+        grid.write_text(grid.read_text().replace("void_ids", "void_id"))
+    elif breakage == "unknown_top_level_key":
+        grid.write_text("bogus = 1\n" + grid.read_text())
+    elif breakage == "unexpected_label_value":  # once silently a normal pixel when anomaly_ids was given
+        grid.write_text(grid.read_text().replace("normal_ids = [0]\n", ""))
+        y = np.array(Image.open(tmp_path / "labels" / "img2.png"))
+        y[3, 4] = 7
+        Image.fromarray(y).save(tmp_path / "labels" / "img2.png")
+    elif breakage == "no_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA GPU")
+        args += ["--device", "cuda"]
     else:
         args += ["--methods", "max_logit,bogus"]
     r = subprocess.run([sys.executable, "-m", "anomfast", *args], capture_output=True, text=True, timeout=120,
@@ -90,6 +109,25 @@ def test_bad_grid_fails_fast_with_clear_message(tmp_path, rng, breakage, message
     assert r.returncode != 0
     assert message in r.stderr and r.stderr.count("\n") <= 2, r.stderr
     assert not (tmp_path / "o" / "report.md").exists()
+
+
+def test_eval_logits_labels_normal_ids(tmp_path, rng):
+    """--logits/--labels: a label value in no list is an error by default (as in the API),
+    counted as normal with --normal-ids rest, and equal to mapping it to 0 by hand."""
+    from PIL import Image
+    make_grid(tmp_path, rng)
+    y = np.array(Image.open(tmp_path / "labels" / "img1.png"))
+    y[y == 0] = 7
+    Image.fromarray(y).save(tmp_path / "labels" / "img1.png")
+    base = ["eval", "--logits", str(tmp_path / "a"), "--labels", str(tmp_path / "labels"), "--quiet", "--no-plots",
+            "--methods", "max_logit,energy"]
+    assert main(base + ["--out", str(tmp_path / "o1")]) == 2
+    assert main(base + ["--out", str(tmp_path / "o2"), "--normal-ids", "rest"]) == 0
+    assert main(base + ["--out", str(tmp_path / "o3"), "--normal-ids", "0", "7"]) == 0
+    assert main(base + ["--out", str(tmp_path / "o4"), "--normal-ids", "zero"]) == 2
+    r2 = json.loads((tmp_path / "o2" / "results.json").read_text())["models"]
+    r3 = json.loads((tmp_path / "o3" / "results.json").read_text())["models"]
+    assert r2 == r3 and r2[0]["results"]["energy"]["auroc"] > 0
 
 
 def make_heat_grid(tmp_path, rng, n=4, n_fit=3, H=16, W=20, C=5, D=6):
