@@ -251,11 +251,11 @@ def check_counters(counters: torch.Tensor, labels: torch.Tensor | None, label_ma
         raise MemoryError("anomfast: could not allocate the per-thread histogram scratch memory")
     if c[_core.CNT_INVALID] > 0:
         first = lm.first_invalid_value(labels) if labels is not None else None
+        d = lm.describe()
         raise ValueError(
             f"{c[_core.CNT_INVALID]} label value(s) are not in the label map"
             + (f" (first: {first})" if first is not None else "")
-            + f"; expected anomaly ids {list(lm.anomaly_ids)}, void ids {list(lm.void_ids)}, normal ids "
-            f"{lm.normal_ids if isinstance(lm.normal_ids, str) else list(lm.normal_ids)} "
+            + f"; expected anomaly ids {d['anomaly_ids']}, void ids {d['void_ids']}, normal ids {d['normal_ids']} "
             "(pass ignore_index=... or label_map=LabelMap(...); normal_ids='rest' counts every other value "
             "as normal)")
     if c[_core.CNT_NONFINITE] > 0 and nonfinite == "error":

@@ -133,10 +133,10 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             y = torch.from_numpy(np.array(load_array(grid.labels[stem])))
             bad = grid.label_map.first_invalid_value(y)  # here, on the reading thread, to name the file
             if bad is not None:
-                lm = grid.label_map
+                d = grid.label_map.describe()
                 raise GridError(f"label map {grid.labels[stem].name}: value {bad} is in none of [labels]' "
-                                f"anomaly_ids {list(lm.anomaly_ids)}, void_ids {list(lm.void_ids)}, normal_ids "
-                                f"{lm.normal_ids if isinstance(lm.normal_ids, str) else list(lm.normal_ids)} "
+                                f"anomaly_ids {d['anomaly_ids']}, void_ids {d['void_ids']}, normal_ids "
+                                f"{d['normal_ids']} "
                                 '(normal_ids = "rest" / --normal-ids rest counts every other value as normal)')
             sem = torch.from_numpy(np.array(load_array(grid.semantic[stem]))) if stem in grid.semantic else None
             f = _as_chw(load_array(model.features[stem]), model.features[stem], "features") if need_feats else None

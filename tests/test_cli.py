@@ -15,6 +15,7 @@ from anomfast.cli import main
 from conftest import random_labels, random_logits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LABELS_TOML = '[labels]\ndir = "labels"\nanomaly_ids = [1]\nvoid_ids = [255]\nnormal_ids = [0]\n'
 
 
 def make_grid(tmp_path, rng, n=4, H=16, W=20, C=5):
@@ -33,7 +34,7 @@ def make_grid(tmp_path, rng, n=4, H=16, W=20, C=5):
             np.save(tmp_path / m / f"img{i}.npy", x.numpy())
             data[m].append(x)
     (tmp_path / "grid.toml").write_text(
-        '[labels]\ndir = "labels"\nanomaly_ids = [1]\nvoid_ids = [255]\nnormal_ids = [0]\n'
+        LABELS_TOML +
         '[[models]]\nname = "Model A"\nlogits = "a"\n[[models]]\nname = "Model B"\nlogits = "b"\n')
     return data
 
@@ -155,7 +156,7 @@ def make_heat_grid(tmp_path, rng, n=4, n_fit=3, H=16, W=20, C=5, D=6):
         Image.fromarray(s.numpy()).save(tmp_path / "m/fit/semantic" / f"fit{i}.png")
         data["fx"].append(x), data["ff"].append(f), data["fs"].append(s.to(torch.int64))
     (tmp_path / "grid.toml").write_text(
-        '[labels]\ndir = "labels"\nanomaly_ids = [1]\nvoid_ids = [255]\nnormal_ids = [0]\n'
+        LABELS_TOML +
         '[[models]]\nname = "M"\nlogits = "m/logits"\nfeatures = "m/features"\nfit_logits = "m/fit/logits"\n'
         'fit_features = "m/fit/features"\nfit_semantic = "m/fit/semantic"\n')
     return data

@@ -36,7 +36,6 @@
 // This file is compiled once per instruction set (ANOMFAST_ISA_NS); dispatch.cpp
 // picks the best one the running CPU supports.
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
