@@ -8,6 +8,7 @@ import torch
 
 from . import _core
 from .labels import LabelMap
+from .histogram import HistState, check_buffer
 from .methods import CODES, EXTERNAL, MethodSpec
 
 _LOGIT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -73,8 +74,8 @@ def _geometry(logits: torch.Tensor, labels: torch.Tensor | None, fold: bool = Tr
     return dict(B=B, C=C, H=H, W=W, ls=(lb, lc, lh, lw), ys=(yb, yh, yw))
 
 
-def new_histogram(n_methods: int, device) -> torch.Tensor:
-    return torch.zeros((n_methods, 2, _core.NBINS), dtype=torch.int64, device=device)
+def new_histogram(n_methods: int, device) -> HistState:
+    return HistState.new(n_methods, device)
 
 
 def new_counters(device) -> torch.Tensor:
@@ -125,10 +126,10 @@ def external_input(logits: torch.Tensor, spec: MethodSpec):
 
 
 def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSpec, *,
-               label_map: LabelMap | None = None, hist: torch.Tensor | None = None,
+               label_map: LabelMap | None = None, hist: HistState | None = None,
                counters: torch.Tensor | None = None, want_maps: bool = False,
                num_threads: int = 0, features=None, flush_every: int = 0):
-    """One read of the logits: adds to `hist` (M, 2, NBINS) and `counters`, optionally
+    """One read of the logits: adds to `hist` (a HistState of M methods) and `counters`, optionally
     returns the (M, B, H, W) float32 coordinate maps. Inputs must come from as_logits /
     as_labels; `features` (B, D, h, w) are needed for HEAT. Raises nothing about the data
     itself: callers inspect `counters`."""
@@ -138,8 +139,6 @@ def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSp
     if with_hist:
         if hist is None:
             hist = new_histogram(M, dev)
-        if hist.shape != (M, 2, _core.NBINS) or hist.dtype != torch.int64 or not hist.is_contiguous() or hist.device != dev:
-            raise ValueError(f"histogram state must be a contiguous int64 tensor of shape {(M, 2, _core.NBINS)} on {dev}")
     if counters is None:
         counters = new_counters(dev)
     B, C, H, W = logits.shape
@@ -189,7 +188,8 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
         a.label_dtype = _LABEL_DTYPES[labels.dtype]
         a.ys_b, a.ys_h, a.ys_w = g["ys"]
         a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), int(lut_offset), lut.numel()
-        a.hist_ptr = hist.data_ptr()
+        hist.check(len(codes), dev)  # every buffer the core writes, on every path (loaded states too)
+        a.hist_ptr, a.sig_ptr, a.occ_ptr = hist.hist.data_ptr(), hist.sig.data_ptr(), hist.occ.data_ptr()
     a.methods = list(codes)
     a.temperature = float(temperature)
     a.gen_gamma = float(gen_gamma)
@@ -203,6 +203,7 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
         a.ext_ptr = ext.data_ptr()
     if maps is not None:
         a.maps_ptr = maps.data_ptr()
+    check_buffer(counters, "counters", (_core.N_COUNTERS,), torch.int64, dev)
     a.counters_ptr = counters.data_ptr()
     a.num_threads = int(num_threads)
     if flush_every:

@@ -1,7 +1,17 @@
-"""Histograms as first-class objects: one per method, two rows (normal, anomaly) of
-int64 counts over the bins of anomfast.binning. They add exactly (integer counts,
-the same bins in every batch, process and run), save and load with the method, its
-parameters and the binning, and finalize to metrics with certified bounds.
+"""Histograms: what the fused core accumulates and what the metrics are finalized from.
+
+HistState: the core's buffers for M methods, on the device of the logits: int64 counts
+(M, 2, NBINS) ([m][0] normal, [m][1] anomaly), uint32 tie signatures (M, 2, NBINS), and
+a byte per 2^OCC_SHIFT flat slots saying which blocks hold counts. On the CPU the two big
+buffers are allocated lazily zeroed (pages never written are never backed), so their
+cost follows the bins the data touches, not the 4.5M bins of the full float32 range;
+reading them out (`sparse`) visits only the occupied blocks.
+
+Histogram: one method's counts as a sparse table (bin index, normal, anomaly, signature)
+over the bins of anomfast.binning. Histograms add exactly (integer counts and OR-ed
+signatures, the same bins in every batch, process and run), save and load with the
+method, its parameters, the binning and a format version, and finalize to metrics with
+certified bounds.
 """
 from __future__ import annotations
 
@@ -14,30 +24,241 @@ import torch
 from . import binning
 from .methods import coord_to_score
 
-FORMAT = "anomfast-histograms-v1"
+FORMAT = "anomfast-histograms-v2"
+_OLD_FORMATS = {"anomfast-histograms-v1": "binning of 2^-32 .. 2^32 with shared underflow bins (anomfast < 0.2)"}
+OCC_BLOCK = 1 << binning.OCC_SHIFT
+
+
+def check_buffer(t, name: str, shape: tuple, dtype, device) -> None:
+    """A buffer the core writes: exactly this shape, dtype, device, and contiguous."""
+    if (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype
+            or t.device != torch.device(device) or not t.is_contiguous()):
+        got = (f"{t.dtype} {tuple(t.shape)} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}"
+               if isinstance(t, torch.Tensor) else type(t).__name__)
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, got {got}")
+
+
+def _zeros(shape, dtype: np.dtype, device) -> torch.Tensor:
+    device = torch.device(device)
+    if device.type == "cpu":
+        # calloc: large blocks come from the OS as zero pages backed only once written
+        return torch.from_numpy(np.zeros(shape, dtype))
+    return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype, device=device)
+
+
+class HistState:
+    """The fused core's accumulation buffers for M methods (see the module docstring)."""
+
+    def __init__(self, hist: torch.Tensor, sig: torch.Tensor, occ: torch.Tensor):
+        self.hist, self.sig, self.occ = hist, sig, occ
+
+    @staticmethod
+    def n_occ(n_methods: int) -> int:
+        return (n_methods * 2 * binning.NBINS + OCC_BLOCK - 1) >> binning.OCC_SHIFT
+
+    @classmethod
+    def new(cls, n_methods: int, device) -> "HistState":
+        shape = (n_methods, 2, binning.NBINS)
+        return cls(_zeros(shape, np.int64, device), _zeros(shape, np.int32, device),
+                   torch.zeros(cls.n_occ(n_methods), dtype=torch.uint8, device=device))
+
+    @property
+    def n_methods(self) -> int:
+        return int(self.hist.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.hist.device
+
+    def check(self, n_methods: int, device) -> None:
+        """Shape, dtype, contiguity and device of every buffer the core writes."""
+        shape = (n_methods, 2, binning.NBINS)
+        check_buffer(self.hist, "histogram counts", shape, torch.int64, device)
+        check_buffer(self.sig, "histogram tie signatures", shape, torch.int32, device)
+        check_buffer(self.occ, "histogram occupancy", (self.n_occ(n_methods),), torch.uint8, device)
+
+    def blocks(self) -> np.ndarray:
+        """Indices of the occupied 2^OCC_SHIFT-slot blocks (one host sync)."""
+        return torch.nonzero(self.occ).flatten().cpu().numpy()
+
+    def gather(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, signatures) of the given blocks, flat, on the state's device; the last
+        block is padded with zeros past the end of the buffers."""
+        total = self.hist.numel()
+        b = torch.as_tensor(np.asarray(blocks, np.int64), device=self.device)
+        slots = (b[:, None] * OCC_BLOCK + torch.arange(OCC_BLOCK, device=self.device)[None, :]).flatten()
+        inside = slots < total
+        s = torch.where(inside, slots, torch.zeros_like(slots))
+        h = torch.where(inside, self.hist.view(-1)[s], torch.zeros_like(s))
+        g = torch.where(inside, self.sig.view(-1)[s], torch.zeros(1, dtype=torch.int32, device=self.device))
+        return h, g
+
+    def scatter_(self, blocks: np.ndarray, counts: torch.Tensor, sigs: torch.Tensor) -> None:
+        """Overwrites the given blocks with (counts, signatures) as `gather` returns them."""
+        total = self.hist.numel()
+        b = torch.as_tensor(np.asarray(blocks, np.int64), device=self.device)
+        slots = (b[:, None] * OCC_BLOCK + torch.arange(OCC_BLOCK, device=self.device)[None, :]).flatten()
+        inside = slots < total
+        self.hist.view(-1)[slots[inside]] = counts.to(self.device)[inside]
+        self.sig.view(-1)[slots[inside]] = sigs.to(self.device)[inside]
+        self.occ[b] = 1
+
+    def sparse(self) -> list:
+        """Per method: (index, normal, anomaly, sig) numpy arrays over its non-empty bins,
+        ascending bin index. Reads only the occupied blocks."""
+        blocks = self.blocks()
+        h, g = self.gather(blocks)
+        h, g = h.cpu().numpy(), g.cpu().numpy().astype(np.int64) & 0xFFFFFFFF
+        slots = (blocks[:, None] * OCC_BLOCK + np.arange(OCC_BLOCK)[None, :]).ravel()
+        nz = np.flatnonzero(h)
+        return _split_slots(slots[nz], h[nz], g[nz], self.n_methods)
+
+    def add_(self, other: "HistState") -> None:
+        self.check(other.n_methods, other.device)
+        self.hist += other.hist
+        self.sig |= other.sig
+        self.occ |= other.occ
+
+    def clone(self) -> "HistState":
+        return HistState(self.hist.clone(), self.sig.clone(), self.occ.clone())
+
+    def to_state(self) -> dict:
+        """Sparse, device-free form for state_dict / checkpoints."""
+        return {"format": FORMAT, "binning": dict(binning.SCHEME), "n_methods": self.n_methods,
+                "methods": [dict(zip(("index", "normal", "anomaly", "sig"), (torch.from_numpy(a) for a in t)))
+                            for t in self.sparse()]}
+
+    @classmethod
+    def from_state(cls, d, n_methods: int, device) -> "HistState":
+        check_format(d.get("format") if isinstance(d, dict) else None, "histogram state")
+        if d.get("binning") != binning.SCHEME:
+            raise ValueError(f"histogram state binning {d.get('binning')} differs from this build's {binning.SCHEME}")
+        if d.get("n_methods") != n_methods or len(d.get("methods", ())) != n_methods:
+            raise ValueError(f"histogram state holds {d.get('n_methods')} methods, expected {n_methods}")
+        st = cls.new(n_methods, "cpu")
+        for j, m in enumerate(d["methods"]):
+            idx, normal, anomaly, sig = _checked_sparse(m.get("index"), m.get("normal"), m.get("anomaly"),
+                                                        m.get("sig"), f"histogram state, method {j}")
+            for lab, c in ((0, normal), (1, anomaly)):
+                st.hist[j, lab, torch.from_numpy(idx)] = torch.from_numpy(c)
+                st.sig[j, lab, torch.from_numpy(idx)] = torch.from_numpy(sig.astype(np.uint32).view(np.int32))
+            flat = (j * 2 * binning.NBINS + idx)[None, :] + np.array([[0], [binning.NBINS]])
+            st.occ[torch.from_numpy(np.unique(flat.ravel() >> binning.OCC_SHIFT))] = 1
+        if torch.device(device).type != "cpu":
+            st = HistState(st.hist.to(device), st.sig.to(device), st.occ.to(device))
+        return st
+
+    def all_reduce_(self) -> None:
+        """Sums the counts and ORs the signatures over the default process group, moving
+        only the blocks some process has touched."""
+        import torch.distributed as dist
+        occ = self.occ.to(torch.int32)
+        dist.all_reduce(occ, op=dist.ReduceOp.MAX)
+        blocks = torch.nonzero(occ).flatten().cpu().numpy()
+        if blocks.size == 0:
+            return
+        h, g = self.gather(blocks)
+        dist.all_reduce(h)
+        gs = [torch.zeros_like(g) for _ in range(dist.get_world_size())]
+        dist.all_gather(gs, g)
+        for x in gs[1:]:
+            gs[0] |= x
+        self.scatter_(blocks, h, gs[0])
+
+
+def _split_slots(slots, counts, sigs, n_methods: int) -> list:
+    """Flat (method, label, bin) slots -> per method (index, normal, anomaly, sig)."""
+    nb = binning.NBINS
+    meth, rest = np.divmod(slots, 2 * nb)
+    lab, idx = np.divmod(rest, nb)
+    out = []
+    for j in range(n_methods):
+        sel = meth == j
+        i, lb, c, s = idx[sel], lab[sel], counts[sel], sigs[sel]
+        u, inv = np.unique(i, return_inverse=True)
+        normal = np.zeros(u.size, np.int64)
+        anomaly = np.zeros(u.size, np.int64)
+        sig = np.zeros(u.size, np.int64)
+        np.add.at(normal, inv[lb == 0], c[lb == 0])
+        np.add.at(anomaly, inv[lb == 1], c[lb == 1])
+        np.bitwise_or.at(sig, inv, s)
+        out.append((u.astype(np.int64), normal, anomaly, sig))
+    return out
+
+
+def _checked_sparse(index, normal, anomaly, sig, what: str):
+    arrs = []
+    for name, v in (("index", index), ("normal", normal), ("anomaly", anomaly), ("sig", sig)):
+        if v is None:
+            raise ValueError(f"{what}: missing {name!r}")
+        a = v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{what}: {name!r} must be a 1-d integer array, got {a.dtype} {a.shape}")
+        arrs.append(a.astype(np.int64))
+    idx, normal, anomaly, sig = arrs
+    if not (idx.size == normal.size == anomaly.size == sig.size):
+        raise ValueError(f"{what}: index/normal/anomaly/sig differ in length")
+    if idx.size and (idx.min() < 0 or idx.max() >= binning.NBINS or np.any(np.diff(idx) <= 0)):
+        raise ValueError(f"{what}: bin indices must be increasing and within [0, {binning.NBINS})")
+    if (normal < 0).any() or (anomaly < 0).any():
+        raise ValueError(f"{what}: negative counts")
+    if (sig < 0).any() or (sig > 0xFFFFFFFF).any():
+        raise ValueError(f"{what}: tie signatures must be uint32 values")
+    return idx, normal, anomaly, sig
+
+
+def check_format(fmt, what: str) -> None:
+    if fmt == FORMAT:
+        return
+    if fmt in _OLD_FORMATS:
+        raise ValueError(f"{what} is format {fmt!r} ({_OLD_FORMATS[fmt]}); this anomfast reads {FORMAT!r}. "
+                         "Its bins cannot be converted exactly (values below 2^-32 shared one bin): "
+                         "re-run the evaluation to rebuild it")
+    raise ValueError(f"{what}: unknown format {fmt!r}, expected {FORMAT!r}")
 
 
 class Histogram:
-    """Counts of one method: ``counts[0]`` normal pixels, ``counts[1]`` anomaly pixels per bin."""
+    """Counts of one method over its non-empty bins: ``index`` (ascending bin indices),
+    ``normal`` and ``anomaly`` (int64 counts), ``sig`` (OR-ed tie signatures)."""
 
-    def __init__(self, method: str, counts, params: dict | None = None, binning_scheme: dict | None = None):
-        counts = torch.as_tensor(counts)
-        if counts.dtype != torch.int64 or tuple(counts.shape) != (2, binning.NBINS):
-            raise ValueError(f"counts must be int64 of shape (2, {binning.NBINS}), got {counts.dtype} {tuple(counts.shape)}")
+    def __init__(self, method: str, index, normal, anomaly, sig, params: dict | None = None,
+                 binning_scheme: dict | None = None):
+        self.index, self.normal, self.anomaly, self.sig = _checked_sparse(index, normal, anomaly, sig,
+                                                                          f"histogram of {method!r}")
         self.method = method
-        self.counts = counts
         self.params = dict(params or {})
         self.binning = dict(binning_scheme or binning.SCHEME)
         if self.binning != binning.SCHEME:
             raise ValueError(f"histogram binning {self.binning} differs from this build's {binning.SCHEME}")
 
+    @classmethod
+    def from_scores(cls, method: str, coords, anomaly, params=None) -> "Histogram":
+        """Bins float32 coordinates (NumPy, the core's rule) split by the boolean `anomaly`."""
+        t = np.asarray(coords, np.float32).ravel()
+        y = np.asarray(anomaly, bool).ravel()
+        idx = binning.bin_index(t)
+        u, inv = np.unique(idx, return_inverse=True)
+        normal = np.bincount(inv[~y], minlength=u.size).astype(np.int64)
+        anom = np.bincount(inv[y], minlength=u.size).astype(np.int64)
+        sig = np.zeros(u.size, np.int64)
+        np.bitwise_or.at(sig, inv, binning.bin_sig(t))
+        return cls(method, u, normal, anom, sig, params)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Dense (2, NBINS) int64 counts (36 MB: for inspection and tests)."""
+        c = torch.zeros((2, binning.NBINS), dtype=torch.int64)
+        c[0, torch.from_numpy(self.index)] = torch.from_numpy(self.normal)
+        c[1, torch.from_numpy(self.index)] = torch.from_numpy(self.anomaly)
+        return c
+
     @property
     def n_normal(self) -> int:
-        return int(self.counts[0].sum())
+        return int(self.normal.sum())
 
     @property
     def n_anomaly(self) -> int:
-        return int(self.counts[1].sum())
+        return int(self.anomaly.sum())
 
     def _check_compatible(self, other: "Histogram"):
         if not isinstance(other, Histogram):
@@ -48,24 +269,40 @@ class Histogram:
 
     def __add__(self, other: "Histogram") -> "Histogram":
         self._check_compatible(other)
-        return Histogram(self.method, self.counts.cpu() + other.counts.cpu(), self.params, self.binning)
+        idx = np.concatenate([self.index, other.index])
+        u, inv = np.unique(idx, return_inverse=True)
+        out = []
+        for a, b in ((self.normal, other.normal), (self.anomaly, other.anomaly)):
+            c = np.zeros(u.size, np.int64)
+            np.add.at(c, inv, np.concatenate([a, b]))
+            out.append(c)
+        sig = np.zeros(u.size, np.int64)
+        np.bitwise_or.at(sig, inv, np.concatenate([self.sig, other.sig]))
+        return Histogram(self.method, u, out[0], out[1], sig, self.params, self.binning)
 
     def __iadd__(self, other: "Histogram") -> "Histogram":
-        self._check_compatible(other)
-        self.counts = self.counts + other.counts.to(self.counts.device)
+        s = self + other
+        self.index, self.normal, self.anomaly, self.sig = s.index, s.normal, s.anomaly, s.sig
         return self
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Histogram) and self.method == other.method and self.params == other.params
-                and torch.equal(self.counts.cpu(), other.counts.cpu()))
+                and all(np.array_equal(getattr(self, k), getattr(other, k))
+                        for k in ("index", "normal", "anomaly", "sig")))
 
     def groups(self):
-        """Non-empty bins, highest score first: (pos, neg, thr_lo, thr_hi) in score units."""
-        c = self.counts.cpu().numpy()
-        nz = np.nonzero(c[0] | c[1])[0][::-1]
-        lo, hi = binning.bin_edges(nz)
-        return (c[1, nz].astype(np.int64), c[0, nz].astype(np.int64),
-                coord_to_score(self.method, lo), coord_to_score(self.method, hi))
+        """Non-empty bins, highest score first: (pos, neg, thr_lo, thr_hi) in score units.
+        A bin whose signature shows a single value (a real tie group) has thr_lo == thr_hi
+        == that value."""
+        idx = self.index[::-1]
+        lo, hi = binning.bin_edges(idx)
+        v = binning.bin_value(idx, self.sig[::-1])
+        single = ~np.isnan(v)
+        lo = np.where(single, v, lo)
+        hi = np.where(single, v, hi)
+        slo, shi = coord_to_score(self.method, lo), coord_to_score(self.method, hi)
+        shi = np.where(single, slo, shi)  # one value: one score, even where the map rounds
+        return self.anomaly[::-1].copy(), self.normal[::-1].copy(), slo, shi
 
     def finalize(self, **conventions):
         """Metrics with certified bounds; see anomfast.metrics.metrics_from_groups."""
@@ -79,27 +316,24 @@ class Histogram:
         return f"Histogram({self.method!r}, normal={self.n_normal}, anomaly={self.n_anomaly})"
 
     def to_sparse(self) -> dict:
-        c = self.counts.cpu().numpy()
-        nz = np.nonzero(c[0] | c[1])[0]
-        return {"index": nz.astype(np.int64), "normal": c[0, nz], "anomaly": c[1, nz]}
+        return {"index": self.index, "normal": self.normal, "anomaly": self.anomaly, "sig": self.sig}
 
     @classmethod
-    def from_sparse(cls, method, index, normal, anomaly, params=None, binning_scheme=None) -> "Histogram":
-        counts = torch.zeros((2, binning.NBINS), dtype=torch.int64)
-        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= binning.NBINS):
-            raise ValueError("histogram file has bin indices outside the binning")
-        counts[0, idx] = torch.as_tensor(np.asarray(normal, dtype=np.int64))
-        counts[1, idx] = torch.as_tensor(np.asarray(anomaly, dtype=np.int64))
-        return cls(method, counts, params, binning_scheme)
+    def from_sparse(cls, method, index, normal, anomaly, sig, params=None, binning_scheme=None) -> "Histogram":
+        return cls(method, index, normal, anomaly, sig, params, binning_scheme)
+
+
+def histograms_from_state(state: HistState, names, params_of) -> dict:
+    """{name: Histogram} of a HistState whose methods are `names` (in order)."""
+    return {n: Histogram(n, *t, params_of(n)) for n, t in zip(names, state.sparse())}
 
 
 def save_histograms(path, hists: dict, extra: dict | None = None) -> None:
-    """One .npz file holding several histograms (sparse), their methods, parameters and binning."""
+    """One .npz file holding several histograms (sparse), their methods, parameters,
+    binning and the format version."""
     arrays, meta = {}, {"format": FORMAT, "binning": binning.SCHEME, "extra": extra or {}, "histograms": []}
     for i, (key, h) in enumerate(hists.items()):
-        s = h.to_sparse()
-        for k, v in s.items():
+        for k, v in h.to_sparse().items():
             arrays[f"h{i}_{k}"] = v
         meta["histograms"].append({"key": key, "method": h.method, "params": h.params})
     arrays["meta"] = np.array(json.dumps(meta))
@@ -113,10 +347,9 @@ def load_histograms(path) -> tuple[dict, dict]:
         if "meta" not in z:
             raise ValueError(f"{path} is not an anomfast histogram file")
         meta = json.loads(str(z["meta"]))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: unknown histogram format {meta.get('format')!r}, expected {FORMAT}")
+        check_format(meta.get("format"), f"histogram file {path}")
         out = {}
         for i, m in enumerate(meta["histograms"]):
             out[m["key"]] = Histogram.from_sparse(m["method"], z[f"h{i}_index"], z[f"h{i}_normal"],
-                                                  z[f"h{i}_anomaly"], m["params"], meta["binning"])
+                                                  z[f"h{i}_anomaly"], z[f"h{i}_sig"], m["params"], meta["binning"])
     return out, meta.get("extra", {})

@@ -57,6 +57,8 @@ inline void register_args(py::module_& m, bool module_local) {
       .def_readwrite("heat_inv_std", &FusedArgs::heat_inv_std)
       .def_readwrite("ext_ptr", &FusedArgs::ext_ptr)
       .def_readwrite("hist_ptr", &FusedArgs::hist_ptr)
+      .def_readwrite("sig_ptr", &FusedArgs::sig_ptr)
+      .def_readwrite("occ_ptr", &FusedArgs::occ_ptr)
       .def_readwrite("maps_ptr", &FusedArgs::maps_ptr)
       .def_readwrite("counters_ptr", &FusedArgs::counters_ptr)
       .def_readwrite("num_threads", &FusedArgs::num_threads)
@@ -90,8 +92,8 @@ inline void register_args(py::module_& m, bool module_local) {
 inline void register_constants(py::module_& m) {
   m.attr("NBINS") = NBINS;
   m.attr("BIN_MANT_BITS") = BIN_MANT_BITS;
-  m.attr("BIN_EXP_MIN") = BIN_EXP_MIN;
-  m.attr("BIN_EXP_COUNT") = BIN_EXP_COUNT;
+  m.attr("BIN_OCTAVES") = BIN_OCTAVES;
+  m.attr("OCC_SHIFT") = OCC_SHIFT;
   m.attr("N_COUNTERS") = (int)N_COUNTERS;
   m.attr("MAX_METHODS") = MAX_METHODS;
 #if defined(ANOMFAST_VERSION)

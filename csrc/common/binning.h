@@ -1,18 +1,29 @@
-// Score -> bin index. No user-chosen range: the bin is read off the float32 bits.
+// Score -> bin index, over the whole float32 range. No user-chosen range: the bin is
+// read off the float32 bits, so the same value lands in the same bin in every batch,
+// process and run, and histograms add exactly.
 //
-// A finite float t = (-1)^s * 2^e * 1.m. Bins are log-linear (as HdrHistogram):
-// per sign, each octave e in [-32, 32) is cut into 2^13 equal bins by the top 13
-// mantissa bits (relative bin width <= 2^-13 = 1.2e-4); |t| < 2^-32 (zero and
-// tiny values) share one bin per sign and |t| >= 2^32 (including inf) one overflow
-// bin per sign. Bins are ordered like the values: index increases with t, so the
-// histogram is a coarsened sort and every metric can be finalized from it with a
-// certified bound (anomfast/metrics.py). -0.0 goes with +0.0. NaN is never binned
-// (the cores skip and count non-finite pixels before they get here).
+// A finite float t = (-1)^s * 2^e * 1.m. Bins are log-linear (as HdrHistogram): per sign,
+// every octave is cut into 2^13 equal bins by the top 13 mantissa bits, so a bin's width
+// relative to any value in it is at most 2^-13 = 1.2e-4. The octaves are all 254 normal
+// ones (2^-126 .. 2^127) and, below them, the 23 octaves of the subnormals (2^-149 ..
+// 2^-127), read off |t| * 2^64, which is normal and exact: subnormals are binned with the
+// same relative width as normal values (a subnormal octave holds fewer than 2^13 distinct
+// floats, so its bins hold one value or none). Per sign, magnitude bin 0 holds exactly
+// zero (-0.0 and +0.0 are one value, in the positive half) and the last magnitude bin
+// exactly infinity. Index increases with t, so the histogram is a coarsened sort and
+// every metric can be finalized from it with a certified bound (anomfast/metrics.py).
+// NaN is never binned (the cores skip and count non-finite pixels before they get here).
 //
-// Why this scheme: it needs no calibration pass or first-batch range (the same
-// value lands in the same bin in every batch, process and run, so histograms add
-// exactly), it resolves every score scale from 2e-10 to 4e9 with the same relative
-// precision, and 2^20 + 4 bins x int64 = 8 MiB per method and label.
+// Tie signature: a bin drops the 10 low mantissa bits (of |t| * 2^64 for subnormals). The
+// cores OR bin_sig(t) = d | (~d & 0x3ff) << 16, d = those bits, into a uint32 per bin:
+// all values in the bin are one value iff no bit is set in both halves (sig_single), and
+// then that value is known exactly (sig_low). Signatures OR across batches, processes and
+// the two label rows, like the counts add.
+//
+// Memory: 2 * (2 + 277 * 2^13) = 4538372 bins per method and label. The cores mark every
+// block of 2^OCC_SHIFT flat slots they add to in an occupancy byte map, so that Python
+// allocates the histograms lazily (pages never written are never backed) and finalizes
+// only the blocks that hold counts.
 #pragma once
 #include <cstdint>
 #include "score_math.h"
@@ -20,21 +31,47 @@
 namespace anomfast {
 
 constexpr int BIN_MANT_BITS = 13;
-constexpr int BIN_EXP_MIN = -32;     // smallest resolved octave: [2^-32, 2^-31)
-constexpr int BIN_EXP_COUNT = 64;    // octaves 2^-32 .. 2^31
-constexpr int64_t BIN_NMAG = 2 + ((int64_t)BIN_EXP_COUNT << BIN_MANT_BITS);  // per sign
-constexpr int64_t NBINS = 2 * BIN_NMAG;                                       // 1048580
+constexpr int BIN_DROP_BITS = 23 - BIN_MANT_BITS;   // 10 mantissa bits a bin does not resolve
+constexpr int BIN_OCTAVES = 23 + 254;               // subnormal + normal octaves
+constexpr int BIN_SUB_OCTAVE_OFFSET = -42;           // octave of a subnormal: exponent of |t| 2^64 - 42
+constexpr int BIN_NORMAL_OCTAVE_OFFSET = 22;         // octave of a normal: its biased exponent + 22
+constexpr int64_t BIN_NMAG = 2 + ((int64_t)BIN_OCTAVES << BIN_MANT_BITS);  // per sign: zero, octaves, inf
+constexpr int64_t NBINS = 2 * BIN_NMAG;                                     // 4538372
+constexpr int OCC_SHIFT = 10;  // occupancy: one byte per 1024 flat histogram slots
+constexpr uint32_t SIG_MASK = (1u << BIN_DROP_BITS) - 1u;
+
+static_assert(NBINS < (int64_t(1) << 30), "bin indices (and the CUDA key bin << 1 | label) fit in 31 bits");
+static_assert((int64_t)8 * 2 * NBINS < (int64_t(1) << 31),
+              "flat private slots of 8 methods x 2 labels fit the CPU core's int32 slot indices");
+static_assert(BIN_DROP_BITS <= 16, "a tie signature's two halves fit a uint32");
+
+// |t|'s bits, normalized: subnormals scaled by 2^64 (exact), everything else as it is.
+ANOMFAST_HD uint32_t bin_norm_bits(uint32_t mag_bits) {
+  const bool sub = mag_bits < 0x00800000u;
+  return sub ? f2u(u2f(mag_bits) * 18446744073709551616.0f) : mag_bits;  // 2^64
+}
 
 ANOMFAST_HD int32_t bin_index(float t) {
-  uint32_t u = f2u(t);
-  uint32_t mag_bits = u & 0x7fffffffu;
-  int32_t e = (int32_t)(mag_bits >> 23) - (127 + BIN_EXP_MIN);  // octave offset
-  int32_t mant = (int32_t)((mag_bits >> (23 - BIN_MANT_BITS)) & ((1u << BIN_MANT_BITS) - 1u));
-  int32_t mag = 1 + (e << BIN_MANT_BITS) + mant;
-  mag = e < 0 ? 0 : mag;
-  mag = e >= BIN_EXP_COUNT ? (int32_t)(BIN_NMAG - 1) : mag;
-  bool neg = (u >> 31) && mag_bits != 0u;
-  return neg ? (int32_t)(BIN_NMAG - 1) - mag : (int32_t)BIN_NMAG + mag;
+  const uint32_t u = f2u(t);
+  const uint32_t mag_bits = u & 0x7fffffffu;
+  const uint32_t b = bin_norm_bits(mag_bits);
+  const int32_t octave = (int32_t)(b >> 23) +
+                         (mag_bits < 0x00800000u ? BIN_SUB_OCTAVE_OFFSET : BIN_NORMAL_OCTAVE_OFFSET);
+  // unsigned arithmetic: for zero the octave is negative and the value is replaced below
+  uint32_t mag = 1u + ((uint32_t)octave << BIN_MANT_BITS) + ((b >> BIN_DROP_BITS) & ((1u << BIN_MANT_BITS) - 1u));
+  mag = mag_bits == 0u ? 0u : mag;
+  mag = mag_bits >= 0x7f800000u ? (uint32_t)(BIN_NMAG - 1) : mag;
+  const bool neg = (u >> 31) && mag_bits != 0u;
+  return neg ? (int32_t)(BIN_NMAG - 1) - (int32_t)mag : (int32_t)BIN_NMAG + (int32_t)mag;
 }
+
+// The tie signature of t (see the header comment); OR it into the bin's uint32.
+ANOMFAST_HD uint32_t bin_sig(float t) {
+  const uint32_t d = bin_norm_bits(f2u(t) & 0x7fffffffu) & SIG_MASK;
+  return d | ((~d & SIG_MASK) << 16);
+}
+
+ANOMFAST_HD bool sig_single(uint32_t s) { return ((s & SIG_MASK) & (s >> 16)) == 0u; }
+ANOMFAST_HD uint32_t sig_low(uint32_t s) { return s & SIG_MASK; }
 
 }  // namespace anomfast

@@ -9,6 +9,11 @@
 //   lut     : int8[lut_len]; lut[v - lut_offset] is the label class of raw value v
 //             (LABEL_NORMAL / LABEL_ANOMALY / LABEL_VOID / LABEL_INVALID)
 //   hist    : int64 (n_methods, 2, NBINS) contiguous; [m][0] normal, [m][1] anomaly
+//   sig     : uint32 (n_methods, 2, NBINS) contiguous, the bins' tie signatures: every
+//             binned coordinate t ORs bin_sig(t) into its slot (binning.h)
+//   occ     : uint8 [(n_methods * 2 * NBINS + 2^OCC_SHIFT - 1) >> OCC_SHIFT]: the core
+//             sets occ[slot >> OCC_SHIFT] = 1 for every flat slot of hist it adds to
+//             (never clears), so Python reads only the blocks that hold counts
 //   maps    : float32 (n_methods, B, H, W) contiguous or 0 (no per-pixel output);
 //             holds each method's *bin coordinate* (see score_math.h)
 //   heat_m  : float32 (B, H, W) contiguous, method HEAT only: the feature-space
@@ -75,6 +80,8 @@ struct FusedArgs {
   int64_t ext_ptr = 0;             // float32 (n_ext, B, H, W) contiguous
   // outputs
   int64_t hist_ptr = 0;            // int64 (n_methods, 2, NBINS), accumulated into
+  int64_t sig_ptr = 0;             // uint32 (n_methods, 2, NBINS), OR-ed into (with hist)
+  int64_t occ_ptr = 0;             // uint8 occupancy of hist's 2^OCC_SHIFT-slot blocks (with hist)
   int64_t maps_ptr = 0;            // float32 (n_methods, B, H, W) or 0
   int64_t counters_ptr = 0;        // int64[N_COUNTERS], accumulated into
   // execution
