@@ -138,8 +138,11 @@ def _eval(args) -> int:
         if "heat" in methods and not m.has_heat:
             raise ValueError(f"method 'heat' needs features and heat_stats (or fit_logits + fit_features + "
                              f"fit_semantic) for model {m.name!r}")
+    if args.refine and args.distributed:
+        raise ValueError("--refine with --distributed is not implemented yet (the decisive pixels would have to be "
+                         "gathered across ranks); run --refine in one process")
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
-                        distributed=args.distributed)
+                        distributed=args.distributed, refine=args.refine, conventions=_conventions(args))
     run["notes"] = notes
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--cache", help="demo cache folder, used as given (default: a demo-v<version> folder under "
                     "$ANOMFAST_CACHE, or under ~/.cache/anomfast)")
     pe.add_argument("--quiet", action="store_true", help="no progress line")
+    pe.add_argument("--refine", action="store_true",
+                    help="read the inputs a second time, keeping only the pixels in the bins where FPR95 and the "
+                         "best F1 are decided: FPR95, F1 and both thresholds become exact (scikit-learn's)")
     conventions(pe)
     pe.set_defaults(func=_cmd_eval)
 

@@ -6,9 +6,13 @@
     results = ev.compute()                 # all_reduce across ranks, then finalize
     ev.reset()
 
-State: one int64 histogram (M, 2, NBINS) and a few int64 counters, on the device of the
-first batch. They sum across batches and processes, so distributed sync is a single
-all_reduce of a few MB and the result is bit-identical to one process seeing all data.
+State: the core's histogram buffers (anomfast.histogram.HistState: int64 counts and
+uint32 tie signatures over the bins of the whole float32 range, lazily backed on the CPU,
+and a byte map of the occupied blocks) and a few int64 counters, on the device of the
+first batch. Counts sum and signatures OR across batches and processes, so distributed
+sync moves only the blocks some rank touched (one all_reduce of the occupancy map, one of
+those blocks' counts, one all_gather of their signatures) and the result is bit-identical
+to one process seeing all data.
 Input checks that need the data (label values outside the label map, NaN/inf logits)
 are counted on the device by the core and raised by compute().
 
@@ -29,20 +33,20 @@ import torch
 
 from . import _core, _fused
 from .functional import Results
-from .histogram import Histogram
+from .histogram import FORMAT, HistState, check_format, histograms_from_state
 from .labels import as_label_map
 from .methods import resolve
 
 
-def _fused_update_eager(logits: torch.Tensor, labels: torch.Tensor, hist: torch.Tensor, counters: torch.Tensor,
-                        lut: torch.Tensor, lut_offset: int, codes: list[int], temperature: float, gen_gamma: float,
+def _fused_update_eager(logits: torch.Tensor, labels: torch.Tensor, hist: torch.Tensor, sig: torch.Tensor,
+                        occ: torch.Tensor, counters: torch.Tensor, lut: torch.Tensor, lut_offset: int, codes: list[int], temperature: float, gen_gamma: float,
                         entropy_normalize: bool, sml_mean: Optional[torch.Tensor],
                         sml_inv: Optional[torch.Tensor], heat_m: Optional[torch.Tensor] = None,
                         heat_params: Optional[list[float]] = None, ext: Optional[torch.Tensor] = None) -> None:
-    """Adds the batch to hist (M, 2, NBINS) and counters in one fused pass. heat_m: HEAT's
-    Mahalanobis map (B, H, W); heat_params: (T, mean, 1 / std); ext: (n_ext, B, H, W)
-    external coordinates (post-processed SML)."""
-    _fused.launch(logits, labels, hist, counters, None, codes, temperature, gen_gamma, entropy_normalize,
+    """Adds the batch to the HistState buffers (hist, sig, occ) and counters in one fused
+    pass. heat_m: HEAT's Mahalanobis map (B, H, W); heat_params: (T, mean, 1 / std); ext:
+    (n_ext, B, H, W) external coordinates (post-processed SML)."""
+    _fused.launch(logits, labels, HistState(hist, sig, occ), counters, None, codes, temperature, gen_gamma, entropy_normalize,
                   sml_mean, sml_inv, lut, lut_offset, heat_m=heat_m,
                   heat_params=heat_params if heat_params is not None else (1.0, 0.0, 1.0), ext=ext)
 
@@ -56,12 +60,12 @@ def _is_compiling() -> bool:
 
 # The custom op wraps the same function: torch.compile traces it as one opaque op; eager
 # calls skip the op dispatch (tens of microseconds per call).
-fused_update = torch.library.custom_op("anomfast::fused_update", mutates_args=("hist", "counters"))(
+fused_update = torch.library.custom_op("anomfast::fused_update", mutates_args=("hist", "sig", "occ", "counters"))(
     _fused_update_eager)
 
 
 @fused_update.register_fake
-def _(logits, labels, hist, counters, lut, lut_offset, codes, temperature, gen_gamma, entropy_normalize,
+def _(logits, labels, hist, sig, occ, counters, lut, lut_offset, codes, temperature, gen_gamma, entropy_normalize,
       sml_mean, sml_inv, heat_m=None, heat_params=None, ext=None) -> None:
     return None
 
@@ -78,9 +82,10 @@ class Evaluator:
         self.conventions = dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
         self.sync_on_compute = sync_on_compute
         self.process_group = process_group
-        self.hist: torch.Tensor | None = None
+        self.hist: HistState | None = None
         self.counters: torch.Tensor | None = None
         self._consts: dict = {}
+        self._loaded_on_cpu = False
 
     @property
     def methods(self) -> tuple:
@@ -90,6 +95,10 @@ class Evaluator:
         if self.hist is None:
             self.hist = _fused.new_histogram(len(self.spec.names), device)
             self.counters = _fused.new_counters(device)
+        elif self.hist.device != device and self._loaded_on_cpu:
+            # a state loaded before any update sits on the CPU: it follows the first batch
+            self.hist = HistState(self.hist.hist.to(device), self.hist.sig.to(device), self.hist.occ.to(device))
+            self.counters = self.counters.to(device)
         elif self.hist.device != device:
             raise ValueError(f"this evaluator's state is on {self.hist.device} but the batch is on {device}")
         if device not in self._consts:
@@ -121,7 +130,9 @@ class Evaluator:
             void = torch.full((), self.label_map.void_ids[0], dtype=y.dtype, device=y.device)
             y = torch.where(keep.to(y.device)[:, None, None], y, void)
         lut, off, mean, inv = self._device_state(x.device)
-        args = (x, y, self.hist, self.counters, lut, off, self.spec.codes, self.spec.temperature,
+        self._loaded_on_cpu = False
+        st = self.hist
+        args = (x, y, st.hist, st.sig, st.occ, self.counters, lut, off, self.spec.codes, self.spec.temperature,
                 self.spec.gen_gamma, self.spec.entropy_normalize, mean, inv, heat_m, heat_params, ext)
         if _is_compiling():
             torch.ops.anomfast.fused_update(*args)   # traced as one opaque op (see register_fake)
@@ -134,8 +145,8 @@ class Evaluator:
         if self.sync_on_compute and dist.is_available() and dist.is_initialized():
             if hist is None:
                 raise RuntimeError("compute() in a distributed run needs at least one update() on every rank")
-            hist, counters = hist.clone(), counters.clone()
-            dist.all_reduce(hist, group=self.process_group)
+            hist, counters = hist.copy(), counters.clone()
+            hist.all_reduce_(group=self.process_group)
             dist.all_reduce(counters, group=self.process_group)
         return hist, counters
 
@@ -147,29 +158,42 @@ class Evaluator:
         pixels = _fused.check_counters(counters.cpu(), None, self.label_map, self.nonfinite)
         res = Results()
         res.pixels = pixels
-        res.histograms = {n: Histogram(n, hist[j].cpu(), self.spec.params_of(n)) for j, n in enumerate(self.spec.names)}
+        res.histograms = histograms_from_state(hist, self.spec.names, self.spec.params_of)
         for n, h in res.histograms.items():
             res[n] = h.finalize(**self.conventions)
         return res
 
     def reset(self) -> None:
         if self.hist is not None:
-            self.hist.zero_()
+            self.hist.clear_()   # only the occupied blocks: the buffers keep their identity
             self.counters.zero_()
 
     def state_dict(self) -> dict:
-        return {"methods": list(self.spec.names), "params": {n: self.spec.params_of(n) for n in self.spec.names},
-                "nbins": _core.NBINS, "hist": None if self.hist is None else self.hist.clone(),
-                "counters": None if self.counters is None else self.counters.clone()}
+        """Sparse, versioned state (only the non-empty bins; the device is not kept: a
+        loaded state goes to the device of the next update())."""
+        return {"format": FORMAT, "methods": list(self.spec.names),
+                "params": {n: self.spec.params_of(n) for n in self.spec.names},
+                "hist": None if self.hist is None else self.hist.to_state(),
+                "counters": None if self.counters is None else self.counters.cpu().clone()}
 
     def load_state_dict(self, d: dict) -> None:
-        if list(d["methods"]) != list(self.spec.names) or d["params"] != {n: self.spec.params_of(n) for n in self.spec.names}:
-            raise ValueError(f"state is for methods {d['methods']} {d['params']}, this evaluator has "
+        """Restores state_dict()'s output; every buffer is checked before the core sees it."""
+        if not isinstance(d, dict):
+            raise TypeError(f"state must be a dict from Evaluator.state_dict(), got {type(d).__name__}")
+        check_format(d.get("format"), "evaluator state")
+        if list(d.get("methods", ())) != list(self.spec.names) or \
+                d.get("params") != {n: self.spec.params_of(n) for n in self.spec.names}:
+            raise ValueError(f"state is for methods {d.get('methods')} {d.get('params')}, this evaluator has "
                              f"{list(self.spec.names)}")
-        if d["nbins"] != _core.NBINS:
-            raise ValueError(f"state has {d['nbins']} bins, this build {_core.NBINS}")
-        if d["hist"] is None:
+        if d.get("hist") is None:
             self.hist = self.counters = None
             return
-        self.hist = d["hist"].clone().contiguous()
-        self.counters = d["counters"].clone().contiguous()
+        c = d.get("counters")
+        if not isinstance(c, torch.Tensor) or c.dtype != torch.int64 or tuple(c.shape) != (_core.N_COUNTERS,) \
+                or bool((c < 0).any()):
+            raise ValueError(f"state counters must be a non-negative int64 tensor of shape ({_core.N_COUNTERS},)")
+        hist = HistState.from_state(d["hist"], len(self.spec.names), "cpu")
+        dev = self.hist.device if self.hist is not None else torch.device("cpu")
+        self._loaded_on_cpu = self.hist is None
+        self.hist = HistState(hist.hist.to(dev), hist.sig.to(dev), hist.occ.to(dev))
+        self.counters = c.to(dev).clone().contiguous()

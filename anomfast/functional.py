@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import _fused, binning
-from .histogram import Histogram
+from .histogram import Histogram, finalize_coords, histograms_from_state
 from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
 from .methods import CODES, EXTERNAL, coord_to_score, resolve
 from .heat import as_features, fit_heat  # noqa: F401  (fit_heat: part of the functional API)
@@ -104,32 +104,153 @@ class Results(dict):
         return self.table()
 
 
-def _finalize(hists: dict, conventions: dict):
-    return {name: h.finalize(**conventions) for name, h in hists.items()}
+def _reiterable(name: str, v) -> None:
+    if v is not None and not isinstance(v, (torch.Tensor, np.ndarray)) and iter(v) is v:
+        raise TypeError(f"refine=True reads the inputs twice, but {name} is a one-shot iterator "
+                        f"({type(v).__name__}); pass a tensor, a list of batches or a re-iterable (e.g. a DataLoader)")
+
+
+def _valid_mask(lm, yi, xi, maps, spec, nonfinite: str) -> torch.Tensor:
+    """Flat mask of the pixels the core bins: labelled normal / anomaly, and (nonfinite=
+    'ignore') finite logits and finite HEAT / external coordinates."""
+    cls = lm.classify(yi).flatten()
+    valid = (cls == NORMAL) | (cls == ANOMALY)
+    if nonfinite == "ignore":
+        valid &= torch.isfinite(xi.float()).all(dim=1).flatten()
+        for j, code in enumerate(spec.codes):  # the core also skips non-finite HEAT / external scores
+            if code in (CODES["heat"], EXTERNAL):
+                valid &= torch.isfinite(maps[j]).flatten()
+    return valid, cls
+
+
+REFINE_MAX_PIXELS = 200_000_000  # pixels kept by refine=True (8 bytes each): a clear error past it
+
+
+def _decisive_bins(h: Histogram, conventions: dict) -> np.ndarray:
+    """Bins (not tie groups) inside which FPR95 or the best F1 and their thresholds are
+    decided: the crossing bin of FPR95 and every bin whose F1 upper bound reaches the best
+    attained F1. Outside them both metrics are already exact."""
+    from .metrics import _min_count_ratio
+    pos, neg, lo, hi, tied, idx = h.groups()
+    P, N = int(pos.sum()), int(neg.sum())
+    if P == 0 or pos.size == 0:
+        return np.zeros(0, np.int64)
+    tp, fp = np.cumsum(pos), np.cumsum(neg)
+    a, f = tp - pos, fp - neg
+    want = np.zeros(pos.size, bool)
+    if N > 0:
+        target, mode = float(conventions.get("tpr_target", 0.95)), conventions.get("fpr_mode", "first")
+        need = _min_count_ratio(P, target, mode == "strict")
+        g1 = int(np.argmax(tp >= need))
+        want[g1] = True
+        if mode == "interp":  # np.interp also reads the point after the crossing
+            above = np.flatnonzero(tp * 1.0 / P > target)
+            if above.size:
+                want[above[0]] = True
+    f1 = 2.0 * tp / (tp + fp + P)
+    f1_hi = 2.0 * (a + pos) / (P + a + pos + f)
+    want |= f1_hi >= f1.max() * (1 - 1e-12)
+    return idx[want & ~tied]
+
+
+def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfinite: str, num_threads: int) -> dict:
+    """Second fused pass: keeps the coordinates of the pixels in each method's decisive
+    bins and replaces those bins by their exact tie groups; FPR95, best F1 and both
+    thresholds are then scikit-learn's exactly, AUROC / AP keep their certified bounds."""
+    from .metrics import groups_from_scores
+    names = list(spec.names)
+    want = {n: _decisive_bins(hists[n], conventions) for n in names}
+    if not any(w.size for w in want.values()):
+        return {n: _mark_refined(hists[n].finalize(**conventions), 0) for n in names}
+    edges = {}
+    for n in names:
+        lo, hi = binning.bin_edges(want[n])
+        o = np.argsort(lo)
+        edges[n] = (torch.from_numpy(lo[o]), torch.from_numpy(hi[o]))
+    kept = {n: ([], []) for n in names}
+    total = 0
+    for xi, yi, fi in batches():
+        _, _, maps = _fused.fused_pass(xi, None, spec, want_maps=True, num_threads=num_threads, features=fi)
+        valid, cls = _valid_mask(lm, yi, xi, maps, spec, nonfinite)
+        flat = maps.reshape(len(names), -1)
+        for j, n in enumerate(names):
+            if not want[n].size:
+                continue
+            lo, hi = (e.to(flat.device) for e in edges[n])
+            t = flat[j].to(torch.float64)
+            k = torch.searchsorted(lo, t, right=True) - 1
+            inside = (k >= 0) & (t <= hi[k.clamp(min=0)]) & valid
+            total += int(inside.sum())
+            if total > REFINE_MAX_PIXELS:
+                raise MemoryError(f"refine=True: the decisive bins hold more than {REFINE_MAX_PIXELS} pixels; "
+                                  "such a pile-up of nearly equal scores cannot be refined in bounded memory "
+                                  "(the certified bounds of the histogram result still hold)")
+            kept[n][0].append(flat[j][inside].cpu().numpy())
+            kept[n][1].append((cls[inside] == ANOMALY).cpu().numpy())
+    out = {}
+    for n in names:
+        h = hists[n]
+        pos, neg, lo, hi, tied, idx = h.groups()
+        if not want[n].size:
+            out[n] = _mark_refined(h.finalize(**conventions), 0)
+            continue
+        t = np.concatenate(kept[n][0]).astype(np.float64)
+        y = np.concatenate(kept[n][1])
+        sub = groups_from_scores(t, y)  # descending exact tie groups of the kept coordinates
+        b = np.searchsorted(-lo, -sub[2], side="left")  # its group: the first (descending) with lo <= value
+        chk_p = np.bincount(b, weights=sub[0], minlength=lo.size)
+        chk_n = np.bincount(b, weights=sub[1], minlength=lo.size)
+        rep = np.isin(idx, want[n])
+        if not (np.array_equal(chk_p[rep], pos[rep]) and np.array_equal(chk_n[rep], neg[rep])):
+            raise RuntimeError(f"refine=True: the second pass over the inputs did not reproduce the first pass's "
+                               f"counts for {n!r}; the inputs must be the same (same order, not reshuffled or "
+                               "augmented) in both passes")
+        # splice: every decisive bin replaced by its exact groups, in descending order
+        # (sub-groups take their bin's place; stable: they keep their descending order)
+        order = np.argsort(np.concatenate([np.flatnonzero(~rep), b]), kind="stable")
+        cat = lambda u, v: np.concatenate([u, v])[order]  # noqa: E731
+        r = finalize_coords(n, h.params, cat(pos[~rep], sub[0]), cat(neg[~rep], sub[1]), cat(lo[~rep], sub[2]),
+                            cat(hi[~rep], sub[3]), cat(tied[~rep], np.ones(sub[0].size, bool)), **conventions)
+        out[n] = _mark_refined(r, int(y.size))
+    return out
+
+
+def _mark_refined(r, n_kept: int):
+    r.definitions["refine"] = (f"exact: fpr95, f1 and both thresholds re-decided from {n_kept} pixels' exact "
+                               "scores in the bins where they fall (second fused pass); auroc and ap keep their "
+                               "certified bounds")
+    for k in ("fpr95", "f1", "threshold", "fpr95_threshold"):
+        v = getattr(r, k)
+        r.bounds[k] = (v, v)
+    return r
 
 
 def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool = False, *,
              label_map=None, fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
-             per_image: bool = False, subsample: int | None = None, seed: int = 42,
+             per_image: bool = False, subsample: int | None = None, seed: int = 42, refine: bool = False,
              nonfinite: str = "error", num_threads: int = 0, features=None, **method_params) -> Results:
     """Evaluate anomaly scores of segmentation logits against anomaly labels.
 
     logits (B, C, H, W) and labels (B, H, W), or iterables of such batches. Returns
-    {method: MetricResult} with auroc, ap, fpr95, f1, threshold and certified bounds.
-    features (B, D, h, w) (or an iterable of batches aligned with the logits): the
-    feature maps HEAT needs, with heat=anomfast.fit_heat(...).
+    {method: MetricResult} with auroc, ap, fpr95, f1, threshold, fpr95_threshold and
+    certified bounds. features (B, D, h, w) (or an iterable of batches aligned with the
+    logits): the feature maps HEAT needs, with heat=anomfast.fit_heat(...).
 
+    refine=True reads the inputs a second time (they must be re-iterable and identical)
+    and keeps the scores of the pixels in the few bins where FPR95 and the best F1 are
+    decided: FPR95, F1 and both thresholds are then exactly scikit-learn's on the core's
+    float32 scores; AUROC and AP keep their certified bounds.
     exact=True keeps every valid pixel's score and sorts (verification, small data).
     per_image=True averages the metrics over images (images lacking anomaly or normal
     pixels are skipped for the metrics they leave undefined) instead of pooling pixels.
     subsample=N evaluates exact metrics on N valid pixels drawn uniformly without
     replacement (a seeded reservoir over the stream of valid pixels, `seed`).
     """
-    from .metrics import groups_from_scores, mean_over_images, metrics_from_groups
+    from .metrics import groups_from_scores, mean_over_images
     if nonfinite not in ("error", "ignore"):
         raise ValueError(f"nonfinite must be 'error' or 'ignore', got {nonfinite!r}")
-    if sum([bool(exact), bool(per_image), subsample is not None]) > 1:
-        raise ValueError("choose at most one of exact=True, per_image=True, subsample=N")
+    if sum([bool(exact), bool(per_image), subsample is not None, bool(refine)]) > 1:
+        raise ValueError("choose at most one of exact=True, per_image=True, subsample=N, refine=True")
     if subsample is not None and (not isinstance(subsample, (int, np.integer)) or subsample < 1):
         raise ValueError(f"subsample must be a positive number of pixels, got {subsample!r}")
     spec = resolve(methods, **method_params)
@@ -137,6 +258,19 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
     conventions = dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
     M = len(spec.names)
     need_maps = exact or subsample is not None
+    need_features = "heat" in spec.names
+    if refine:
+        for name, v in (("logits", logits), ("labels", labels), ("features", features if need_features else None)):
+            _reiterable(name, v)
+
+    def batches():
+        for lg, y, f in _batches(logits, labels, features if need_features else None):
+            x = _fused.as_logits(lg)
+            yy = _fused.as_labels(y, x)
+            if need_features:
+                f = as_features(f, x, spec.heat)
+            yield x, yy, f
+
     hist = None
     totals = {"nonfinite": 0, "invalid": 0, "void": 0, "binned": 0}
     per_image_results = {n: [] for n in spec.names}
@@ -145,12 +279,7 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
     reservoir = None  # (keys, scores (M, n), labels)
     rng = np.random.default_rng(seed)
     n_batches = 0
-    need_features = "heat" in spec.names
-    for lg, y, f in _batches(logits, labels, features if need_features else None):
-        x = _fused.as_logits(lg)
-        yy = _fused.as_labels(y, x)
-        if need_features:
-            f = as_features(f, x, spec.heat)
+    for x, yy, f in batches():
         n_batches += 1
         images = ([(x[i:i + 1], yy[i:i + 1], None if f is None else f[i:i + 1]) for i in range(x.shape[0])]
                   if per_image else [(x, yy, f)])
@@ -169,17 +298,10 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
             for k in totals:
                 totals[k] += summary[k]
             if per_image:
-                for j, n in enumerate(spec.names):
-                    hj = Histogram(n, h[j].cpu(), spec.params_of(n))
+                for n, hj in histograms_from_state(h, spec.names, spec.params_of).items():
                     per_image_results[n].append(hj.finalize(**conventions))
             if need_maps:
-                cls = lm.classify(yi).flatten()
-                valid = (cls == NORMAL) | (cls == ANOMALY)
-                if nonfinite == "ignore":
-                    valid &= torch.isfinite(xi.float()).all(dim=1).flatten()
-                    for j, code in enumerate(spec.codes):  # the core also skips non-finite HEAT / external scores
-                        if code in (CODES["heat"], EXTERNAL):
-                            valid &= torch.isfinite(maps[j]).flatten()
+                valid, cls = _valid_mask(lm, yi, xi, maps, spec, nonfinite)
                 sc = maps.reshape(M, -1)[:, valid].cpu()
                 lab = (cls[valid] == ANOMALY).cpu()
                 if exact:
@@ -219,17 +341,18 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
             labs = reservoir[2].numpy() if reservoir is not None else np.zeros(0, bool)
             cols = [reservoir[1][j].numpy() if reservoir is not None else np.zeros(0, np.float32) for j in range(M)]
         for j, n in enumerate(spec.names):
-            s = coord_to_score(n, cols[j].astype(np.float64))
-            pos, neg, lo, hi = groups_from_scores(s, labs)
-            r = metrics_from_groups(pos, neg, lo, hi, exact=True, **conventions)
-            r.method, r.params = n, spec.params_of(n)
+            # grouped in coordinates: msp's u keeps pixels apart that -max softmax rounds together
+            pos, neg, lo, hi = groups_from_scores(cols[j].astype(np.float64), labs)
+            r = finalize_coords(n, spec.params_of(n), pos, neg, lo, hi, None, exact=True, **conventions)
             if subsample is not None:
                 r.definitions["subsample"] = f"{labs.size} valid pixels drawn uniformly without replacement, seed {seed}"
             results[n] = r
         return results
-    for j, n in enumerate(spec.names):
-        results.histograms[n] = Histogram(n, hist[j].cpu(), spec.params_of(n))
-    results.update(_finalize(results.histograms, conventions))
+    results.histograms = histograms_from_state(hist, spec.names, spec.params_of)
+    if refine:
+        results.update(refine_histograms(results.histograms, spec, lm, batches, conventions, nonfinite, num_threads))
+    else:
+        results.update({n: h.finalize(**conventions) for n, h in results.histograms.items()})
     return results
 
 
@@ -289,10 +412,7 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
             r = metrics_from_groups(pos, neg, lo, hi, exact=True, **conventions)
             r.method, r.params = name, {}
         else:
-            idx = binning.bin_index(s[keep])
-            counts = np.stack([np.bincount(idx[~anomaly[keep]], minlength=binning.NBINS),
-                               np.bincount(idx[anomaly[keep]], minlength=binning.NBINS)]).astype(np.int64)
-            h = Histogram(name, torch.from_numpy(counts), {"source": "evaluate_scores"})
+            h = Histogram.from_scores(name, s[keep], anomaly[keep], {"source": "evaluate_scores"})
             results.histograms[name] = h
             r = h.finalize(**conventions)
         results[name] = r

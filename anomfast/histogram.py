@@ -113,14 +113,43 @@ class HistState:
         nz = np.flatnonzero(h)
         return _split_slots(slots[nz], h[nz], g[nz], self.n_methods)
 
+    def __eq__(self, other) -> bool:
+        """Same counts, signatures and occupancy (compares the occupied blocks only)."""
+        if not isinstance(other, HistState) or other.n_methods != self.n_methods:
+            return False
+        if not torch.equal(self.occ.cpu(), other.occ.cpu()):
+            return False
+        blocks = self.blocks()
+        return all(torch.equal(u.cpu(), v.cpu()) for u, v in zip(self.gather(blocks), other.gather(blocks)))
+
+    __hash__ = None
+
+    def total(self) -> int:
+        """All counts (one host sync)."""
+        return int(sum(int(t[1].sum() + t[2].sum()) for t in self.sparse()))
+
+    def clear_(self) -> None:
+        """Zeroes the occupied blocks only (the buffers keep their identity and laziness)."""
+        blocks = self.blocks()
+        if blocks.size:
+            z = torch.zeros(blocks.size * OCC_BLOCK, dtype=torch.int64, device=self.device)
+            self.scatter_(blocks, z, z.to(torch.int32))
+        self.occ.zero_()
+
     def add_(self, other: "HistState") -> None:
         self.check(other.n_methods, other.device)
         self.hist += other.hist
         self.sig |= other.sig
         self.occ |= other.occ
 
-    def clone(self) -> "HistState":
-        return HistState(self.hist.clone(), self.sig.clone(), self.occ.clone())
+    def copy(self) -> "HistState":
+        """An independent copy that costs what the occupied blocks cost (a dense clone
+        would back every page of the lazily allocated buffers)."""
+        out = HistState.new(self.n_methods, self.device)
+        blocks = self.blocks()
+        if blocks.size:
+            out.scatter_(blocks, *self.gather(blocks))
+        return out
 
     def to_state(self) -> dict:
         """Sparse, device-free form for state_dict / checkpoints."""
@@ -148,19 +177,19 @@ class HistState:
             st = HistState(st.hist.to(device), st.sig.to(device), st.occ.to(device))
         return st
 
-    def all_reduce_(self) -> None:
+    def all_reduce_(self, group=None) -> None:
         """Sums the counts and ORs the signatures over the default process group, moving
         only the blocks some process has touched."""
         import torch.distributed as dist
         occ = self.occ.to(torch.int32)
-        dist.all_reduce(occ, op=dist.ReduceOp.MAX)
+        dist.all_reduce(occ, op=dist.ReduceOp.MAX, group=group)
         blocks = torch.nonzero(occ).flatten().cpu().numpy()
         if blocks.size == 0:
             return
         h, g = self.gather(blocks)
-        dist.all_reduce(h)
-        gs = [torch.zeros_like(g) for _ in range(dist.get_world_size())]
-        dist.all_gather(gs, g)
+        dist.all_reduce(h, group=group)
+        gs = [torch.zeros_like(g) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gs, g, group=group)
         for x in gs[1:]:
             gs[0] |= x
         self.scatter_(blocks, h, gs[0])
@@ -291,26 +320,23 @@ class Histogram:
                         for k in ("index", "normal", "anomaly", "sig")))
 
     def groups(self):
-        """Non-empty bins, highest score first: (pos, neg, thr_lo, thr_hi) in score units.
-        A bin whose signature shows a single value (a real tie group) has thr_lo == thr_hi
-        == that value."""
-        idx = self.index[::-1]
+        """Non-empty bins, highest coordinate first: (pos, neg, lo, hi, tied, index) with lo /
+        hi the bin's smallest / largest coordinate (float64). A bin whose tie signature shows
+        one value (a real tie group) has tied True and lo == hi == that value. Coordinates
+        rank like the scores (anomfast.methods.coord_to_score maps them); finalizing in
+        coordinates keeps msp's u = 1 - max softmax resolved where -max softmax is not."""
+        idx = self.index[::-1].copy()
         lo, hi = binning.bin_edges(idx)
         v = binning.bin_value(idx, self.sig[::-1])
-        single = ~np.isnan(v)
-        lo = np.where(single, v, lo)
-        hi = np.where(single, v, hi)
-        slo, shi = coord_to_score(self.method, lo), coord_to_score(self.method, hi)
-        shi = np.where(single, slo, shi)  # one value: one score, even where the map rounds
-        return self.anomaly[::-1].copy(), self.normal[::-1].copy(), slo, shi
+        tied = ~np.isnan(v)
+        lo = np.where(tied, v, lo)
+        hi = np.where(tied, v, hi)
+        return self.anomaly[::-1].copy(), self.normal[::-1].copy(), lo, hi, tied, idx
 
     def finalize(self, **conventions):
         """Metrics with certified bounds; see anomfast.metrics.metrics_from_groups."""
-        from .metrics import metrics_from_groups
-        pos, neg, lo, hi = self.groups()
-        r = metrics_from_groups(pos, neg, lo, hi, exact=False, **conventions)
-        r.method, r.params = self.method, dict(self.params)
-        return r
+        pos, neg, lo, hi, tied, _ = self.groups()
+        return finalize_coords(self.method, self.params, pos, neg, lo, hi, tied, **conventions)
 
     def __repr__(self) -> str:
         return f"Histogram({self.method!r}, normal={self.n_normal}, anomaly={self.n_anomaly})"
@@ -321,6 +347,21 @@ class Histogram:
     @classmethod
     def from_sparse(cls, method, index, normal, anomaly, sig, params=None, binning_scheme=None) -> "Histogram":
         return cls(method, index, normal, anomaly, sig, params, binning_scheme)
+
+
+def finalize_coords(method: str, params: dict, pos, neg, lo, hi, tied, exact: bool = False, **conventions):
+    """metrics_from_groups on a group table in coordinate units (descending), with the
+    thresholds (and the table kept for curves) converted to score units afterwards."""
+    from .metrics import metrics_from_groups
+    r = metrics_from_groups(pos, neg, lo, hi, exact=exact, tied=tied, **conventions)
+    for k in ("threshold", "fpr95_threshold"):
+        setattr(r, k, float(coord_to_score(method, np.float64(getattr(r, k)))))
+        r.bounds[k] = tuple(float(coord_to_score(method, np.float64(x))) for x in r.bounds[k])
+    if r._groups is not None:
+        p, n, glo, ghi = r._groups
+        r._groups = (p, n, coord_to_score(method, glo), coord_to_score(method, ghi))
+    r.method, r.params = method, dict(params)
+    return r
 
 
 def histograms_from_state(state: HistState, names, params_of) -> dict:

@@ -15,11 +15,15 @@ Scores are summarized by a table of *groups* sorted by **descending** score:
 
 Groups are strictly ordered (every score of group g is larger than every score of
 group g+1) but the order of pixels *inside* a group is unknown. Empty groups
-(pos + neg == 0) are dropped. With ``exact=True`` every group is a set of exactly tied
-scores (``groups_from_scores``); ties are then real ties with scikit-learn semantics and
-every bound collapses to the value. With ``exact=False`` (histograms) each metric comes
-with a certified interval ``bounds[name] = (low, high)`` that contains the metric of the
-unbinned scores for *every* ordering and tie structure of the pixels inside each group.
+(pos + neg == 0) are dropped. A group with ``thr_lo == thr_hi`` holds one single score
+value: a *tie group*, with scikit-learn's semantics for ties and nothing unknown inside
+it. With ``exact=True`` every group is a tie group (``groups_from_scores``) and every
+bound collapses to the value. With ``exact=False`` (histograms) a bin is a tie group
+when its tie signature shows one value (anomfast.binning; e.g. bf16 / fp16 logits,
+saturated outputs, rounded scores), and every other bin is a range of values; each metric
+comes with a certified interval ``bounds[name] = (low, high)`` that contains the metric of
+the unbinned scores for *every* ordering and tie structure of the pixels inside each
+non-tie group. Everything a metric takes from tie groups is exact.
 
 Notation: P = sum(pos), N = sum(neg). For group g, a = TP before g, f = FP before g,
 p = pos[g], n = neg[g]; TP_g = a + p and FP_g = f + n are cumulative counts including g.
@@ -34,8 +38,8 @@ AUROC
 
         AUROC = sum_g n * (a + p/2) / (P * N)
 
-    Bound: AUROC +- 0.5 * sum_g p*n / (P*N) (each within-group pair may be ordered
-    either way), clipped to [0, 1].
+    Bound: AUROC +- 0.5 * sum_g p*n / (P*N) over the non-tie groups (each within-group
+    pair may be ordered either way), clipped to [0, 1].
 
 AP, ap_mode="step" (default)
     ``sklearn.metrics.average_precision_score``::
@@ -50,7 +54,7 @@ AP, ap_mode="step" (default)
     Every positive is credited with the precision at the end of its (sub-)tie group,
     which is >= (a+j)/(K+j) for the j-th positive and <= (a+p)/(a+f+p); both ends are
     attained. The sum uses the closed form p - (f+n) * (H(K+p) - H(K)) with H the
-    harmonic numbers evaluated through digamma differences.
+    harmonic numbers evaluated through digamma differences. A tie group's term is exact.
 
 AP, ap_mode="trapezoid"
     Trapezoid rule on the precision-recall curve of ``precision_recall_curve``,
@@ -67,11 +71,20 @@ AP, ap_mode="trapezoid"
 FPR95 (tpr_target = 0.95)
     fpr_mode="first" (default): FPR = FP/N at the first group (descending) whose
     TPR = TP/P >= target (= ``roc_curve(y, s, drop_intermediate=False)`` followed by
-    ``fpr[argmax(tpr >= target)]``). Exact mode: value = FP_g / N. Histogram mode: with
-    k = (smallest integer TP with TP/P >= target) - a positives needed inside the
-    crossing group g, the value assumes randomly interleaved positives and negatives::
+    ``fpr[argmax(tpr >= target)]``). When the crossing group g is a tie group (always in
+    exact mode), value = FP_g / N, exactly scikit-learn's: no threshold separates tied
+    pixels. When it is a bin of several values, with k = (smallest integer TP with
+    TP/P >= target) - a positives needed inside it, the point value assumes its positives
+    and negatives randomly interleaved (the expected FP count before the k-th positive)::
 
         FPR95 = (f + k * n / (p + 1)) / N,    bound [f/N, (f+n)/N]
+
+    Its error is at most n/N (the crossing bin's negatives over all negatives): below
+    1e-4 whenever that bin holds under 1e-4 N negatives, which 2^13 bins per octave give
+    continuous scores on >= 1M pixels in practice; ``refine=True`` makes it exact.
+    ``fpr95_threshold`` = thr_lo of the crossing group: "anomaly iff score >= t" then
+    gives TPR = TP_g/P and FPR = FP_g/N, the reported values for a tie group;
+    ``bounds["fpr95_threshold"]`` = (thr_lo, thr_hi) of that group.
 
     fpr_mode="strict": the same with TPR > target (target < 1 required).
     fpr_mode="interp": ``np.interp(target, tpr, fpr)`` on the ROC curve with one point
@@ -87,8 +100,9 @@ Best F1
     max over group thresholds of F1 = 2 TP / (2 TP + FP + FN) = 2 TP_g / (TP_g + FP_g + P).
     Among equal maxima the HIGHEST threshold (fewest flagged pixels) wins.
     ``threshold`` = thr_lo of the best group, ``bounds["threshold"]`` = (thr_lo, thr_hi) of
-    that group. ``bounds["f1"] = (F1, max_g 2(a+p)/(P+a+p+f))``: the value is attained
-    by a threshold of the unbinned scores; the upper end puts the group's positives first.
+    that group. ``bounds["f1"] = (F1, max_g 2(a+p)/(P+a+p+f))`` with the maximum over the
+    non-tie groups (tie groups contribute their exact F1): the value is attained by a
+    threshold of the unbinned scores; the upper end puts the group's positives first.
 
 Bounds (histogram mode) are widened outward by 1e-12 against rounding and clipped to
 [0, 1]; in exact mode they are (value, value). Bounds of a NaN metric are (nan, nan).
@@ -119,7 +133,7 @@ import numpy as np
 __all__ = ["MetricResult", "groups_from_scores", "metrics_from_groups", "mean_over_images",
            "METRIC_NAMES", "FPR_MODES", "AP_MODES"]
 
-METRIC_NAMES = ("auroc", "ap", "fpr95", "f1", "threshold")
+METRIC_NAMES = ("auroc", "ap", "fpr95", "f1", "threshold", "fpr95_threshold")
 FPR_MODES = ("first", "strict", "interp")
 AP_MODES = ("step", "trapezoid")
 _EPS = 1e-12
@@ -191,8 +205,8 @@ def _jsonable(v):
 class MetricResult:
     """Metrics of one score map (or one aggregation) with certified bounds.
 
-    Attributes: auroc, ap, fpr95, f1, threshold (float); bounds {name: (low, high)} for
-    those five names; n_pos, n_neg (pixel counts); exact (bounds collapsed); definitions
+    Attributes: auroc, ap, fpr95, f1, threshold (best F1), fpr95_threshold (the operating
+    threshold of fpr95) (float); bounds {name: (low, high)} for those six names; n_pos, n_neg (pixel counts); exact (bounds collapsed); definitions
     (conventions used, strings); warnings (degenerate cases met); method, params (set by
     the caller). The compact group table is kept privately for ``roc_curve()`` and
     ``pr_curve()``.
@@ -203,6 +217,7 @@ class MetricResult:
     fpr95: float = _NAN
     f1: float = _NAN
     threshold: float = _NAN
+    fpr95_threshold: float = _NAN
     bounds: dict = field(default_factory=dict)
     n_pos: int = 0
     n_neg: int = 0
@@ -357,7 +372,8 @@ def _definitions(fpr_mode, ap_mode, tpr_target, exact):
                   "ood_metrics.fpr_at_95_tpr convention; right end of a plateau at TPR = target)",
     }[fpr_mode]
     if not exact and fpr_mode != "interp":
-        fpr += "; histogram point value interleaves the crossing bin's positives and negatives at random"
+        fpr += ("; exact when the crossing bin holds one value (a tie); for a bin of several values the "
+                "point value interleaves its positives and negatives at random")
     return {
         "positive": "anomaly (higher score = more anomalous); threshold t: anomaly iff score >= t",
         "auroc": "trapezoid area under ROC, ties count 1/2 (sklearn roc_auc_score)",
@@ -367,6 +383,8 @@ def _definitions(fpr_mode, ap_mode, tpr_target, exact):
         "fpr95": fpr,
         "f1": "max over thresholds of 2TP/(2TP+FP+FN); ties -> highest threshold",
         "threshold": "score threshold of the best F1 (anomaly iff score >= threshold)",
+        "fpr95_threshold": "operating threshold of fpr95: anomaly iff score >= it gives the crossing TPR/FPR "
+                           "(lowest value of the crossing bin; exact for a tie group or with refine=True)",
         "tpr_target": t,
         "fpr_mode": fpr_mode,
         "ap_mode": ap_mode,
@@ -379,12 +397,15 @@ def _definitions(fpr_mode, ap_mode, tpr_target, exact):
 # ----------------------------------------------------------------------------- metrics
 
 def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mode: str = "first",
-                        ap_mode: str = "step", tpr_target: float = 0.95) -> MetricResult:
+                        ap_mode: str = "step", tpr_target: float = 0.95, tied=None) -> MetricResult:
     """AUROC, AP, FPR at ``tpr_target`` TPR, best F1 and its threshold, with certified bounds.
 
     pos, neg: int counts per group; thr_lo, thr_hi: score range per group; groups sorted
     by descending score (see the module docstring for the table and every formula).
     exact=True: each group is a set of exactly tied scores (bounds collapse).
+    tied: optional bool per group, True where the group is known to hold one value (a tie
+    group); default thr_lo == thr_hi (pass it when thr_lo/thr_hi are rounded values that
+    may coincide for distinct values).
     fpr_mode: "first" (TPR >= target), "strict" (TPR > target), "interp" (np.interp).
     ap_mode: "step" (sklearn average_precision_score) or "trapezoid" (auc(recall, precision)).
     Vectorized; ~1M groups finalize in well under a second.
@@ -410,14 +431,18 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
             raise ValueError(f"{name} counts must be non-negative")
     pos = pos.astype(np.int64)
     neg = neg.astype(np.int64)
+    tied = (lo == hi) if tied is None else np.asarray(tied, bool).ravel()
+    if tied.size != pos.size:
+        raise ValueError(f"tied has {tied.size} entries for {pos.size} groups")
     keep = (pos + neg) > 0
     if not keep.all():
-        pos, neg, lo, hi = pos[keep], neg[keep], lo[keep], hi[keep]
+        pos, neg, lo, hi, tied = pos[keep], neg[keep], lo[keep], hi[keep], tied[keep]
     if lo.size > 1 and np.any(lo[1:] > lo[:-1]):
         raise ValueError("groups must be sorted by descending score (thr_lo non-increasing)")
     if np.any(lo > hi):
         raise ValueError("thr_lo must be <= thr_hi for every group")
     exact = bool(exact)
+    tied = np.ones(lo.size, bool) if exact else tied  # tie groups: nothing unknown inside
 
     P, N = int(pos.sum()), int(neg.sum())
     res = MetricResult(n_pos=P, n_neg=N, exact=exact,
@@ -440,6 +465,8 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
         res.f1, res.threshold = 0.0, math.inf
         res.bounds["f1"] = (0.0, 0.0)
         res.bounds["threshold"] = (math.inf, math.inf)
+        res.fpr95_threshold = _NAN
+        res.bounds["fpr95_threshold"] = nanb
         return _ordered(res)
 
     # cumulative counts: a, f before the group; tp, fp including it
@@ -456,7 +483,7 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
         undefined("no normal (negative) pixels: auroc and fpr95 are undefined (NaN)", ("auroc", "fpr95"))
     else:
         auroc = float(np.sum((nf / Nf) * (af + 0.5 * pf)) / Pf)
-        half = 0.5 * float(np.sum((pf / Pf) * (nf / Nf)))
+        half = 0.5 * float(np.sum(np.where(tied, 0.0, (pf / Pf) * (nf / Nf))))
         res.auroc = min(max(auroc, 0.0), 1.0)
         res.bounds["auroc"] = _interval(auroc - half, auroc + half, exact, res.auroc)
 
@@ -466,8 +493,9 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
     if ap_mode == "step":
         ap = float(np.sum(w * prec))
         if not exact:
-            lower = float(np.sum(_ap_step_lower_terms(a, f, pos, neg) / Pf))
-            upper = float(np.sum(w * np.where(pos > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 0.0)))
+            lower = float(np.sum(np.where(tied, w * prec, _ap_step_lower_terms(a, f, pos, neg) / Pf)))
+            upper = float(np.sum(np.where(tied, w * prec,
+                                          w * np.where(pos > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 0.0))))
     else:
         prev = np.concatenate(([1.0], prec[:-1]))
         ap = float(np.sum(w * 0.5 * (prev + prec)))
@@ -475,8 +503,9 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
             K = af + ff + nf
             pmin = np.where(K > 0, af / np.maximum(K, 1.0), 1.0)
             pmax = np.maximum(np.where(af + ff + pf > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 1.0), prev)
-            lower = float(np.sum(w * pmin))
-            upper = float(np.sum(w * pmax))
+            exact_seg = 0.5 * (prev + prec)
+            lower = float(np.sum(w * np.where(tied, exact_seg, pmin)))
+            upper = float(np.sum(w * np.where(tied, exact_seg, pmax)))
     if N == 0:
         ap, lower, upper = 1.0, 1.0, 1.0  # every precision is 1 (avoid rounding of the sum)
     res.ap = min(max(ap, 0.0), 1.0)
@@ -497,24 +526,28 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
             above = np.flatnonzero(tpr > tpr_target)
             blo = float(f[g1]) / Nf
             bhi = float(fp[above[0]]) / Nf if above.size else 1.0
+        elif tied[g1]:
+            val = blo = bhi = float(fp[g1]) / Nf
         else:
-            if exact:
-                val = float(fp[g1]) / Nf
-            else:
-                k = _min_count_ratio(P, tpr_target, fpr_mode == "strict") - int(a[g1])
-                val = (float(f[g1]) + k * float(neg[g1]) / (float(pos[g1]) + 1.0)) / Nf
+            k = _min_count_ratio(P, tpr_target, fpr_mode == "strict") - int(a[g1])
+            val = (float(f[g1]) + k * float(neg[g1]) / (float(pos[g1]) + 1.0)) / Nf
             blo, bhi = float(f[g1]) / Nf, float(fp[g1]) / Nf
         res.fpr95 = min(max(val, 0.0), 1.0)
-        res.bounds["fpr95"] = _interval(blo, bhi, exact, res.fpr95)
+        res.bounds["fpr95"] = _interval(blo, bhi, exact or (fpr_mode != "interp" and tied[g1]), res.fpr95)
+        res.fpr95_threshold = float(lo[g1])
+        res.bounds["fpr95_threshold"] = (float(lo[g1]), float(hi[g1]))
+    else:
+        res.fpr95_threshold = _NAN
+        res.bounds["fpr95_threshold"] = nanb
 
     # ---- best F1 (np.argmax: first maximum = highest threshold)
     f1 = 2.0 * tpf / (tpf + fpf + Pf)
     b = int(np.argmax(f1))
     res.f1 = float(f1[b])
     res.threshold = float(lo[b])
-    f1_hi = float(np.max(2.0 * (af + pf) / (Pf + af + pf + ff)))
-    res.bounds["f1"] = _interval(res.f1, max(f1_hi, res.f1), exact, res.f1)
-    res.bounds["threshold"] = (float(lo[b]), float(lo[b])) if exact else (float(lo[b]), float(hi[b]))
+    f1_hi = float(np.max(np.where(tied, f1, 2.0 * (af + pf) / (Pf + af + pf + ff))))
+    res.bounds["f1"] = _interval(res.f1, max(f1_hi, res.f1), exact or bool(tied.all()), res.f1)
+    res.bounds["threshold"] = (float(lo[b]), float(hi[b]))
     if lo.size == 1:
         res.warnings.append("all scores are equal: the ranking carries no information" if exact else
                             "all pixels fall in one bin: the bounds are uninformative")

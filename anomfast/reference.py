@@ -30,21 +30,35 @@ def score(logits, method: str, *, temperature: float = 1.0, sml_mean=None, sml_s
     if method == "msp":
         return -torch.softmax(x, dim=1).max(dim=1).values
     if method == "energy":
-        return -temperature * torch.logsumexp(x / temperature, dim=1)
+        # -T logsumexp(l / T) = -(m + T log1p(S_T)), S_T = sum_{c != k} e^((l_c - m) / T):
+        # log1p keeps energies just below -m (saturated 2-class outputs) exact, where
+        # logsumexp rounds log(1 + 1e-30) to 0
+        m, k = x.max(dim=1, keepdim=True)
+        sT = torch.exp((x - m) / temperature).scatter(1, k, 0.0).sum(dim=1)
+        return -(m[:, 0] + temperature * torch.log1p(sT))
     if method == "sml":
         m, k = x.max(dim=1)
         mean = torch.as_tensor(np.asarray(sml_mean), dtype=torch.float64, device=x.device)
         std = torch.as_tensor(np.asarray(sml_std), dtype=torch.float64, device=x.device)
         return -(m - mean[k]) / std[k]
-    if method == "entropy":
-        logp = torch.log_softmax(x, dim=1)
-        h = -(logp.exp() * logp).sum(dim=1)
-        if entropy_normalize:
-            return h / math.log(C) if C > 1 else torch.zeros_like(h)
-        return h
-    if method == "gen":
-        p = torch.softmax(x, dim=1)
-        return (p.pow(gen_gamma) * (1 - p).pow(gen_gamma)).sum(dim=1)
+    if method in ("entropy", "gen"):
+        # written without cancellation: with S = sum_{c != k} e^(l_c - m), log p_c =
+        # (l_c - m) - log1p(S) and 1 - p_k = S / (1 + S); log_softmax / 1 - p would round
+        # the argmax's terms to 0 on confident pixels (1 - 1e-26 == 1 in float64), which
+        # for margins of 30-80 dominate GEN and are a 1/margin share of the entropy
+        m, k = x.max(dim=1, keepdim=True)
+        d = x - m
+        e = torch.exp(d)
+        S = e.scatter(1, k, 0.0).sum(dim=1, keepdim=True)
+        z = 1.0 + S
+        if method == "entropy":
+            h = (torch.log1p(S) - (e * d).sum(dim=1, keepdim=True) / z)[:, 0]
+            if entropy_normalize:
+                return h / math.log(C) if C > 1 else torch.zeros_like(h)
+            return h
+        p = e / z
+        one_minus = ((z - e) / z).scatter(1, k, S / z)
+        return (p.pow(gen_gamma) * one_minus.pow(gen_gamma)).sum(dim=1)
     raise ValueError(f"reference has no method {method!r}")
 
 
@@ -90,20 +104,21 @@ def bin_index(t) -> torch.Tensor:
     """The binning rule, written from its definition with frexp (independent of the
     bit-twiddling in csrc/common/binning.h and anomfast/binning.py).
 
-    For float32 t: sign s, |t| = f * 2^E with f in [0.5, 1) (frexp), octave e = E - 1.
-    Per sign: magnitude bin 0 for |t| < 2^-32, 1 + (e + 32) * 2^13 + floor((2f - 1) * 2^13)
-    for 2^-32 <= |t| < 2^32, and 2 + 64 * 2^13 - 1 above. Negative values are mirrored
-    below the positive ones; -0.0 counts as +0.0.
+    For float32 t: sign s, |t| = f * 2^E with f in [0.5, 1) (frexp; subnormals included),
+    octave o = E + 148 (0 for the smallest subnormal 2^-149, 276 for the top octave
+    [2^127, 2^128)). Per sign: magnitude bin 0 for t = 0, 1 + o * 2^13 + floor((2f - 1) *
+    2^13) for finite t != 0, and 2 + 277 * 2^13 - 1 for infinity. Negative values are
+    mirrored below the positive ones; -0.0 counts as +0.0.
     """
     t = torch.as_tensor(t, dtype=torch.float32).to(torch.float64)  # exact widening
-    nmag = 2 + (64 << 13)
+    nmag = 2 + (277 << 13)
     a = t.abs()
     f, E = torch.frexp(a)
-    e = E.to(torch.int64) - 1
+    o = E.to(torch.int64) + 148
     frac = torch.floor((2 * f - 1) * (1 << 13)).to(torch.int64)
-    mag = 1 + (e + 32) * (1 << 13) + frac
-    mag = torch.where(a < 2.0 ** -32, torch.zeros_like(mag), mag)
-    mag = torch.where(a >= 2.0 ** 32, torch.full_like(mag, nmag - 1), mag)
+    mag = 1 + o * (1 << 13) + frac
+    mag = torch.where(a == 0, torch.zeros_like(mag), mag)
+    mag = torch.where(torch.isinf(a), torch.full_like(mag, nmag - 1), mag)
     neg = t < 0
     return torch.where(neg, nmag - 1 - mag, nmag + mag)
 
@@ -112,7 +127,7 @@ def histogram(logits, labels, method: str, label_map: LabelMap | None = None, **
     """(2, NBINS) int64 counts [normal, anomaly] of the float32-rounded reference coordinate."""
     t = coordinate(logits, method, **params).to(torch.float32)
     cls = (label_map or LabelMap.default()).classify(torch.as_tensor(labels))
-    nb = 2 * (2 + (64 << 13))
+    nb = 2 * (2 + (277 << 13))
     out = torch.zeros((2, nb), dtype=torch.int64)
     idx = bin_index(t)
     for c, row in ((NORMAL, 0), (ANOMALY, 1)):

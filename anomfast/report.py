@@ -10,15 +10,27 @@ def _pct(v: float, digits: int) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
 
 
+def _thr(v) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v:.6g}"
+
+
+def bound_width(r) -> float:
+    """Largest certified bound width of the metrics (thresholds are in score units: left out)."""
+    w = [hi - lo for k, (lo, hi) in r.bounds.items() if k in ("auroc", "ap", "fpr95", "f1")
+         and not (math.isnan(lo) or math.isnan(hi))]
+    return max(w or [0.0])
+
+
 def results_table(results, digits: int = 2) -> str:
-    """One row per method: FPR95, AUROC, AP, F1 (in %), threshold, with bound widths."""
-    head = "| Method | FPR95 | AUROC | AUPR | F1 | Threshold | max bound width |\n|:--|--:|--:|--:|--:|--:|--:|"
+    """One row per method: FPR95 and its operating threshold, AUROC, AP, F1 (in %) and its
+    threshold, with the largest bound width of the four metrics."""
+    head = ("| Method | FPR95 | FPR95 threshold | AUROC | AUPR | F1 | F1 threshold | max bound width |\n"
+            "|:--|--:|--:|--:|--:|--:|--:|--:|")
     rows = [head]
     for name, r in results.items():
-        width = max((hi - lo) for k, (lo, hi) in r.bounds.items() if k != "threshold"
-                    and not (math.isnan(lo) or math.isnan(hi))) if r.bounds else 0.0
-        rows.append(f"| {DISPLAY.get(name, name)} | {_pct(r.fpr95, digits)} | {_pct(r.auroc, digits)} | "
-                    f"{_pct(r.ap, digits)} | {_pct(r.f1, digits)} | {r.threshold:.4f} | {width:.1e} |")
+        rows.append(f"| {DISPLAY.get(name, name)} | {_pct(r.fpr95, digits)} | {_thr(r.fpr95_threshold)} | "
+                    f"{_pct(r.auroc, digits)} | {_pct(r.ap, digits)} | {_pct(r.f1, digits)} | {_thr(r.threshold)} | "
+                    f"{bound_width(r):.1e} |")
     return "\n".join(rows)
 
 
@@ -32,6 +44,7 @@ DEFINITIONS = {
     "AUROC": "area under the ROC curve, ties counted one half (= sklearn roc_auc_score)",
     "AUPR": "average precision, step-wise sum (R_n - R_{n-1}) P_n, anomaly positive (= sklearn average_precision_score)",
     "F1": "best F1 over thresholds 'anomaly iff score >= t'; ties -> highest threshold",
+    "FPR95 threshold": "the score threshold t (anomaly iff score >= t) at which FPR95 is measured",
     "bounds": "certified [low, high] the exact (unbinned) metric lies in",
 }
 
@@ -60,6 +73,7 @@ def seed_tables(models: list, methods: list) -> str:
                                for k in methods] for m in models]
     f1 = [[_row_label(m)] + [_fmt(m["results"][k].f1, 2) for k in methods] for m in models]
     thr = [[_row_label(m)] + [_fmt(m["results"][k].threshold, 4, pct=False) for k in methods] for m in models]
+    op = [[_row_label(m)] + [_thr(m["results"][k].fpr95_threshold) for k in methods] for m in models]
     left = [":--"] + ["--:"] * len(methods)
     parts = [
         "# Model vs Anomaly Detection Method Comparison", "",
@@ -72,6 +86,9 @@ def seed_tables(models: list, methods: list) -> str:
         "## Optimal Thresholds", "",
         "These are the thresholds that maximize F1 score for each method/model combination.", "",
         _md_table(head, thr, left), "",
+        "## FPR95 Operating Thresholds", "",
+        "The score threshold (anomaly iff score >= t) at which the FPR95 above is measured.", "",
+        _md_table(head, op, left), "",
     ]
     return "\n".join(parts)
 
@@ -83,11 +100,10 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     out.mkdir(parents=True, exist_ok=True)
     conventions = conventions or {}
     methods = run["methods"]
-    for m in run["models"]:
-        m["results"] = {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
+    for m in run["models"]:  # results refined by the runner (--refine) are kept
+        m["results"] = m.get("results") or {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
     md = seed_tables(run["models"], methods)
-    widths = [max(hi - lo for kk, (lo, hi) in r.bounds.items() if kk != "threshold" and not math.isnan(lo))
-              for m in run["models"] for r in m["results"].values() if r.n_pos and r.n_neg]
+    widths = [bound_width(r) for m in run["models"] for r in m["results"].values() if r.n_pos and r.n_neg]
     md += ("\n---\n\nMetrics are finalized from histograms; every number has a certified bound "
            f"(largest bound width in this report: {max(widths or [0.0]):.1e}, see results.json). "
            f"Definitions: {conventions or 'defaults'}.\n")
@@ -99,11 +115,12 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
         w = csv.writer(f)
         w.writerow(["model", "miou", "method", "fpr95", "fpr95_low", "fpr95_high", "auroc", "auroc_low", "auroc_high",
                     "ap", "ap_low", "ap_high", "f1", "f1_low", "f1_high", "threshold", "threshold_low",
-                    "threshold_high", "n_anomaly", "n_normal"])
+                    "threshold_high", "fpr95_threshold", "fpr95_threshold_low", "fpr95_threshold_high",
+                    "n_anomaly", "n_normal"])
         for m in run["models"]:
             for k, r in m["results"].items():
                 row = [m["name"], m.get("miou"), k]
-                for a in ("fpr95", "auroc", "ap", "f1", "threshold"):
+                for a in ("fpr95", "auroc", "ap", "f1", "threshold", "fpr95_threshold"):
                     row += [getattr(r, a), *r.bounds[a]]
                 w.writerow(row + [r.n_pos, r.n_neg])
     doc = {"definitions": DEFINITIONS, "conventions": conventions, "methods": methods, "notes": notes,

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from . import _fused
-from .functional import fit_sml
+from .functional import fit_sml, refine_histograms
 from .grid import Grid, GridError, load_array
 from .heat import HeatStats, as_features, fit_heat
-from .histogram import Histogram
+from .histogram import histograms_from_state
 from .methods import coord_to_score, resolve
 from .sml import SMLStats
 
@@ -104,8 +104,11 @@ def fit_model_heat(model) -> HeatStats:
 
 
 def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = True, n_examples: int = 3,
-                  temperature: float = 1.0, distributed: bool = False) -> dict:
-    """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...}."""
+                  temperature: float = 1.0, distributed: bool = False, refine: bool = False,
+                  conventions: dict | None = None) -> dict:
+    """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...};
+    with refine=True each model also has "results" (FPR95 / F1 / thresholds made exact by a
+    second pass over its files, see anomfast.evaluate(refine=True))."""
     stems = sorted(grid.labels)
     rank, world = 0, 1
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -165,7 +168,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                                  "maps": {n: coord_to_score(n, maps[j, 0].cpu().numpy()) for j, n in enumerate(spec.names)}})
             pb.update(int(y.numel()))
         if world > 1:
-            torch.distributed.all_reduce(hist)
+            hist.all_reduce_()
             torch.distributed.all_reduce(counters)
             if conf is not None:
                 torch.distributed.all_reduce(conf)
@@ -177,7 +180,17 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             union = c.sum(0) + c.sum(1) - inter
             present = c.sum(1) > 0
             miou = float((inter[present] / union[present]).mean())
-        hists = {n: Histogram(n, hist[j].cpu(), spec.params_of(n)) for j, n in enumerate(spec.names)}
-        out.append({"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
-                    "images": len(stems)})
+        hists = histograms_from_state(hist, spec.names, spec.params_of)
+        entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
+                 "images": len(stems)}
+        if refine:
+            def batches():
+                for _, x, y, _, f in _prefetch(read, my_stems):
+                    xb = _fused.as_logits(x.unsqueeze(0).to(device))
+                    fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
+                    yield xb, _fused.as_labels(y.unsqueeze(0).to(device), xb), fb
+            if progress and rank == 0:
+                print(f"{model.name}: refining FPR95 / F1 (second pass)", file=sys.stderr)
+            entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}), "error", 0)
+        out.append(entry)
     return {"models": out, "methods": list(methods)}

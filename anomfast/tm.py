@@ -6,7 +6,7 @@ evaluator plugs into Lightning as is::
     self.val_anomaly.update(logits, labels)        # in validation_step
     self.log_dict(self.val_anomaly.compute_flat()) # or .compute() -> Results
 
-States are the int64 histogram and counters with ``dist_reduce_fx="sum"``: torchmetrics'
+States are the HistState buffers (counts and counters summed, tie signatures OR-ed, occupancy max-ed): torchmetrics'
 own sync sums them across processes.
 """
 from __future__ import annotations
@@ -20,6 +20,17 @@ import torch
 
 from . import _core, _fused
 from .evaluator import Evaluator
+from .histogram import HistState
+
+
+def _bitwise_or(x: torch.Tensor) -> torch.Tensor:
+    """torchmetrics' reduction of gathered signature states (stacked on dim 0): OR."""
+    if x.dim() == 0 or x.shape[0] == 0:
+        return x
+    out = x[0].clone()
+    for y in x[1:]:
+        out |= y
+    return out
 
 
 class AnomalyMetrics(Metric):
@@ -35,22 +46,30 @@ class AnomalyMetrics(Metric):
         self._ev = Evaluator(methods, label_map=label_map, ignore_index=ignore_index, nonfinite=nonfinite,
                              fpr_mode=fpr_mode, ap_mode=ap_mode, sync_on_compute=False, **method_params)
         M = len(self._ev.spec.names)
-        self.add_state("hist", default=torch.zeros((M, 2, _core.NBINS), dtype=torch.int64), dist_reduce_fx="sum")
+        # torchmetrics keeps dense states (it clones the defaults): 4.5M bins x 12 bytes x 2
+        # per method; the plain Evaluator allocates lazily and syncs only occupied blocks
+        st = HistState.new(M, "cpu")
+        self.add_state("hist", default=st.hist, dist_reduce_fx="sum")
+        self.add_state("sig", default=st.sig, dist_reduce_fx=_bitwise_or)
+        self.add_state("occ", default=st.occ, dist_reduce_fx="max")
         self.add_state("counters", default=torch.zeros(_core.N_COUNTERS, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def _state(self) -> HistState:
+        return HistState(self.hist, self.sig, self.occ)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None,
                features: torch.Tensor | None = None) -> None:
-        self._ev.hist, self._ev.counters = self.hist, self.counters
+        self._ev.hist, self._ev.counters = self._state(), self.counters
         self._ev.update(logits, labels, keep, features=features)
 
     def compute(self):
-        self._ev.hist, self._ev.counters = self.hist, self.counters
+        self._ev.hist, self._ev.counters = self._state(), self.counters
         return self._ev.compute()
 
     def compute_flat(self) -> dict:
         """{"<method>/<metric>": float} for logging."""
         r = self.compute()
-        return {f"{m}/{k}": getattr(v, k) for m, v in r.items() for k in ("auroc", "ap", "fpr95", "f1", "threshold")}
+        return {f"{m}/{k}": getattr(v, k) for m, v in r.items() for k in ("auroc", "ap", "fpr95", "f1", "threshold", "fpr95_threshold")}
 
 
 __all__ = ["AnomalyMetrics"]
