@@ -29,7 +29,7 @@ except Exception:  # the package needs its C extension; metrics.py stands alone
     _spec.loader.exec_module(M)
 
 TOL = 1e-9
-FIVE = ("auroc", "ap", "fpr95", "f1", "threshold")
+FIVE = ("auroc", "ap", "fpr95", "f1", "threshold", "fpr95_threshold")
 
 
 # ----------------------------------------------------------------------------- references
@@ -538,3 +538,31 @@ def test_large_counts_no_overflow():
     assert 0.99 < r.auroc <= 1.0 and 0.99 < r.ap <= 1.0
     for k in ("auroc", "ap", "fpr95", "f1"):
         assert r.bounds[k][0] <= getattr(r, k) <= r.bounds[k][1]
+
+
+def test_tie_groups_in_histogram_mode_are_exact():
+    """A histogram group known to hold one value (thr_lo == thr_hi, or tied=True) is a real
+    tie: every metric equals scikit-learn's and every bound collapses; the same table
+    with tied=False gets the interleaving point value and honest, wider bounds."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+    g = np.random.default_rng(5)
+    s = np.round(g.normal(size=50_000), 1)
+    y = g.random(s.size) < 0.15 + 0.3 * (s > 1)
+    pos, neg, lo, hi = M.groups_from_scores(s, y)
+    ex = M.metrics_from_groups(pos, neg, lo, hi, exact=True)
+    ht = M.metrics_from_groups(pos, neg, lo, hi, exact=False)  # lo == hi: tie groups
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    i = int(np.argmax(tpr >= 0.95))
+    assert ht.fpr95 == fpr[i] and ht.fpr95_threshold == thr[i] == ex.fpr95_threshold
+    assert ht.auroc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert ht.ap == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    for k in FIVE:
+        assert getattr(ht, k) == pytest.approx(getattr(ex, k), abs=1e-12), k
+        lo_k, hi_k = ht.bounds[k]
+        assert hi_k - lo_k <= 3e-12, (k, ht.bounds[k])
+    un = M.metrics_from_groups(pos, neg, lo, hi, exact=False, tied=np.zeros(pos.size, bool))
+    assert un.bounds["fpr95"][1] - un.bounds["fpr95"][0] > 1e-3
+    assert un.bounds["fpr95"][0] <= ht.fpr95 <= un.bounds["fpr95"][1]
+    assert un.bounds["auroc"][0] <= ht.auroc <= un.bounds["auroc"][1]
+    assert un.bounds["ap"][0] <= ht.ap <= un.bounds["ap"][1]
+    assert un.bounds["f1"][0] <= ht.f1 <= un.bounds["f1"][1]

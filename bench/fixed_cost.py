@@ -1,0 +1,90 @@
+"""evaluate()'s fixed cost per call (histogram allocation + finalization, all methods)
+against the fused pass itself, resident histogram memory, and finalization time against
+the bins the data touches. Correctness first: evaluate() must equal a pass into a
+preallocated state finalized the same way.
+
+    python bench/fixed_cost.py
+    PYTHONPATH=/path/to/an/older/anomfast python bench/fixed_cost.py   # before / after
+
+Works with any anomfast version that has _fused.new_histogram / fused_pass(hist=...).
+"""
+from __future__ import annotations
+
+import gc
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import anomfast  # noqa: E402
+from anomfast import _fused  # noqa: E402
+from anomfast.methods import resolve  # noqa: E402
+
+from common import METHODS4, best_of, fit_stats, make_inputs  # noqa: E402
+
+
+def rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    x, y = make_inputs()  # 1 x 19 x 512 x 1024 float32
+    st = fit_stats(x)
+    spec = resolve(METHODS4, sml=st)
+    M = len(METHODS4)
+    # correctness: the one-call path equals a preallocated pass finalized the same way
+    r = anomfast.evaluate(x, y, methods=METHODS4, sml=st)
+    h = _fused.new_histogram(M, "cpu")
+    _fused.fused_pass(x, y, spec, hist=h)
+    r2 = anomfast.Evaluator(METHODS4, sml=st)
+    r2.update(x, y)
+    r2 = r2.compute()
+    for m in METHODS4:
+        assert r[m].auroc == r2[m].auroc and r[m].fpr95 == r2[m].fpr95, m
+
+    gc.collect()
+    rss0 = rss_mib()
+    held = _fused.new_histogram(M, "cpu")
+    rss_alloc = rss_mib() - rss0
+    _fused.fused_pass(x, y, spec, hist=held)
+    rss_pass = rss_mib() - rss0
+    del held
+    gc.collect()
+
+    t_alloc = best_of(lambda: _fused.new_histogram(M, "cpu"), 10)
+    pre = _fused.new_histogram(M, "cpu")
+    t_pass = best_of(lambda: _fused.fused_pass(x, y, spec, hist=pre), 10)
+    t_eval = best_of(lambda: anomfast.evaluate(x, y, methods=METHODS4, sml=st), 10)
+    fixed = t_eval - t_pass
+    print(f"anomfast {anomfast.__version__}, {anomfast.build_info().get('cpu_isa')}, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"logits 1 x 19 x 512 x 1024 float32, methods {METHODS4}")
+    print("| what | value |\n|:--|--:|")
+    print(f"| fused pass into a preallocated state | {1e3 * t_pass:.1f} ms |")
+    print(f"| histogram allocation (new state, {M} methods) | {1e3 * t_alloc:.2f} ms |")
+    print(f"| evaluate() end to end | {1e3 * t_eval:.1f} ms |")
+    print(f"| fixed cost per call (evaluate - pass: allocation + finalization) | {1e3 * fixed:.1f} ms "
+          f"= {100 * fixed / t_pass:.0f}% of the pass |")
+    print(f"| resident histogram memory after allocation / after the pass | {rss_alloc:.1f} / {rss_pass:.1f} MiB "
+          f"({rss_pass / M:.1f} MiB per method) |")
+
+    # finalization against the bins touched: scores spread over more and more octaves
+    if hasattr(anomfast.Histogram, "from_scores"):
+        rng = np.random.default_rng(0)
+        print("\n| octaves spanned (energy-like scores, 4M pixels) | non-empty bins | finalize (ms) |\n|--:|--:|--:|")
+        for octaves in (1, 4, 16, 64):
+            s = -np.exp2(rng.uniform(0, octaves, 4_000_000)).astype(np.float32)
+            lab = rng.random(s.size) < 0.05
+            hh = anomfast.Histogram.from_scores("custom", s, lab)
+            t = best_of(lambda: hh.finalize(), 5)
+            print(f"| {octaves} | {hh.index.size} | {1e3 * t:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
