@@ -165,7 +165,7 @@ def fit_heat(logits_batches, features_batches, labels_batches, ignore_index: int
              standardize: bool = True):
     """(count, mean, cov, precision, score_mean, score_std) from the definition: labels
     downsampled by nearest neighbour to the feature size, per-class means, tied covariance
-    (1/N) sum_c sum_i (f_i - mu_c)(f_i - mu_c)^T + 1e-4 I (two passes, no shifted sums),
+    (1/(N - 1)) sum_c sum_i (f_i - mu_c)(f_i - mu_c)^T + 1e-4 I (two passes, no shifted sums),
     then mean / population std of the raw HEAT score on pixels with a class label."""
     if isinstance(logits_batches, (torch.Tensor, np.ndarray)):
         logits_batches, features_batches, labels_batches = [logits_batches], [features_batches], [labels_batches]
@@ -184,7 +184,7 @@ def fit_heat(logits_batches, features_batches, labels_batches, ignore_index: int
                                                                                dtype=torch.float64)
                         for c in range(C)])
     dev = f - mean[k]
-    cov = dev.T @ dev / f.shape[0] + 1e-4 * torch.eye(f.shape[1], dtype=torch.float64)
+    cov = dev.T @ dev / (f.shape[0] - 1) + 1e-4 * torch.eye(f.shape[1], dtype=torch.float64)
     prec = torch.linalg.inv(cov)
     sm = ss = None
     if standardize:
