@@ -121,7 +121,7 @@ def external_input(logits: torch.Tensor, spec: MethodSpec):
     m, k = logits.max(dim=1)  # first maximum, as the core; a NaN logit makes the pixel's SML NaN
     m = m.to(torch.float32)
     sml = -(m - mean[k]) * inv[k]  # the core's float32 formula (score_math.h), bit for bit
-    out = postprocess(sml, k, spec.sml_boundary_suppression, spec.sml_smoothing)
+    out = postprocess(sml, k, spec.sml_boundary_suppression, spec.sml_smoothing, spec.sml_boundary_padding)
     return out.unsqueeze(0).contiguous()
 
 

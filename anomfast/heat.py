@@ -11,9 +11,10 @@ With logits l (B, C, H, W), p = softmax(l) and features (B, D, h, w) of the same
 
 3x3 means count pixels outside the image as zeros and always divide by 9
 (``avg_pool2d(count_include_pad=True)``). The class means mu_c and the tied covariance
-S (+ 1e-4 I) are fitted by :func:`fit_heat` on in-distribution features grouped by
-their ground-truth class (labels downsampled to the feature resolution by nearest
-neighbour). The components are combined raw, exactly as above.
+S = sum_c sum_i (f_i - mu_c)(f_i - mu_c)^T / (N - 1) + 1e-4 I (N fitting pixels; the
+divisor N - 1 is the source project's) are fitted by :func:`fit_heat` on in-distribution
+features grouped by their ground-truth class (labels downsampled to the feature
+resolution by nearest neighbour). The components are combined raw, exactly as above.
 
 Standardization: ``fit_heat(standardize=True)`` (default) also stores the mean and std
 of the raw score over the in-distribution pixels and the score becomes
@@ -290,11 +291,11 @@ def fit_heat(logits_batches, features_batches, labels_batches, *, label_map=None
     0..C-1 at the logits' resolution, ``ignore_index`` (an int or a list) ignored, or a
     LabelMap whose normal ids are the class ids): one batch each, or aligned iterables of
     batches. Labels are downsampled to (h, w) by nearest neighbour for the feature
-    statistics: per-class means and the tied (pooled within-class, 1/N) covariance
-    + 1e-4 I, accumulated in float64. With ``standardize=True`` a second pass computes
-    the raw HEAT score of every valid pixel and stores its mean and (population) std,
-    so the data must be iterable twice: tensors, lists, or re-iterable loaders (a
-    one-shot iterator or generator is refused).
+    statistics: per-class means and the tied (pooled within-class) covariance, divided
+    by N - 1 as in the source project, + 1e-4 I, accumulated in float64. With
+    ``standardize=True`` a second pass computes the raw HEAT score of every valid pixel
+    and stores its mean and (population) std, so the data must be iterable twice:
+    tensors, lists, or re-iterable loaders (a one-shot iterator or generator is refused).
     """
     from . import _fused
     from .labels import LabelMap
@@ -345,7 +346,8 @@ def fit_heat(logits_batches, features_batches, labels_batches, *, label_map=None
     n = count.to(torch.float64)
     mu_s = sums / n.clamp_min(1).unsqueeze(1)
     within = scatter - (n.unsqueeze(1) * mu_s).T @ mu_s          # sum_c sum_i (g_i - mu_c)(g_i - mu_c)^T
-    cov = (within / N + within.T / N) / 2 + COV_EPS * torch.eye(D, dtype=torch.float64)
+    # N - 1 (not N), as in the source project's heat_anomaly_detection.py: (X^T X) / (N - 1) + 1e-4 I
+    cov = (within + within.T) / (2 * (N - 1)) + COV_EPS * torch.eye(D, dtype=torch.float64)
     precision = torch.linalg.inv(cov)
     precision = (precision + precision.T) / 2
     mean = mu_s + shift

@@ -16,8 +16,11 @@ SML post-processing (Jung et al.'s full method; anomfast/sml.py: postprocess):
 ``sml_boundary_suppression=True`` replaces the scores on predicted-class boundaries by
 the mean of their non-boundary neighbours (4 iterations, width 4),
 ``sml_smoothing=True`` applies the dilated 7x7 Gaussian smoothing, ``sml_full=True``
-turns both on. Default: plain per-pixel SML. The post-processed map is binned by the
-core as an external coordinate map (method code EXTERNAL).
+turns both on. ``sml_boundary_padding`` is how the image border enters the boundaries:
+"original" (default; the official code's kornia: border pixels whose neighbourhood holds
+only class ids >= 2 are boundary) or "geodesic" (outside pixels ignored). Default: plain
+per-pixel SML. The post-processed map is binned by the core as an external coordinate
+map (method code EXTERNAL).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 from .heat import HeatStats
-from .sml import SMLStats
+from .sml import BOUNDARY_PADDINGS, SMLStats, check_boundary_padding
 
 CODES = {"max_logit": 0, "msp": 1, "energy": 2, "sml": 3, "entropy": 4, "gen": 5, "heat": 6}
 EXTERNAL = 7  # core code of a method whose coordinates are computed outside the core
@@ -34,7 +37,7 @@ DISPLAY = {"max_logit": "Simple Max Logits", "msp": "Maximum Softmax Probability
            "gen": "GEN", "heat": "HEAT"}
 DEFAULT_METHODS = ("max_logit", "msp", "energy")
 NOT_IMPLEMENTED: dict = {}
-SML_POST = ("sml_full", "sml_boundary_suppression", "sml_smoothing")
+SML_POST = ("sml_full", "sml_boundary_suppression", "sml_smoothing", "sml_boundary_padding")
 PARAMS = {"temperature", "sml", "sml_stats", "entropy_normalize", "gen_gamma", "heat", "heat_stats"} | set(SML_POST)
 
 
@@ -49,6 +52,7 @@ class MethodSpec:
     heat: HeatStats | None = None
     sml_boundary_suppression: bool = False
     sml_smoothing: bool = False
+    sml_boundary_padding: str = BOUNDARY_PADDINGS[0]
     extra: dict = field(default_factory=dict)
 
     @property
@@ -75,6 +79,8 @@ class MethodSpec:
             if self.sml_post:  # only then, so plain SML keeps its parameters (and histograms add)
                 d["sml_boundary_suppression"] = bool(self.sml_boundary_suppression)
                 d["sml_smoothing"] = bool(self.sml_smoothing)
+                if self.sml_boundary_suppression:  # smoothing alone does not depend on it
+                    d["sml_boundary_padding"] = self.sml_boundary_padding
             return d
         if name == "heat":
             return {"heat": self.heat.describe()}
@@ -124,6 +130,7 @@ def resolve(methods=None, **params) -> MethodSpec:
     full = bool(params.get("sml_full", False))
     bs = bool(params.get("sml_boundary_suppression", full))
     sm = bool(params.get("sml_smoothing", full))
+    padding = check_boundary_padding(params.get("sml_boundary_padding", BOUNDARY_PADDINGS[0]))
     t = float(params.get("temperature", 1.0))
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {t}")
@@ -132,7 +139,7 @@ def resolve(methods=None, **params) -> MethodSpec:
         raise ValueError(f"gen_gamma must be a finite number > 0, got {g}")
     return MethodSpec(names=names, temperature=t, sml=sml,
                       entropy_normalize=bool(params.get("entropy_normalize", False)), gen_gamma=g,
-                      heat=heat, sml_boundary_suppression=bs, sml_smoothing=sm)
+                      heat=heat, sml_boundary_suppression=bs, sml_smoothing=sm, sml_boundary_padding=padding)
 
 
 def coord_to_score(name: str, t):

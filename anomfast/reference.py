@@ -180,7 +180,7 @@ def fit_heat(logits_batches, features_batches, labels_batches, ignore_index: int
              standardize: bool = True):
     """(count, mean, cov, precision, score_mean, score_std) from the definition: labels
     downsampled by nearest neighbour to the feature size, per-class means, tied covariance
-    (1/N) sum_c sum_i (f_i - mu_c)(f_i - mu_c)^T + 1e-4 I (two passes, no shifted sums),
+    (1/(N - 1)) sum_c sum_i (f_i - mu_c)(f_i - mu_c)^T + 1e-4 I (two passes, no shifted sums),
     then mean / population std of the raw HEAT score on pixels with a class label."""
     if isinstance(logits_batches, (torch.Tensor, np.ndarray)):
         logits_batches, features_batches, labels_batches = [logits_batches], [features_batches], [labels_batches]
@@ -199,7 +199,7 @@ def fit_heat(logits_batches, features_batches, labels_batches, ignore_index: int
                                                                                dtype=torch.float64)
                         for c in range(C)])
     dev = f - mean[k]
-    cov = dev.T @ dev / f.shape[0] + 1e-4 * torch.eye(f.shape[1], dtype=torch.float64)
+    cov = dev.T @ dev / (f.shape[0] - 1) + 1e-4 * torch.eye(f.shape[1], dtype=torch.float64)
     prec = torch.linalg.inv(cov)
     sm = ss = None
     if standardize:
@@ -214,12 +214,15 @@ def fit_heat(logits_batches, features_batches, labels_batches, ignore_index: int
 
 # ------------------------------------------------------------- SML post-processing
 
-def sml_postprocess(score, pred, boundary_suppression: bool = True, smoothing: bool = True) -> np.ndarray:
+def sml_postprocess(score, pred, boundary_suppression: bool = True, smoothing: bool = True,
+                    boundary_padding: str = "original") -> np.ndarray:
     """Boundary suppression and dilated smoothing of Jung et al. (official code), float64
     NumPy, written from the description with explicit neighbourhood loops:
 
     - boundary: pixels whose 3x3-cross max of the class map differs from its 3x3-square
-      min, neighbours outside the image ignored;
+      min; a neighbour outside the image counts as 0 in the max and 1.0 in the min with
+      boundary_padding="original" (the official code's kornia), is left out of both with
+      "geodesic";
     - 4 iterations i = 0..3: expand the boundary to every pixel within L1 distance
       4 - i - 1 (0 in the last iteration); each boundary pixel becomes the mean of the
       non-boundary values of its 3x3 neighbourhood in the edge-padded image (keeps its
@@ -234,15 +237,25 @@ def sml_postprocess(score, pred, boundary_suppression: bool = True, smoothing: b
     B, H, W = s.shape
     out = s.copy()
     if boundary_suppression:
+        if boundary_padding not in ("original", "geodesic"):
+            raise ValueError(f"unknown boundary_padding {boundary_padding!r}")
+        outside_max, outside_min = (0, 1) if boundary_padding == "original" else (None, None)
+
+        def values(b, i, j, offsets, outside):
+            """class ids at the offsets; `outside` for those off the image (None: skip them)"""
+            inside = [0 <= i + di < H and 0 <= j + dj < W for di, dj in offsets]
+            return [k[b, i + di, j + dj] if ok else outside for (di, dj), ok in zip(offsets, inside)
+                    if ok or outside is not None]
+
+        cross_offsets = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+        square_offsets = tuple((di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1))
         bnd = np.zeros((B, H, W), bool)
         for b in range(B):
             for i in range(H):
                 for j in range(W):
-                    cross = [k[b, i, j]] + [k[b, i + di, j + dj] for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
-                                            if 0 <= i + di < H and 0 <= j + dj < W]
-                    square = [k[b, i + di, j + dj] for di in (-1, 0, 1) for dj in (-1, 0, 1)
-                              if 0 <= i + di < H and 0 <= j + dj < W]
-                    bnd[b, i, j] = max(cross) != min(square)
+                    dil = max(values(b, i, j, cross_offsets, outside_max))
+                    ero = min(values(b, i, j, square_offsets, outside_min))
+                    bnd[b, i, j] = dil != ero
         for it in range(4):
             r = 0 if it == 3 else 4 - it - 1
             exp = np.zeros_like(bnd)

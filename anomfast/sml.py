@@ -14,7 +14,9 @@ over all fitted pixels and records them in ``fallback_classes`` (with a warning)
 The published method also post-processes the SML map spatially (boundary suppression
 and dilated smoothing, see ``postprocess`` below); it is selected by the method
 parameters ``sml_full=True`` (both), ``sml_boundary_suppression=`` and
-``sml_smoothing=`` (each alone; they override ``sml_full``). The default is plain
+``sml_smoothing=`` (each alone; they override ``sml_full``), and
+``sml_boundary_padding=`` chooses how the image border enters the class boundaries
+("original", the default, or "geodesic"; see find_boundaries). The default is plain
 per-pixel SML. The post-processed map is computed here in float32 PyTorch and binned
 by the core as an external coordinate map, so histograms and metrics work unchanged.
 """
@@ -109,13 +111,15 @@ class SMLStats:
 # ------------------------------------------------------------- SML post-processing
 # Jung et al.'s boundary suppression and dilated smoothing, as in the official code
 # (BoundarySuppressionWithSmoothing, boundary width 4 in 4 iterations, 7x7 Gaussian of
-# sigma 1 with dilation 6). The published code post-processes the standardized max
-# logit (high = in-distribution); our score is its negative. Every step is a masked
-# average or a convolution, which commute with negation (round-to-nearest is symmetric),
-# so post-processing the score gives exactly the negated published map.
+# sigma 1 with dilation 6; the image border as the kornia its requirements pin treats
+# it, unless sml_boundary_padding="geodesic"). The published code post-processes the
+# standardized max logit (high = in-distribution); our score is its negative. Every step
+# is a masked average or a convolution, which commute with negation (round-to-nearest
+# is symmetric), so post-processing the score gives exactly the negated published map.
 BOUNDARY_WIDTH = 4
 BOUNDARY_ITERATIONS = 4
 SMOOTH_SIZE, SMOOTH_SIGMA, SMOOTH_DILATION = 7, 1.0, 6
+BOUNDARY_PADDINGS = ("original", "geodesic")  # the first is the default (find_boundaries)
 
 
 def gaussian_kernel_1d(size: int = SMOOTH_SIZE, sigma: float = SMOOTH_SIGMA) -> np.ndarray:
@@ -137,14 +141,34 @@ def _cross_max(x: torch.Tensor, fill: float) -> torch.Tensor:
     return out
 
 
-def find_boundaries(pred: torch.Tensor) -> torch.Tensor:
+def check_boundary_padding(padding) -> str:
+    if padding not in BOUNDARY_PADDINGS:
+        raise ValueError(f"sml_boundary_padding must be one of {', '.join(map(repr, BOUNDARY_PADDINGS))}, "
+                         f"got {padding!r}")
+    return padding
+
+
+def find_boundaries(pred: torch.Tensor, padding: str = "original") -> torch.Tensor:
     """bool (B, 1, H, W): dilation of the class map with the 3x3 cross != its erosion with
-    the 3x3 square (the official code's structuring elements; kornia's geodesic border,
-    so the image border creates no boundary). Class ids compare as numbers, which makes
-    a diagonal neighbour with a larger id (only) not a boundary, as published."""
+    the 3x3 square (the official code's structuring elements, one step each). Class ids
+    compare as numbers, which makes a diagonal neighbour with a larger id (only) not a
+    boundary, as published.
+
+    padding="original" (default): the official code's border, that of the kornia its
+    requirements pin, whose erosion pads the map with the constant 1.0 and dilation with
+    0. A pixel whose 3x3 square reaches outside the image erodes to at most 1, so where
+    its neighbourhood holds only class ids >= 2 it is a boundary pixel (a one-class map of
+    such a class has its outer ring as boundary); ids 0 and 1 are unaffected, and the 0
+    of the dilation never wins (ids are >= 0). padding="geodesic": pixels outside the
+    image are ignored (kornia's later default), so the border creates no boundary."""
     y = pred.unsqueeze(1).to(torch.float32)  # class ids are exact in float32
-    dil = _cross_max(y, -float("inf"))
-    ero = -torch.nn.functional.max_pool2d(-y, 3, stride=1, padding=1)  # max_pool pads with -inf
+    if check_boundary_padding(padding) == "original":
+        dil = _cross_max(y, 0.0)
+        padded = torch.nn.functional.pad(y, (1, 1, 1, 1), value=1.0)
+        ero = -torch.nn.functional.max_pool2d(-padded, 3, stride=1)
+    else:
+        dil = _cross_max(y, -float("inf"))
+        ero = -torch.nn.functional.max_pool2d(-y, 3, stride=1, padding=1)  # max_pool pads with -inf
     return dil != ero
 
 
@@ -168,19 +192,20 @@ def _box3_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def postprocess(score: torch.Tensor, pred: torch.Tensor, boundary_suppression: bool = True,
-                smoothing: bool = True) -> torch.Tensor:
+                smoothing: bool = True, boundary_padding: str = "original") -> torch.Tensor:
     """SML post-processing of a float32 score map (B, H, W), given the predicted class map
     pred (B, H, W). Returns a new float32 (B, H, W) map.
 
     Boundary suppression (4 iterations): at iteration i the class boundaries (see
-    find_boundaries) are expanded by a diamond of radius 4 - i - 1 (the last iteration
-    uses the raw boundary); each boundary pixel takes the mean of the non-boundary
-    values in its 3x3 neighbourhood (replication padding, so edge pixels count
-    repeatedly, as published) and keeps its value when there is none. Dilated smoothing:
-    7x7 Gaussian (sigma 1, sum 1), dilation 6, replication padding 18."""
+    find_boundaries, with padding=boundary_padding) are expanded by a diamond of radius
+    4 - i - 1 (the last iteration uses the raw boundary); each boundary pixel takes the
+    mean of the non-boundary values in its 3x3 neighbourhood (replication padding, so
+    edge pixels count repeatedly, as published) and keeps its value when there is none.
+    Dilated smoothing: 7x7 Gaussian (sigma 1, sum 1), dilation 6, replication padding 18."""
+    check_boundary_padding(boundary_padding)
     out = score.to(torch.float32).unsqueeze(1)
     if boundary_suppression:
-        boundaries = find_boundaries(pred)
+        boundaries = find_boundaries(pred, boundary_padding)
         diff = BOUNDARY_WIDTH // BOUNDARY_ITERATIONS
         for it in range(BOUNDARY_ITERATIONS):
             r = 0 if it == BOUNDARY_ITERATIONS - 1 else BOUNDARY_WIDTH - diff * it - 1

@@ -208,6 +208,25 @@ def test_fit_heat_matches_reference_fit(rng):
     assert abs(float(s.mean())) < 1e-4 and abs(float(s.std(unbiased=False)) - 1) < 1e-4
 
 
+def test_tied_covariance_divides_by_n_minus_1():
+    """The source project's covariance: class-centred features, (X^T X) / (N - 1) + 1e-4 I.
+    Five hand-made 2-D features in two classes (N = 5: the divisor N would scale the
+    scatter part by 4/5)."""
+    sem = torch.tensor([[[0, 0, 1, 1, 1]]])                   # (1, 1, 5), features at the same size
+    g = np.array([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0], [2.0, 5.0], [4.0, 0.0]])
+    f = torch.tensor(g.T[None, :, None, :], dtype=torch.float32)  # (1, D=2, 1, 5)
+    x = torch.zeros(1, 2, 1, 5)
+    stats = anomfast.fit_heat(x, f, sem, standardize=False)
+    k = sem.flatten().numpy()
+    dev = g - np.stack([g[k == c].mean(axis=0) for c in (0, 1)])[k]
+    want = np.cov(dev.T, ddof=1) + 1e-4 * np.eye(2)          # dev has mean 0, so np.cov centres nothing
+    np.testing.assert_allclose(stats.cov, want, rtol=1e-12)
+    np.testing.assert_allclose(stats.precision, np.linalg.inv(want), rtol=1e-10)
+    _, _, cov, prec, _, _ = reference.fit_heat(x, f, sem, standardize=False)
+    np.testing.assert_allclose(cov, want, rtol=1e-12)
+    np.testing.assert_allclose(prec, np.linalg.inv(want), rtol=1e-10)
+
+
 def test_fit_heat_missing_class_and_one_shot_iterator(rng):
     x, f, sem = make_data(rng, 2, 4, 8, 8, 3, 8, 8)
     sem[sem == 2] = 1  # class 2 never appears

@@ -14,6 +14,7 @@ from anomfast.methods import resolve
 from conftest import random_labels, random_logits
 
 OPTIONS = [(False, False), (True, False), (False, True), (True, True)]
+PADDINGS = ["original", "geodesic"]
 SHAPES = [(2, 24, 36), (1, 1, 9), (1, 7, 1), (1, 5, 6), (1, 40, 50)]
 
 
@@ -42,33 +43,59 @@ def tol(ref_in, ref_out):
     return 1e-5 * (np.abs(ref_in).max() + np.abs(ref_out))
 
 
+@pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("opts", OPTIONS)
-def test_postprocess_matches_reference(rng, shape, opts):
+def test_postprocess_matches_reference(rng, shape, opts, padding):
     B, H, W = shape
     pred = block_classes(rng, B, H, W)
     s = torch.randn(B, H, W, generator=rng) * 2 + 1
-    got = sml.postprocess(s, pred, *opts).double().numpy()
-    ref = reference.sml_postprocess(s.double().numpy(), pred.numpy(), *opts)
+    got = sml.postprocess(s, pred, *opts, boundary_padding=padding).double().numpy()
+    ref = reference.sml_postprocess(s.double().numpy(), pred.numpy(), *opts, boundary_padding=padding)
     assert np.all(np.abs(got - ref) <= tol(s.numpy(), ref)), np.abs(got - ref).max()
     if opts == (False, False):
         assert np.array_equal(got, s.double().numpy())
 
 
-def test_boundaries_follow_the_official_structuring_elements():
-    """Boundary = (3x3 cross dilation != 3x3 square erosion) of the class ids, image
-    border ignored: a diagonal neighbour with a larger id is not a boundary, one with a
-    smaller id is (as published); a constant map has none."""
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_boundaries_follow_the_official_structuring_elements(padding):
+    """Boundary = (3x3 cross dilation != 3x3 square erosion) of the class ids: a diagonal
+    neighbour with a larger id is not a boundary, one with a smaller id is (as
+    published); a map of 0s has none. With ids 0 and 1 only, the two border rules agree."""
     pred = torch.zeros(1, 5, 5, dtype=torch.int64)
-    assert not sml.find_boundaries(pred).any()
+    assert not sml.find_boundaries(pred, padding).any()
     pred[0, 2, 2] = 1
-    b = sml.find_boundaries(pred)[0, 0]
+    b = sml.find_boundaries(pred, padding)[0, 0]
     want = torch.zeros(5, 5, dtype=torch.bool)
     want[1:4, 1:4] = True                      # the 3x3 square around the 1: erosion sees the 0s...
     want[1, 1] = want[1, 3] = want[3, 1] = want[3, 3] = False  # ...but corners only see 1 diagonally
     assert torch.equal(b, want)
-    ref = reference.sml_postprocess(np.zeros((1, 5, 5)), pred.numpy(), True, False)
+    ref = reference.sml_postprocess(np.zeros((1, 5, 5)), pred.numpy(), True, False, boundary_padding=padding)
     assert np.allclose(ref, 0.0)
+
+
+def test_original_border_rule_marks_the_ring_of_a_one_class_map():
+    """The official code's kornia erodes with the image padded by 1.0 (and dilates with
+    0): on a one-class 6x6 map of a class id >= 2 the 20-pixel outer ring is boundary,
+    so boundary suppression changes the border scores. The geodesic rule sees no
+    boundary; ids 0 and 1 give none under either rule. Default = original."""
+    ring = torch.ones(6, 6, dtype=torch.bool)
+    ring[1:5, 1:5] = False
+    s = torch.arange(36, dtype=torch.float32).reshape(1, 6, 6)
+    for c in (0, 1, 2, 7):
+        pred = torch.full((1, 6, 6), c, dtype=torch.int64)
+        want = ring if c >= 2 else torch.zeros(6, 6, dtype=torch.bool)
+        assert torch.equal(sml.find_boundaries(pred)[0, 0], want), c
+        assert torch.equal(sml.find_boundaries(pred, "original")[0, 0], want), c
+        assert not sml.find_boundaries(pred, "geodesic").any(), c
+        got = sml.postprocess(s, pred, True, False)
+        ref = reference.sml_postprocess(s.double().numpy(), pred.numpy(), True, False)
+        assert np.allclose(got.double().numpy(), ref, rtol=0, atol=1e-5)
+        assert torch.equal(got, s) == (c < 2)
+        assert torch.equal(sml.postprocess(s, pred, True, False, "geodesic"), s)
+    assert int(ring.sum()) == 20
+    with pytest.raises(ValueError, match="sml_boundary_padding"):
+        sml.find_boundaries(pred, "zeros")
 
 
 def test_score_is_the_negated_published_map(rng):
@@ -78,18 +105,19 @@ def test_score_is_the_negated_published_map(rng):
     assert torch.equal(sml.postprocess(-s, pred), -sml.postprocess(s, pred))
 
 
+@pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("opts", OPTIONS[1:])
-def test_end_to_end_scores_and_histograms(rng, opts):
+def test_end_to_end_scores_and_histograms(rng, opts, padding):
     """score_maps / fused_pass with the options == reference post-process of the float64
     SML score; histograms == binning of the kernel's own (external) coordinates."""
     B, C, H, W = 2, 6, 26, 70
     pred = block_classes(rng, B, H, W, C)
     x = logits_for(rng, pred, C)
     stats = anomfast.fit_sml(random_logits(rng, 2, C, 16, 16) + 3)
-    kw = dict(sml=stats, sml_boundary_suppression=opts[0], sml_smoothing=opts[1])
+    kw = dict(sml=stats, sml_boundary_suppression=opts[0], sml_smoothing=opts[1], sml_boundary_padding=padding)
     got = anomfast.score_maps(x, methods=["sml"], **kw)["sml"].double().numpy()
     s64 = reference.score(x, "sml", sml_mean=stats.mean, sml_std=stats.std).numpy()
-    ref = reference.sml_postprocess(s64, pred.numpy(), *opts)
+    ref = reference.sml_postprocess(s64, pred.numpy(), *opts, boundary_padding=padding)
     assert np.all(np.abs(got - ref) <= tol(s64, ref))
     y = random_labels(rng, B, H, W)
     methods = ["max_logit", "sml", "energy"]
@@ -117,14 +145,25 @@ def test_plain_sml_unchanged_and_params(rng):
     assert "sml_smoothing" not in plain["sml"].params
     full = anomfast.evaluate(x, y, methods=["sml"], sml=stats, sml_full=True)
     p = full["sml"].params
-    assert p["sml_boundary_suppression"] and p["sml_smoothing"]
+    assert p["sml_boundary_suppression"] and p["sml_smoothing"] and p["sml_boundary_padding"] == "original"
     with pytest.raises(ValueError, match="different methods/parameters"):
         plain.histograms["sml"] + full.histograms["sml"]
+    geo = anomfast.evaluate(x, y, methods=["sml"], sml=stats, sml_full=True, sml_boundary_padding="geodesic")
+    assert geo["sml"].params["sml_boundary_padding"] == "geodesic"
+    with pytest.raises(ValueError, match="different methods/parameters"):
+        geo.histograms["sml"] + full.histograms["sml"]
+    with pytest.raises(ValueError, match="sml_boundary_padding"):
+        resolve(["sml"], sml=stats, sml_full=True, sml_boundary_padding="zeros")
     only_bs = resolve(["sml"], sml=stats, sml_full=True, sml_smoothing=False)
     assert only_bs.sml_boundary_suppression and not only_bs.sml_smoothing
+    only_sm = resolve(["sml"], sml=stats, sml_smoothing=True, sml_boundary_padding="geodesic")
+    assert "sml_boundary_padding" not in only_sm.params_of("sml")  # smoothing alone does not use it
     ev = anomfast.Evaluator(methods=["energy", "sml"], sml=stats, sml_full=True)
     ev.update(x, y)
     assert ev.compute().histograms["sml"] == full.histograms["sml"]
+    ev = anomfast.Evaluator(methods=["sml"], sml=stats, sml_full=True, sml_boundary_padding="geodesic")
+    ev.update(x, y)
+    assert ev.compute().histograms["sml"] == geo.histograms["sml"]
     per = anomfast.evaluate(x, y, methods=["sml"], sml=stats, sml_full=True, exact=True)
     low, high = full["sml"].bounds["auroc"]
     assert low <= per["sml"].auroc <= high
