@@ -22,6 +22,11 @@ def as_logits(x, name: str = "logits") -> torch.Tensor:
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, C, H, W), got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{name} must be real (float32, float16 or bfloat16), got {x.dtype}")
+    # a conjugate or negative *view* (x.conj().imag, torch._neg_view) shares memory whose
+    # bits are not the values: the core reads raw pointers, so materialize such views
+    x = x.resolve_conj().resolve_neg()
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4:
@@ -42,6 +47,8 @@ def as_labels(y, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
         y = torch.from_numpy(y)
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, H, W), got {type(y).__name__}")
+    if not y.is_complex():
+        y = y.resolve_neg()  # a negative view's memory holds -y (see as_logits)
     if y.dim() == 2:
         y = y.unsqueeze(0)
     B, _, H, W = logits.shape

@@ -70,6 +70,21 @@ def _(logits, labels, hist, sig, occ, counters, lut, lut_offset, codes, temperat
     return None
 
 
+def _mask_dropped(y: torch.Tensor, keep: torch.Tensor, void_ids) -> torch.Tensor:
+    """Labels of the samples keep drops set to a void id, in a dtype that holds it: bool
+    labels become uint8 (0 / 1 keep their meaning; True cannot hold 255), and when no
+    void id fits the label dtype (int8 and 255, uint8 and 1000) the labels widen to int64
+    instead of wrapping the fill value into some other class."""
+    if y.dtype == torch.bool:
+        y = y.to(torch.uint8)
+    info = torch.iinfo(y.dtype)
+    fits = [v for v in void_ids if info.min <= v <= info.max]
+    if not fits:
+        y, fits = y.to(torch.int64), list(void_ids)
+    void = torch.full((), fits[0], dtype=y.dtype, device=y.device)
+    return torch.where(keep.to(y.device)[:, None, None], y, void)
+
+
 class Evaluator:
     def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
                  fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
@@ -127,8 +142,7 @@ class Evaluator:
                 raise ValueError("keep= needs a void id in the label map to mask dropped samples")
             if keep.shape != (x.shape[0],) or keep.dtype != torch.bool:
                 raise ValueError(f"keep must be a bool tensor of shape ({x.shape[0]},), got {keep.dtype} {tuple(keep.shape)}")
-            void = torch.full((), self.label_map.void_ids[0], dtype=y.dtype, device=y.device)
-            y = torch.where(keep.to(y.device)[:, None, None], y, void)
+            y = _mask_dropped(y, keep, self.label_map.void_ids)
         lut, off, mean, inv = self._device_state(x.device)
         self._loaded_on_cpu = False
         st = self.hist

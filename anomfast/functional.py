@@ -123,12 +123,18 @@ def _valid_mask(lm, yi, xi, maps, spec, nonfinite: str) -> torch.Tensor:
     return valid, cls
 
 
-REFINE_MAX_PIXELS = 200_000_000  # pixels kept by refine=True (8 bytes each): a clear error past it
+REFINE_MAX_PIXELS = 200_000_000  # pixels kept by refine=True: a clear error past it
+REFINE_NEIGHBOURS = 2  # groups on each side of a decisive bin also re-scored exactly
+# methods whose score is a function of the pixel's own logits: refine re-scores their kept
+# pixels in float64 (anomfast.reference, no cancellation); HEAT and post-processed SML need
+# neighbourhoods and keep the core's float32 coordinate
+_PER_PIXEL = ("max_logit", "msp", "energy", "sml", "entropy", "gen")
 
 
-def _decisive_bins(h: Histogram, conventions: dict) -> np.ndarray:
-    """Bins (not tie groups) inside which FPR95 or the best F1 and their thresholds are
-    decided: the crossing bin of FPR95 and every bin whose F1 upper bound reaches the best
+def _decisive_groups(h: Histogram, conventions: dict) -> np.ndarray:
+    """Positions (in h.groups()' descending table) of the groups inside which FPR95 or the
+    best F1 and their thresholds are decided and which are not already exact tie groups:
+    the crossing group of FPR95 and every group whose F1 upper bound reaches the best
     attained F1. Outside them both metrics are already exact."""
     from .metrics import _min_count_ratio
     pos, neg, lo, hi, tied, idx = h.groups()
@@ -141,8 +147,7 @@ def _decisive_bins(h: Histogram, conventions: dict) -> np.ndarray:
     if N > 0:
         target, mode = float(conventions.get("tpr_target", 0.95)), conventions.get("fpr_mode", "first")
         need = _min_count_ratio(P, target, mode == "strict")
-        g1 = int(np.argmax(tp >= need))
-        want[g1] = True
+        want[int(np.argmax(tp >= need))] = True
         if mode == "interp":  # np.interp also reads the point after the crossing
             above = np.flatnonzero(tp * 1.0 / P > target)
             if above.size:
@@ -150,75 +155,129 @@ def _decisive_bins(h: Histogram, conventions: dict) -> np.ndarray:
     f1 = 2.0 * tp / (tp + fp + P)
     f1_hi = 2.0 * (a + pos) / (P + a + pos + f)
     want |= f1_hi >= f1.max() * (1 - 1e-12)
-    return idx[want & ~tied]
+    return np.flatnonzero(want & ~tied)
+
+
+def _runs(positions: np.ndarray, n: int, pad: int) -> list:
+    """Maximal runs [start, stop) of table positions within `pad` of any given position."""
+    mark = np.zeros(n + 1, bool)
+    for p in positions:
+        mark[max(0, p - pad):min(n, p + pad + 1)] = True
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mark))))
+    return [(int(edges[k]), int(edges[k + 1])) for k in range(0, len(edges), 2)]
 
 
 def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfinite: str, num_threads: int) -> dict:
-    """Second fused pass: keeps the coordinates of the pixels in each method's decisive
-    bins and replaces those bins by their exact tie groups; FPR95, best F1 and both
-    thresholds are then scikit-learn's exactly, AUROC / AP keep their certified bounds."""
+    """Second fused pass: keeps the pixels of each method's decisive groups (and their
+    REFINE_NEIGHBOURS neighbours on each side, which pixels rounded across a bin edge can
+    only reach), re-scores them exactly (float64 reference for per-pixel methods, the
+    core's coordinate for HEAT / post-processed SML) and replaces those groups by the exact
+    tie groups: FPR95, best F1 and both thresholds are then scikit-learn's on the exact
+    scores; AUROC and AP keep their certified bounds."""
+    from . import reference
     from .metrics import groups_from_scores
     names = list(spec.names)
-    want = {n: _decisive_bins(hists[n], conventions) for n in names}
-    if not any(w.size for w in want.values()):
+    tables = {n: hists[n].groups() for n in names}
+    runs = {n: _runs(_decisive_groups(hists[n], conventions), tables[n][0].size, REFINE_NEIGHBOURS) for n in names}
+    if not any(runs.values()):
         return {n: _mark_refined(hists[n].finalize(**conventions), 0) for n in names}
-    edges = {}
-    for n in names:
-        lo, hi = binning.bin_edges(want[n])
-        o = np.argsort(lo)
-        edges[n] = (torch.from_numpy(lo[o]), torch.from_numpy(hi[o]))
-    kept = {n: ([], []) for n in names}
+    sel = {}
+    for n in names:  # the coordinate ranges of the groups to re-score, ascending, with their table position
+        rows = np.array([g for a, b in runs[n] for g in range(a, b)], np.int64)
+        o = np.argsort(tables[n][2][rows]) if rows.size else rows
+        sel[n] = (rows[o], torch.from_numpy(binning.bin_edges(tables[n][5][rows[o]])[0]),
+                  torch.from_numpy(binning.bin_edges(tables[n][5][rows[o]])[1]))
+    kept = {n: ([], [], []) for n in names}  # exact coordinate, anomaly, table position
     total = 0
     for xi, yi, fi in batches():
         _, _, maps = _fused.fused_pass(xi, None, spec, want_maps=True, num_threads=num_threads, features=fi)
         valid, cls = _valid_mask(lm, yi, xi, maps, spec, nonfinite)
         flat = maps.reshape(len(names), -1)
+        pix = None
         for j, n in enumerate(names):
-            if not want[n].size:
+            rows, lo, hi = sel[n]
+            if not rows.size:
                 continue
-            lo, hi = (e.to(flat.device) for e in edges[n])
             t = flat[j].to(torch.float64)
-            k = torch.searchsorted(lo, t, right=True) - 1
-            inside = (k >= 0) & (t <= hi[k.clamp(min=0)]) & valid
+            k = torch.searchsorted(lo.to(t.device), t, right=True) - 1
+            kc = k.clamp(min=0)
+            inside = (k >= 0) & (t <= hi.to(t.device)[kc]) & valid
             total += int(inside.sum())
             if total > REFINE_MAX_PIXELS:
                 raise MemoryError(f"refine=True: the decisive bins hold more than {REFINE_MAX_PIXELS} pixels; "
                                   "such a pile-up of nearly equal scores cannot be refined in bounded memory "
                                   "(the certified bounds of the histogram result still hold)")
-            kept[n][0].append(flat[j][inside].cpu().numpy())
+            if n in _PER_PIXEL:
+                if pix is None:  # (B*H*W, C) view of the batch's logits, in the maps' pixel order
+                    pix = xi.permute(0, 2, 3, 1).reshape(-1, xi.shape[1])
+                x64 = pix[inside].to(torch.float64)[:, :, None, None]
+                coord = reference.coordinate(x64, n, **_reference_params(spec, n))[:, 0, 0]
+            else:
+                coord = t[inside]
+            kept[n][0].append(coord.cpu().numpy())
             kept[n][1].append((cls[inside] == ANOMALY).cpu().numpy())
-    out = {}
-    for n in names:
-        h = hists[n]
-        pos, neg, lo, hi, tied, idx = h.groups()
-        if not want[n].size:
-            out[n] = _mark_refined(h.finalize(**conventions), 0)
-            continue
-        t = np.concatenate(kept[n][0]).astype(np.float64)
-        y = np.concatenate(kept[n][1])
-        sub = groups_from_scores(t, y)  # descending exact tie groups of the kept coordinates
-        b = np.searchsorted(-lo, -sub[2], side="left")  # its group: the first (descending) with lo <= value
-        chk_p = np.bincount(b, weights=sub[0], minlength=lo.size)
-        chk_n = np.bincount(b, weights=sub[1], minlength=lo.size)
-        rep = np.isin(idx, want[n])
-        if not (np.array_equal(chk_p[rep], pos[rep]) and np.array_equal(chk_n[rep], neg[rep])):
-            raise RuntimeError(f"refine=True: the second pass over the inputs did not reproduce the first pass's "
-                               f"counts for {n!r}; the inputs must be the same (same order, not reshuffled or "
-                               "augmented) in both passes")
-        # splice: every decisive bin replaced by its exact groups, in descending order
-        # (sub-groups take their bin's place; stable: they keep their descending order)
-        order = np.argsort(np.concatenate([np.flatnonzero(~rep), b]), kind="stable")
-        cat = lambda u, v: np.concatenate([u, v])[order]  # noqa: E731
-        r = finalize_coords(n, h.params, cat(pos[~rep], sub[0]), cat(neg[~rep], sub[1]), cat(lo[~rep], sub[2]),
-                            cat(hi[~rep], sub[3]), cat(tied[~rep], np.ones(sub[0].size, bool)), **conventions)
-        out[n] = _mark_refined(r, int(y.size))
-    return out
+            kept[n][2].append(rows[kc[inside].cpu().numpy()])
+    return {n: _refined_result(hists[n], tables[n], runs[n], kept[n], conventions) if runs[n]
+            else _mark_refined(hists[n].finalize(**conventions), 0) for n in names}
+
+
+def _reference_params(spec, name: str) -> dict:
+    if name == "energy":
+        return {"temperature": spec.temperature}
+    if name == "sml":
+        return {"sml_mean": spec.sml.mean, "sml_std": spec.sml.std}
+    if name == "entropy":
+        return {"entropy_normalize": bool(spec.entropy_normalize)}
+    if name == "gen":
+        return {"gen_gamma": spec.gen_gamma}
+    return {}
+
+
+def _refined_result(h: Histogram, table, runs, kept, conventions):
+    from .metrics import groups_from_scores
+    pos, neg, lo, hi, tied, idx = table
+    t = np.concatenate(kept[0]) if kept[0] else np.zeros(0)
+    y = np.concatenate(kept[1]) if kept[1] else np.zeros(0, bool)
+    where = np.concatenate(kept[2]) if kept[2] else np.zeros(0, np.int64)
+    rep = np.zeros(pos.size, bool)
+    for a, b in runs:
+        rep[a:b] = True
+    if not (np.array_equal(np.bincount(where[y], minlength=pos.size)[rep], pos[rep])
+            and np.array_equal(np.bincount(where[~y], minlength=pos.size)[rep], neg[rep])):
+        raise RuntimeError(f"refine=True: the second pass over the inputs did not reproduce the first pass's "
+                           f"counts for {h.method!r}; the inputs must be the same (same order, not reshuffled or "
+                           "augmented) in both passes")
+    parts, order_keys = [], []
+    keep_rows = np.flatnonzero(~rep)
+    parts.append((pos[~rep], neg[~rep], lo[~rep], hi[~rep], tied[~rep]))
+    order_keys.append(keep_rows.astype(np.float64))
+    edge_lo, edge_hi = binning.bin_edges(idx)
+    for a, b in runs:
+        m = (where >= a) & (where < b)
+        # An exact score may lie a few float32 ulps outside the bins its float32 score fell
+        # in; it is clamped to the run's bin range (so the table stays sorted) and such
+        # groups are not claimed exact. That only reorders pixels at the run's outer edges,
+        # REFINE_NEIGHBOURS groups away from where FPR95 / F1 are decided.
+        top, bottom = edge_hi[a], edge_lo[b - 1]
+        tv = t[m]
+        out = (tv > top) | (tv < bottom)
+        tv = np.clip(tv, bottom, top)
+        sp, sn, slo, shi = groups_from_scores(tv, y[m])  # descending exact tie groups
+        exact = np.ones(sp.size, bool)
+        if out.any():
+            exact &= ~np.isin(slo, np.unique(tv[out]))
+        parts.append((sp, sn, slo, shi, exact))
+        order_keys.append(a + np.arange(sp.size) / max(sp.size, 1))
+    order = np.argsort(np.concatenate(order_keys), kind="stable")
+    cols = [np.concatenate([p[c] for p in parts])[order] for c in range(5)]
+    r = finalize_coords(h.method, h.params, *cols, **conventions)
+    return _mark_refined(r, int(y.size))
 
 
 def _mark_refined(r, n_kept: int):
-    r.definitions["refine"] = (f"exact: fpr95, f1 and both thresholds re-decided from {n_kept} pixels' exact "
-                               "scores in the bins where they fall (second fused pass); auroc and ap keep their "
-                               "certified bounds")
+    r.definitions["refine"] = (f"exact: fpr95, f1 and both thresholds re-decided from {n_kept} pixels "
+                               "re-scored exactly (float64) in the bins where they are decided (second fused pass); "
+                               "auroc and ap keep their certified bounds")
     for k in ("fpr95", "f1", "threshold", "fpr95_threshold"):
         v = getattr(r, k)
         r.bounds[k] = (v, v)
@@ -397,7 +456,6 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
             raise TypeError(f"scores {name!r} must be numbers, got {s.dtype}")
         if s.shape != tuple(y.shape):
             raise ValueError(f"scores {name!r} have shape {s.shape} but labels {tuple(y.shape)}; they must match")
-        s = s.astype(np.float32)   # the bins are defined on float32 values
         fin = np.isfinite(s)
         bad = valid & ~fin
         if bad.any() and nonfinite == "error":
@@ -412,7 +470,10 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
             r = metrics_from_groups(pos, neg, lo, hi, exact=True, **conventions)
             r.method, r.params = name, {}
         else:
-            h = Histogram.from_scores(name, s[keep], anomaly[keep], {"source": "evaluate_scores"})
+            sv = s[keep]
+            # one float32 value per bin is a real tie only if the caller's scores were float32-exact
+            exact32 = bool(np.array_equal(sv.astype(np.float32).astype(sv.dtype), sv))
+            h = Histogram.from_scores(name, sv, anomaly[keep], {"source": "evaluate_scores", "float32_exact": exact32})
             results.histograms[name] = h
             r = h.finalize(**conventions)
         results[name] = r

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import binning
-from .methods import coord_to_score
+from .methods import EXACT_COORDINATES, coord_to_score
 
 FORMAT = "anomfast-histograms-v2"
 _OLD_FORMATS = {"anomfast-histograms-v1": "binning of 2^-32 .. 2^32 with shared underflow bins (anomfast < 0.2)"}
@@ -114,13 +114,11 @@ class HistState:
         return _split_slots(slots[nz], h[nz], g[nz], self.n_methods)
 
     def __eq__(self, other) -> bool:
-        """Same counts, signatures and occupancy (compares the occupied blocks only)."""
+        """Same histograms: counts per (method, label, bin) and signatures per (method,
+        bin), as `sparse` reads them (occupied blocks only)."""
         if not isinstance(other, HistState) or other.n_methods != self.n_methods:
             return False
-        if not torch.equal(self.occ.cpu(), other.occ.cpu()):
-            return False
-        blocks = self.blocks()
-        return all(torch.equal(u.cpu(), v.cpu()) for u, v in zip(self.gather(blocks), other.gather(blocks)))
+        return all(np.array_equal(u, v) for a, b in zip(self.sparse(), other.sparse()) for u, v in zip(a, b))
 
     __hash__ = None
 
@@ -169,10 +167,12 @@ class HistState:
             idx, normal, anomaly, sig = _checked_sparse(m.get("index"), m.get("normal"), m.get("anomaly"),
                                                         m.get("sig"), f"histogram state, method {j}")
             for lab, c in ((0, normal), (1, anomaly)):
-                st.hist[j, lab, torch.from_numpy(idx)] = torch.from_numpy(c)
-                st.sig[j, lab, torch.from_numpy(idx)] = torch.from_numpy(sig.astype(np.uint32).view(np.int32))
-            flat = (j * 2 * binning.NBINS + idx)[None, :] + np.array([[0], [binning.NBINS]])
-            st.occ[torch.from_numpy(np.unique(flat.ravel() >> binning.OCC_SHIFT))] = 1
+                nz = c > 0
+                i = torch.from_numpy(idx[nz])
+                st.hist[j, lab, i] = torch.from_numpy(c[nz])
+                st.sig[j, lab, i] = torch.from_numpy(sig[nz].astype(np.uint32).view(np.int32))
+                flat = (j * 2 + lab) * binning.NBINS + idx[nz]
+                st.occ[torch.from_numpy(np.unique(flat >> binning.OCC_SHIFT))] = 1
         if torch.device(device).type != "cpu":
             st = HistState(st.hist.to(device), st.sig.to(device), st.occ.to(device))
         return st
@@ -231,9 +231,21 @@ def _checked_sparse(index, normal, anomaly, sig, what: str):
         raise ValueError(f"{what}: bin indices must be increasing and within [0, {binning.NBINS})")
     if (normal < 0).any() or (anomaly < 0).any():
         raise ValueError(f"{what}: negative counts")
+    _check_total(normal, anomaly, what)
     if (sig < 0).any() or (sig > 0xFFFFFFFF).any():
         raise ValueError(f"{what}: tie signatures must be uint32 values")
     return idx, normal, anomaly, sig
+
+
+_MAX_TOTAL = 2 ** 62  # every cumulative count of the metrics stays far inside int64
+
+
+def _check_total(normal, anomaly, what: str) -> None:
+    """Counts whose total would overflow int64 (an edited file, a corrupt state) would make
+    every cumulative sum of the metrics wrap: refuse them (exact Python-int sums)."""
+    approx = sum(float(np.sum(c, dtype=np.float64)) for c in (normal, anomaly))
+    if approx > _MAX_TOTAL / 2 and sum(int(np.sum(c, dtype=object)) for c in (normal, anomaly)) > _MAX_TOTAL:
+        raise ValueError(f"{what}: the counts add up to more than 2^62 pixels; the file or state is corrupt")
 
 
 def check_format(fmt, what: str) -> None:
@@ -259,6 +271,12 @@ class Histogram:
         self.binning = dict(binning_scheme or binning.SCHEME)
         if self.binning != binning.SCHEME:
             raise ValueError(f"histogram binning {self.binning} differs from this build's {binning.SCHEME}")
+
+    @property
+    def exact_values(self) -> bool:
+        """Whether the binned float32 values are the exact scores (max_logit; external
+        scores that were float32-exact): only then a one-value bin is a real tie."""
+        return self.method in EXACT_COORDINATES or bool(self.params.get("float32_exact", False))
 
     @classmethod
     def from_scores(cls, method: str, coords, anomaly, params=None) -> "Histogram":
@@ -298,6 +316,8 @@ class Histogram:
 
     def __add__(self, other: "Histogram") -> "Histogram":
         self._check_compatible(other)
+        _check_total(np.concatenate([self.normal, other.normal]), np.concatenate([self.anomaly, other.anomaly]),
+                     f"sum of two {self.method!r} histograms")
         idx = np.concatenate([self.index, other.index])
         u, inv = np.unique(idx, return_inverse=True)
         out = []
@@ -322,15 +342,17 @@ class Histogram:
     def groups(self):
         """Non-empty bins, highest coordinate first: (pos, neg, lo, hi, tied, index) with lo /
         hi the bin's smallest / largest coordinate (float64). A bin whose tie signature shows
-        one value (a real tie group) has tied True and lo == hi == that value. Coordinates
+        one value has lo == hi == that value, and is a real tie group (tied True) when the
+        binned values are the exact scores (``exact_values``). Coordinates
         rank like the scores (anomfast.methods.coord_to_score maps them); finalizing in
         coordinates keeps msp's u = 1 - max softmax resolved where -max softmax is not."""
         idx = self.index[::-1].copy()
         lo, hi = binning.bin_edges(idx)
         v = binning.bin_value(idx, self.sig[::-1])
-        tied = ~np.isnan(v)
-        lo = np.where(tied, v, lo)
-        hi = np.where(tied, v, hi)
+        single = ~np.isnan(v)
+        lo = np.where(single, v, lo)
+        hi = np.where(single, v, hi)
+        tied = single & self.exact_values
         return self.anomaly[::-1].copy(), self.normal[::-1].copy(), lo, hi, tied, idx
 
     def finalize(self, **conventions):

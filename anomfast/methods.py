@@ -142,6 +142,12 @@ def resolve(methods=None, **params) -> MethodSpec:
                       heat=heat, sml_boundary_suppression=bs, sml_smoothing=sm, sml_boundary_padding=padding)
 
 
+# Methods whose float32 coordinate is an exact function of the input values (no rounding):
+# only there does "one float32 value in a bin" mean "one exact score" (a real tie). A
+# computed score (msp's u, energy, ...) can round distinct exact scores to one float32.
+EXACT_COORDINATES = frozenset({"max_logit"})
+
+
 def coord_to_score(name: str, t):
     """Bin coordinate -> score. Only msp differs: its coordinate is 1 - max softmax."""
     return t - 1.0 if name == "msp" else t
