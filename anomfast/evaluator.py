@@ -32,6 +32,7 @@ from .functional import Results
 from .histogram import Histogram
 from .labels import as_label_map
 from .methods import resolve
+from .protocols import check_protocol
 
 
 def _fused_update_eager(logits: torch.Tensor, labels: torch.Tensor, hist: torch.Tensor, counters: torch.Tensor,
@@ -69,7 +70,12 @@ def _(logits, labels, hist, counters, lut, lut_offset, codes, temperature, gen_g
 class Evaluator:
     def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
                  fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
-                 sync_on_compute: bool = True, process_group=None, **method_params):
+                 sync_on_compute: bool = True, process_group=None, protocol: str | None = None, **method_params):
+        if check_protocol(protocol) is not None:  # every preset needs per-pixel scores
+            raise ValueError(f"protocol={protocol!r} cannot run in the streaming Evaluator: it casts every pixel's "
+                             "score to float16, draws a seeded subsample over all pixels and sorts it, and this "
+                             "evaluator keeps histograms, not per-pixel scores; use anomfast.evaluate(logits, "
+                             f"labels, protocol={protocol!r}) or `anomfast eval --protocol {protocol}`")
         if nonfinite not in ("error", "ignore"):
             raise ValueError(f"nonfinite must be 'error' or 'ignore', got {nonfinite!r}")
         self.spec = resolve(methods, **method_params)
