@@ -138,8 +138,10 @@ def _eval(args) -> int:
         if "heat" in methods and not m.has_heat:
             raise ValueError(f"method 'heat' needs features and heat_stats (or fit_logits + fit_features + "
                              f"fit_semantic) for model {m.name!r}")
+    if args.protocol != "default" and (args.fpr_mode != "first" or args.ap_mode != "step"):
+        raise ValueError(f"--protocol {args.protocol} fixes its own FPR95 / AUPR definitions; drop --fpr-mode / --ap-mode")
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
-                        distributed=args.distributed)
+                        distributed=args.distributed, protocol=args.protocol)
     run["notes"] = notes
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
@@ -233,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--cache", help="demo cache folder, used as given (default: a demo-v<version> folder under "
                     "$ANOMFAST_CACHE, or under ~/.cache/anomfast)")
     pe.add_argument("--quiet", action="store_true", help="no progress line")
+    from .protocols import PROTOCOLS
+    pe.add_argument("--protocol", default="default", choices=PROTOCOLS,
+                    help="ml4cv: the ml4cv-assignment scripts' evaluation (float16 scores, seeded 1M-pixel "
+                         "subsample, their FPR95 / F1 / SML rules; see anomfast/protocols.py)")
     conventions(pe)
     pe.set_defaults(func=_cmd_eval)
 

@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import _fused
+from . import _fused, protocols
 from .functional import fit_sml
 from .grid import Grid, GridError, load_array
 from .heat import HeatStats, as_features, fit_heat
 from .histogram import Histogram
+from .labels import ANOMALY, NORMAL
 from .methods import coord_to_score, resolve
 from .sml import SMLStats
 
@@ -104,18 +105,27 @@ def fit_model_heat(model) -> HeatStats:
 
 
 def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = True, n_examples: int = 3,
-                  temperature: float = 1.0, distributed: bool = False) -> dict:
-    """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...}."""
+                  temperature: float = 1.0, distributed: bool = False, protocol: str | None = None) -> dict:
+    """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...}.
+    protocol="ml4cv": each model also gets "results" {method: MetricResult} of that preset,
+    from every valid pixel's score in image (file name) order (see anomfast/protocols.py)."""
     stems = sorted(grid.labels)
     rank, world = 0, 1
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    proto = protocols.check_protocol(protocol)
+    if proto is not None and world > 1:
+        raise ValueError(f"--protocol {proto} draws its subsample over the whole data set in order; run it in one "
+                         "process (without --distributed)")
     my_stems = stems[rank::world]
     out = []
     for model in grid.models:
         params = {"temperature": temperature}
         if "sml" in methods:
             params["sml"] = fit_model_sml(model, progress)
+        if proto is not None:
+            params = protocols.method_params(proto, params)
+            kept, kept_labels = [[] for _ in methods], []
         need_feats = "heat" in methods
         if need_feats:
             if not model.features:
@@ -147,7 +157,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 raise GridError(f"image {stem!r}: label map {tuple(y.shape)} vs logits {tuple(x.shape)} of model {model.name!r}")
             xb = _fused.as_logits(x.unsqueeze(0).to(device))
             yb = _fused.as_labels(y.unsqueeze(0).to(device), xb)
-            want_maps = len(examples) < n_examples and bool((y != 0).any())
+            want_example = len(examples) < n_examples and bool((y != 0).any())
+            want_maps = want_example or proto is not None
             fb = None
             if f is not None:
                 fb = as_features(f.unsqueeze(0).to(device), xb, spec.heat, name=f"features of image {stem!r}")
@@ -160,7 +171,14 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 ok = (s >= 0) & (s < C)
                 cm = torch.bincount(s[ok] * C + pred[ok], minlength=C * C).reshape(C, C)
                 conf = cm if conf is None else conf + cm
-            if want_maps:
+            if proto is not None:
+                cls = grid.label_map.classify(yb).flatten()
+                valid = (cls == NORMAL) | (cls == ANOMALY)
+                sc = maps.reshape(len(spec.names), -1)[:, valid].cpu().numpy()
+                for j in range(len(spec.names)):
+                    kept[j].append(sc[j])
+                kept_labels.append((cls[valid] == ANOMALY).cpu().numpy())
+            if want_example:
                 examples.append({"stem": stem, "labels": y.numpy(),
                                  "maps": {n: coord_to_score(n, maps[j, 0].cpu().numpy()) for j, n in enumerate(spec.names)}})
             pb.update(int(y.numel()))
@@ -178,6 +196,14 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             present = c.sum(1) > 0
             miou = float((inter[present] / union[present]).mean())
         hists = {n: Histogram(n, hist[j].cpu(), spec.params_of(n)) for j, n in enumerate(spec.names)}
-        out.append({"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
-                    "images": len(stems)})
-    return {"models": out, "methods": list(methods)}
+        entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
+                 "images": len(stems)}
+        if proto is not None:
+            cols = [np.concatenate(k) if k else np.zeros(0, np.float32) for k in kept]
+            labs = np.concatenate(kept_labels) if kept_labels else np.zeros(0, bool)
+            del kept, kept_labels
+            entry["results"] = protocols.ml4cv_results(spec.names, cols, labs)
+            for n, r in entry["results"].items():
+                r.params = spec.params_of(n)
+        out.append(entry)
+    return {"models": out, "methods": list(methods), "protocol": proto}
