@@ -215,7 +215,8 @@ def ml4cv_results(names, coords, labels, *, sample: int | None = None, seed: int
         c = np.asarray(c, dtype=np.float32)
         if idx is not None:
             c = c[idx]
-        s16 = np.asarray(coord_to_score(name, c), dtype=np.float32).astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond float16: +-inf, dropped after the draw and reported
+            s16 = np.asarray(coord_to_score(name, c), dtype=np.float32).astype(np.float16)
         r = ml4cv_metrics(s16, labels)
         r.method = name
         r.definitions["subsample"] = how
