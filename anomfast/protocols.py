@@ -45,6 +45,15 @@ on top of the collected scores (4 bytes per pixel and method, then 2 as float16)
 ``np.random.default_rng(seed)`` instead (O(n) memory), with a RuntimeWarning: the same
 distribution, not the same pixels.
 
+Provenance: the seed report's table itself (``assets/model_method_comparison.md``, three
+tables, HEAT = Energy) is written by the same repository's
+``visualizations/create_comparison_table.py``, whose ``evaluate_method`` differs again:
+float32 scores (no float16 cast), the same seeded draw, FPR95 = fpr at the FIRST
+``tpr >= 0.95`` of ``roc_curve`` with drop_intermediate=True (1.0 if none), F1 with 1e-10
+instead of 1e-8, SML statistics from ``torch.std()`` (unbiased; mean 0 and std 1 for a
+class never predicted, NaN for a class predicted once), no non-finite filter, and HEAT
+computed as the energy score. This preset follows the per-method scripts above.
+
 The streaming histogram ``Evaluator`` cannot apply this protocol (it keeps no per-pixel
 scores to cast, draw from and sort); use ``anomfast.evaluate(..., protocol="ml4cv")`` or
 ``anomfast eval --protocol ml4cv``.
@@ -229,7 +238,7 @@ def seed_note(protocol: str | None) -> str | None:
     if protocol is None:
         return None
     return ("Protocol ml4cv (the ml4cv-assignment scripts): float16 scores, a seeded subsample of "
-            f"{ML4CV_SAMPLE:,} pixels (np.random.seed({ML4CV_SEED})), FPR95 at argmin |TPR - 0.95| on "
+            f"{ML4CV_SAMPLE:,} pixels when there are more (np.random.seed({ML4CV_SEED})), FPR95 at argmin |TPR - 0.95| on "
             "roc_curve(drop_intermediate=True), F1 = 2PR/(P+R+1e-8), SML with the population std; exact values "
             "of that protocol, no bounds.")
 
