@@ -141,8 +141,14 @@ def _eval(args) -> int:
     if args.refine and args.distributed:
         raise ValueError("--refine with --distributed is not implemented yet (the decisive pixels would have to be "
                          "gathered across ranks); run --refine in one process")
+    if args.protocol != "default" and (args.fpr_mode != "first" or args.ap_mode != "step"):
+        raise ValueError(f"--protocol {args.protocol} fixes its own FPR95 / AUPR definitions; drop --fpr-mode / --ap-mode")
+    if args.protocol != "default" and args.refine:
+        raise ValueError(f"--protocol {args.protocol} computes its metrics from per-pixel scores; --refine applies to "
+                         "the default (histogram) protocol")
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
-                        distributed=args.distributed, refine=args.refine, conventions=_conventions(args))
+                        distributed=args.distributed, protocol=args.protocol, refine=args.refine,
+                        conventions=_conventions(args))
     run["notes"] = notes
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
@@ -239,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--refine", action="store_true",
                     help="read the inputs a second time, keeping only the pixels in the bins where FPR95 and the "
                          "best F1 are decided: FPR95, F1 and both thresholds become exact (scikit-learn's)")
+    from .protocols import PROTOCOLS
+    pe.add_argument("--protocol", default="default", choices=PROTOCOLS,
+                    help="ml4cv: the ml4cv-assignment scripts' evaluation (float16 scores, seeded 1M-pixel "
+                         "subsample, their FPR95 / F1 / SML rules; see anomfast/protocols.py)")
     conventions(pe)
     pe.set_defaults(func=_cmd_eval)
 

@@ -36,6 +36,7 @@ from .functional import Results
 from .histogram import FORMAT, HistState, check_format, histograms_from_state
 from .labels import as_label_map
 from .methods import resolve
+from .protocols import check_protocol
 
 
 def _fused_update_eager(logits: torch.Tensor, labels: torch.Tensor, hist: torch.Tensor, sig: torch.Tensor,
@@ -88,7 +89,12 @@ def _mask_dropped(y: torch.Tensor, keep: torch.Tensor, void_ids) -> torch.Tensor
 class Evaluator:
     def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
                  fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
-                 sync_on_compute: bool = True, process_group=None, **method_params):
+                 sync_on_compute: bool = True, process_group=None, protocol: str | None = None, **method_params):
+        if check_protocol(protocol) is not None:  # every preset needs per-pixel scores
+            raise ValueError(f"protocol={protocol!r} cannot run in the streaming Evaluator: it casts every pixel's "
+                             "score to float16, draws a seeded subsample over all pixels and sorts it, and this "
+                             "evaluator keeps histograms, not per-pixel scores; use anomfast.evaluate(logits, "
+                             f"labels, protocol={protocol!r}) or `anomfast eval --protocol {protocol}`")
         if nonfinite not in ("error", "ignore"):
             raise ValueError(f"nonfinite must be 'error' or 'ignore', got {nonfinite!r}")
         self.spec = resolve(methods, **method_params)

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from . import _fused, binning
+from . import _fused, binning, protocols
 from .histogram import Histogram, finalize_coords, histograms_from_state
 from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
 from .methods import CODES, EXTERNAL, coord_to_score, resolve
@@ -287,7 +287,8 @@ def _mark_refined(r, n_kept: int):
 def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool = False, *,
              label_map=None, fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
              per_image: bool = False, subsample: int | None = None, seed: int = 42, refine: bool = False,
-             nonfinite: str = "error", num_threads: int = 0, features=None, **method_params) -> Results:
+             nonfinite: str = "error", num_threads: int = 0, features=None, protocol: str | None = None,
+             **method_params) -> Results:
     """Evaluate anomaly scores of segmentation logits against anomaly labels.
 
     logits (B, C, H, W) and labels (B, H, W), or iterables of such batches. Returns
@@ -304,6 +305,9 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
     pixels are skipped for the metrics they leave undefined) instead of pooling pixels.
     subsample=N evaluates exact metrics on N valid pixels drawn uniformly without
     replacement (a seeded reservoir over the stream of valid pixels, `seed`).
+    protocol="ml4cv" reproduces the ml4cv-assignment scripts' evaluation (float16 scores,
+    np.random.seed(42) subsample of 1,000,000 pixels, their FPR95 / F1 / SML rules; see
+    anomfast/protocols.py); subsample= and seed= then set that draw's size and seed.
     """
     from .metrics import groups_from_scores, mean_over_images
     if nonfinite not in ("error", "ignore"):
@@ -312,6 +316,15 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
         raise ValueError("choose at most one of exact=True, per_image=True, subsample=N, refine=True")
     if subsample is not None and (not isinstance(subsample, (int, np.integer)) or subsample < 1):
         raise ValueError(f"subsample must be a positive number of pixels, got {subsample!r}")
+    proto = protocols.check_protocol(protocol)
+    if proto is not None and refine:
+        raise ValueError(f"protocol={proto!r} computes its metrics from every pixel's score; refine=True applies "
+                         "to the default (histogram) protocol")
+    if proto is not None:  # collect every valid pixel's score as exact=True does, then the preset's metrics
+        protocols.check_options(proto, exact=exact, per_image=per_image, fpr_mode=fpr_mode, ap_mode=ap_mode,
+                                tpr_target=tpr_target)
+        method_params = protocols.method_params(proto, method_params)
+        exact, proto_sample, subsample = True, subsample, None
     spec = resolve(methods, **method_params)
     lm = as_label_map(label_map, ignore_index)
     conventions = dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
@@ -393,6 +406,11 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
         if exact:
             labs = np.concatenate(kept_labels) if kept_labels else np.zeros(0, bool)
             cols = [np.concatenate(kept_scores[j]) if kept_scores[j] else np.zeros(0, np.float32) for j in range(M)]
+            if proto is not None:
+                results.update(protocols.ml4cv_results(spec.names, cols, labs, sample=proto_sample, seed=seed))
+                for r in results.values():
+                    r.params = spec.params_of(r.method)
+                return results
         else:
             if subsample is not None and reservoir is not None and reservoir[2].numel() < subsample:
                 warnings.warn(f"subsample={subsample} but only {reservoir[2].numel()} valid pixels exist; "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .methods import DISPLAY
+from .methods import DISPLAY, coord_to_score
 
 
 def _plt():
@@ -44,7 +44,8 @@ def write_plots(run: dict, out: Path) -> list:
         ks = list(m["histograms"])
         fig, axes = plt.subplots(1, len(ks), figsize=(3.2 * len(ks), 2.8), squeeze=False)
         for ax, k in zip(axes[0], ks):
-            pos, neg, lo, hi = m["histograms"][k].groups()
+            pos, neg, lo, hi, *_ = m["histograms"][k].groups()  # coordinates: to score units
+            lo, hi = coord_to_score(k, lo), coord_to_score(k, hi)
             if pos.size == 0:
                 continue
             centers = 0.5 * (np.clip(lo, -1e30, 1e30) + np.clip(hi, -1e30, 1e30))

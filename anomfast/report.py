@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from .methods import DISPLAY
+from .protocols import ML4CV_DEFINITIONS, seed_note
 
 
 def _pct(v: float, digits: int) -> str:
@@ -100,13 +101,19 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     out.mkdir(parents=True, exist_ok=True)
     conventions = conventions or {}
     methods = run["methods"]
-    for m in run["models"]:  # results refined by the runner (--refine) are kept
-        m["results"] = m.get("results") or {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
+    protocol = run.get("protocol")
+    for m in run["models"]:  # a protocol's results and --refine's come computed by the runner
+        if "results" not in m:
+            m["results"] = {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
     md = seed_tables(run["models"], methods)
     widths = [bound_width(r) for m in run["models"] for r in m["results"].values() if r.n_pos and r.n_neg]
-    md += ("\n---\n\nMetrics are finalized from histograms; every number has a certified bound "
-           f"(largest bound width in this report: {max(widths or [0.0]):.1e}, see results.json). "
-           f"Definitions: {conventions or 'defaults'}.\n")
+    if protocol is not None:
+        md += f"\n---\n\n{seed_note(protocol)} Definitions: results.json.\n"
+        conventions = {"protocol": protocol}
+    else:
+        md += ("\n---\n\nMetrics are finalized from histograms; every number has a certified bound "
+               f"(largest bound width in this report: {max(widths or [0.0]):.1e}, see results.json). "
+               f"Definitions: {conventions or 'defaults'}.\n")
     notes = run.get("notes", [])
     if notes:
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
@@ -123,7 +130,8 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
                 for a in ("fpr95", "auroc", "ap", "f1", "threshold", "fpr95_threshold"):
                     row += [getattr(r, a), *r.bounds[a]]
                 w.writerow(row + [r.n_pos, r.n_neg])
-    doc = {"definitions": DEFINITIONS, "conventions": conventions, "methods": methods, "notes": notes,
+    doc = {"definitions": DEFINITIONS if protocol is None else ML4CV_DEFINITIONS, "conventions": conventions,
+           "protocol": protocol or "default", "methods": methods, "notes": notes,
            "models": [{"name": m["name"], "miou": m.get("miou"), "pixels": m.get("pixels"), "images": m.get("images"),
                        "results": {k: r.as_dict() for k, r in m["results"].items()}} for m in run["models"]]}
     (out / "results.json").write_text(json.dumps(doc, indent=2))

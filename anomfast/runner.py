@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import _fused
+from . import _fused, protocols
 from .functional import fit_sml, refine_histograms
 from .grid import Grid, GridError, load_array
 from .heat import HeatStats, as_features, fit_heat
 from .histogram import histograms_from_state
+from .labels import ANOMALY, NORMAL
 from .methods import coord_to_score, resolve
 from .sml import SMLStats
 
@@ -104,21 +105,30 @@ def fit_model_heat(model) -> HeatStats:
 
 
 def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = True, n_examples: int = 3,
-                  temperature: float = 1.0, distributed: bool = False, refine: bool = False,
-                  conventions: dict | None = None) -> dict:
-    """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...};
-    with refine=True each model also has "results" (FPR95 / F1 / thresholds made exact by a
-    second pass over its files, see anomfast.evaluate(refine=True))."""
+                  temperature: float = 1.0, distributed: bool = False, protocol: str | None = None,
+                  refine: bool = False, conventions: dict | None = None) -> dict:
+    """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...}.
+    protocol="ml4cv": each model also gets "results" {method: MetricResult} of that preset,
+    from every valid pixel's score in image (file name) order (see anomfast/protocols.py).
+    refine=True: each model gets "results" with FPR95 / F1 / thresholds made exact by a
+    second pass over its files (see anomfast.evaluate(refine=True))."""
     stems = sorted(grid.labels)
     rank, world = 0, 1
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    proto = protocols.check_protocol(protocol)
+    if proto is not None and world > 1:
+        raise ValueError(f"--protocol {proto} draws its subsample over the whole data set in order; run it in one "
+                         "process (without --distributed)")
     my_stems = stems[rank::world]
     out = []
     for model in grid.models:
         params = {"temperature": temperature}
         if "sml" in methods:
             params["sml"] = fit_model_sml(model, progress)
+        if proto is not None:
+            params = protocols.method_params(proto, params)
+            kept, kept_labels = [[] for _ in methods], []
         need_feats = "heat" in methods
         if need_feats:
             if not model.features:
@@ -150,7 +160,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 raise GridError(f"image {stem!r}: label map {tuple(y.shape)} vs logits {tuple(x.shape)} of model {model.name!r}")
             xb = _fused.as_logits(x.unsqueeze(0).to(device))
             yb = _fused.as_labels(y.unsqueeze(0).to(device), xb)
-            want_maps = len(examples) < n_examples and bool((y != 0).any())
+            want_example = len(examples) < n_examples and bool((y != 0).any())
+            want_maps = want_example or proto is not None
             fb = None
             if f is not None:
                 fb = as_features(f.unsqueeze(0).to(device), xb, spec.heat, name=f"features of image {stem!r}")
@@ -163,7 +174,14 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 ok = (s >= 0) & (s < C)
                 cm = torch.bincount(s[ok] * C + pred[ok], minlength=C * C).reshape(C, C)
                 conf = cm if conf is None else conf + cm
-            if want_maps:
+            if proto is not None:
+                cls = grid.label_map.classify(yb).flatten()
+                valid = (cls == NORMAL) | (cls == ANOMALY)
+                sc = maps.reshape(len(spec.names), -1)[:, valid].cpu().numpy()
+                for j in range(len(spec.names)):
+                    kept[j].append(sc[j])
+                kept_labels.append((cls[valid] == ANOMALY).cpu().numpy())
+            if want_example:
                 examples.append({"stem": stem, "labels": y.numpy(),
                                  "maps": {n: coord_to_score(n, maps[j, 0].cpu().numpy()) for j, n in enumerate(spec.names)}})
             pb.update(int(y.numel()))
@@ -183,7 +201,14 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         hists = histograms_from_state(hist, spec.names, spec.params_of)
         entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
                  "images": len(stems)}
-        if refine:
+        if proto is not None:
+            cols = [np.concatenate(k) if k else np.zeros(0, np.float32) for k in kept]
+            labs = np.concatenate(kept_labels) if kept_labels else np.zeros(0, bool)
+            del kept, kept_labels
+            entry["results"] = protocols.ml4cv_results(spec.names, cols, labs)
+            for n, r in entry["results"].items():
+                r.params = spec.params_of(n)
+        elif refine:
             def batches():
                 for _, x, y, _, f in _prefetch(read, my_stems):
                     xb = _fused.as_logits(x.unsqueeze(0).to(device))
@@ -191,6 +216,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                     yield xb, _fused.as_labels(y.unsqueeze(0).to(device), xb), fb
             if progress and rank == 0:
                 print(f"{model.name}: refining FPR95 / F1 (second pass)", file=sys.stderr)
-            entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}), "error", 0)
+            entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}),
+                                                 "error", 0)
         out.append(entry)
-    return {"models": out, "methods": list(methods)}
+    return {"models": out, "methods": list(methods), "protocol": proto}

@@ -11,6 +11,13 @@ statistics. ``missing="global"`` (default) gives such classes the statistics poo
 over all fitted pixels and records them in ``fallback_classes`` (with a warning);
 ``missing="error"`` raises instead. Scores are never NaN because of a missing class.
 
+``convention="ml4cv"`` computes the statistics as the ml4cv-assignment scripts do
+(anomfast/protocols.py): population std sqrt(m2 / n) instead of the unbiased one, 1e-8
+added to the std (their denominator is std + 1e-8), and for a class predicted at most
+once std 1 with its running mean (0 when never predicted) instead of the pooled
+fallback (``missing`` does not apply). ``stats.with_convention("ml4cv")`` converts
+fitted statistics: count, sum and sum of squares are all either convention needs.
+
 The published method also post-processes the SML map spatially (boundary suppression
 and dilated smoothing, see ``postprocess`` below); it is selected by the method
 parameters ``sml_full=True`` (both), ``sml_boundary_suppression=`` and
@@ -31,6 +38,8 @@ import numpy as np
 import torch
 
 FORMAT = "anomfast-sml-v1"
+CONVENTIONS = ("sml", "ml4cv")
+ML4CV_STD_EPS = 1e-8  # the ml4cv scripts divide by (std + 1e-8)
 
 
 @dataclass
@@ -39,6 +48,7 @@ class SMLStats:
     sum: np.ndarray        # float64 [C]
     sumsq: np.ndarray      # float64 [C]
     missing: str = "global"
+    convention: str = "sml"  # "sml" (Jung et al.: unbiased std) or "ml4cv" (see the module docstring)
 
     def __post_init__(self):
         self.count = np.asarray(self.count, dtype=np.int64)
@@ -48,6 +58,11 @@ class SMLStats:
             raise ValueError("SMLStats: count, sum and sumsq must be 1-D arrays of the same length")
         if self.missing not in ("global", "error"):
             raise ValueError(f"missing must be 'global' or 'error', got {self.missing!r}")
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
+        if self.convention == "ml4cv":
+            self._ml4cv()
+            return
         if self.count.sum() < 2:
             raise ValueError(f"SML fitting saw {int(self.count.sum())} pixels; at least 2 are needed")
         n = self.count.astype(np.float64)
@@ -77,6 +92,27 @@ class SMLStats:
         self.std = np.where(bad, gstd, std)
         self.global_mean, self.global_std = float(gmean), gstd
 
+    def _ml4cv(self):
+        """The ml4cv scripts' statistics: mean = sum / n (0 when n = 0), std = sqrt(m2 / n)
+        + 1e-8 for n > 1, else 1 + 1e-8; m2 = sumsq - n mean^2 (their Welford m2)."""
+        n = self.count.astype(np.float64)
+        seen = self.count > 0
+        mean = np.where(seen, self.sum / np.where(seen, n, 1.0), 0.0)
+        m2 = np.maximum(self.sumsq - n * mean * mean, 0.0)
+        many = self.count > 1
+        std = np.where(many, np.sqrt(m2 / np.where(many, n, 1.0)), 1.0)
+        self.mean, self.std = mean, std + ML4CV_STD_EPS
+        self.fallback_classes = [int(c) for c in np.nonzero(~many)[0]]
+        N = max(float(n.sum()), 1.0)
+        self.global_mean = float(self.sum.sum() / N)
+        self.global_std = float(np.sqrt(max(self.sumsq.sum() / N - self.global_mean ** 2, 0.0)))
+
+    def with_convention(self, convention: str) -> "SMLStats":
+        """The same fitted sums under another convention ("sml" or "ml4cv")."""
+        if convention == self.convention:
+            return self
+        return SMLStats(self.count, self.sum, self.sumsq, missing=self.missing, convention=convention)
+
     @property
     def num_classes(self) -> int:
         return int(self.count.shape[0])
@@ -87,12 +123,15 @@ class SMLStats:
         return mean, inv
 
     def describe(self) -> dict:
-        return {"num_classes": self.num_classes, "pixels": int(self.count.sum()),
-                "fallback_classes": self.fallback_classes}
+        d = {"num_classes": self.num_classes, "pixels": int(self.count.sum()),
+             "fallback_classes": self.fallback_classes}
+        if self.convention != "sml":  # only then, so existing parameters (and histograms) stay as they were
+            d["convention"] = self.convention
+        return d
 
     def save(self, path) -> None:
         path = Path(path)
-        meta = json.dumps({"format": FORMAT, "missing": self.missing})
+        meta = json.dumps({"format": FORMAT, "missing": self.missing, "convention": self.convention})
         with open(path, "wb") as f:
             np.savez(f, count=self.count, sum=self.sum, sumsq=self.sumsq, meta=np.array(meta))
 
@@ -105,7 +144,8 @@ class SMLStats:
                 raise ValueError(f"{path} is not an anomfast SML statistics file (no metadata)") from None
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: unknown SML statistics format {meta.get('format')!r}, expected {FORMAT}")
-            return cls(z["count"], z["sum"], z["sumsq"], missing=meta.get("missing", "global"))
+            return cls(z["count"], z["sum"], z["sumsq"], missing=meta.get("missing", "global"),
+                       convention=meta.get("convention", "sml"))
 
 
 # ------------------------------------------------------------- SML post-processing
