@@ -60,7 +60,7 @@ def test_same_names_and_constants_as_cpu_module():
     cpu = _core._C
     for name in ("FusedArgs", "FitArgs", "fused", "fit_sml", "build_info"):
         assert hasattr(cuda_mod, name), name
-    for name in ("NBINS", "BIN_MANT_BITS", "BIN_EXP_MIN", "BIN_EXP_COUNT", "N_COUNTERS", "MAX_METHODS", "VERSION"):
+    for name in ("NBINS", "BIN_MANT_BITS", "BIN_OCTAVES", "OCC_SHIFT", "N_COUNTERS", "MAX_METHODS", "VERSION"):
         assert getattr(cuda_mod, name) == getattr(cpu, name), name
     for cls in ("FusedArgs", "FitArgs"):
         fields_cpu = {k for k in dir(getattr(cpu, cls)()) if not k.startswith("_")}
@@ -170,7 +170,8 @@ def emulated_module(tmp_path_factory):
 
 def test_cuda_kernels_under_host_emulation(emulated_module):
     """The CUDA kernels (warp votes, grid-stride loop, shared-memory LUT and partials,
-    every dtype / label type / layout / aggregation mode) against the CPU core."""
+    every dtype / label type / layout / aggregation mode) against the CPU core; their
+    counts, tie signatures and occupancy against the NumPy binning of their own maps."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import test_cuda_build as t; t.emulation_checks({str(emulated_module)!r})")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
@@ -183,9 +184,10 @@ def emulation_checks(so_path):
 
     import numpy as np
 
-    from anomfast import _fused, binning, reference
+    from anomfast import _fused
     from anomfast.labels import LabelMap
     from anomfast.methods import resolve
+    from test_scores import assert_state_equals_binning, same_state
 
     spec = importlib.util.spec_from_file_location("_C_cuda", so_path)
     emu = importlib.util.module_from_spec(spec)
@@ -224,15 +226,12 @@ def emulation_checks(so_path):
         assert torch.equal(c, cc), (name, c.tolist(), cc.tolist())
         cls = (lm or LabelMap.default()).classify(y)
         fin = torch.isfinite(x.float()).all(dim=1)
+        assert_state_equals_binning(h, maps, cls, ok=fin, what=name)
         for j, m in enumerate(sp.names):
-            idx = reference.bin_index(maps[j])
-            for lab in (0, 1):
-                want = torch.bincount(idx[(cls == lab) & fin], minlength=binning.NBINS)
-                assert torch.equal(h[j, lab], want), (name, m, lab)
             assert torch.allclose(maps[j][fin], mc[j][fin], rtol=1e-5, atol=1e-5), (name, m)
             if cpu.build_info()["cpu_isa"] == "baseline":
                 assert torch.equal(maps[j][fin], mc[j][fin]), (name, m, "not bit-identical to the CPU")
-        return h, c
+        return h, c, maps
 
     base = resolve(["max_logit", "msp", "energy", "entropy", "gen"], temperature=1.7, entropy_normalize=True)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -248,19 +247,41 @@ def emulation_checks(so_path):
             sp = resolve(["max_logit", "msp", "energy", "sml", "entropy", "gen"], sml=stats_cpu) if C > 1 else base
             x[0, 0, 0, :2] = float("nan")
             x[1, -1, 1, 3] = float("inf")
-            h, c = compare(x, y, sp, name=f"{dtype} C={C}")
+            h, c, _ = compare(x, y, sp, name=f"{dtype} C={C}")
             for mode in (0, 2):
                 emu._set_hist_aggregation(mode)
                 h2, c2, _ = run(Routed, _fused.fused_pass, x, y, sp)
                 emu._set_hist_aggregation(1)
-                assert torch.equal(h2, h) and torch.equal(c2, c), f"aggregation mode {mode}"
+                assert same_state(h2, h) and torch.equal(c2, c), f"aggregation mode {mode}"
             for name, v in (("channels_last", x.contiguous(memory_format=torch.channels_last)), ("strided", None)):
                 if v is None:
                     wide = torch.zeros(2, C, 7, 90, dtype=dtype)
                     wide[..., ::2] = x
                     v = wide[..., ::2]
                 h3, c3, _ = run(Routed, _fused.fused_pass, v, y, sp)
-                assert torch.equal(h3, h) and torch.equal(c3, c), name
+                assert same_state(h3, h) and torch.equal(c3, c), name
+    # coordinates over many octaves: msp's 1 - p from ~1 down to 1e-38 and exact zeros
+    # (logit gaps up to 120), max_logit's -m subnormal or zero (subnormal logits); many
+    # equal ones (a warp's lanes in one bin with equal or different values: the signature
+    # OR over peers); each aggregation mode
+    wide = torch.zeros(2, 3, 8, 64)
+    gap = torch.linspace(0.0, 120.0, 8 * 64).view(8, 64)
+    top = torch.stack([torch.full((8, 64), 3.0),
+                       (torch.randint(-3, 8, (8, 64), generator=g) * 2.0**-140).float()])
+    top[1, 0, :5] = 0.0
+    wide[:, 0] = top
+    wide[:, 1] = top - gap
+    wide[:, 2] = top - gap - torch.rand(2, 8, 64, generator=g)
+    wide[1, :, 2, :8] = wide[1, :, 2, :1]  # runs of equal pixels
+    wide[0, :, 6, 32:] = torch.tensor([3.0, 3.0 - 2.0**-10, -1.0]).view(3, 1)  # one value on half a warp
+    yw = labels(2, 8, 64)
+    spw = resolve(["max_logit", "msp", "energy", "entropy"])
+    for mode in (1, 0, 2):
+        emu._set_hist_aggregation(mode)
+        _, _, mw = compare(wide, yw, spw, name=f"wide range, aggregation mode {mode}")
+        emu._set_hist_aggregation(1)
+    t = mw.flatten()
+    assert (t == 0).any() and ((t != 0) & (t.abs() < 2.0**-126)).any(), "the maps must hold zeros and subnormals"
     x = logits(3, 19, 5, 33)
     y = labels(3, 5, 33)
     sp = resolve(["max_logit", "msp"])
@@ -290,9 +311,10 @@ def emulation_checks(so_path):
 @pytest.mark.skipif(not has_gpu, reason="needs a CUDA GPU and the CUDA module")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_histograms_match_cpu(rng, dtype):
-    from anomfast import _fused, binning, reference
+    from anomfast import _fused
     from anomfast.methods import resolve
     from conftest import random_labels, random_logits
+    from test_scores import assert_state_equals_binning
 
     x = random_logits(rng, 3, 19, 37, 61, dtype=dtype)
     y = random_labels(rng, 3, 37, 61)
@@ -300,16 +322,14 @@ def test_cuda_histograms_match_cpu(rng, dtype):
     stats = anomfast.fit_sml(x[1:].float())
     spec = resolve(["max_logit", "msp", "energy", "sml", "entropy", "gen"], sml=stats)
     hc, cc, mc = _fused.fused_pass(x, y, spec, want_maps=True)
-    hg, cg, mg = _fused.fused_pass(x.cuda(), y.cuda(), spec, want_maps=True)
+    sg, cg, mg = _fused.fused_pass(x.cuda(), y.cuda(), spec, want_maps=True)
     torch.cuda.synchronize()
-    hg, cg, mg = hg.cpu(), cg.cpu(), mg.cpu()
+    cg, mg = cg.cpu(), mg.cpu()
     assert torch.equal(cg, cc)
     fin = torch.isfinite(x.float()).all(dim=1)
+    assert_state_equals_binning(sg, mg, y, ok=fin, what=f"CUDA {dtype}")
+    hg, hc = sg.hist.cpu(), hc.hist
     for j, m in enumerate(spec.names):
-        idx = reference.bin_index(mg[j])
-        for lab in (0, 1):
-            want = torch.bincount(idx[(y == lab) & fin].flatten(), minlength=binning.NBINS)
-            assert torch.equal(hg[j, lab], want), f"{m} label {lab}"
         torch.testing.assert_close(mg[j][fin], mc[j][fin], rtol=1e-5, atol=1e-5)
         if anomfast.build_info()["cpu_isa"] == "baseline" and not anomfast.build_info()["cuda_fmad"]:
             assert torch.equal(hg[j], hc[j]), f"{m}: the baseline CPU build and -fmad=false must agree exactly"

@@ -1,13 +1,16 @@
 """Fused scores and histograms against the float64 reference."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import anomfast
 from anomfast import _fused, binning, reference
-from anomfast.methods import resolve
+from anomfast.labels import LabelMap
+from anomfast.methods import EXTERNAL, resolve
 
 from conftest import DEVICES, DTYPES, LOGIT_METHODS, random_labels, random_logits
 
@@ -36,6 +39,54 @@ def scale_of(method, x64, stats):
     if method in ("max_logit", "energy"):
         return x64.abs().amax(dim=1)
     return torch.ones(x64.shape[0], *x64.shape[2:], dtype=torch.float64)
+
+
+def expected_slots(maps, cls, ok):
+    """What the core must have added for these coordinates: the flat (method, label, bin)
+    slots of the pixels with label class 0 / 1 and `ok`, their counts, and per slot the OR
+    of binning.bin_sig over its pixels (NumPy binning of the core's own coordinates)."""
+    maps = maps.detach().cpu()
+    cls = cls.detach().cpu().reshape(-1).numpy()
+    ok = ok.detach().cpu().reshape(-1).numpy()
+    slots, sigs = [], []
+    for j in range(maps.shape[0]):
+        t = maps[j].reshape(-1).numpy()
+        for lab in (0, 1):
+            sel = (cls == lab) & ok
+            slots.append((j * 2 + lab) * binning.NBINS + binning.bin_index(t[sel]))
+            sigs.append(binning.bin_sig(t[sel]))
+    u, inv = np.unique(np.concatenate(slots), return_inverse=True)
+    sig = np.zeros(u.size, np.int64)
+    np.bitwise_or.at(sig, inv, np.concatenate(sigs))
+    return u, np.bincount(inv, minlength=u.size), sig
+
+
+def assert_state_equals_binning(state, maps, cls, ok=None, times=1, fresh=True, what=""):
+    """A HistState holds exactly what `times` passes over these coordinates add: the
+    counts, the tie signatures (OR of bin_sig; 0 in every slot never counted), and an
+    occupancy byte of 1 on every block holding a count (fresh: and on no other block).
+    cls: label class per pixel (0 normal, 1 anomaly, anything else not binned); ok:
+    pixels the core bins (default: every coordinate finite)."""
+    if ok is None:
+        ok = torch.isfinite(maps.detach().cpu()).all(dim=0)
+    slots, counts, sigs = expected_slots(maps, cls, ok)
+    h = state.hist.cpu().reshape(-1).numpy()
+    s = state.sig.cpu().reshape(-1).numpy().view(np.uint32)
+    o = state.occ.cpu().numpy()
+    nz = np.flatnonzero(h)
+    np.testing.assert_array_equal(nz, slots, err_msg=f"{what}: which slots hold counts")
+    np.testing.assert_array_equal(h[nz], times * counts, err_msg=f"{what}: counts")
+    np.testing.assert_array_equal(np.flatnonzero(s), slots, err_msg=f"{what}: which slots hold a signature")
+    np.testing.assert_array_equal(s[slots].astype(np.int64), sigs, err_msg=f"{what}: signatures")
+    assert set(np.unique(o).tolist()) <= {0, 1}, f"{what}: occupancy bytes must be 0 or 1"
+    blocks = np.unique(slots >> binning.OCC_SHIFT)
+    assert o[blocks].all(), f"{what}: {int((o[blocks] == 0).sum())} blocks hold counts but are not marked"
+    if fresh:
+        np.testing.assert_array_equal(np.flatnonzero(o), blocks, err_msg=f"{what}: marked blocks without counts")
+
+
+def same_state(a, b) -> bool:
+    return torch.equal(a.hist, b.hist) and torch.equal(a.sig, b.sig) and torch.equal(a.occ, b.occ)
 
 
 def coords(x, methods, **params):
@@ -97,7 +148,7 @@ def test_finite_logits_beyond_float32_spread(rng, device):
         assert bool(torch.isfinite(got).all()), m
         tol = 1e-5 * (ref.abs() + scale_of(m, x64, stats)) + 1e-30
         assert bool(((got - ref).abs() <= tol).all()), m
-        assert int(hist[j, 0].sum()) == 24
+        assert int(hist.hist[j, 0].sum()) == 24
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,7 +176,8 @@ def test_half_precision_error_at_most_twice_pytorch(rng, device, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_histograms_equal_binning_of_own_scores(rng, device, dtype, shape):
     """Histograms exactly equal the reference binning rule applied to the kernel's own
-    coordinates (score error and binning error kept apart)."""
+    coordinates (score error and binning error kept apart): counts, tie signatures
+    (bf16 / fp16 logits make real ties) and occupancy."""
     B, C, H, W = shape
     x = random_logits(rng, *shape, dtype=dtype).to(device)
     y = random_labels(rng, B, H, W).to(device)
@@ -133,18 +185,15 @@ def test_histograms_equal_binning_of_own_scores(rng, device, dtype, shape):
     spec = resolve(methods, temperature=1.7)
     hist, counters, maps = _fused.fused_pass(x, y, spec, want_maps=True)
     yc = y.cpu()
-    for j, m in enumerate(methods):
-        idx = reference.bin_index(maps[j].cpu())
-        for row, lab in ((0, 0), (1, 1)):
-            want = torch.bincount(idx[yc == lab].flatten(), minlength=binning.NBINS)
-            assert torch.equal(hist[j, row].cpu(), want), f"{m} label {lab}"
+    assert_state_equals_binning(hist, maps, yc, what=f"{dtype} {shape}")
     c = counters.cpu().tolist()
     assert c[2] == int((yc == 255).sum()) and c[3] == int((yc != 255).sum()) and c[0] == c[1] == 0
 
 
 def _check_repeated_bins(rng, pixels, threads, repeated, need_byte_overflow, flush_every=0):
     """Two fused calls into one histogram on (1, 3, 1, pixels) logits whose first
-    `repeated` pixels share one score; the counts equal twice the reference binning."""
+    `repeated` pixels share one score; the counts equal twice the reference binning, the
+    signatures its OR, the occupancy its blocks."""
     methods = ["max_logit", "msp", "energy", "entropy"]
     spec = resolve(methods)
     x = random_logits(rng, 1, 3, 1, pixels, scale=20.0)
@@ -154,13 +203,9 @@ def _check_repeated_bins(rng, pixels, threads, repeated, need_byte_overflow, flu
     for _ in range(2):                             # the second call adds onto the first
         hist, _, maps = _fused.fused_pass(x, y, spec, hist=hist, want_maps=True, num_threads=threads,
                                           flush_every=flush_every)
-    for j, m in enumerate(methods):
-        idx = reference.bin_index(maps[j])
-        for row, lab in ((0, 0), (1, 1)):
-            want = 2 * torch.bincount(idx[y == lab].flatten(), minlength=binning.NBINS)
-            if need_byte_overflow:
-                assert int(want.max()) > 2 * 256, "the test must overflow a byte within one call"
-            assert torch.equal(hist[j, row], want), f"{m} label {lab}"
+    if need_byte_overflow:
+        assert int(hist.hist.max()) > 2 * 256, "the test must overflow a byte within one call"
+    assert_state_equals_binning(hist, maps, y, times=2, what=f"{pixels} px, {threads} threads, flush {flush_every}")
 
 
 @pytest.mark.parametrize("pixels", [1, 700, 1024, 1100, 3000, 20000])
@@ -194,6 +239,74 @@ def test_histogram_early_flush(rng, flush_every, threads):
     _check_repeated_bins(rng, 70000, threads, 3 * 70000 // 4, need_byte_overflow=True, flush_every=flush_every)
 
 
+def wide_coords(g, n, W):
+    """(n, 1, 1, W) float32 coordinates over the whole float32 range: random bit patterns
+    (every octave of both signs), subnormals, exact zeros of both signs, repeated values
+    (ties), many distinct values inside one bin, and a few infinities (their pixels are
+    skipped for every method)."""
+    N = n * W
+    u = torch.randint(0, 2**32, (N,), generator=g, dtype=torch.int64)
+    exp = (u >> 23) & 0xFF
+    u = torch.where(exp == 0xFF, u & ~(1 << 30), u)  # no NaN / inf here
+    kind = torch.randint(0, 12, (N,), generator=g)
+    sub = torch.randint(1, 1 << 23, (N,), generator=g, dtype=torch.int64) | (u & (1 << 31))
+    u = torch.where(kind == 2, sub, u)
+    t = torch.from_numpy(u.numpy().astype(np.uint32).view(np.float32).copy())
+    t[kind == 0] = 0.0
+    t[kind == 1] = -0.0
+    pool = t[torch.randint(0, N, (16,), generator=g)]
+    t[kind == 3] = pool[torch.randint(0, 16, (int((kind == 3).sum()),), generator=g)]
+    one_bin = 1.0 + torch.randint(0, 1024, (N,), generator=g).double() * 2.0**-23  # all in 1.0's bin
+    t[kind == 4] = one_bin[kind == 4].float()
+    t[kind == 5] = -1e-40  # one subnormal value, many times
+    t[(kind == 6) & (torch.rand(N, generator=g) < 0.01)] = float("inf")
+    return t.view(n, 1, 1, W)
+
+
+def external_pass(coords, y, hist=None, num_threads=0, flush_every=0):
+    """Bins the given (n, B, H, W) coordinates through the core's EXTERNAL method."""
+    n, B, H, W = coords.shape
+    if hist is None:
+        hist = _fused.new_histogram(n, "cpu")
+    counters = _fused.new_counters("cpu")
+    maps = torch.empty(n, B, H, W)
+    lut, off = LabelMap.default().lut()
+    _fused.launch(torch.zeros(B, 1, H, W), y, hist, counters, maps, [EXTERNAL] * n, 1.0, 0.1, False, None, None,
+                  lut, off, num_threads, ext=coords.contiguous(), flush_every=flush_every)
+    assert torch.equal(maps, coords), "EXTERNAL maps are the given coordinates"
+    return hist, counters
+
+
+def core_binning_checks(seed):
+    """Counts, tie signatures and occupancy of the CPU core, exactly, on coordinates over
+    the whole float32 range: small calls (each thread flushes the list of bins it touched),
+    large ones (flushes by slot ranges, shared block reduction), one to seven threads,
+    early flushes, accumulation over two calls with different data. Also run under every
+    ISA build (test_cpu_isa_builds_agree)."""
+    g = torch.Generator().manual_seed(seed)
+    cases = [(300, 1, 0), (300, 3, 0), (2500, 2, 0), (2500, 1, 700), (40000, 1, 0), (40000, 3, 0),
+             (40000, 2, 5000), (40000, 7, 1000)]
+    for W, threads, flush_every in cases:
+        c1, c2 = wide_coords(g, 2, W), wide_coords(g, 2, W)
+        y1, y2 = random_labels(g, 1, 1, W, p_anomaly=0.3), random_labels(g, 1, 1, W, p_anomaly=0.3)
+        st, cnt = external_pass(c1, y1, num_threads=threads, flush_every=flush_every)
+        what = f"W={W}, {threads} threads, flush_every={flush_every}"
+        assert_state_equals_binning(st, c1, y1, what=what)
+        fin = torch.isfinite(c1).all(dim=0)
+        assert cnt[3] == int(((y1 != 255) & fin).sum()) and cnt[0] == int(((y1 != 255) & ~fin).sum())
+        external_pass(c2, y2, hist=st, num_threads=threads, flush_every=flush_every)
+        assert_state_equals_binning(st, torch.cat([c1, c2], -1), torch.cat([y1, y2], -1), what=what + ", 2 calls")
+    t = c1.flatten()
+    assert (t == 0).any() and (t.abs() < 2.0**-126).logical_and(t != 0).any(), "the data must hold zeros and subnormals"
+
+
+def test_signatures_and_occupancy_whole_float_range(rng):
+    """The CPU core's counts, tie signatures and occupancy equal the NumPy binning of
+    coordinates spread over the whole float32 range (subnormals, zeros, ties), on every
+    flush path (see core_binning_checks)."""
+    core_binning_checks(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+
+
 def test_binning_rules_agree(rng):
     """Bit-twiddling rule (NumPy mirror of binning.h) == frexp-based reference rule,
     on values spanning every octave, signs, zeros, tiny and huge values, inf."""
@@ -222,12 +335,12 @@ def test_histogram_matches_reference_pipeline(rng):
     hist, _, _ = _fused.fused_pass(x, y, spec)
     for j, m in enumerate(spec.names):
         ref = reference.histogram(x, y, m)
-        moved = (hist[j] - ref).abs().sum().item()
         # |diff| counts a moved pixel twice; float32 rounding moves pixels that sit within
         # ~1e-7 relative of a bin edge (the exact equality with the binning of the kernel's
         # own scores is tested above)
+        moved = (hist.hist[j] - ref).abs().sum().item()
         assert moved <= 0.01 * ref.sum().item(), f"{m}: {moved} pixels in other bins"
-        assert hist[j].sum().item() == ref.sum().item()
+        assert hist.hist[j].sum().item() == ref.sum().item()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -245,11 +358,11 @@ def test_layouts_channels_last_and_strided(rng, device):
     for name, v in variants.items():
         assert torch.equal(v, x)
         h, _, m = _fused.fused_pass(v, y, spec, want_maps=True)
-        assert torch.equal(h, base), name
+        assert same_state(h, base), name
         assert torch.equal(m, bm), name
     yt = y.transpose(1, 2).contiguous().transpose(1, 2)
     h, _, _ = _fused.fused_pass(x, yt, spec)
-    assert torch.equal(h, base)
+    assert same_state(h, base)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -259,29 +372,38 @@ def test_determinism_threads_and_batch_split(rng, device):
     spec = resolve(["max_logit", "msp", "energy", "entropy"])
     one, _, _ = _fused.fused_pass(x, y, spec, num_threads=1)
     two, _, _ = _fused.fused_pass(x, y, spec, num_threads=2)
-    assert torch.equal(one, two)
+    assert same_state(one, two)
     split = None
     for lo, hi in [(0, 1), (1, 4), (4, 6)]:
         split, _, _ = _fused.fused_pass(x[lo:hi], y[lo:hi], spec, hist=split)
-    assert torch.equal(one, split)
+    assert same_state(one, split)
     rev = None
     for i in reversed(range(6)):
         rev, _, _ = _fused.fused_pass(x[i:i + 1], y[i:i + 1], spec, hist=rev)
-    assert torch.equal(one, rev)
+    assert same_state(one, rev)
 
 
 def test_ties_constant_void_only_and_anomaly_free(rng):
     spec = resolve(["max_logit", "msp", "energy"])
     x = torch.full((2, 19, 8, 8), 3.0)
     y = random_labels(rng, 2, 8, 8, p_anomaly=0.3, p_void=0.1)
-    h, c, _ = _fused.fused_pass(x, y, spec)
+    st, c, maps = _fused.fused_pass(x, y, spec, want_maps=True)
+    h = st.hist
     assert (h[0].sum(dim=0) > 0).sum().item() == 1, "constant scores land in one bin"
     assert h[:, 1].sum(dim=1).eq(int((y == 1).sum())).all()
+    for j in range(3):  # one value per bin: the signature says so and gives it back exactly
+        for lab in (0, 1):
+            b = torch.nonzero(h[j, lab]).flatten().numpy()
+            sig = st.sig[j, lab, b].numpy().view(np.uint32)
+            assert binning.sig_single(sig).all()
+            np.testing.assert_array_equal(binning.bin_value(b, sig), maps[j, 0, 0, 0].double().numpy())
     yv = torch.full((2, 8, 8), 255, dtype=torch.uint8)
-    h, c, _ = _fused.fused_pass(random_logits(rng, 2, 19, 8, 8), yv, spec)
-    assert h.sum().item() == 0 and c.tolist() == [0, 0, 128, 0]
+    st, c, _ = _fused.fused_pass(random_logits(rng, 2, 19, 8, 8), yv, spec)
+    assert st.hist.sum().item() == 0 and c.tolist() == [0, 0, 128, 0]
+    assert int(st.sig.count_nonzero()) == 0 and int(st.occ.sum()) == 0, "nothing binned: nothing marked"
     y0 = torch.zeros((2, 8, 8), dtype=torch.uint8)
-    h, c, _ = _fused.fused_pass(random_logits(rng, 2, 19, 8, 8), y0, spec)
+    st, c, _ = _fused.fused_pass(random_logits(rng, 2, 19, 8, 8), y0, spec)
+    h = st.hist
     assert h[:, 1].sum().item() == 0 and h[:, 0].sum().item() == 3 * 128
 
 
@@ -294,10 +416,10 @@ def test_label_map_dataset_ids(rng):
     spec = resolve(["max_logit"])
     h, c, _ = _fused.fused_pass(x, raw, spec, label_map=lm)
     norm = ((raw != 13) & (raw != 255) & (raw != 0)).sum().item()
-    assert h[0, 0].sum().item() == norm and h[0, 1].sum().item() == int((raw == 13).sum())
+    assert h.hist[0, 0].sum().item() == norm and h.hist[0, 1].sum().item() == int((raw == 13).sum())
     binary = torch.where(raw == 13, 1, torch.where((raw == 255) | (raw == 0), 255, 0)).to(torch.uint8)
     h2, _, _ = _fused.fused_pass(x, binary, spec)
-    assert torch.equal(h, h2)
+    assert same_state(h, h2)
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
@@ -307,7 +429,7 @@ def test_label_dtypes(rng, label_dtype):
     spec = resolve(["energy"])
     want, _, _ = _fused.fused_pass(x, y, spec)
     got, _, _ = _fused.fused_pass(x, y.to(label_dtype), spec)
-    assert torch.equal(want, got)
+    assert same_state(want, got)
 
 
 def test_real_digits_scores(digits):
@@ -327,6 +449,9 @@ def test_real_digits_scores(digits):
 
 _ISA_SCRIPT = r"""
 import sys, numpy as np, torch, anomfast
+sys.path.insert(0, sys.argv[3])
+from test_scores import assert_state_equals_binning, core_binning_checks
+core_binning_checks(int(sys.argv[1]))
 from anomfast import _fused
 from anomfast.methods import resolve
 g = torch.Generator().manual_seed(int(sys.argv[1]))
@@ -338,17 +463,21 @@ y[y == 2] = 255
 st = anomfast.fit_sml(x[1:])
 spec = resolve(["max_logit", "msp", "energy", "sml", "entropy", "gen"], sml=st, temperature=1.3)
 hist, counters, maps = _fused.fused_pass(x, y, spec, want_maps=True)
-np.savez(sys.argv[2], hist=hist.numpy(), counters=counters.numpy(), maps=maps.numpy(),
+assert_state_equals_binning(hist, maps, y, ok=torch.isfinite(x).all(dim=1), what="ISA script")
+np.savez(sys.argv[2], hist=hist.hist.numpy(), sig=hist.sig.numpy(), occ=hist.occ.numpy(),
+         counters=counters.numpy(), maps=maps.numpy(),
          sml_sum=np.asarray(st.sum), isa=anomfast.build_info()["cpu_isa"])
 """
 
 
 def test_cpu_isa_builds_agree(rng, tmp_path):
     """The AVX-512 and AVX2 builds of the core (ANOMFAST_CPU_ISA caps the dispatch) give
-    bit-identical score maps, histograms, counters and SML sums: same arithmetic, FMA
-    contraction in both, only the vector width differs. The baseline build has no FMA,
-    so its scores may differ in the last bits (a few pixels change bins); it must agree
-    within float32 rounding and count the same pixels."""
+    bit-identical score maps, histograms (counts, signatures, occupancy), counters and SML
+    sums: same arithmetic, FMA contraction in both, only the vector width differs. The
+    baseline build has no FMA, so its scores may differ in the last bits (a few pixels
+    change bins); it must agree within float32 rounding and count the same pixels. Every
+    build's histograms equal the NumPy binning of its own coordinates exactly
+    (core_binning_checks and the script's own check)."""
     import os
     import subprocess
     import sys
@@ -359,7 +488,8 @@ def test_cpu_isa_builds_agree(rng, tmp_path):
     for isa in ("baseline", "avx2", "avx512"):
         out = tmp_path / f"{isa}.npz"
         env = dict(os.environ, ANOMFAST_CPU_ISA=isa)
-        r = subprocess.run([sys.executable, str(script), str(seed), str(out)], env=env, cwd=tmp_path,
+        r = subprocess.run([sys.executable, str(script), str(seed), str(out), str(Path(__file__).parent)], env=env,
+                           cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         with np.load(out) as z:
@@ -367,7 +497,7 @@ def test_cpu_isa_builds_agree(rng, tmp_path):
     assert str(runs["baseline"]["isa"]) == "baseline"
     if str(runs["avx512"]["isa"]) == "avx512":
         assert str(runs["avx2"]["isa"]) == "avx2+fma"
-        for k in ("hist", "counters", "maps", "sml_sum"):
+        for k in ("hist", "sig", "occ", "counters", "maps", "sml_sum"):
             np.testing.assert_array_equal(runs["avx512"][k], runs["avx2"][k], err_msg=k)
     elif str(runs["avx2"]["isa"]) != "avx2+fma":
         pytest.skip("this CPU runs neither the AVX2 nor the AVX-512 build")

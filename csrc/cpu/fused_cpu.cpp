@@ -27,6 +27,13 @@
 // for tests), so the counts cannot overflow. Integer sums make the result independent
 // of the thread count and of the tile order.
 //
+// Tie signatures and occupancy (binning.h, views.h): each pixel's bin_sig word is
+// computed next to its bin index (only when histograms are requested) and queued with
+// its slot; burst() ORs it into a private uint32 array beside the counts, and wherever
+// a flush adds a slot's count to hist it also ORs the slot's signature into sig (zeroing
+// the private one) and marks the slot's 1024-slot block in occ. The trash slot's
+// signature is garbage and never leaves the thread, like its count.
+//
 // HEAT needs 3x3 neighbourhoods of the softmax: its tiles also use the rows above
 // and below and one column either side (see heat_tile; with HEAT the tiles are visited
 // down each column block so those rows are cached), so it runs on the true H x W
@@ -68,6 +75,8 @@ constexpr uint64_t FLUSH_EVERY = 1ull << 31;
 constexpr int TOUCHED_CAP = 4096;  // distinct bins remembered per thread before falling back to ranges
 constexpr int BURST_TILES = 16;    // tiles whose counts are added to the private histograms at once
 constexpr int QCAP = BURST_TILES * TILE;
+static_assert(BLOCK_SHIFT == OCC_SHIFT, "a reduction block is one occupancy byte: one thread writes it");
+static_assert(GROUP_SHIFT <= OCC_SHIFT, "a 64-slot group lies in one occupancy block");
 
 // Zero-initialised scratch memory whose untouched pages cost nothing.
 class Scratch {
@@ -319,9 +328,17 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
 
 // One method's coordinate and bin for every pixel of a tile; METH is a compile-time
 // constant so method_coord's switch folds away and the loop vectorizes.
+// The tie signature word of each coordinate (binning.h), next to its bin index.
+inline void sig_loop(const float* v, int n, uint32_t* out_sig) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) out_sig[i] = bin_sig(v[i]);
+}
+
+// out_sig: the pixels' tie signatures, or null (no histograms: not computed).
 template <int METH>
 inline void coord_loop(const TileState& st, int n, const FusedArgs& a, const float* sml_mean,
-                       const float* sml_inv, float inv_log_c, int32_t* out_idx, float* out_map) {
+                       const float* sml_inv, float inv_log_c, int32_t* out_idx, uint32_t* out_sig,
+                       float* out_map) {
   float v[TILE];
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
@@ -334,13 +351,15 @@ inline void coord_loop(const TileState& st, int n, const FusedArgs& a, const flo
     v[i] = method_coord(METH, ps, a.temperature, mu, inv, inv_log_c, a.entropy_normalize);
     out_idx[i] = bin_index(v[i]);
   }
+  if (out_sig) sig_loop(v, n, out_sig);
   if (out_map) std::memcpy(out_map, v, sizeof(float) * (size_t)n);
 }
 
 // A precomputed coordinate (HEAT's tile values, an EXTERNAL map row) -> bins. A
 // non-finite coordinate marks the pixel bad: it is then skipped for every method and
 // counted, exactly like a pixel with a NaN/inf logit, so all methods see the same pixels.
-inline void given_coord_loop(const float* src, int n, TileState& st, int32_t* out_idx, float* out_map) {
+inline void given_coord_loop(const float* src, int n, TileState& st, int32_t* out_idx, uint32_t* out_sig,
+                             float* out_map) {
   float v[TILE];
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
@@ -348,6 +367,7 @@ inline void given_coord_loop(const float* src, int n, TileState& st, int32_t* ou
     out_idx[i] = bin_index(v[i]);
     st.bad[i] = (uint8_t)(st.bad[i] | (uint8_t)nonfinite_bits(f2u(v[i])));
   }
+  if (out_sig) sig_loop(v, n, out_sig);
   if (out_map) std::memcpy(out_map, v, sizeof(float) * (size_t)n);
 }
 
@@ -542,51 +562,77 @@ struct alignas(64) SlotRanges {  // own cache lines: each thread updates its own
   }
 };
 
-// Adds one thread's private counts of the 64-slot groups that overlap slots [a0, a1)
-// into hist and zeroes them (whole groups: the groups' other slots are added too, which
-// is harmless: each added count is zeroed, so nothing is added twice). Groups whose low
-// bytes are all zero and that never wrapped are skipped without touching hist. The trash
-// slot (the last, at `trash`) is never added. ATOMIC: other threads may add to hist now.
+// Marks the occupancy block of flat slot q (views.h). Threads flushing at the same time
+// may mark one byte together: an atomic store of the same value, skipped when the byte
+// is already set (so the line stays shared).
+inline void mark_occ(uint8_t* occ, int64_t q) {
+  uint8_t* o = occ + (q >> OCC_SHIFT);
+  uint8_t set = 0;
+#pragma omp atomic read
+  set = *o;
+  if (!set) {
+#pragma omp atomic write
+    *o = 1;
+  }
+}
+
+// Adds one slot's private count and signature to the shared histogram with atomics
+// (other threads may be adding now), marks its block and zeroes the private slot.
+inline void add_slot_atomic(int64_t* hist, uint32_t* sig, uint8_t* low, uint32_t* priv, uint32_t* psig,
+                            int64_t q) {
+  const int64_t v = (int64_t)priv[q] + low[q];
+  if (!v) return;  // then its signature is 0 too
+  const uint32_t w = psig[q];
+#pragma omp atomic
+  hist[q] += v;
+#pragma omp atomic
+  sig[q] |= w;
+  priv[q] = 0;
+  low[q] = 0;
+  psig[q] = 0;
+}
+
+// Adds one thread's private counts and signatures of the 64-slot groups that overlap
+// slots [a0, a1) into hist / sig, marks their blocks in occ and zeroes them (whole groups:
+// the groups' other slots are added too, which is harmless: each added count is zeroed,
+// so nothing is added twice). Groups that hold no counts (hence no signatures) are skipped
+// without touching hist or occ. The trash slot (the last, at `trash`) is never added. ATOMIC: other threads may add to hist now.
 template <bool ATOMIC>
-inline void add_groups(int64_t* hist, uint8_t* low, uint32_t* priv, uint8_t* wrapped, int64_t a0, int64_t a1,
-                       int64_t trash) {
+inline void add_groups(int64_t* hist, uint32_t* sig, uint8_t* occ, uint8_t* low, uint32_t* priv, uint32_t* psig,
+                       uint8_t* wrapped, int64_t a0, int64_t a1, int64_t trash) {
   for (int64_t g = a0 >> GROUP_SHIFT; g <= (a1 - 1) >> GROUP_SHIFT; ++g) {
     const int64_t g0 = g << GROUP_SHIFT, g1 = std::min<int64_t>(trash, g0 + (1 << GROUP_SHIFT));
+    uint32_t any = 0;
     if (wrapped[g]) {
+      for (int64_t q = g0; q < g1; ++q) any |= priv[q];  // the flag may be the trash slot's alone
+    }
+    for (int64_t q = g0; q < g1; ++q) any |= low[q];
+    if (!any) {
       wrapped[g] = 0;
-      for (int64_t q = g0; q < g1; ++q) {
-        const int64_t v = (int64_t)priv[q] + low[q];
-        if (ATOMIC) {
-          if (v) {
-#pragma omp atomic
-            hist[q] += v;
-          }
-        } else {
-          hist[q] += v;
-        }
-        priv[q] = 0;
-        low[q] = 0;
-      }
       continue;
     }
-    uint8_t any = 0;
-    for (int64_t q = g0; q < g1; ++q) any |= low[q];
-    if (!any) continue;
     if (ATOMIC) {
-      for (int64_t q = g0; q < g1; ++q) {
-        if (low[q]) {
-#pragma omp atomic
-          hist[q] += (int64_t)low[q];
-        }
-        low[q] = 0;
-      }
+      mark_occ(occ, g0);
+      for (int64_t q = g0; q < g1; ++q) add_slot_atomic(hist, sig, low, priv, psig, q);
     } else {
+      occ[g0 >> OCC_SHIFT] = 1;  // the reduction's blocks are occupancy blocks: this thread's alone
+      if (wrapped[g]) {
+        for (int64_t q = g0; q < g1; ++q) {
+          hist[q] += (int64_t)priv[q] + low[q];
+          priv[q] = 0;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t q = g0; q < g1; ++q) hist[q] += (int64_t)low[q];
+      }
 #pragma omp simd
       for (int64_t q = g0; q < g1; ++q) {
-        hist[q] += (int64_t)low[q];
+        sig[q] |= psig[q];  // 0 where the slot holds no count
+        psig[q] = 0;
         low[q] = 0;
       }
     }
+    wrapped[g] = 0;
   }
 }
 
@@ -627,6 +673,8 @@ void fused_impl(const FusedArgs& a) {
   const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
   const int8_t* lut = reinterpret_cast<const int8_t*>(a.lut_ptr);
   int64_t* hist = reinterpret_cast<int64_t*>(a.hist_ptr);
+  uint32_t* sig = reinterpret_cast<uint32_t*>(a.sig_ptr);
+  uint8_t* occ = reinterpret_cast<uint8_t*>(a.occ_ptr);
   float* maps = reinterpret_cast<float*>(a.maps_ptr);
   const float* heat_m = reinterpret_cast<const float*>(a.heat_m_ptr);
   const float* ext = reinterpret_cast<const float*>(a.ext_ptr);
@@ -652,6 +700,7 @@ void fused_impl(const FusedArgs& a) {
   std::vector<uint32_t*> all_priv((size_t)nt, nullptr);  // every thread's copy, for the reduction
   std::vector<uint8_t*> all_lo((size_t)nt, nullptr);
   std::vector<uint8_t*> all_wrapped((size_t)nt, nullptr);
+  std::vector<uint32_t*> all_psig((size_t)nt, nullptr);
   std::vector<SlotRanges> all_ranges((size_t)nt);
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)
@@ -664,20 +713,24 @@ void fused_impl(const FusedArgs& a) {
     // of the logits, the scattered increments miss the caches far more often (bursts
     // made the 4-method pass 15% faster on Zen 4).
     std::unique_ptr<int32_t[]> qbuf(new int32_t[(size_t)M * QCAP]);  // uninitialized: written before read
+    // and their tie signature words (binning.h), queued alongside
+    std::unique_ptr<uint32_t[]> wbuf(with_hist ? new uint32_t[(size_t)M * QCAP] : nullptr);
     int nq = 0;  // pixels waiting in qbuf
     TileState st;
     std::unique_ptr<HeatBuf> hb(fl.heat ? new HeatBuf(C) : nullptr);
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
     // private counts, flat histograms then the trash slot: the low byte of each in low
     // (the hot, 4x smaller array; 11% faster than whole uint32 counts), the carries in
-    // priv, and a flag per 64-slot group where priv may be nonzero (set on the rare carry)
+    // priv, the slots' OR-ed tie signatures in psig (0 iff the slot holds no count), and a
+    // flag per 64-slot group where priv may be nonzero (set on the rare carry)
     const size_t n_slots = (size_t)(trash + 1), lo_bytes = (n_slots + 63) & ~(size_t)63;
     const size_t n_groups = (size_t)(trash >> GROUP_SHIFT) + 1;
     uint8_t* low = with_hist ? reinterpret_cast<uint8_t*>(
-                                   thread_scratch(lo_bytes + n_slots * sizeof(uint32_t) + n_groups))
+                                   thread_scratch(lo_bytes + 2 * n_slots * sizeof(uint32_t) + n_groups))
                              : nullptr;
     uint32_t* priv = low ? reinterpret_cast<uint32_t*>(low + lo_bytes) : nullptr;
-    uint8_t* wrapped = low ? reinterpret_cast<uint8_t*>(priv + n_slots) : nullptr;
+    uint32_t* psig = low ? priv + n_slots : nullptr;
+    uint8_t* wrapped = low ? reinterpret_cast<uint8_t*>(psig + n_slots) : nullptr;
     SlotRanges& rng = all_ranges[(size_t)thread_id()];
     rng.reset();
     std::vector<int64_t> touched(with_hist ? TOUCHED_CAP : 0);
@@ -691,6 +744,7 @@ void fused_impl(const FusedArgs& a) {
     all_priv[tid] = priv;
     all_lo[tid] = low;
     all_wrapped[tid] = wrapped;
+    all_psig[tid] = psig;
 
     // Adds this thread's counts into hist by itself (per-bin atomics: other threads may
     // be counting or flushing): the remembered bins, or the groups of its slot ranges.
@@ -699,20 +753,19 @@ void fused_impl(const FusedArgs& a) {
       if (n_touched <= TOUCHED_CAP) {
         for (int k = 0; k < n_touched; ++k) {
           const int64_t q = touched[k];
-#pragma omp atomic
-          hist[q] += (int64_t)priv[q] + low[q];
-          priv[q] = 0;
-          low[q] = 0;
+          mark_occ(occ, q);
+          add_slot_atomic(hist, sig, low, priv, psig, q);
           wrapped[q >> GROUP_SHIFT] = 0;
         }
       } else {
         for (int sg = 0; sg < n_seg; ++sg) {
           if (rng.lo[sg] > rng.hi[sg]) continue;
-          add_groups<true>(hist, low, priv, wrapped, rng.lo[sg], (int64_t)rng.hi[sg] + 1, trash);
+          add_groups<true>(hist, sig, occ, low, priv, psig, wrapped, rng.lo[sg], (int64_t)rng.hi[sg] + 1, trash);
         }
       }
       priv[trash] = 0;
       low[trash] = 0;
+      psig[trash] = 0;
       wrapped[trash >> GROUP_SHIFT] = 0;
       rng.reset();
       n_touched = 0;
@@ -729,11 +782,14 @@ void fused_impl(const FusedArgs& a) {
         uint8_t* __restrict lo8 = low;
         uint32_t* __restrict hi32 = priv;
         uint8_t* __restrict wrp = wrapped;
+        uint32_t* __restrict sg32 = psig;
         const int n_q = nq;
         for (int j = 0; j < M; ++j) {
           const int32_t* __restrict q = qbuf.get() + (size_t)j * QCAP;
+          const uint32_t* __restrict w = wbuf.get() + (size_t)j * QCAP;
           for (int i = 0; i < n_q; ++i) {
             const int32_t s = q[i];
+            sg32[s] |= w[i];  // the trash slot's too: never added
             if (++lo8[s] == 0) {  // 1 in 256 or fewer: the branch is predicted
               hi32[s] += 256;
               wrp[s >> GROUP_SHIFT] = 1;
@@ -743,8 +799,10 @@ void fused_impl(const FusedArgs& a) {
       } else {
         for (int j = 0; j < M; ++j) {
           const int32_t* q = qbuf.get() + (size_t)j * QCAP;
+          const uint32_t* w = wbuf.get() + (size_t)j * QCAP;
           for (int i = 0; i < nq; ++i) {
             if (q[i] == (int32_t)trash) continue;
+            psig[q[i]] |= w[i];
             const uint8_t was = low[q[i]]++;
             if (was == 255) {
               priv[q[i]] += 256;
@@ -784,15 +842,20 @@ void fused_impl(const FusedArgs& a) {
       for (int j = 0; j < M; ++j) {
         float* out_map = maps ? maps + j * map_stride + px : nullptr;
         int32_t* out_idx = qbuf.get() + (size_t)j * QCAP + nq;
+        uint32_t* out_sig = with_hist ? wbuf.get() + (size_t)j * QCAP + nq : nullptr;
         switch (a.methods[j]) {
-          case HEAT: given_coord_loop(hb->val, n, st, out_idx, out_map); break;
-          case EXTERNAL: given_coord_loop(ext + ext_slot[j] * map_stride + px, n, st, out_idx, out_map); break;
-          case MAX_LOGIT: coord_loop<MAX_LOGIT>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
-          case MSP: coord_loop<MSP>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
-          case ENERGY: coord_loop<ENERGY>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
-          case SML: coord_loop<SML>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
-          case ENTROPY: coord_loop<ENTROPY>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
-          default: coord_loop<GEN>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_map); break;
+          case HEAT: given_coord_loop(hb->val, n, st, out_idx, out_sig, out_map); break;
+          case EXTERNAL:
+            given_coord_loop(ext + ext_slot[j] * map_stride + px, n, st, out_idx, out_sig, out_map);
+            break;
+#define AF_COORD(METH) coord_loop<METH>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_sig, out_map)
+          case MAX_LOGIT: AF_COORD(MAX_LOGIT); break;
+          case MSP: AF_COORD(MSP); break;
+          case ENERGY: AF_COORD(ENERGY); break;
+          case SML: AF_COORD(SML); break;
+          case ENTROPY: AF_COORD(ENTROPY); break;
+          default: AF_COORD(GEN); break;
+#undef AF_COORD
         }
       }
       if (!with_hist) continue;
@@ -866,12 +929,14 @@ void fused_impl(const FusedArgs& a) {
             const SlotRanges& r = all_ranges[(size_t)t];
             for (int sg = s0; sg <= s1; ++sg) {
               const int64_t a0 = std::max<int64_t>(lo, r.lo[sg]), a1 = std::min<int64_t>(hi, (int64_t)r.hi[sg] + 1);
-              if (a0 < a1) add_groups<false>(hist, all_lo[t], all_priv[t], all_wrapped[t], a0, a1, trash);
+              if (a0 < a1)
+                add_groups<false>(hist, sig, occ, all_lo[t], all_priv[t], all_psig[t], all_wrapped[t], a0, a1, trash);
             }
           }
         }
         if (priv) {
           priv[trash] = low[trash] = 0;
+          psig[trash] = 0;
           wrapped[trash >> GROUP_SHIFT] = 0;
         }
         rng.reset();  // after the omp for's implicit barrier: every thread's ranges were read above

@@ -25,6 +25,10 @@
 // for shared memory). Lanes of a warp whose pixels fall into the same bin add once
 // (__match_any_sync + popcount), which matters for ties: fp16/bf16 logits and very
 // confident pixels put many neighbours in one bin, and same-address atomics serialize.
+// The lane that adds also ORs its group's tie signatures (binning.h: bin_sig, OR-reduced
+// over the group) into sig with one atomicOr, and marks the slot's block in occ (a byte
+// store of 1, skipped when it is already set; concurrent stores of the same value are
+// benign).
 // The pixel counters go through a warp sum and a shared-memory sum per block; one global
 // atomic per counter and block.
 //
@@ -209,26 +213,68 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
   return chk != 0.0f;
 }
 
-// One histogram increment per valid lane into h[cls * NBINS + bin]; lanes with the same
-// (cls, bin) combine first. Called by all 32 lanes of the warp.
-__device__ __forceinline__ void hist_add(unsigned long long* h, bool valid, int cls, int32_t bin, int mode) {
-  const uint32_t key = valid ? (((uint32_t)bin << 1) | (uint32_t)cls) : 0xffffffffu;  // bin < 2^21
+// OR of x over the lanes of each peer group (lanes with equal keys), valid in the group's
+// lowest lane; reduce_peers' tree with | for +. Called by all 32 lanes. (__reduce_or_sync
+// does this in one instruction from sm_80 on; this also runs on sm_75 and in the
+// emulation.)
+__device__ __forceinline__ uint32_t or_peers(unsigned peers, uint32_t x) {
   const int lane = lane_id();
-  unsigned long long* dst = h + (int64_t)cls * NBINS + bin;
+  int rank = __popc(peers & ((1u << lane) - 1u));
+  peers &= 0xfffffffeu << lane;
+  while (__any_sync(FULL, peers)) {
+    const int next = __ffs(peers);
+    const uint32_t t = __shfl_sync(FULL, x, (next - 1) & 31);
+    if (next) x |= t;
+    const bool done = rank & 1;
+    peers &= __ballot_sync(FULL, !done);
+    rank >>= 1;
+  }
+  return x;
+}
+
+// Marks the occupancy block of a flat histogram slot (views.h).
+__device__ __forceinline__ void mark_occ(unsigned char* occ, int64_t flat) {
+  unsigned char* o = occ + (flat >> OCC_SHIFT);
+  if (!*o) *o = 1;
+}
+
+// One histogram increment per valid lane into slot `seg + cls * NBINS + bin` of the flat
+// (methods, 2, NBINS) hist / sig, with tie signature w (bin_sig of the coordinate); lanes
+// with the same (cls, bin) combine first. Called by all 32 lanes of the warp.
+__device__ __forceinline__ void hist_add(unsigned long long* hist, unsigned* sig, unsigned char* occ, int64_t seg,
+                                         bool valid, int cls, int32_t bin, uint32_t w, int mode) {
+  const uint32_t key = valid ? (((uint32_t)bin << 1) | (uint32_t)cls) : 0xffffffffu;  // bin < 2^30
+  const int lane = lane_id();
+  const int64_t flat = seg + (int64_t)cls * NBINS + bin;
   if (mode == 1) {
     const unsigned peers = __match_any_sync(FULL, key);
-    if (valid && lane == __ffs(peers) - 1) atomicAdd(dst, (unsigned long long)__popc(peers));
+    const uint32_t wg = or_peers(peers, w);
+    if (valid && lane == __ffs(peers) - 1) {
+      atomicAdd(hist + flat, (unsigned long long)__popc(peers));
+      atomicOr(sig + flat, wg);
+      mark_occ(occ, flat);
+    }
   } else if (mode == 2) {
     const uint32_t prev = __shfl_up_sync(FULL, key, 1);
     const bool head = lane == 0 || prev != key;
     const unsigned heads = __ballot_sync(FULL, head);
+    const unsigned later = heads & ~((2u << lane) - 1u);  // lane 31: 2u << 31 == 0, nothing later
+    const int end = later ? __ffs(later) - 1 : 32;        // this lane's run is [its head, end)
+    uint32_t wr = w;  // -> OR of w over [lane, end): a suffix scan within runs
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t t = __shfl_sync(FULL, wr, lane + o < 32 ? lane + o : 31);
+      if (lane + o < end) wr |= t;
+    }
     if (valid && head) {
-      const unsigned later = heads & ~((2u << lane) - 1u);  // lane 31: 2u << 31 == 0, nothing later
-      const int next = later ? __ffs(later) - 1 : 32;
-      atomicAdd(dst, (unsigned long long)(next - lane));
+      atomicAdd(hist + flat, (unsigned long long)(end - lane));
+      atomicOr(sig + flat, wr);
+      mark_occ(occ, flat);
     }
   } else if (valid) {
-    atomicAdd(dst, 1ull);
+    atomicAdd(hist + flat, 1ull);
+    atomicOr(sig + flat, w);
+    mark_occ(occ, flat);
   }
 }
 
@@ -305,6 +351,8 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   const float* sml_mean = reinterpret_cast<const float*>(a.sml_mean_ptr);
   const float* sml_inv = reinterpret_cast<const float*>(a.sml_inv_std_ptr);
   unsigned long long* hist = reinterpret_cast<unsigned long long*>(a.hist_ptr);
+  unsigned* sig = reinterpret_cast<unsigned*>(a.sig_ptr);
+  unsigned char* occ = reinterpret_cast<unsigned char*>(a.occ_ptr);
   float* maps = reinterpret_cast<float*>(a.maps_ptr);
   const int32_t C = (int32_t)a.C;
   const int64_t N = P.n_pix;
@@ -340,7 +388,8 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
       }
       const float t = method_coord(meth, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
       if (maps && active) maps[(int64_t)j * N + p] = t;  // maps are (M, B, H, W) contiguous
-      if (P.with_hist) hist_add(hist + (int64_t)j * 2 * NBINS, valid, cls01, bin_index(t), P.agg);
+      if (P.with_hist)
+        hist_add(hist, sig, occ, (int64_t)j * 2 * NBINS, valid, cls01, bin_index(t), bin_sig(t), P.agg);
     }
   }
   if (P.with_hist) flush_counters(cnt, s_cnt, reinterpret_cast<int64_t*>(a.counters_ptr));

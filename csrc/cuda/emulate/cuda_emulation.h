@@ -181,6 +181,12 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
   *p = old + v;
   return old;
 }
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  std::lock_guard<std::mutex> lock(emulate::atomic_mutex);
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
 inline double atomicAdd(double* p, double v) {
   std::lock_guard<std::mutex> lock(emulate::atomic_mutex);
   const double old = *p;
