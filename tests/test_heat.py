@@ -136,8 +136,8 @@ def test_histograms_equal_binning_of_own_scores(rng):
     for j, m in enumerate(methods):
         idx = reference.bin_index(maps[j])
         for row in (0, 1):
-            want = torch.bincount(idx[y == row].flatten(), minlength=hist.shape[-1])
-            assert torch.equal(hist[j, row], want), m
+            want = torch.bincount(idx[y == row].flatten(), minlength=hist.hist.shape[-1])
+            assert torch.equal(hist.hist[j, row], want), m
     c = counters.tolist()
     assert c[0] == c[1] == 0 and c[2] == int((y == 255).sum()) and c[3] == int((y != 255).sum())
     plain = resolve(methods[:-1], temperature=1.3)
@@ -158,7 +158,7 @@ def test_thread_determinism(rng, shape):
     spec = resolve(["energy", "heat"], heat=stats)
     one, _, m1 = _fused.fused_pass(x, y, spec, want_maps=True, features=f, num_threads=1)
     two, _, m2 = _fused.fused_pass(x, y, spec, want_maps=True, features=f, num_threads=2)
-    assert torch.equal(one, two) and torch.equal(m1, m2)
+    assert one == two and torch.equal(m1, m2)
     ref = ref_heat(x, f, stats)
     assert bool(((m1[1].double() - ref).abs() <= tolerance(x.double(), f, stats, ref)).all())
 
