@@ -79,19 +79,12 @@ class HistState:
 
     def blocks(self) -> np.ndarray:
         """Indices of the occupied 2^OCC_SHIFT-slot blocks (one host sync)."""
-        return torch.nonzero(self.occ).flatten().cpu().numpy()
+        return np.flatnonzero(self.occ.cpu().numpy())
 
     def gather(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(counts, signatures) of the given blocks, flat, on the state's device; the last
-        block is padded with zeros past the end of the buffers."""
-        total = self.hist.numel()
-        b = torch.as_tensor(np.asarray(blocks, np.int64), device=self.device)
-        slots = (b[:, None] * OCC_BLOCK + torch.arange(OCC_BLOCK, device=self.device)[None, :]).flatten()
-        inside = slots < total
-        s = torch.where(inside, slots, torch.zeros_like(slots))
-        h = torch.where(inside, self.hist.view(-1)[s], torch.zeros_like(s))
-        g = torch.where(inside, self.sig.view(-1)[s], torch.zeros(1, dtype=torch.int32, device=self.device))
-        return h, g
+        """(counts, signatures) of the given ascending blocks, flat (len(blocks) * 2^OCC_SHIFT),
+        on the state's device; the last block is padded with zeros past the buffers' end."""
+        return _rows(self.hist, blocks), _rows(self.sig, blocks)
 
     def scatter_(self, blocks: np.ndarray, counts: torch.Tensor, sigs: torch.Tensor) -> None:
         """Overwrites the given blocks with (counts, signatures) as `gather` returns them."""
@@ -108,10 +101,11 @@ class HistState:
         ascending bin index. Reads only the occupied blocks."""
         blocks = self.blocks()
         h, g = self.gather(blocks)
-        h, g = h.cpu().numpy(), g.cpu().numpy().astype(np.int64) & 0xFFFFFFFF
-        slots = (blocks[:, None] * OCC_BLOCK + np.arange(OCC_BLOCK)[None, :]).ravel()
+        h = h.cpu().numpy()
         nz = np.flatnonzero(h)
-        return _split_slots(slots[nz], h[nz], g[nz], self.n_methods)
+        slots = blocks[nz >> binning.OCC_SHIFT] * OCC_BLOCK + (nz & (OCC_BLOCK - 1))
+        sig = g.cpu().numpy()[nz].astype(np.int64) & 0xFFFFFFFF
+        return _split_slots(slots, h[nz], sig, self.n_methods)
 
     def __eq__(self, other) -> bool:
         """Same histograms: counts per (method, label, bin) and signatures per (method,
@@ -195,22 +189,40 @@ class HistState:
         self.scatter_(blocks, h, gs[0])
 
 
+def _rows(t: torch.Tensor, blocks: np.ndarray) -> torch.Tensor:
+    """Blocks of 2^OCC_SHIFT consecutive elements of t (flattened), as one flat tensor:
+    whole rows copied with index_select, the last partial block zero-padded."""
+    flat = t.view(-1)
+    full = flat.numel() >> binning.OCC_SHIFT
+    b = torch.as_tensor(np.asarray(blocks, np.int64), device=t.device)
+    head = b[b < full]
+    out = flat[:full * OCC_BLOCK].view(full, OCC_BLOCK).index_select(0, head).reshape(-1)
+    if head.numel() < b.numel():  # the tail block (the buffers need not fill whole blocks)
+        tail = torch.zeros(OCC_BLOCK, dtype=t.dtype, device=t.device)
+        rest = flat[full * OCC_BLOCK:]
+        tail[:rest.numel()] = rest
+        out = torch.cat([out, tail])
+    return out
+
+
 def _split_slots(slots, counts, sigs, n_methods: int) -> list:
-    """Flat (method, label, bin) slots -> per method (index, normal, anomaly, sig)."""
+    """Ascending flat (method, label, bin) slots -> per method (index, normal, anomaly, sig)."""
     nb = binning.NBINS
-    meth, rest = np.divmod(slots, 2 * nb)
-    lab, idx = np.divmod(rest, nb)
+    cut = np.searchsorted(slots, np.arange(2 * n_methods + 1) * nb)  # (method, label) segments
     out = []
     for j in range(n_methods):
-        sel = meth == j
-        i, lb, c, s = idx[sel], lab[sel], counts[sel], sigs[sel]
-        u, inv = np.unique(i, return_inverse=True)
+        a0, a1, a2 = cut[2 * j], cut[2 * j + 1], cut[2 * j + 2]
+        i0, i1 = slots[a0:a1] - 2 * j * nb, slots[a1:a2] - (2 * j + 1) * nb
+        u = np.concatenate([i0, i1])  # two sorted runs: a stable sort merges them in linear time
+        u.sort(kind="stable")
+        u = u[np.r_[True, u[1:] != u[:-1]]] if u.size else u
+        p0, p1 = np.searchsorted(u, i0), np.searchsorted(u, i1)
         normal = np.zeros(u.size, np.int64)
         anomaly = np.zeros(u.size, np.int64)
         sig = np.zeros(u.size, np.int64)
-        np.add.at(normal, inv[lb == 0], c[lb == 0])
-        np.add.at(anomaly, inv[lb == 1], c[lb == 1])
-        np.bitwise_or.at(sig, inv, s)
+        normal[p0], anomaly[p1] = counts[a0:a1], counts[a1:a2]
+        sig[p0] = sigs[a0:a1]
+        sig[p1] |= sigs[a1:a2]
         out.append((u.astype(np.int64), normal, anomaly, sig))
     return out
 
