@@ -61,10 +61,48 @@ def read_bandwidth_gbs(nbytes=512 * 2**20, repeat=5):
     return nbytes / best / 1e9
 
 
+def check_state(state, maps, cls, ok, what=""):
+    """A fresh HistState (anomfast.histogram) holds exactly the NumPy binning
+    (anomfast.binning, the mirror of binning.h) of the core's own coordinates `maps`
+    (M, B, H, W) for the pixels with label class 0 / 1 and `ok`: the counts, the tie
+    signatures (OR of bin_sig; 0 where never counted) and the occupancy bytes (1 exactly
+    on the blocks holding counts)."""
+    import numpy as np
+    from anomfast import binning
+    cls = cls.detach().cpu().reshape(-1).numpy()
+    ok = ok.detach().cpu().reshape(-1).numpy()
+    slots, sigs = [], []
+    for j in range(maps.shape[0]):
+        t = maps[j].detach().cpu().reshape(-1).numpy()
+        for lab in (0, 1):
+            sel = (cls == lab) & ok
+            slots.append((j * 2 + lab) * binning.NBINS + binning.bin_index(t[sel]))
+            sigs.append(binning.bin_sig(t[sel]))
+    u, inv = np.unique(np.concatenate(slots), return_inverse=True)
+    want_sig = np.zeros(u.size, np.int64)
+    np.bitwise_or.at(want_sig, inv, np.concatenate(sigs))
+    h = state.hist.cpu().reshape(-1).numpy()
+    s = state.sig.cpu().reshape(-1).numpy().view(np.uint32)
+    o = state.occ.cpu().numpy()
+    nz = np.flatnonzero(h)
+    assert np.array_equal(nz, u) and np.array_equal(h[nz], np.bincount(inv, minlength=u.size)), \
+        f"{what}: histogram counts differ from the binning of the core's own scores"
+    assert np.array_equal(np.flatnonzero(s), u) and np.array_equal(s[u].astype(np.int64), want_sig), \
+        f"{what}: tie signatures differ from the OR of bin_sig over each bin"
+    assert np.array_equal(np.flatnonzero(o), np.unique(u >> binning.OCC_SHIFT)) and o.max(initial=0) <= 1, \
+        f"{what}: occupancy is not exactly the blocks holding counts"
+
+
+def same_state(a, b) -> bool:
+    """Two HistStates hold the same counts, signatures and occupancy (any devices)."""
+    return all(torch.equal(getattr(a, k).cpu(), getattr(b, k).cpu()) for k in ("hist", "sig", "occ"))
+
+
 def check_against_reference(x, y, stats, spec):
     """Before timing: the fused scores match the float64 reference (abs + rel 1e-5 of the
-    logit scale) and the histograms equal the binning of the kernel's own scores."""
-    from anomfast import _fused, binning
+    logit scale) and the histograms (counts, tie signatures, occupancy) equal the binning
+    of the kernel's own scores."""
+    from anomfast import _fused
     hist, _, maps = _fused.fused_pass(x, y, spec, want_maps=True)
     scale = x.double().abs().amax(dim=1)
     for j, m in enumerate(spec.names):
@@ -72,10 +110,7 @@ def check_against_reference(x, y, stats, spec):
         ref = reference.coordinate(x, m, **kw)
         tol = 1e-5 * (ref.abs() + (scale / float(stats.std.min()) if m == "sml" else scale))
         assert bool(((maps[j].double() - ref).abs() <= tol).all()), f"{m}: scores differ from the reference"
-        idx = reference.bin_index(maps[j])
-        for row, lab in ((0, 0), (1, 1)):
-            want = torch.bincount(idx[y == lab].flatten(), minlength=binning.NBINS)
-            assert torch.equal(hist[j, row], want), f"{m}: histogram differs from its own scores' binning"
+    check_state(hist, maps, y, torch.isfinite(x).all(dim=1), "fused pass")
 
 
 def torch_scores(x, stats, methods=METHODS4):

@@ -51,6 +51,9 @@ from anomfast import _core, _fused, reference
 from anomfast.labels import LabelMap
 from anomfast.methods import resolve
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import check_state, same_state  # noqa: E402
+
 ALL = ["max_logit", "msp", "energy", "sml", "entropy", "gen"]
 METHODS4 = ["max_logit", "msp", "energy", "sml"]
 NBINS = _core.NBINS
@@ -201,8 +204,9 @@ def section_maps(g):
 
 
 def section_hist(g):
-    """(b) GPU histograms == bincount of reference.bin_index of the GPU's own maps, per
-    label, for every dtype and aggregation mode; counters == the CPU core's."""
+    """(b) GPU histograms == the NumPy binning of the GPU's own maps, per label (counts,
+    tie signatures, occupancy), for every dtype and aggregation mode; counters == the CPU
+    core's."""
     cuda = _core._C_cuda
     spec = resolve(ALL, temperature=1.7, sml=anomfast.fit_sml(random_logits(g, 2, 19, 16, 16)))
     out = {}
@@ -225,18 +229,15 @@ def section_hist(g):
                 if base is None:
                     base = hist.clone()
                     fin = torch.isfinite(x.float()).all(dim=1)
-                    for j, m in enumerate(spec_s.names):
-                        idx = reference.bin_index(maps[j])
-                        want = bincount_hist(idx[fin], y[fin])
-                        assert torch.equal(hist[j], want), f"{dtype} {shape} {m}: histogram != binning of own maps"
+                    check_state(hist, maps, y, fin, f"{dtype} {shape}")
                     h_nomaps, c2, _ = _fused.fused_pass(x, y, spec_s, want_maps=False)
-                    assert torch.equal(h_nomaps, hist) and torch.equal(c2, counters), "maps on/off changes the result"
+                    assert same_state(h_nomaps, hist) and torch.equal(c2, counters), "maps on/off changes the result"
                     hc, cc, _ = _fused.fused_pass(x.cpu(), y.cpu(), spec_s)
                     assert torch.equal(counters.cpu(), cc), f"counters {counters.tolist()} vs CPU {cc.tolist()}"
-                    moved = [int((hist[j].cpu() - hc[j]).abs().sum()) // 2 for j in range(len(spec_s.names))]
+                    moved = [int((hist.hist[j].cpu() - hc.hist[j]).abs().sum()) // 2 for j in range(len(spec_s.names))]
                     out[f"{dtype} {shape}"] = {"counters": counters.tolist(), "pixels_in_other_bins_than_cpu": moved}
                 else:
-                    assert torch.equal(hist, base), f"aggregation mode {agg} changes the histogram"
+                    assert same_state(hist, base), f"aggregation mode {agg} changes the histogram"
             cuda._set_hist_aggregation(1)
     # label dtypes, a label table too big for shared memory, invalid values, int8 offsets
     x = random_logits(g, 2, 19, 33, 65)
@@ -245,7 +246,7 @@ def section_hist(g):
     h0, c0, _ = _fused.fused_pass(x, y, sp)
     for dt in (torch.int64, torch.int32, torch.int16):
         h1, c1, _ = _fused.fused_pass(x, y.to(dt), sp)
-        assert torch.equal(h1, h0) and torch.equal(c1, c0), f"labels {dt}"
+        assert same_state(h1, h0) and torch.equal(c1, c0), f"labels {dt}"
     yb = (y == 1)
     hb, cb, _ = _fused.fused_pass(x, yb, sp)
     hbc, cbc, _ = _fused.fused_pass(x.cpu(), yb.cpu(), sp)
@@ -260,7 +261,7 @@ def section_hist(g):
     i8 = LabelMap(anomaly_ids=(1,), void_ids=(-1,), normal_ids=(0,))
     y8 = y.to(torch.int16).masked_fill(y == 255, -1).to(torch.int8)
     h8, c8, _ = _fused.fused_pass(x, y8, sp, label_map=i8)
-    assert torch.equal(h8, h0) and torch.equal(c8, c0), "int8 labels with a negative void id"
+    assert same_state(h8, h0) and torch.equal(c8, c0), "int8 labels with a negative void id"
     out["label dtypes"] = "ok"
     return out
 
@@ -361,7 +362,7 @@ def section_streams(g):
         torch.cuda._sleep(50_000_000)  # keep the side stream busy (~25 ms)
         _fused.fused_pass(x, y, sp, hist=hist, counters=cnt)
     s.synchronize()
-    assert torch.equal(hist, want) and torch.equal(cnt, wc), "result on a side stream differs"
+    assert same_state(hist, want) and torch.equal(cnt, wc), "result on a side stream differs"
     a = _prepared_args(x, y, sp, hist)
     sync()
     torch.cuda._sleep(100_000_000)  # ~50 ms of GPU work ahead of us on the current stream
@@ -396,7 +397,7 @@ def _prepared_args(x, y, spec, hist, maps=None, core=None):
     a.label_dtype = _fused._LABEL_DTYPES[y.dtype]
     a.ys_b, a.ys_h, a.ys_w = g["ys"]
     a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), off, lut.numel()
-    a.hist_ptr = hist.data_ptr()
+    a.hist_ptr, a.sig_ptr, a.occ_ptr = hist.hist.data_ptr(), hist.sig.data_ptr(), hist.occ.data_ptr()
     a.methods = spec.codes
     a.temperature = spec.temperature
     a.gen_gamma = spec.gen_gamma
@@ -515,8 +516,7 @@ def section_timing(g, quick=False):
     spec6 = resolve(ALL, sml=stats)
     hist6 = _fused.new_histogram(6, x32.device)
     h6, _, maps6 = _fused.fused_pass(x32[:1], y[:1], spec6, want_maps=True)
-    for j in range(6):
-        assert torch.equal(h6[j], bincount_hist(reference.bin_index(maps6[j]), y[:1])), ALL[j]
+    check_state(h6, maps6, y[:1], torch.isfinite(x32[:1]).all(dim=1), "timed configuration")
     t_probe = torch.cat([torch.randn(1 << 20, device=x32.device) * 1e3,
                          torch.tensor([0.0, -0.0, 1e-40, -1e-40, 2.0**-32, 2.0**32, -(2.0**32), float("inf"),
                                        -float("inf"), 1e-12, -3e12], device=x32.device)])
