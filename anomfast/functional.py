@@ -433,6 +433,25 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
     return results
 
 
+def _thresholds_in_caller_values(r, scores: np.ndarray) -> None:
+    """Bins hold float32 values; a caller's float64 score just below a float32 value rounds
+    up into the bin whose smallest float32 member is the reported threshold, so "score >=
+    threshold" would miss it. Replace each threshold t (a bin's smallest float32 value) by
+    the smallest caller score whose float32 value is >= t: exactly the same pixels are then
+    flagged, in the caller's own precision."""
+    s32 = scores.astype(np.float32)
+    for k in ("threshold", "fpr95_threshold"):
+        t = getattr(r, k)
+        if not np.isfinite(t):
+            continue
+        above = scores[s32 >= np.float32(t)]
+        if above.size:
+            v = float(above.min())
+            setattr(r, k, v)
+            lo, hi = r.bounds[k]
+            r.bounds[k] = (min(lo, v), hi)
+
+
 def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False, *, label_map=None,
                     fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
                     nonfinite: str = "error") -> Results:
@@ -494,5 +513,7 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
             h = Histogram.from_scores(name, sv, anomaly[keep], {"source": "evaluate_scores", "float32_exact": exact32})
             results.histograms[name] = h
             r = h.finalize(**conventions)
+            if not exact32:
+                _thresholds_in_caller_values(r, sv)
         results[name] = r
     return results

@@ -383,10 +383,29 @@ class Histogram:
         return cls(method, index, normal, anomaly, sig, params, binning_scheme)
 
 
+def _merge_negative_runs(pos, neg, lo, hi, tied):
+    """Consecutive groups without anomaly pixels merged into one: no metric, bound or
+    threshold depends on where normal pixels sit inside such a run (AUROC and AP terms of a
+    group without positives are zero or carry over unchanged, FPR95 crosses and F1 peaks
+    only in groups with positives), and most bins of real data hold normal pixels only,
+    so finalization works on a few times fewer groups."""
+    if pos.size < 2:
+        return pos, neg, lo, hi, tied
+    start = np.r_[True, (pos[1:] > 0) | (pos[:-1] > 0)]  # a run of pos == 0 continues otherwise
+    if start.all():
+        return pos, neg, lo, hi, tied
+    first = np.flatnonzero(start)
+    last = np.r_[first[1:], pos.size] - 1
+    single = first == last
+    return (pos[first], np.add.reduceat(neg, first), lo[last], hi[first], tied[first] & single)
+
+
 def finalize_coords(method: str, params: dict, pos, neg, lo, hi, tied, exact: bool = False, **conventions):
     """metrics_from_groups on a group table in coordinate units (descending), with the
     thresholds (and the table kept for curves) converted to score units afterwards."""
     from .metrics import metrics_from_groups
+    if not exact:
+        pos, neg, lo, hi, tied = _merge_negative_runs(pos, neg, lo, hi, tied)
     r = metrics_from_groups(pos, neg, lo, hi, exact=exact, tied=tied, **conventions)
     for k in ("threshold", "fpr95_threshold"):
         setattr(r, k, float(coord_to_score(method, np.float64(getattr(r, k)))))

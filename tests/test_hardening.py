@@ -152,3 +152,27 @@ def test_state_sync_helpers_are_sparse_and_exact():
     assert c.total() == 0 and not bool(c.occ.any()) and st.total() == 2 * y.numel()  # 2 methods
     loaded = HistState.from_state(st.to_state(), 2, "cpu")
     assert loaded == st
+
+
+def test_evaluate_scores_keeps_the_callers_precision():
+    """float64 scores: the exact path sorts them as they are (no float32 cast) and every
+    reported threshold flags, on the caller's own scores, exactly the pixels behind the
+    reported F1."""
+    s = np.array([[1.0 + 1e-12, 1.0]])
+    y = np.array([[1, 0]])
+    r = anomfast.evaluate_scores(s, y, exact=True)["custom"]
+    assert r.auroc == 1.0 and not r.warnings
+    s = np.array([[0.1, 0.05]])
+    r = anomfast.evaluate_scores(s, y, exact=True)["custom"]
+    assert r.f1 == 1.0 and bool((s >= r.threshold).sum() == 1)
+    g = np.random.default_rng(3)
+    for _ in range(5):
+        sc = g.normal(size=(40, 50)) * 10.0 ** g.uniform(-3, 3)
+        lab = (g.random(sc.shape) < 0.2 + 0.3 * (sc > 0)).astype(np.uint8)
+        r = anomfast.evaluate_scores(sc, lab)["custom"]
+        flagged = sc >= r.threshold
+        tp, fp = int((flagged & (lab == 1)).sum()), int((flagged & (lab == 0)).sum())
+        assert 2 * tp / (tp + fp + int(lab.sum())) == pytest.approx(r.f1, abs=1e-12)
+        flagged = sc >= r.fpr95_threshold
+        assert int((flagged & (lab == 0)).sum()) / int((lab == 0).sum()) == pytest.approx(
+            r.bounds["fpr95"][1], abs=1e-12)
