@@ -60,7 +60,7 @@ class HistState:
     def new(cls, n_methods: int, device) -> "HistState":
         shape = (n_methods, 2, binning.NBINS)
         return cls(_zeros(shape, np.int64, device), _zeros(shape, np.int32, device),
-                   torch.zeros(cls.n_occ(n_methods), dtype=torch.uint8, device=device))
+                   _zeros((cls.n_occ(n_methods),), np.uint8, device))
 
     @property
     def n_methods(self) -> int:

@@ -176,3 +176,22 @@ def test_evaluate_scores_keeps_the_callers_precision():
         flagged = sc >= r.fpr95_threshold
         assert int((flagged & (lab == 0)).sum()) / int((lab == 0).sum()) == pytest.approx(
             r.bounds["fpr95"][1], abs=1e-12)
+
+
+def test_histogram_files_carry_a_format_version(tmp_path):
+    x, y = inputs(5)
+    res = anomfast.evaluate(x, y, methods=["energy"])
+    p = tmp_path / "h.npz"
+    anomfast.save_histograms(p, res.histograms)
+    back, _ = anomfast.load_histograms(p)
+    assert back["energy"] == res.histograms["energy"]
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    import json
+    meta = json.loads(str(arrays["meta"]))
+    for fmt, msg in (("anomfast-histograms-v1", "v1.*v2"), ("something-else", "unknown format")):
+        meta["format"] = fmt
+        arrays["meta"] = np.array(json.dumps(meta))
+        np.savez(tmp_path / "old.npz", **arrays)
+        with pytest.raises(ValueError, match=msg):
+            anomfast.load_histograms(tmp_path / "old.npz")
