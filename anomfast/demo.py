@@ -582,7 +582,8 @@ def build_demo(cache_dir=None, *, n_test: int = DEFAULT_N_TEST, n_fit: int = DEF
         for _ in range(3):
             if cache_dir.exists():
                 current = _read_done(cache_dir)
-                if not force and current is not None and current.get("config") == config:
+                if not force and current is not None and current.get("config") == config \
+                        and damaged_file(cache_dir, current) is None:
                     shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build finished first
                     return cache_dir
                 trash = cache_dir.parent / f".{cache_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"

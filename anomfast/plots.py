@@ -78,7 +78,8 @@ def _curves(plt, m: dict, roc_log: bool):
             a1.plot([max(r.fpr95, floor) if roc_log else r.fpr95], [0.95], "o", ms=5, color=line.get_color(),
                     mec="black", mew=0.6)
         p, rc, _ = r.pr_curve()
-        p, rc = p[:-1], rc[:-1]  # the appended (recall 0, precision 1) point is a convention, not data
+        keep = rc > 0  # recall-0 points (the appended (0, 1), top groups without anomalies) weigh nothing in AP
+        p, rc = p[keep], rc[keep]
         x, y = _thin(rc, p)
         a2.plot(x, y, lw=1.4, color=line.get_color(), label=f"{DISPLAY.get(k, k)} (AP {100 * r.ap:.1f})")
     a1.axhline(0.95, color="grey", lw=0.7, ls="--")
