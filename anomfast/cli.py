@@ -276,7 +276,7 @@ def _eval(args) -> int:
                  progress=None if args.quiet else say, roc_log=args.roc_scale == "log")
     print((out / "report.md").read_text())
     say(f"anomfast: wrote {out}/report.md, results.json, results.csv, report.tex, histograms.npz"
-        + ("" if args.no_plots else f" and plots ({', '.join(formats)})"))
+        + ("" if args.no_plots else f" and plots ({', '.join(formats)})"), args.quiet)
     return 0
 
 

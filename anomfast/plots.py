@@ -70,8 +70,9 @@ def _curves(plt, m: dict, roc_log: bool):
             continue
         prevalence = r.n_pos / (r.n_pos + r.n_neg)
         fpr, tpr, _ = r.roc_curve()
-        if roc_log:
-            floor = min(floor, 0.5 / r.n_neg)
+        if roc_log:  # start the axis a decade below where the first curve reaches TPR 1%
+            at = fpr[np.argmax(tpr >= 0.01)]
+            floor = min(floor, max(0.5 / r.n_neg, 10.0 ** (np.floor(np.log10(max(at, 1e-300))) - 1)))
         x, y = _thin(fpr, tpr, roc_log)
         line, = a1.plot(x, y, lw=1.4, label=f"{DISPLAY.get(k, k)} (AUROC {100 * r.auroc:.1f})")
         if np.isfinite(r.fpr95):
@@ -100,7 +101,7 @@ def _curves(plt, m: dict, roc_log: bool):
     a2.set(xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.01))
     for a in (a1, a2):
         a.grid(True, which="major", lw=0.3, alpha=0.6)
-        a.legend(fontsize=7.5, loc="lower right" if a is a1 else "upper right")
+        a.legend(fontsize=7.5, loc=("upper left" if roc_log else "lower right") if a is a1 else "upper right")
     fig.suptitle(m["name"], fontsize=11)
     fig.tight_layout()
     return fig
