@@ -5,7 +5,51 @@ metrics are finalized from the histograms with certified bounds.
 """
 from __future__ import annotations
 
-from . import _core
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _installed_copy():
+    """An installed anomfast (with its compiled core) further down sys.path, or None."""
+    here = _Path(__file__).resolve().parent
+    for entry in _sys.path:
+        cand = _Path(entry or ".").resolve() / "anomfast"
+        if cand != here and (cand / "__init__.py").is_file() and any(cand.glob("_C.*")):
+            return cand
+    return None
+
+
+def _use_installed_copy(exc: ImportError):
+    """Running from a source checkout (e.g. the repository root, where `python -m anomfast`
+    puts this folder first on sys.path): the compiled core lives in the installed copy,
+    not here. Hand the import over to that copy, or say in one line what to do."""
+    import importlib.util
+    here = _Path(__file__).resolve().parent
+    if any(here.glob("_C.*")) or "_C" not in str(exc):
+        raise exc  # a compiled core is here but does not load (ABI, ISA cap...): the real error
+    where = _installed_copy()
+    if where is None:
+        msg = (f"anomfast: {here} is a source checkout without the compiled core (_C); build it with "
+               "`pip install .` (or `pip install -e .`) and run anomfast from another folder, or the installed "
+               "`anomfast` command")
+        if _sys.argv[:1] == ["-m"]:  # `python -m anomfast ...`: one line, no traceback
+            print(msg, file=_sys.stderr)
+            raise SystemExit(2)
+        raise ImportError(msg) from None
+    spec = importlib.util.spec_from_file_location(__name__, where / "__init__.py",
+                                                  submodule_search_locations=[str(where)])
+    mod = importlib.util.module_from_spec(spec)
+    for k in [k for k in _sys.modules if k.startswith(__name__ + ".")]:
+        del _sys.modules[k]  # partial imports from the source folder
+    _sys.modules[__name__] = mod  # the import statement returns sys.modules' entry
+    spec.loader.exec_module(mod)
+    return mod._core
+
+
+try:
+    from . import _core
+except ImportError as _exc:
+    _core = _use_installed_copy(_exc)
 from .evaluator import Evaluator
 from .functional import Results, evaluate, evaluate_scores, fit_sml, score_maps
 from .heat import HeatStats, fit_heat

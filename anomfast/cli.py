@@ -10,11 +10,83 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
-DEMO_METHODS = ["max_logit", "msp", "sml", "energy", "heat"]  # the seed table's columns
+# the seed report's columns, in its order; other methods follow in the order given
+SEED_ORDER = ["max_logit", "msp", "sml", "energy", "heat"]
+DEMO_METHODS = list(SEED_ORDER)
+BASE_METHODS = ["max_logit", "msp", "energy"]
+WHY_MISSING = {"sml": "it has no sml_stats / fit_logits (--sml-stats)",
+               "heat": "it has no features and heat_stats (or fit_logits + fit_features + fit_semantic) "
+                       "(--features, --heat-stats)"}
+
+
+class CLIError(ValueError):
+    """A one-line reason the command cannot run (exit 2)."""
+
+
+def say(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def order_methods(methods) -> list:
+    """The seed table's column order (Max Logit, MSP, SML, Energy, HEAT), then the rest."""
+    methods = list(dict.fromkeys(methods))
+    return [m for m in SEED_ORDER if m in methods] + [m for m in methods if m not in SEED_ORDER]
+
+
+def _extra_providing(packages) -> str | None:
+    """The extra of the installed anomfast that brings all of `packages` (from the
+    package's own metadata, so it follows pyproject.toml), or None."""
+    try:
+        from importlib.metadata import requires
+        reqs = requires("anomfast") or []
+    except Exception:  # not installed (a source run) or no metadata
+        return None
+    extras: dict = {}
+    for r in reqs:
+        m = re.search(r"""extra\s*==\s*["']([^"']+)["']""", r)
+        if m:
+            name = re.split(r"[\s;<>=!~\[(]", r.strip(), maxsplit=1)[0].lower().replace("_", "-")
+            extras.setdefault(m.group(1), set()).add(name)
+    want = {p.lower() for p in packages}
+    fits = [e for e, pk in extras.items() if want <= pk]
+    return min(fits, key=lambda e: (len(extras[e]), e)) if fits else None
+
+
+def require(needs: dict, why: str) -> None:
+    """needs: {import name: pip name}. One line naming what to install when any is missing."""
+    missing = [pip for mod, pip in needs.items() if importlib.util.find_spec(mod) is None]
+    if not missing:
+        return
+    extra = _extra_providing(missing)
+    how = f"pip install 'anomfast[{extra}]'" if extra else "pip install " + " ".join(missing)
+    raise CLIError(f"{why} need{'s' if len(missing) == 1 else ''} {', '.join(missing)}, which "
+                   f"{'is' if len(missing) == 1 else 'are'} not installed: {how}")
+
+
+def check_writable(path, kind: str = "folder", what: str = "--out") -> Path:
+    """Before any long work: `path` can be written as a folder (created if needed) or a
+    file. Nothing is created here."""
+    p = Path(path).expanduser()
+    if kind == "folder" and p.exists() and not p.is_dir():
+        raise CLIError(f"{what} {p} is an existing file; give a folder (it is created if needed)")
+    if kind == "file" and p.is_dir():
+        raise CLIError(f"{what} {p} is a folder; give a file name")
+    probe = p if kind == "folder" else p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"{what} {p}: {probe} is a file, so the output cannot be created there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"{what} {p}: {probe} is not writable")
+    return p
 
 
 def _cmd_info(args) -> int:
@@ -81,87 +153,145 @@ def _cmd_eval(args) -> int:
             dist.destroy_process_group()
 
 
+def _label_config(args) -> dict:
+    normal = args.normal_ids if args.normal_ids is not None else ["0"]
+    if normal != ["rest"]:
+        try:
+            normal = [int(v) for v in normal]
+        except ValueError:
+            raise CLIError(f"--normal-ids: integers or the word rest, got {' '.join(normal)}") from None
+    else:
+        normal = "rest"
+    return {"dir": str(Path(args.labels).resolve()),
+            "anomaly_ids": args.anomaly_ids if args.anomaly_ids is not None else [1],
+            "void_ids": args.void_ids if args.void_ids is not None else [255], "normal_ids": normal}
+
+
+def _model_methods(grid, args, notes: list) -> dict:
+    """{model name: methods}: --methods for every model, else the grid's per-model
+    methods = [...], else what each model supports (saying what was left out and why)."""
+    from .methods import resolve
+    given = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    out = {}
+    for m in grid.models:
+        if given is not None:
+            ms = given
+        elif m.methods is not None:
+            ms = list(m.methods)
+        else:
+            ms = BASE_METHODS + (["sml"] if m.has_sml else []) + (["heat"] if m.has_heat else [])
+            for k in ("sml", "heat"):
+                others = [o.name for o in grid.models if (o.has_sml if k == "sml" else o.has_heat)]
+                if k not in ms and others:
+                    note = (f"{k} is not evaluated for model {m.name!r}: {WHY_MISSING[k]} "
+                            f"(evaluated for {', '.join(repr(o) for o in others)})")
+                    notes.append(note)
+                    say(f"anomfast: note: {note}", args.quiet)
+        resolve([k for k in ms if k not in ("sml", "heat")] or ["max_logit"])  # unknown methods fail here
+        if "sml" in ms and not m.has_sml:
+            raise CLIError(f"method 'sml' needs sml_stats or fit_logits for model {m.name!r}")
+        if "heat" in ms and not m.has_heat:
+            raise CLIError(f"method 'heat' needs features and heat_stats (or fit_logits + fit_features + "
+                           f"fit_semantic) for model {m.name!r}")
+        out[m.name] = order_methods(ms)
+    return out
+
+
 def _eval(args) -> int:
     import torch.distributed as dist
 
     from .grid import grid_from_config, load_grid
-    from .methods import resolve
     from .report import write_report
     from .runner import evaluate_grid
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     notes = []
+    data_opts = [f"--{k.replace('_', '-')}" for k in ("labels", "name", "sml_stats", "features", "heat_stats",
+                                                      "anomaly_ids", "void_ids", "normal_ids")
+                 if getattr(args, k) is not None]
+    if not (args.grid or args.logits) and data_opts:
+        raise CLIError(f"{' '.join(data_opts)} without --logits DIR: give the model's logits (or a --grid file); "
+                       "anomfast eval without any data option runs the built-in demo")
+    if args.grid and (args.logits or data_opts):
+        raise CLIError(f"--grid takes its data from the grid file; drop {' '.join(data_opts or ['--logits'])}")
+    if args.name is not None and "::" in args.name:
+        raise CLIError(f"--name {args.name!r}: a model name cannot contain '::' (it separates model and method "
+                       "in histograms.npz)")
+    out = check_writable(args.out)
+    if not args.no_plots:
+        require({"matplotlib": "matplotlib"}, "plots (leave them out with --no-plots)")
+    formats = _plot_formats(args)
+    dist_on = dist.is_available() and dist.is_initialized()
     if args.grid or args.logits:
         if args.grid:
-            grid = load_grid(args.grid)
+            grid = load_grid(args.grid, intersect=args.intersect)
         else:
             if not args.labels:
-                raise ValueError("--logits needs --labels DIR")
-            normal = args.normal_ids
-            if normal != ["rest"]:
-                try:
-                    normal = [int(v) for v in normal]
-                except ValueError:
-                    raise ValueError(f"--normal-ids: integers or the word rest, got {' '.join(normal)}") from None
-            else:
-                normal = "rest"
-            cfg = {"labels": {"dir": str(Path(args.labels).resolve()), "anomaly_ids": args.anomaly_ids,
-                              "void_ids": args.void_ids, "normal_ids": normal},
+                raise CLIError("--logits needs --labels DIR (label maps with the same file names)")
+            cfg = {"labels": _label_config(args),
                    "models": [{"name": args.name or Path(args.logits).name, "logits": str(Path(args.logits).resolve())}]}
             for key in ("sml_stats", "features", "heat_stats"):
                 if getattr(args, key):
                     cfg["models"][0][key] = str(Path(getattr(args, key)).resolve())
-            grid = grid_from_config(cfg, Path.cwd())
-        methods = methods or ["max_logit", "msp", "energy"] + (
-            ["sml"] if all(m.has_sml for m in grid.models) else []) + (
-            ["heat"] if all(m.has_heat for m in grid.models) else [])
+            grid = grid_from_config(cfg, Path.cwd(), intersect=args.intersect)
     else:
-        from .demo import build_demo
-        print("anomfast: no data given, running the built-in demo (digits scenes, Fishyscapes Static protocol)",
-              file=sys.stderr)
-        dist_on = dist.is_available() and dist.is_initialized()
+        from .demo import build_demo, demo_is_built
+        cache = args.cache
+        if not demo_is_built(cache):
+            require({"sklearn": "scikit-learn"}, "building the built-in demo (scenes of scikit-learn's digits)")
+        say("anomfast: no data given, running the built-in demo (digits scenes, Fishyscapes Static protocol)",
+            args.quiet)
         if not dist_on or dist.get_rank() == 0:  # one rank builds the cache, the others wait, then read it
-            root = build_demo(args.cache, progress=lambda s: print(f"  demo: {s}", file=sys.stderr))
+            root = build_demo(cache, progress=lambda s: say(f"  {s}", args.quiet))
         if dist_on:
             dist.barrier()
             if dist.get_rank() != 0:
-                root = build_demo(args.cache)
+                root = build_demo(cache)
         grid = load_grid(Path(root) / "grid.toml")
-        methods = methods or DEMO_METHODS
+        if not args.methods:
+            for m in grid.models:
+                m.methods = list(DEMO_METHODS)
         notes.append("Built-in demo: scenes of scikit-learn's real digits; networks trained on digits 0-4, "
                      "digits 5-9 pasted as anomalies with void boundaries. SML and HEAT statistics are fitted on "
                      "held-out in-distribution scenes; HEAT uses each network's 1/4-resolution context features "
                      "and is standardized with the fitted mean / std of its in-distribution score.")
-    resolve([m for m in methods if m not in ("sml", "heat")] or ["max_logit"])  # unknown methods fail here, before any work
-    for m in grid.models:  # before any long work
-        if "sml" in methods and not m.has_sml:
-            raise ValueError(f"method 'sml' needs sml_stats or fit_logits for model {m.name!r}")
-        if "heat" in methods and not m.has_heat:
-            raise ValueError(f"method 'heat' needs features and heat_stats (or fit_logits + fit_features + "
-                             f"fit_semantic) for model {m.name!r}")
+    if any(p.suffix == ".png" for p in grid.labels.values()):
+        require({"PIL": "pillow"}, "PNG label maps")
+    methods = _model_methods(grid, args, notes)
     if args.refine and args.distributed:
-        raise ValueError("--refine with --distributed is not implemented yet (the decisive pixels would have to be "
-                         "gathered across ranks); run --refine in one process")
+        raise CLIError("--refine with --distributed is not implemented yet (the decisive pixels would have to be "
+                       "gathered across ranks); run --refine in one process")
     if args.protocol != "default" and (args.fpr_mode != "first" or args.ap_mode != "step"):
-        raise ValueError(f"--protocol {args.protocol} fixes its own FPR95 / AUPR definitions; drop --fpr-mode / --ap-mode")
+        raise CLIError(f"--protocol {args.protocol} fixes its own FPR95 / AUPR definitions; drop --fpr-mode / --ap-mode")
     if args.protocol != "default" and args.refine:
-        raise ValueError(f"--protocol {args.protocol} computes its metrics from per-pixel scores; --refine applies to "
-                         "the default (histogram) protocol")
+        raise CLIError(f"--protocol {args.protocol} computes its metrics from per-pixel scores; --refine applies to "
+                       "the default (histogram) protocol")
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
                         distributed=args.distributed, protocol=args.protocol, refine=args.refine,
-                        conventions=_conventions(args))
-    run["notes"] = notes
+                        conventions=_conventions(args), nonfinite=args.nonfinite,
+                        allow_empty_class=args.allow_empty_class)
+    run["notes"] = notes + run.get("notes", [])
+    run["methods"] = order_methods(run["methods"])
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
-    write_report(run, Path(args.out), _conventions(args), plots=not args.no_plots)
-    print((Path(args.out) / "report.md").read_text())
-    print(f"anomfast: wrote {args.out}/report.md, results.json, results.csv, report.tex, histograms.npz"
-          + ("" if args.no_plots else " and plots"), file=sys.stderr)
+    write_report(run, out, _conventions(args), plots=not args.no_plots, formats=formats,
+                 progress=None if args.quiet else say, roc_log=args.roc_scale == "log")
+    print((out / "report.md").read_text())
+    say(f"anomfast: wrote {out}/report.md, results.json, results.csv, report.tex, histograms.npz"
+        + ("" if args.no_plots else f" and plots ({', '.join(formats)})"), args.quiet)
     return 0
+
+
+def _plot_formats(args) -> list:
+    formats = [f.strip().lower() for f in (args.plot_format or "png").split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if bad or not formats:
+        raise CLIError(f"--plot-format {args.plot_format!r}: choose from png, pdf, svg (comma-separated)")
+    return formats
 
 
 def _cmd_fit(args) -> int:
     from .grid import LABEL_EXT, LOGIT_EXT, _files, _match
     from .runner import _Reader
+    check_writable(args.out, "file")
     files = _files(args.logits, Path.cwd(), LOGIT_EXT, "fit logits")
     stems = sorted(files)
     if args.method == "sml":
@@ -174,7 +304,7 @@ def _cmd_fit(args) -> int:
             print(f"anomfast: classes {stats.fallback_classes} use the pooled statistics (too few pixels)")
         return 0
     if not (args.features and args.labels):
-        raise ValueError("anomfast fit --method heat needs --features DIR (D, h, w per image) and --labels DIR "
+        raise CLIError("anomfast fit --method heat needs --features DIR (D, h, w per image) and --labels DIR "
                          "(semantic class-id maps, --ignore-index ignored) matching --logits by file name")
     from .heat import fit_heat
     feats = _files(args.features, Path.cwd(), LOGIT_EXT, "fit features")
@@ -192,26 +322,83 @@ def _cmd_fit(args) -> int:
     return 0
 
 
-def _cmd_report(args) -> int:
+def read_histogram_file(path) -> dict:
+    """A histograms.npz as a run for write_report: the models and methods `anomfast eval`
+    recorded in it, or, for a file from anomfast.save_histograms(path, results.histograms),
+    one model named after the file (keys 'model::method' group into models)."""
+    import zipfile
+
     from .histogram import load_histograms
+    from .methods import CODES
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--histograms {p} does not exist" if not p.exists() else f"--histograms {p} is a folder")
+    try:
+        hists, extra = load_histograms(p)
+    except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CLIError(f"{p}: not a readable anomfast histogram file (truncated or damaged?): {msg}") from None
+    if not hists:
+        raise CLIError(f"{p}: the file holds no histograms")
+    extra = extra if isinstance(extra, dict) else {}
+    groups: dict = {}
+    for key, h in hists.items():
+        model, _, method = key.rpartition("::")  # model names never hold '::'; methods never do
+        groups.setdefault(model or p.stem, {})[method or key] = h
+    infos = extra.get("models") if isinstance(extra.get("models"), list) else None
+    if infos is None:  # a file from anomfast.save_histograms: no run metadata
+        infos = [{"name": name} for name in groups]
+    models, seen = [], set()
+    for info in infos:
+        name = info.get("name") if isinstance(info, dict) else None
+        if name not in groups:
+            raise CLIError(f"{p}: inconsistent file: model {name!r} is listed but has no histograms "
+                           f"(histogram keys: {sorted(hists)[:4]})")
+        seen.add(name)
+        hs = groups[name]
+        for method, h in hs.items():
+            if h.method != method and method in CODES:
+                raise CLIError(f"{p}: inconsistent file: key {name}::{method} holds a {h.method!r} histogram")
+        models.append({"name": name, "miou": info.get("miou"), "images": info.get("images"), "histograms": hs})
+    if set(groups) - seen:
+        raise CLIError(f"{p}: inconsistent file: histograms for models {sorted(set(groups) - seen)} that its "
+                       "metadata does not list")
+    methods = order_methods([k for m in models for k in m["histograms"]])
+    notes = extra.get("notes") if isinstance(extra.get("notes"), list) else []
+    return {"models": models, "methods": methods, "notes": notes}
+
+
+def _cmd_report(args) -> int:
     from .report import write_report
-    hists, extra = load_histograms(args.histograms)
-    models, methods = [], extra.get("methods") or []
-    for info in extra.get("models", []):
-        hs = {k.split("::", 1)[1]: h for k, h in hists.items() if k.split("::", 1)[0] == info["name"]}
-        models.append({"name": info["name"], "miou": info.get("miou"), "images": info.get("images"), "histograms": hs})
-        methods = methods or list(hs)
-    write_report({"models": models, "methods": methods, "notes": extra.get("notes", [])}, Path(args.out),
-                 _conventions(args), plots=not args.no_plots)
-    print((Path(args.out) / "report.md").read_text())
+    out = check_writable(args.out)
+    if not args.no_plots:
+        require({"matplotlib": "matplotlib"}, "plots (leave them out with --no-plots)")
+    formats = _plot_formats(args)
+    run = read_histogram_file(args.histograms)
+    write_report(run, out, _conventions(args), plots=not args.no_plots, formats=formats,
+                 progress=None if args.quiet else say, roc_log=args.roc_scale == "log")
+    print((out / "report.md").read_text())
     return 0
 
 
+EPILOG = """examples:
+  anomfast eval --out DIR                                   built-in demo (built once, cached)
+  anomfast eval --grid grid.toml --out DIR                  your models x methods grid (TOML, see the
+                                                            README's "Command line" section)
+  anomfast eval --logits DIR --labels DIR --out DIR         one model; --anomaly-ids / --void-ids /
+                                                            --normal-ids map your label values
+  anomfast fit --logits ID_LOGITS --out sml.npz             SML statistics
+  anomfast report --histograms DIR/histograms.npz --out DIR2 --fpr-mode interp
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anomfast", description="Fast, certified pixel-level anomaly detection evaluation.")
+    p = argparse.ArgumentParser(prog="anomfast", description="Fast, certified pixel-level anomaly detection "
+                                "evaluation for semantic segmentation.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("info", help="what this build contains (version, compiler, OpenMP, CUDA)")
-    pi.add_argument("--json", action="store_true")
+    pi.add_argument("--json", action="store_true", help="print it as JSON")
     pi.set_defaults(func=_cmd_info)
 
     def conventions(sp):
@@ -219,36 +406,56 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FPR95: first threshold with TPR >= 0.95 (default), TPR > 0.95, or interpolated")
         sp.add_argument("--ap-mode", default="step", choices=["step", "trapezoid"],
                         help="AUPR: average precision (default) or trapezoid rule")
-        sp.add_argument("--no-plots", action="store_true")
+        sp.add_argument("--no-plots", action="store_true",
+                        help="write the tables, results and histograms only (no plots; matplotlib not needed)")
+        sp.add_argument("--plot-format", default="png", metavar="FMT[,FMT]",
+                        help="plot file formats: png (default), pdf, svg, or several, e.g. png,pdf")
+        sp.add_argument("--roc-scale", default="log", choices=["log", "linear"],
+                        help="FPR axis of the ROC plots (default log: the low-FPR range papers compare)")
+        sp.add_argument("--quiet", action="store_true", help="no progress or status messages")
 
-    pe = sub.add_parser("eval", help="evaluate a models x methods grid (no data options: the built-in demo)")
-    pe.add_argument("--out", required=True, help="output folder")
-    pe.add_argument("--grid", help="grid file (TOML), see anomfast/grid.py")
-    pe.add_argument("--logits", help="one model: folder/glob of per-image logits (C, H, W)")
+    pe = sub.add_parser("eval", help="evaluate a models x methods grid (no data options: the built-in demo)",
+                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pe.add_argument("--out", required=True, help="output folder (created if needed)")
+    pe.add_argument("--grid", help="grid file (TOML): [labels] dir / anomaly_ids / void_ids / normal_ids and "
+                    "[[models]] name / logits / sml_stats / features / heat_stats / methods; paths relative to it")
+    pe.add_argument("--logits", help="one model: folder (or quoted glob) of per-image logits (C, H, W) "
+                    ".npy/.npz/.pt/.safetensors")
     pe.add_argument("--labels", help="folder of label maps matching --logits by file name")
-    pe.add_argument("--name", help="model name for --logits")
+    pe.add_argument("--intersect", action="store_true",
+                    help="evaluate only the images that have a label map and a logits (and features) file for "
+                         "every model, e.g. when a --logits glob selects a subset; default: every label map "
+                         "needs them")
+    pe.add_argument("--name", help="model name for --logits (default: the folder name)")
     pe.add_argument("--sml-stats", help="SML statistics file (anomfast fit) for --logits")
     pe.add_argument("--features", help="folder of per-image feature maps (D, h, w) for --logits (method heat)")
     pe.add_argument("--heat-stats", help="HEAT statistics file (anomfast fit --method heat) for --logits")
-    pe.add_argument("--anomaly-ids", type=int, nargs="+", default=[1], help="label values of anomalies (default 1)")
-    pe.add_argument("--void-ids", type=int, nargs="+", default=[255], help="label values to ignore (default 255)")
-    pe.add_argument("--normal-ids", nargs="+", default=["0"],
+    pe.add_argument("--anomaly-ids", type=int, nargs="+", help="label values of anomalies (default 1)")
+    pe.add_argument("--void-ids", type=int, nargs="*",
+                    help="label values to ignore (default 255; give the flag alone for none)")
+    pe.add_argument("--normal-ids", nargs="+",
                     help="label values of normal pixels (default 0), or 'rest': every other value; a value in "
                          "no list is an error")
-    pe.add_argument("--methods", help="comma-separated methods (default: max_logit,msp,energy, plus sml and heat "
-                    "when every model has what they need)")
+    pe.add_argument("--methods", help="comma-separated methods for every model (default: max_logit, msp, energy, "
+                    "plus sml and heat for each model that has what they need)")
+    pe.add_argument("--nonfinite", default="error", choices=["error", "ignore"],
+                    help="NaN / inf logits on valid pixels: an error naming the file (default), or skip and "
+                         "count them")
+    pe.add_argument("--allow-empty-class", action="store_true",
+                    help="warn instead of failing when a model's images hold no anomaly (or no normal) pixel "
+                         "under the label mapping (every metric is then n/a)")
     pe.add_argument("--device", default="cpu", help="cpu or cuda")
-    pe.add_argument("--distributed", action="store_true", help="shard images over torch.distributed ranks")
+    pe.add_argument("--distributed", action="store_true", help="shard images over torch.distributed ranks "
+                    "(under torchrun)")
     pe.add_argument("--cache", help="demo cache folder, used as given (default: a demo-v<version> folder under "
                     "$ANOMFAST_CACHE, or under ~/.cache/anomfast)")
-    pe.add_argument("--quiet", action="store_true", help="no progress line")
     pe.add_argument("--refine", action="store_true",
                     help="read the inputs a second time, keeping only the pixels in the bins where FPR95 and the "
                          "best F1 are decided: FPR95, F1 and both thresholds become exact (scikit-learn's)")
     from .protocols import PROTOCOLS
     pe.add_argument("--protocol", default="default", choices=PROTOCOLS,
                     help="ml4cv: the ml4cv-assignment scripts' evaluation (float16 scores, seeded 1M-pixel "
-                         "subsample, their FPR95 / F1 / SML rules; see anomfast/protocols.py)")
+                         "subsample, their FPR95 / F1 / SML rules; see the README)")
     conventions(pe)
     pe.set_defaults(func=_cmd_eval)
 
@@ -260,12 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--ignore-index", type=int, default=255, help="heat: label value to ignore")
     pf.add_argument("--temperature", type=float, default=1.0, help="heat: T of the energy term")
     pf.add_argument("--raw", action="store_true", help="heat: no standardization of the combined score")
-    pf.add_argument("--out", required=True)
+    pf.add_argument("--out", required=True, help="statistics file to write (.npz)")
     pf.set_defaults(func=_cmd_fit)
 
     pr = sub.add_parser("report", help="re-finalize saved histograms with other definitions, without the logits")
-    pr.add_argument("--histograms", required=True)
-    pr.add_argument("--out", required=True)
+    pr.add_argument("--histograms", required=True, help="histograms.npz from anomfast eval, or a file written by "
+                    "anomfast.save_histograms")
+    pr.add_argument("--out", required=True, help="output folder (created if needed)")
     conventions(pr)
     pr.set_defaults(func=_cmd_report)
     return p
@@ -275,10 +483,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, KeyError) as exc:
+    except (ValueError, TypeError, OSError, NotImplementedError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"anomfast: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("anomfast: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ describing the models x data grid, all like user data on disk::
 The build is deterministic for a given thread count (numpy PCG64 for the data,
 ``torch.manual_seed`` and deterministic algorithms for the training), runs on a
 2-core CPU in about a minute, and goes into a temporary directory that is renamed into
-place once complete, so a half-built cache is never reused.
+place once complete, so a half-built cache is never reused. Temporary directories left
+by a killed build (``.demo-v*.tmp-<pid>-*`` of a process that no longer runs) are
+removed by the next build. ``DONE`` records every file's size and CRC-32; a reused
+cache is verified against it and rebuilt when a file is damaged or missing.
 
 This module imports only torch, numpy, the standard library and (inside functions)
 scikit-learn; PNG files are written by a small zlib encoder (readable by pillow).
@@ -41,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import struct
 import time
@@ -441,6 +445,77 @@ def _read_done(path: pathlib.Path) -> Optional[dict]:
     return done if isinstance(done, dict) and done.get("version") == DEMO_VERSION else None
 
 
+def _manifest(root: pathlib.Path) -> dict:
+    """{relative path: [size, crc32]} of every file under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = [p.stat().st_size, zlib.crc32(p.read_bytes()) & 0xFFFFFFFF]
+    return out
+
+
+def damaged_file(root: pathlib.Path, done: dict) -> Optional[str]:
+    """The first file of a finished cache that is missing or differs from DONE's record
+    (size, then CRC-32), as 'path (why)'; None when all match (or DONE predates records)."""
+    files = done.get("files")
+    if not isinstance(files, dict):
+        return None
+    for rel, (size, crc) in files.items():
+        p = root / rel
+        try:
+            got = p.stat().st_size
+            if got != size:
+                return f"{p} (size {got} bytes, expected {size})"
+            if zlib.crc32(p.read_bytes()) & 0xFFFFFFFF != crc:
+                return f"{p} (checksum differs)"
+        except OSError:
+            return f"{p} (missing or unreadable)"
+    return None
+
+
+def _default_config() -> dict:
+    return _config(DEFAULT_N_TEST, DEFAULT_N_FIT, DEFAULT_N_TRAIN, DEFAULT_TRAIN_STEPS)
+
+
+def demo_is_built(cache_dir=None) -> bool:
+    """A complete, undamaged default demo is in cache_dir (default :func:`default_cache_dir`):
+    build_demo() will reuse it without building (nor needing scikit-learn)."""
+    root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    done = _read_done(root)
+    return done is not None and done.get("config") == _default_config() and damaged_file(root, done) is None
+
+
+_STALE = re.compile(r"\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale(cache_dir: pathlib.Path) -> list:
+    """Removes the temporary build / trash directories next to cache_dir that a killed
+    build left behind (their process no longer runs). Returns the removed paths."""
+    removed = []
+    try:
+        entries = list(cache_dir.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _STALE.fullmatch(p.name)
+        if m and m.group("name") == cache_dir.name and p.is_dir():
+            pid = int(m.group("pid"))
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
 def _grid_toml(models) -> str:
     lines = ["# anomfast built-in demo: digits 0-4 in-distribution, 5-9 anomalies (scikit-learn digits)",
              f"# demo version {DEMO_VERSION}; input scenes in images/, classes: " + ", ".join(CLASS_NAMES),
@@ -476,9 +551,15 @@ def build_demo(cache_dir=None, *, n_test: int = DEFAULT_N_TEST, n_fit: int = DEF
     config = _config(n_test, n_fit, n_train, train_steps)
     say = progress or (lambda s: None)
 
+    for p in clean_stale(cache_dir):
+        say(f"demo: removed {p}, left by a build that was killed")
     done = _read_done(cache_dir)
+    damaged = None
     if not force and done is not None and done.get("config") == config:
-        return cache_dir
+        damaged = damaged_file(cache_dir, done)
+        if damaged is None:
+            return cache_dir
+        say(f"demo: the cache is damaged: {damaged}; rebuilding it")
 
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -490,12 +571,19 @@ def build_demo(cache_dir=None, *, n_test: int = DEFAULT_N_TEST, n_fit: int = DEF
             torch.set_num_threads(int(num_threads))
         torch.use_deterministic_algorithms(True)
         with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG state alone
-            stats = _build_into(tmp, config, say)
+            try:
+                stats = _build_into(tmp, config, say)
+            except Exception as exc:
+                if damaged is None:
+                    raise
+                raise OSError(f"the demo cache is damaged ({damaged}) and could not be rebuilt "
+                              f"({type(exc).__name__}: {exc}); delete {cache_dir} and run again") from exc
         # install: move any stale/incomplete cache aside, then rename ours into place
         for _ in range(3):
             if cache_dir.exists():
                 current = _read_done(cache_dir)
-                if not force and current is not None and current.get("config") == config:
+                if not force and current is not None and current.get("config") == config \
+                        and damaged_file(cache_dir, current) is None:
                     shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build finished first
                     return cache_dir
                 trash = cache_dir.parent / f".{cache_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -511,7 +599,7 @@ def build_demo(cache_dir=None, *, n_test: int = DEFAULT_N_TEST, n_fit: int = DEF
                 continue
         else:
             raise OSError(f"could not install the demo into {cache_dir}")
-        say(f"demo ready in {cache_dir} ({stats['timings']['total_s']:.1f} s)")
+        say(f"demo: ready in {cache_dir} ({stats['timings']['total_s']:.1f} s)")
         return cache_dir
     finally:
         torch.set_num_threads(old_threads)
@@ -581,7 +669,7 @@ def _build_into(root: pathlib.Path, config: dict, say) -> dict:
             "n_test": n_test, "n_fit": n_fit, "test_names": test_names, "fit_names": fit_names,
             "anomaly_pixels": int((te_lab == 1).sum()), "normal_pixels": int((te_lab == 0).sum()),
             "void_pixels": int((te_lab == 255).sum()), "bytes": size, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "timings": timings, "models": models_info}
+            "torch": torch.__version__, "timings": timings, "models": models_info, "files": _manifest(root)}
     tmp_done = root / "DONE.tmp"
     tmp_done.write_text(json.dumps(done, indent=1))
     os.replace(tmp_done, root / "DONE")
@@ -601,6 +689,10 @@ def load_demo(cache_dir=None, *, build: bool = False, **build_kwargs) -> dict:
     if done is None:
         raise FileNotFoundError(f"no complete anomfast demo (version {DEMO_VERSION}) in {root}; "
                                 "build it with anomfast.demo.build_demo()")
+    damaged = damaged_file(root, done)
+    if damaged is not None:
+        raise OSError(f"the anomfast demo in {root} is damaged: {damaged}; rebuild it with "
+                      f"anomfast.demo.build_demo() or delete {root}")
     models = []
     for m in done["models"]:
         base = root / "models" / m["slug"]

@@ -107,6 +107,9 @@ class Evaluator:
         self.counters: torch.Tensor | None = None
         self._consts: dict = {}
         self._loaded_on_cpu = False
+        # C of the updates since construction / reset(), and the counters tensor it goes with
+        # (a state swapped in from outside, as the torchmetrics adapter does, starts afresh)
+        self._classes: tuple | None = None
 
     @property
     def methods(self) -> tuple:
@@ -136,6 +139,10 @@ class Evaluator:
         ``keep`` (bool (B,)) drops samples (e.g. distributed padding) without a host sync.
         ``features`` (B, D, h, w): the feature map of the batch, needed by HEAT."""
         x = _fused.as_logits(logits)
+        if self._classes is not None and self._classes[1] is self.counters and x.shape[1] != self._classes[0]:
+            raise ValueError(f"logits have C = {x.shape[1]} classes but earlier update() calls (since construction "
+                             f"or the last reset()) had C = {self._classes[0]}; every batch must have the same "
+                             "classes")
         y = _fused.as_labels(labels, x)
         _fused.check_device_support(self.spec, x.device)
         heat_m = _fused.heat_input(x, self.spec, features)
@@ -151,6 +158,7 @@ class Evaluator:
             y = _mask_dropped(y, keep, self.label_map.void_ids)
         lut, off, mean, inv = self._device_state(x.device)
         self._loaded_on_cpu = False
+        self._classes = (int(x.shape[1]), self.counters)
         st = self.hist
         args = (x, y, st.hist, st.sig, st.occ, self.counters, lut, off, self.spec.codes, self.spec.temperature,
                 self.spec.gen_gamma, self.spec.entropy_normalize, mean, inv, heat_m, heat_params, ext)
@@ -171,10 +179,15 @@ class Evaluator:
         return hist, counters
 
     def compute(self) -> Results:
-        """Per method AUROC, AP, FPR95, best F1 + threshold with certified bounds."""
+        """Per method AUROC, AP, FPR95, best F1 + threshold with certified bounds.
+        Raises RuntimeError when no pixel was added: before any update(), and likewise
+        after reset() with no update() since (in a distributed run: on no rank)."""
         hist, counters = self._synced()
         if hist is None:
             raise RuntimeError("compute() called before any update()")
+        if not bool(counters.any()):
+            raise RuntimeError("compute() called with no data: no update() with pixels since construction or the "
+                               "last reset()")
         pixels = _fused.check_counters(counters.cpu(), None, self.label_map, self.nonfinite)
         res = Results()
         res.pixels = pixels
@@ -184,6 +197,7 @@ class Evaluator:
         return res
 
     def reset(self) -> None:
+        self._classes = None
         if self.hist is not None:
             self.hist.clear_()   # only the occupied blocks: the buffers keep their identity
             self.counters.zero_()
@@ -205,6 +219,7 @@ class Evaluator:
                 d.get("params") != {n: self.spec.params_of(n) for n in self.spec.names}:
             raise ValueError(f"state is for methods {d.get('methods')} {d.get('params')}, this evaluator has "
                              f"{list(self.spec.names)}")
+        self._classes = None
         if d.get("hist") is None:
             self.hist = self.counters = None
             return

@@ -23,11 +23,38 @@ from .heat import as_features, fit_heat  # noqa: F401  (fit_heat: part of the fu
 from .sml import SMLStats
 
 
+def _classes_of(lg):
+    """C of a (B, C, H, W) / (C, H, W) batch, or None when it has no such shape."""
+    shape = getattr(lg, "shape", None)
+    if shape is None:
+        return None
+    return int(shape[1]) if len(shape) == 4 else int(shape[0]) if len(shape) == 3 else None
+
+
+def _layout_hint(lg, y) -> None:
+    """Channel-last logits (B, H, W, C) with labels (B, H, W): say so, instead of the
+    shape error blaming the labels."""
+    ls, ys = getattr(lg, "shape", None), getattr(y, "shape", None)
+    if ls is None or ys is None or len(ls) != 4 or len(ys) != 3:
+        return
+    if tuple(ls[:3]) == tuple(ys) and tuple(ls[2:]) != tuple(ys[1:]):
+        raise ValueError(f"logits {tuple(ls)} look channel-last (B, H, W, C) with C = {ls[3]} for labels "
+                         f"{tuple(ys)}; anomfast reads (B, C, H, W): pass logits.permute(0, 3, 1, 2) (torch) or "
+                         "np.moveaxis(logits, -1, 1) (NumPy; any strides work, no copy needed)")
+
+
 def _batches(logits, labels=None, features=None):
-    """Triples (logits, labels, features) from tensors/arrays or from aligned iterables
-    of batches (labels / features None: not given)."""
+    """Triples (logits, labels, features) from:
+
+    - tensors / arrays: logits (B, C, H, W), labels (B, H, W), features (B, D, h, w);
+    - aligned iterables of such batches (lists, generators), one per argument;
+    - labels=None and logits an iterable of (logits, labels) or (logits, labels, features)
+      tuples / lists, as a DataLoader yields them.
+
+    Every batch's C must equal the first batch's (the batch is named otherwise)."""
     single = isinstance(logits, (torch.Tensor, np.ndarray))
     if single:
+        _layout_hint(logits, labels)
         yield logits, labels, features
         return
     others = {"labels": labels, "features": features}
@@ -38,13 +65,35 @@ def _batches(logits, labels=None, features=None):
         if isinstance(v, (torch.Tensor, np.ndarray)):
             raise TypeError(f"logits is an iterable of batches, so {name} must be an iterable of batches too")
         its[name] = iter(v)
-    for i, lg in enumerate(logits):
+    C0 = None
+    for i, item in enumerate(logits):
         got = {}
+        if isinstance(item, (tuple, list)) and not its:
+            if len(item) not in (2, 3):
+                raise TypeError(f"batch {i}: an item of the iterable must be logits, or a (logits, labels) / "
+                                f"(logits, labels, features) pair, got a {type(item).__name__} of {len(item)}")
+            lg, got["labels"] = item[0], item[1]
+            if len(item) == 3:
+                got["features"] = item[2]
+            elif features is not None:
+                raise TypeError("pass features inside the (logits, labels, features) items, not as features=")
+        elif isinstance(item, (tuple, list)):
+            raise TypeError(f"batch {i} is a {type(item).__name__}: (logits, labels) pairs come without labels=; "
+                            "pass either an iterable of pairs or aligned iterables of logits and labels")
+        else:
+            lg = item
         for name, it in its.items():
             try:
                 got[name] = next(it)
             except StopIteration:
                 raise ValueError(f"{name} ran out after {i} batches while logits had more") from None
+        C = _classes_of(lg)
+        if C0 is None:
+            C0 = C
+        elif C is not None and C != C0:
+            raise ValueError(f"batch {i}: logits have C = {C} classes but batch 0 had C = {C0}; every batch must "
+                             "have the same classes")
+        _layout_hint(lg, got.get("labels"))
         yield lg, got.get("labels"), got.get("features")
     for name, it in its.items():
         if next(it, None) is not None:
@@ -284,14 +333,16 @@ def _mark_refined(r, n_kept: int):
     return r
 
 
-def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool = False, *,
+def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: bool = False, *,
              label_map=None, fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
              per_image: bool = False, subsample: int | None = None, seed: int = 42, refine: bool = False,
              nonfinite: str = "error", num_threads: int = 0, features=None, protocol: str | None = None,
              **method_params) -> Results:
     """Evaluate anomaly scores of segmentation logits against anomaly labels.
 
-    logits (B, C, H, W) and labels (B, H, W), or iterables of such batches. Returns
+    logits (B, C, H, W) and labels (B, H, W) (tensors or NumPy arrays), or aligned
+    iterables of such batches, or (labels omitted) one iterable of (logits, labels) or
+    (logits, labels, features) tuples, e.g. a DataLoader. Returns
     {method: MetricResult} with auroc, ap, fpr95, f1, threshold, fpr95_threshold and
     certified bounds. features (B, D, h, w) (or an iterable of batches aligned with the
     logits): the feature maps HEAT needs, with heat=anomfast.fit_heat(...).
@@ -310,6 +361,9 @@ def evaluate(logits, labels, methods=None, ignore_index: int = 255, exact: bool 
     anomfast/protocols.py); subsample= and seed= then set that draw's size and seed.
     """
     from .metrics import groups_from_scores, mean_over_images
+    if labels is None and isinstance(logits, (torch.Tensor, np.ndarray)):
+        raise TypeError("evaluate needs labels (B, H, W); only an iterable of (logits, labels) pairs carries "
+                        "its own")
     if nonfinite not in ("error", "ignore"):
         raise ValueError(f"nonfinite must be 'error' or 'ignore', got {nonfinite!r}")
     if sum([bool(exact), bool(per_image), subsample is not None, bool(refine)]) > 1:

@@ -19,6 +19,8 @@ them). Paths are relative to the grid file::
     heat_stats = "a_heat.npz"         # optional (anomfast fit --method heat), or
     fit_features = "models/a/fit/features"  # with fit_logits and fit_semantic (class ids,
     fit_semantic = "models/a/fit/semantic"  # 255 ignored): HEAT statistics fitted on the fly
+    methods = ["max_logit", "energy"] # optional: this model's methods (default: every method
+                                      # it has what it needs for)
 
 Everything is checked before any long work starts: every label has a logits file of
 the same stem for every model (and the other way round), feature files likewise, the
@@ -37,7 +39,8 @@ from .labels import LabelMap
 
 LOGIT_EXT = (".npy", ".npz", ".pt", ".safetensors")
 LABEL_EXT = (".png", ".npy", ".npz", ".pt")
-MODEL_KEYS = {"name", "logits", "sml_stats", "fit_logits", "features", "heat_stats", "fit_features", "fit_semantic"}
+MODEL_KEYS = {"name", "logits", "sml_stats", "fit_logits", "features", "heat_stats", "fit_features", "fit_semantic",
+              "methods"}
 LABEL_KEYS = {"dir", "anomaly_ids", "void_ids", "normal_ids", "semantic_dir", "images_dir"}
 TOP_KEYS = {"labels", "models"}
 
@@ -56,6 +59,7 @@ class ModelSpec:
     heat_stats: Path | None = None
     fit_features: dict = field(default_factory=dict)
     fit_semantic: dict = field(default_factory=dict)
+    methods: list | None = None                        # the grid's methods = [...] for this model
 
     @property
     def has_heat(self) -> bool:
@@ -97,7 +101,7 @@ def _files(spec, base: Path, exts, what: str) -> dict:
     return out
 
 
-def load_array(path: Path) -> np.ndarray:
+def _load_array(path: Path):
     s = path.suffix
     if s == ".npy":
         return np.load(path, allow_pickle=False)
@@ -108,12 +112,20 @@ def load_array(path: Path) -> np.ndarray:
                 raise GridError(f"{path}: expected one array in the .npz, found {keys}")
             return z[keys[0]]
     if s == ".pt":
-        t = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError (not tensors), RuntimeError (truncated zip), EOFError...
+            raise GridError(f"{path}: not a readable tensor file (torch.load with weights_only=True: "
+                            f"{_first_line(exc)})") from None
         if not isinstance(t, torch.Tensor):
             raise GridError(f"{path}: expected a tensor, got {type(t).__name__}")
         return t
     if s == ".safetensors":
-        from safetensors.numpy import load_file
+        try:
+            from safetensors.numpy import load_file
+        except ImportError:
+            raise GridError(f"{path}: reading .safetensors files needs the safetensors package: "
+                            "pip install safetensors") from None
         d = load_file(str(path))
         if len(d) != 1:
             raise GridError(f"{path}: expected one tensor in the .safetensors file, found {list(d)}")
@@ -129,26 +141,58 @@ def load_array(path: Path) -> np.ndarray:
     raise GridError(f"{path}: unsupported file type {s}")
 
 
+def _first_line(exc) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_array(path: Path):
+    """The array in one per-image file; any reading problem is a GridError naming the file."""
+    path = Path(path)
+    try:
+        return _load_array(path)
+    except GridError:
+        raise
+    except FileNotFoundError:
+        raise GridError(f"{path} does not exist") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated .npy / .npz, bad safetensors header, broken or huge PNG...
+        raise GridError(f"{path}: cannot read it ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
 def array_shape(path: Path) -> tuple:
-    if path.suffix == ".npy":
-        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-    if path.suffix == ".png":
-        try:
-            from PIL import Image
+    """The array's shape from the file header where the format allows (cheap)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)  # a truncated file raises
+        if path.suffix == ".png":
+            try:
+                from PIL import Image
+            except ImportError:  # pragma: no cover
+                return tuple(np.asarray(load_array(path)).shape)
             with Image.open(path) as im:
-                return (im.size[1], im.size[0]) if im.mode in ("L", "P", "I", "I;16", "1") else (im.size[1], im.size[0], len(im.getbands()))
-        except ImportError:  # pragma: no cover
-            pass
+                return (im.size[1], im.size[0]) if im.mode in ("L", "P", "I", "I;16", "1") else \
+                    (im.size[1], im.size[0], len(im.getbands()))
+    except GridError:
+        raise
+    except Exception as exc:
+        raise GridError(f"{path}: cannot read it ({type(exc).__name__}: {_first_line(exc)})") from None
     return tuple(np.asarray(load_array(path)).shape)
 
 
-def _match(what: str, labels: dict, files: dict, kind: str = "logits", other: str = "label map"):
+INTERSECT_HINT = ("; the label folder decides the image list: --intersect evaluates only the images that have "
+                  "every file")
+
+
+def _match(what: str, labels: dict, files: dict, kind: str = "logits", other: str = "label map", hint: str = ""):
     missing = sorted(set(labels) - set(files))
     extra = sorted(set(files) - set(labels))
     if missing:
-        raise GridError(f"{what}: no {kind} file for {len(missing)} image(s) that have a {other}, e.g. {missing[:3]}")
+        raise GridError(f"{what}: no {kind} file for {len(missing)} image(s) that have a {other}, "
+                        f"e.g. {missing[:3]}{hint}")
     if extra:
-        raise GridError(f"{what}: {len(extra)} {kind} file(s) have no {other}, e.g. {extra[:3]}")
+        raise GridError(f"{what}: {len(extra)} {kind} file(s) have no {other}, e.g. {extra[:3]}{hint}")
 
 
 def _path(spec, base: Path, what: str) -> Path:
@@ -158,7 +202,7 @@ def _path(spec, base: Path, what: str) -> Path:
     return p
 
 
-def load_grid(path) -> Grid:
+def load_grid(path, intersect: bool = False) -> Grid:
     path = Path(path)
     if not path.exists():
         raise GridError(f"grid file {path} does not exist")
@@ -170,10 +214,12 @@ def load_grid(path) -> Grid:
         cfg = tomllib.loads(path.read_text())
     except Exception as exc:
         raise GridError(f"{path}: not valid TOML ({exc})") from None
-    return grid_from_config(cfg, path.parent)
+    return grid_from_config(cfg, path.parent, intersect=intersect)
 
 
-def grid_from_config(cfg: dict, base: Path) -> Grid:
+def grid_from_config(cfg: dict, base: Path, intersect: bool = False) -> Grid:
+    """intersect=True: only the images with a label map and every model's logits (and
+    features) file are evaluated; otherwise each label map needs all of them."""
     if "labels" not in cfg or "dir" not in cfg["labels"]:
         raise GridError("grid: a [labels] table with dir = ... is required")
     if not cfg.get("models"):
@@ -197,11 +243,14 @@ def grid_from_config(cfg: dict, base: Path) -> Grid:
     images = _files(lab["images_dir"], base, (".png",), "images") if lab.get("images_dir") else {}
     if not images and (base / "images").is_dir():
         images = _files("images", base, (".png",), "images")
-    models = []
+    specs = []
     names = set()
     for i, m in enumerate(cfg["models"]):
         if "name" not in m or "logits" not in m:
             raise GridError(f"grid: model #{i + 1} needs name = ... and logits = ...")
+        if not isinstance(m["name"], str) or not m["name"] or "::" in m["name"]:
+            raise GridError(f"grid: model name {m['name']!r}: a non-empty string without '::' (it separates model "
+                            "and method in histograms.npz)")
         if m["name"] in names:
             raise GridError(f"grid: model name {m['name']!r} appears twice")
         names.add(m["name"])
@@ -209,15 +258,32 @@ def grid_from_config(cfg: dict, base: Path) -> Grid:
         if unknown:
             raise GridError(f"model {m['name']!r}: unknown key(s) {sorted(unknown)} in the grid; known: "
                             f"{sorted(MODEL_KEYS)}")
+        meths = m.get("methods")
+        if meths is not None and (not isinstance(meths, list) or not meths
+                                  or not all(isinstance(k, str) for k in meths)):
+            raise GridError(f"model {m['name']!r}: methods = [...] must be a non-empty list of method names")
         logits = _files(m["logits"], base, LOGIT_EXT, f"model {m['name']!r} logits")
-        _match(f"model {m['name']!r}", labels, logits)
+        feats = _files(m["features"], base, LOGIT_EXT, f"model {m['name']!r} features") if m.get("features") else {}
+        specs.append((m, logits, feats))
+    if intersect:
+        keep = set(labels)
+        for _, logits, feats in specs:
+            keep &= set(logits)
+            if feats:
+                keep &= set(feats)
+        if not keep:
+            raise GridError("--intersect: no image has a label map and a logits (and features) file for every model")
+        labels = {k: v for k, v in labels.items() if k in keep}
+        specs = [(m, {k: v for k, v in lg.items() if k in keep}, {k: v for k, v in ft.items() if k in keep})
+                 for m, lg, ft in specs]
+    models = []
+    for m, logits, feats in specs:
         name = m["name"]
+        _match(f"model {name!r}", labels, logits, hint=INTERSECT_HINT)
         sml = _path(m["sml_stats"], base, f"model {name!r}: SML statistics file") if m.get("sml_stats") else None
         fit = _files(m["fit_logits"], base, LOGIT_EXT, f"model {name!r} fit logits") if m.get("fit_logits") else {}
-        feats = {}
-        if m.get("features"):
-            feats = _files(m["features"], base, LOGIT_EXT, f"model {name!r} features")
-            _match(f"model {name!r}", labels, feats, kind="features")
+        if feats:
+            _match(f"model {name!r}", labels, feats, kind="features", hint=INTERSECT_HINT)
         heat = _path(m["heat_stats"], base, f"model {name!r}: HEAT statistics file") if m.get("heat_stats") else None
         fit_f, fit_s = {}, {}
         if m.get("fit_features") or m.get("fit_semantic"):
@@ -228,7 +294,8 @@ def grid_from_config(cfg: dict, base: Path) -> Grid:
             fit_s = _files(m["fit_semantic"], base, LABEL_EXT, f"model {name!r} fit semantic labels")
             _match(f"model {name!r} fitting data", fit, fit_f, kind="fit features", other="fit logits file")
             _match(f"model {name!r} fitting data", fit, fit_s, kind="fit semantic label", other="fit logits file")
-        models.append(ModelSpec(name, logits, sml, fit, feats, heat, fit_f, fit_s))
+        models.append(ModelSpec(name, logits, sml, fit, feats, heat, fit_f, fit_s,
+                                list(m["methods"]) if m.get("methods") else None))
     g = Grid(labels=labels, label_map=lm, models=models, semantic=semantic, images=images, root=base)
     check_shapes(g)
     return g
@@ -236,7 +303,8 @@ def grid_from_config(cfg: dict, base: Path) -> Grid:
 
 def check_shapes(g: Grid) -> None:
     """Label maps (H, W) and logits (C, H, W) agree, for the first and last image of every
-    model (cheap header reads); every image is checked again when it is read."""
+    model (cheap header reads); every image is checked again when it is read (its class
+    count against the model's first image)."""
     stems = sorted(g.labels)
     for stem in {stems[0], stems[-1]}:
         ls = array_shape(g.labels[stem])
@@ -248,7 +316,7 @@ def check_shapes(g: Grid) -> None:
                 s = s[1:]
             if len(s) != 3 or tuple(s[1:]) != tuple(ls):
                 raise GridError(f"model {m.name!r}: logits {m.logits[stem].name} have shape {s}, "
-                                f"expected (C, {ls[0]}, {ls[1]}) to match the label map")
+                                f"expected (C, {ls[0]}, {ls[1]}) to match the label map" + channel_last_hint(s, ls))
             if m.features:
                 fs = array_shape(m.features[stem])
                 if len(fs) == 4 and fs[0] == 1:
@@ -256,3 +324,12 @@ def check_shapes(g: Grid) -> None:
                 if len(fs) != 3:
                     raise GridError(f"model {m.name!r}: features {m.features[stem].name} have shape {fs}, "
                                     "expected (D, h, w)")
+
+
+def channel_last_hint(shape, hw) -> str:
+    """' (they look channel-last ...)' when a per-image shape is (H, W, C) for label maps (H, W)."""
+    shape, hw = tuple(shape), tuple(hw)
+    if len(shape) == 3 and shape[:2] == hw and shape[1:] != hw:
+        return (f"; they look channel-last (H, W, C) with C = {shape[2]}: save them as (C, H, W), "
+                "e.g. np.moveaxis(a, -1, 0)")
+    return ""

@@ -66,45 +66,94 @@ def _md_table(header, rows, align):
     return "\n".join(out)
 
 
-def seed_tables(models: list, methods: list) -> str:
-    """The three tables of the seed report (main results, F1, optimal thresholds)."""
-    names = [DISPLAY.get(m, m) for m in methods]
-    head = ["Model"] + names
-    main = [[_row_label(m)] + [" / ".join(_fmt(getattr(m["results"][k], a), 1) for a in ("fpr95", "auroc", "ap", "f1"))
-                               for k in methods] for m in models]
-    f1 = [[_row_label(m)] + [_fmt(m["results"][k].f1, 2) for k in methods] for m in models]
-    thr = [[_row_label(m)] + [_fmt(m["results"][k].threshold, 4, pct=False) for k in methods] for m in models]
-    op = [[_row_label(m)] + [_thr(m["results"][k].fpr95_threshold) for k in methods] for m in models]
-    left = [":--"] + ["--:"] * len(methods)
-    parts = [
-        "# Model vs Anomaly Detection Method Comparison", "",
-        "## Main Results", "", "**Format**: FPR95 / AUROC / AUPR / F1 (all in %)", "",
-        "**Lower FPR95 is better**, **Higher AUROC/AUPR/F1 is better**", "",
-        _md_table(head, main, [":--"] + [":--"] * len(methods)), "",
-        "## F1 Scores (%) - For Threshold Selection", "",
-        "**Higher is better**. This is the metric used to find optimal thresholds.", "",
-        _md_table(head, f1, left), "",
-        "## Optimal Thresholds", "",
-        "These are the thresholds that maximize F1 score for each method/model combination.", "",
-        _md_table(head, thr, left), "",
-        "## FPR95 Operating Thresholds", "",
-        "The score threshold (anomaly iff score >= t) at which the FPR95 above is measured.", "",
-        _md_table(head, op, left), "",
+def _cell(m, k, fn) -> str:
+    """A table cell, or '-' where this model was not evaluated with method k."""
+    r = m["results"].get(k)
+    return "-" if r is None else fn(r)
+
+
+def _main_cell(r, digits: int = 1) -> str:
+    return " / ".join(_fmt(getattr(r, a), digits) for a in ("fpr95", "auroc", "ap", "f1"))
+
+
+def _tables(models: list, methods: list) -> list:
+    """(title, blurb, header, rows, align) of the seed report's tables."""
+    head = ["Model"] + [DISPLAY.get(m, m) for m in methods]
+    rows = lambda fn: [[_row_label(m)] + [_cell(m, k, fn) for k in methods] for m in models]  # noqa: E731
+    right = [":--"] + ["--:"] * len(methods)
+    return [
+        ("Main Results", ["**Format**: FPR95 / AUROC / AUPR / F1 (all in %)",
+                          "**Lower FPR95 is better**, **Higher AUROC/AUPR/F1 is better**"],
+         head, rows(_main_cell), [":--"] * (len(methods) + 1)),
+        ("F1 Scores (%) - For Threshold Selection",
+         ["**Higher is better**. This is the metric used to find optimal thresholds."],
+         head, rows(lambda r: _fmt(r.f1, 2)), right),
+        ("Optimal Thresholds", ["These are the thresholds that maximize F1 score for each method/model combination."],
+         head, rows(lambda r: _fmt(r.threshold, 4, pct=False)), right),
+        ("FPR95 Operating Thresholds",
+         ["The score threshold (anomaly iff score >= t) at which the FPR95 above is measured."],
+         head, rows(lambda r: _thr(r.fpr95_threshold)), right),
     ]
+
+
+def seed_tables(models: list, methods: list) -> str:
+    """The three tables of the seed report (main results, F1, optimal thresholds), plus
+    the FPR95 operating thresholds. A '-' cell: the model was not evaluated with that method."""
+    parts = ["# Model vs Anomaly Detection Method Comparison", ""]
+    for title, blurb, head, rows, align in _tables(models, methods):
+        parts += [f"## {title}", ""]
+        for b in blurb:
+            parts += [b, ""]
+        parts += [_md_table(head, rows, align), ""]
     return "\n".join(parts)
 
 
-def write_report(run: dict, out: Path, conventions: dict | None = None, plots: bool = True) -> dict:
-    """Writes report.md, results.csv, results.json, report.tex, histograms.npz and plots."""
+_TEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_", "{": "\\{",
+        "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+
+
+def _tex_escape(t: str) -> str:
+    return "".join(_TEX.get(c, c) for c in t)
+
+
+def tex_tables(models: list, methods: list) -> str:
+    """The same tables as report.md, as LaTeX table environments (booktabs)."""
+    out = ["% anomfast report: needs \\usepackage{booktabs}", ""]
+    for title, blurb, head, rows, _ in _tables(models, methods):
+        cols = "l" + "c" * len(methods)
+        out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex_escape(title)}}}", "\\small",
+                f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
+                " & ".join(_tex_escape(h) for h in head) + " \\\\", "\\midrule"]
+        out += [" & ".join(_tex_escape(c) for c in r) + " \\\\" for r in rows]
+        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(out)
+
+
+def describe_conventions(conventions: dict) -> str:
+    """The definitions in words (not a dict printout)."""
+    fpr = {"first": "FPR at the first threshold with TPR >= 95%", "strict": "FPR at the first threshold with "
+           "TPR > 95%", "interp": "FPR interpolated at TPR = 95%"}.get(conventions.get("fpr_mode", "first"))
+    ap = {"step": "AUPR as average precision (step-wise)", "trapezoid": "AUPR by the trapezoid rule"}.get(
+        conventions.get("ap_mode", "step"))
+    return f"FPR95: {fpr}; {ap}; anomaly is the positive class; F1 is the best over thresholds"
+
+
+def write_report(run: dict, out: Path, conventions: dict | None = None, plots: bool = True,
+                 formats=("png",), progress=None, roc_log: bool = True) -> dict:
+    """Writes report.md, results.csv, results.json, report.tex, histograms.npz and plots.
+    progress: a callable taking one status line (e.g. print to stderr), or None."""
     from .histogram import save_histograms
+    say = progress or (lambda s: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     conventions = conventions or {}
     methods = run["methods"]
     protocol = run.get("protocol")
-    for m in run["models"]:  # a protocol's results and --refine's come computed by the runner
-        if "results" not in m:
-            m["results"] = {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
+    todo = [m for m in run["models"] if "results" not in m]
+    if todo:
+        say(f"anomfast: finalizing metrics of {sum(len(m['histograms']) for m in todo)} histograms")
+    for m in todo:  # a protocol's results and --refine's come computed by the runner
+        m["results"] = {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
     md = seed_tables(run["models"], methods)
     widths = [bound_width(r) for m in run["models"] for r in m["results"].values() if r.n_pos and r.n_neg]
     if protocol is not None:
@@ -113,7 +162,7 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     else:
         md += ("\n---\n\nMetrics are finalized from histograms; every number has a certified bound "
                f"(largest bound width in this report: {max(widths or [0.0]):.1e}, see results.json). "
-               f"Definitions: {conventions or 'defaults'}.\n")
+               f"{describe_conventions(conventions)}.\n")
     notes = run.get("notes", [])
     if notes:
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
@@ -125,7 +174,8 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
                     "threshold_high", "fpr95_threshold", "fpr95_threshold_low", "fpr95_threshold_high",
                     "n_anomaly", "n_normal"])
         for m in run["models"]:
-            for k, r in m["results"].items():
+            for k in [k for k in methods if k in m["results"]]:
+                r = m["results"][k]
                 row = [m["name"], m.get("miou"), k]
                 for a in ("fpr95", "auroc", "ap", "f1", "threshold", "fpr95_threshold"):
                     row += [getattr(r, a), *r.bounds[a]]
@@ -133,20 +183,16 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     doc = {"definitions": DEFINITIONS if protocol is None else ML4CV_DEFINITIONS, "conventions": conventions,
            "protocol": protocol or "default", "methods": methods, "notes": notes,
            "models": [{"name": m["name"], "miou": m.get("miou"), "pixels": m.get("pixels"), "images": m.get("images"),
-                       "results": {k: r.as_dict() for k, r in m["results"].items()}} for m in run["models"]]}
+                       "results": {k: m["results"][k].as_dict() for k in methods if k in m["results"]}}
+                      for m in run["models"]]}
     (out / "results.json").write_text(json.dumps(doc, indent=2))
-    tex = ["\\begin{tabular}{l" + "c" * len(methods) + "}", "\\toprule",
-           "Model & " + " & ".join(DISPLAY.get(k, k) for k in methods) + " \\\\", "\\midrule"]
-    for m in run["models"]:
-        cells = [" / ".join(_fmt(getattr(m["results"][k], a), 1) for a in ("fpr95", "auroc", "ap", "f1")) for k in methods]
-        tex.append(_row_label(m).replace("%", "\\%") + " & " + " & ".join(cells) + " \\\\")
-    tex += ["\\bottomrule", "\\end{tabular}", ""]
-    (out / "report.tex").write_text("\n".join(tex))
+    (out / "report.tex").write_text(tex_tables(run["models"], methods))
     save_histograms(out / "histograms.npz",
-                    {f"{m['name']}::{k}": h for m in run["models"] for k, h in m["histograms"].items()},
+                    {f"{m['name']}::{k}": m["histograms"][k] for m in run["models"] for k in methods
+                     if k in m["histograms"]},
                     extra={"models": [{"name": m["name"], "miou": m.get("miou"), "images": m.get("images")}
                                       for m in run["models"]], "methods": methods, "notes": notes})
     if plots:
         from .plots import write_plots
-        write_plots(run, out)
+        write_plots(run, out, formats=formats, progress=say, roc_log=roc_log)
     return doc

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import _fused, protocols
+from . import _core, _fused, protocols
 from .functional import fit_sml, refine_histograms
 from .grid import Grid, GridError, load_array
 from .heat import HeatStats, as_features, fit_heat
@@ -20,7 +20,7 @@ from .sml import SMLStats
 
 
 class Progress:
-    """One status line per model on stderr: images, images/s, pixels/s."""
+    """One status line per model on stderr: images, images/s, pixels/s, time left."""
 
     def __init__(self, label: str, total: int, enabled: bool = True):
         self.label, self.total, self.enabled = label, total, enabled
@@ -33,8 +33,10 @@ class Progress:
         if self.enabled and (self.n == self.total or self.n % 8 == 0):
             dt = max(time.perf_counter() - self.t0, 1e-9)
             bar = "#" * int(24 * self.n / self.total)
+            left = (self.total - self.n) * dt / self.n
+            eta = f"ETA {int(left) // 60:d}:{int(left) % 60:02d}" if self.n < self.total else f"{dt:6.1f} s"
             sys.stderr.write(f"\r{self.label[:28]:28s} [{bar:24s}] {self.n}/{self.total} "
-                             f"{self.n / dt:7.1f} img/s {self.px / dt / 1e6:7.2f} Mpx/s")
+                             f"{self.n / dt:7.1f} img/s {self.px / dt / 1e6:7.2f} Mpx/s {eta:9s}")
             if self.n == self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
@@ -60,6 +62,34 @@ def _as_chw(a, path, kind: str = "logits") -> torch.Tensor:
         raise GridError(f"{path}: {kind} must be ({'C, H, W' if kind != 'features' else 'D, h, w'}), "
                         f"got {tuple(t.shape)}")
     return t
+
+
+def _label_summary(values: dict, lm) -> str:
+    d = lm.describe()
+    seen = ", ".join(f"{v}: {n} px" for v, n in sorted(values.items())[:8]) + (", ..." if len(values) > 8 else "")
+    return (f"label mapping anomaly_ids {d['anomaly_ids']}, void_ids {d['void_ids']}, normal_ids {d['normal_ids']}; "
+            f"label values seen: {seen or 'none'}")
+
+
+def _check_classes(model, hists, values: dict, lm, allow: bool, notes: list) -> None:
+    """A model whose images hold no anomaly (or no normal) pixel under the label mapping
+    has no defined metric: almost always a label mapping that does not fit the masks
+    (0 / 255 masks with 255 = void). An error unless allow (then a note)."""
+    h = next(iter(hists.values()), None)
+    if h is None:
+        return
+    pos, neg = h.n_anomaly, h.n_normal
+    if pos and neg:
+        return
+    what = "anomaly" if not pos else "normal"
+    msg = (f"model {model.name!r}: no {what} pixel in its images under the {_label_summary(values, lm)}; every metric "
+           "would be n/a. Map your label values with --anomaly-ids / --void-ids / --normal-ids ([labels] "
+           "anomaly_ids / void_ids / normal_ids in a grid), e.g. --anomaly-ids 255 --void-ids for 0/255 masks, or "
+           "pass --allow-empty-class")
+    if not allow:
+        raise GridError(msg)
+    notes.append(msg)
+    print(f"anomfast: warning: {msg}", file=sys.stderr)
 
 
 def fit_model_sml(model, progress: bool = True) -> SMLStats:
@@ -106,12 +136,18 @@ def fit_model_heat(model) -> HeatStats:
 
 def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = True, n_examples: int = 3,
                   temperature: float = 1.0, distributed: bool = False, protocol: str | None = None,
-                  refine: bool = False, conventions: dict | None = None) -> dict:
+                  refine: bool = False, conventions: dict | None = None, nonfinite: str = "error",
+                  allow_empty_class: bool = False) -> dict:
     """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...}.
+    methods: one list for every model, or {model name: list}.
+    nonfinite="error": NaN / inf logits on a valid pixel raise, naming the file; "ignore"
+    skips and counts them. A model without anomaly (or normal) pixels under the label map
+    raises unless allow_empty_class (then a note in the run's "notes").
     protocol="ml4cv": each model also gets "results" {method: MetricResult} of that preset,
     from every valid pixel's score in image (file name) order (see anomfast/protocols.py).
     refine=True: each model gets "results" with FPR95 / F1 / thresholds made exact by a
     second pass over its files (see anomfast.evaluate(refine=True))."""
+    methods_by_model = methods
     stems = sorted(grid.labels)
     rank, world = 0, 1
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -121,8 +157,11 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         raise ValueError(f"--protocol {proto} draws its subsample over the whole data set in order; run it in one "
                          "process (without --distributed)")
     my_stems = stems[rank::world]
-    out = []
+    out, notes = [], []
+    all_methods = []
     for model in grid.models:
+        methods = list(methods_by_model[model.name]) if isinstance(methods_by_model, dict) else list(methods_by_model)
+        all_methods += [k for k in methods if k not in all_methods]
         params = {"temperature": temperature}
         if "sml" in methods:
             params["sml"] = fit_model_sml(model, progress)
@@ -140,10 +179,17 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         conf = None
         examples = []
         pb = Progress(model.name, len(my_stems), progress and rank == 0)
+        first = {}  # the model's class count and the file it came from
+        values: dict = {}  # raw label value -> pixels (for the empty-class message)
 
         def read(stem):
             x = _as_chw(load_array(model.logits[stem]), model.logits[stem])
             y = torch.from_numpy(np.array(load_array(grid.labels[stem])))
+            if x.dim() == 3 and y.dim() == 2 and tuple(x.shape[1:]) != tuple(y.shape):
+                from .grid import channel_last_hint
+                raise GridError(f"model {model.name!r}: logits {model.logits[stem]} have shape {tuple(x.shape)}, "
+                                f"expected (C, {y.shape[0]}, {y.shape[1]}) to match label map "
+                                f"{grid.labels[stem].name}" + channel_last_hint(x.shape, y.shape))
             bad = grid.label_map.first_invalid_value(y)  # here, on the reading thread, to name the file
             if bad is not None:
                 d = grid.label_map.describe()
@@ -158,6 +204,24 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         for stem, x, y, sem, f in _prefetch(read, my_stems):
             if tuple(y.shape) != tuple(x.shape[1:]):
                 raise GridError(f"image {stem!r}: label map {tuple(y.shape)} vs logits {tuple(x.shape)} of model {model.name!r}")
+            C = int(x.shape[0])
+            if not first:
+                first.update(C=C, path=model.logits[stem])
+                for what, st in (("SML", params.get("sml")), ("HEAT", params.get("heat"))):
+                    if st is not None and st.num_classes != C:
+                        src = model.sml_stats if what == "SML" else model.heat_stats
+                        raise GridError(f"model {model.name!r}: logits {model.logits[stem]} have C = {C} classes but "
+                                        f"the {what} statistics ({src or 'fitted from fit_logits'}) are for "
+                                        f"{st.num_classes}")
+            elif C != first["C"]:
+                raise GridError(f"model {model.name!r}: logits {model.logits[stem]} have C = {C} classes but "
+                                f"{first['path'].name} (the model's first image) has {first['C']}; every image "
+                                "of a model must have the same classes")
+            if not out:  # the label values, once (every model reads the same label maps)
+                v, n = torch.unique(y, return_counts=True)
+                for a, b in zip(v.tolist(), n.tolist()):
+                    values[a] = values.get(a, 0) + b
+            nonfinite_before = int(counters[_core.CNT_NONFINITE]) if nonfinite == "error" else 0
             xb = _fused.as_logits(x.unsqueeze(0).to(device))
             yb = _fused.as_labels(y.unsqueeze(0).to(device), xb)
             want_example = len(examples) < n_examples and bool((y != 0).any())
@@ -167,6 +231,12 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 fb = as_features(f.unsqueeze(0).to(device), xb, spec.heat, name=f"features of image {stem!r}")
             _, _, maps = _fused.fused_pass(xb, yb, spec, label_map=grid.label_map, hist=hist, counters=counters,
                                            want_maps=want_maps, features=fb)
+            if nonfinite == "error":
+                bad = int(counters[_core.CNT_NONFINITE]) - nonfinite_before
+                if bad:
+                    raise GridError(f"model {model.name!r}: {bad} valid pixel(s) of {model.logits[stem]} have NaN or "
+                                    "infinite logits (or a non-finite HEAT / post-processed SML score, e.g. from "
+                                    "NaN features); --nonfinite ignore skips and counts them")
             if sem is not None:
                 C = xb.shape[1]
                 pred = xb[0].argmax(dim=0).flatten().to(torch.int64)
@@ -183,6 +253,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 kept_labels.append((cls[valid] == ANOMALY).cpu().numpy())
             if want_example:
                 examples.append({"stem": stem, "labels": y.numpy(),
+                                 "classes": grid.label_map.classify(y.to(torch.int64)).numpy(),
+                                 "image": load_array(grid.images[stem]) if stem in grid.images else None,
                                  "maps": {n: coord_to_score(n, maps[j, 0].cpu().numpy()) for j, n in enumerate(spec.names)}})
             pb.update(int(y.numel()))
         if world > 1:
@@ -190,7 +262,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             torch.distributed.all_reduce(counters)
             if conf is not None:
                 torch.distributed.all_reduce(conf)
-        pixels = _fused.check_counters(counters, None, grid.label_map)
+        pixels = _fused.check_counters(counters, None, grid.label_map, nonfinite)
         miou = None
         if conf is not None:
             c = conf.double().cpu()
@@ -199,6 +271,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             present = c.sum(1) > 0
             miou = float((inter[present] / union[present]).mean())
         hists = histograms_from_state(hist, spec.names, spec.params_of)
+        _check_classes(model, hists, values, grid.label_map, allow_empty_class, notes)
         entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
                  "images": len(stems)}
         if proto is not None:
@@ -217,6 +290,6 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             if progress and rank == 0:
                 print(f"{model.name}: refining FPR95 / F1 (second pass)", file=sys.stderr)
             entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}),
-                                                 "error", 0)
+                                                 nonfinite, 0)
         out.append(entry)
-    return {"models": out, "methods": list(methods), "protocol": proto}
+    return {"models": out, "methods": all_methods, "protocol": proto, "notes": notes}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import sys
 
@@ -187,3 +188,43 @@ def test_module_imports_only_torch_numpy_stdlib():
     mods = {ln.split()[1].split(".")[0] for ln in top}
     allowed = {"__future__", "torch", "numpy"} | set(getattr(sys, "stdlib_module_names", mods - {"torch", "numpy"}))
     assert mods <= allowed, mods - allowed
+
+
+SMALL = dict(n_test=2, n_fit=2, train_steps=2, n_train=16, quick=True, num_threads=1)
+
+
+def test_stale_temporary_folders_of_killed_builds_are_removed(tmp_path):
+    """A SIGKILLed build leaves .demo.tmp-<pid>-<hex> behind; the next build (or reuse)
+    removes those whose process is gone, and leaves a running build's alone."""
+    import subprocess
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = tmp_path / "demo"
+    stale = tmp_path / f".demo.tmp-{dead.pid}-0123abcd"
+    trash = tmp_path / f".demo.old-{dead.pid}-89abcdef"
+    live = tmp_path / f".demo.tmp-{os.getppid()}-0123abcd"   # a process that runs
+    for d in (stale, trash, live):
+        (d / "labels").mkdir(parents=True)
+    said = []
+    demo.build_demo(root, progress=said.append, **SMALL)
+    assert not stale.exists() and not trash.exists() and live.exists()
+    assert any(str(stale) in s for s in said)
+    assert all(s.startswith("demo: ") and not s.startswith("demo: demo:") for s in said), said
+
+
+def test_damaged_cache_is_detected_and_rebuilt(tmp_path):
+    root = demo.build_demo(tmp_path / "demo", **SMALL)
+    f = root / "models" / demo.MODELS[0][1] / "logits" / "scene_0001.npy"
+    good = f.read_bytes()
+    stamp = (root / "DONE").stat().st_mtime_ns
+    for damage in (good[:-10], good[:-4] + b"\x00\x00\x00\x01" if good[-4:] != b"\x00\x00\x00\x01" else good[:-4] + b"\x00" * 4):
+        f.write_bytes(damage)   # truncated, then the same size with other bytes
+        with pytest.raises(OSError, match=f"damaged.*scene_0001.npy.*delete {root}"):
+            demo.load_demo(root)
+        assert not demo.demo_is_built(root)
+        said = []
+        assert demo.build_demo(root, progress=said.append, **SMALL) == root
+        assert any("damaged" in s and "scene_0001.npy" in s for s in said), said
+        assert f.read_bytes() == good and (root / "DONE").stat().st_mtime_ns != stamp
+        stamp = (root / "DONE").stat().st_mtime_ns
+    assert demo.load_demo(root)["names"] == ["scene_0000", "scene_0001"]
