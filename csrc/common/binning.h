@@ -23,9 +23,10 @@
 // Memory: 2 * (2 + 277 * 2^13) = 4538372 bins per method and label. The cores mark every
 // block of 2^OCC_SHIFT flat slots they add to in an occupancy byte map, so that Python
 // allocates the histograms lazily (pages never written are never backed) and finalizes
-// only the blocks that hold counts. A block is one cache line of int64 counts: Python's
-// read-out copies about the lines that hold counts (1024-slot blocks copied ~4x more on
-// a 4-method Cityscapes-sized image), for an occupancy map of NBINS / 32 bytes per method.
+// only the blocks that hold counts. A block is one cache line of int64 counts, so the
+// read-out copies about the lines that hold counts (4-method bench image, 238k non-empty
+// bins: 9527 x 64 slots instead of 842 x 1024), for an occupancy map of NBINS / 32 bytes
+// per method.
 #pragma once
 #include <cstdint>
 #include "score_math.h"
