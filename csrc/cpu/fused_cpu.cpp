@@ -41,10 +41,12 @@
 // footprint), prefetching, a separate OR loop, huge pages, skipping saturated signatures
 // (a flag in `low`: the dependent load made it slower). Hence sig_mask: methods without
 // their bit compute, queue and flush no signature (their psig pages are never touched),
-// so they cost what they cost before signatures. Measured (EPYC, 1 thread, per-thread
-// CPU time, 19 x 512 x 1024 float32, bench/sig_cost.py; before signatures / every
-// method's / sig_mask): 4 methods 11.3 / 16.5 / 12.4 ms, max_logit alone 4.5 / 5.5 /
-// 5.0 ms, energy alone 7.9 / 8.3 / 7.6 ms. Score-only calls compute no signature.
+// so they cost what they cost before signatures. Measured (loaded 2-core EPYC VM, 1
+// thread, per-thread CPU time, 19 x 512 x 1024 float32, bench/sig_cost.py, medians of
+// 8 alternating rounds; before signatures / every method's / sig_mask): 4 methods
+// 11.8 / 16.0 / 13.0 ms, energy alone 7.9 / 8.3 / 7.8 ms, max_logit alone 4.7 / 5.5 /
+// 5.6 ms (it keeps its signature: ~15% over no signature, measured in one process with
+// sig_mask 0 vs 1). Score-only calls compute no signature.
 //
 // HEAT needs 3x3 neighbourhoods of the softmax: its tiles also use the rows above
 // and below and one column either side (see heat_tile; with HEAT the tiles are visited
