@@ -9,7 +9,7 @@ import torch
 from . import _core
 from .labels import LabelMap
 from .histogram import HistState, check_buffer
-from .methods import CODES, EXTERNAL, MethodSpec
+from .methods import CODES, EXACT_COORDINATES, EXTERNAL, MethodSpec
 
 _LOGIT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LABEL_DTYPES = {torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13, torch.int8: 14,
@@ -171,14 +171,23 @@ def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSp
     return hist, counters, maps
 
 
+def exact_sig_mask(codes) -> int:
+    """FusedArgs.sig_mask for these core method codes: bit j for each method whose float32
+    coordinate is the exact score (EXACT_COORDINATES)."""
+    exact = {CODES[n] for n in EXACT_COORDINATES}
+    return sum(1 << j for j, c in enumerate(codes) if c in exact)
+
+
 def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, entropy_normalize,
            sml_mean, sml_inv, lut, lut_offset, num_threads=0, *, heat_m=None, heat_params=(1.0, 0.0, 1.0),
-           ext=None, flush_every=0) -> None:
+           ext=None, flush_every=0, sig_mask=None) -> None:
     """Fills the core's argument struct from already validated tensors and runs it (on
     the CUDA core and the caller's current stream for CUDA tensors). heat_m: (B, H, W)
     float32 contiguous M map; heat_params: (temperature, mean, 1 / std); ext: (n_ext, B,
     H, W) float32 contiguous external coordinates. flush_every (CPU, for tests): pixels a
-    thread counts privately before adding them to `hist` (0: the core's 2^31)."""
+    thread counts privately before adding them to `hist` (0: the core's 2^31). sig_mask:
+    bit j fills method j's tie signatures (default: the methods whose coordinate is the
+    exact score, EXACT_COORDINATES, the only ones Python reads them for; tests set others)."""
     B, C, H, W = logits.shape
     if B * H * W == 0:
         return
@@ -197,6 +206,7 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
         a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), int(lut_offset), lut.numel()
         hist.check(len(codes), dev)  # every buffer the core writes, on every path (loaded states too)
         a.hist_ptr, a.sig_ptr, a.occ_ptr = hist.hist.data_ptr(), hist.sig.data_ptr(), hist.occ.data_ptr()
+        a.sig_mask = exact_sig_mask(codes) if sig_mask is None else int(sig_mask)
     a.methods = list(codes)
     a.temperature = float(temperature)
     a.gen_gamma = float(gen_gamma)

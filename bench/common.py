@@ -61,14 +61,18 @@ def read_bandwidth_gbs(nbytes=512 * 2**20, repeat=5):
     return nbytes / best / 1e9
 
 
-def check_state(state, maps, cls, ok, what=""):
+def check_state(state, maps, cls, ok, what="", names=None):
     """A fresh HistState (anomfast.histogram) holds exactly the NumPy binning
     (anomfast.binning, the mirror of binning.h) of the core's own coordinates `maps`
     (M, B, H, W) for the pixels with label class 0 / 1 and `ok`: the counts, the tie
     signatures (OR of bin_sig; 0 where never counted) and the occupancy bytes (1 exactly
-    on the blocks holding counts)."""
+    on the blocks holding counts). names: the methods of the M rows; the cores fill the
+    signatures of those in EXACT_COORDINATES only (FusedArgs.sig_mask), the other rows
+    must stay 0 (None: every row filled)."""
     import numpy as np
     from anomfast import binning
+    from anomfast.methods import EXACT_COORDINATES
+    filled = [True] * maps.shape[0] if names is None else [n in EXACT_COORDINATES for n in names]
     cls = cls.detach().cpu().reshape(-1).numpy()
     ok = ok.detach().cpu().reshape(-1).numpy()
     slots, sigs = [], []
@@ -77,7 +81,7 @@ def check_state(state, maps, cls, ok, what=""):
         for lab in (0, 1):
             sel = (cls == lab) & ok
             slots.append((j * 2 + lab) * binning.NBINS + binning.bin_index(t[sel]))
-            sigs.append(binning.bin_sig(t[sel]))
+            sigs.append(binning.bin_sig(t[sel]) if filled[j] else np.zeros(int(sel.sum()), np.int64))
     u, inv = np.unique(np.concatenate(slots), return_inverse=True)
     want_sig = np.zeros(u.size, np.int64)
     np.bitwise_or.at(want_sig, inv, np.concatenate(sigs))
@@ -87,7 +91,7 @@ def check_state(state, maps, cls, ok, what=""):
     nz = np.flatnonzero(h)
     assert np.array_equal(nz, u) and np.array_equal(h[nz], np.bincount(inv, minlength=u.size)), \
         f"{what}: histogram counts differ from the binning of the core's own scores"
-    assert np.array_equal(np.flatnonzero(s), u) and np.array_equal(s[u].astype(np.int64), want_sig), \
+    assert np.array_equal(np.flatnonzero(s), u[want_sig != 0]) and np.array_equal(s[u].astype(np.int64), want_sig), \
         f"{what}: tie signatures differ from the OR of bin_sig over each bin"
     assert np.array_equal(np.flatnonzero(o), np.unique(u >> binning.OCC_SHIFT)) and o.max(initial=0) <= 1, \
         f"{what}: occupancy is not exactly the blocks holding counts"
@@ -110,7 +114,7 @@ def check_against_reference(x, y, stats, spec):
         ref = reference.coordinate(x, m, **kw)
         tol = 1e-5 * (ref.abs() + (scale / float(stats.std.min()) if m == "sml" else scale))
         assert bool(((maps[j].double() - ref).abs() <= tol).all()), f"{m}: scores differ from the reference"
-    check_state(hist, maps, y, torch.isfinite(x).all(dim=1), "fused pass")
+    check_state(hist, maps, y, torch.isfinite(x).all(dim=1), "fused pass", names=spec.names)
 
 
 def torch_scores(x, stats, methods=METHODS4):

@@ -229,7 +229,7 @@ def section_hist(g):
                 if base is None:
                     base = hist.clone()
                     fin = torch.isfinite(x.float()).all(dim=1)
-                    check_state(hist, maps, y, fin, f"{dtype} {shape}")
+                    check_state(hist, maps, y, fin, f"{dtype} {shape}", names=spec_s.names)
                     h_nomaps, c2, _ = _fused.fused_pass(x, y, spec_s, want_maps=False)
                     assert same_state(h_nomaps, hist) and torch.equal(c2, counters), "maps on/off changes the result"
                     hc, cc, _ = _fused.fused_pass(x.cpu(), y.cpu(), spec_s)
@@ -516,7 +516,7 @@ def section_timing(g, quick=False):
     spec6 = resolve(ALL, sml=stats)
     hist6 = _fused.new_histogram(6, x32.device)
     h6, _, maps6 = _fused.fused_pass(x32[:1], y[:1], spec6, want_maps=True)
-    check_state(h6, maps6, y[:1], torch.isfinite(x32[:1]).all(dim=1), "timed configuration")
+    check_state(h6, maps6, y[:1], torch.isfinite(x32[:1]).all(dim=1), "timed configuration", names=spec6.names)
     t_probe = torch.cat([torch.randn(1 << 20, device=x32.device) * 1e3,
                          torch.tensor([0.0, -0.0, 1e-40, -1e-40, 2.0**-32, 2.0**32, -(2.0**32), float("inf"),
                                        -float("inf"), 1e-12, -3e12], device=x32.device)])

@@ -187,7 +187,7 @@ def emulation_checks(so_path):
     from anomfast import _fused
     from anomfast.labels import LabelMap
     from anomfast.methods import resolve
-    from test_scores import assert_state_equals_binning, same_state
+    from test_scores import assert_state_equals_binning, exact_mask, masked_pass, same_state
 
     spec = importlib.util.spec_from_file_location("_C_cuda", so_path)
     emu = importlib.util.module_from_spec(spec)
@@ -226,7 +226,7 @@ def emulation_checks(so_path):
         assert torch.equal(c, cc), (name, c.tolist(), cc.tolist())
         cls = (lm or LabelMap.default()).classify(y)
         fin = torch.isfinite(x.float()).all(dim=1)
-        assert_state_equals_binning(h, maps, cls, ok=fin, what=name)
+        assert_state_equals_binning(h, maps, cls, ok=fin, what=name, sig_mask=exact_mask(sp.names))
         for j, m in enumerate(sp.names):
             assert torch.allclose(maps[j][fin], mc[j][fin], rtol=1e-5, atol=1e-5), (name, m)
             if cpu.build_info()["cpu_isa"] == "baseline":
@@ -276,9 +276,15 @@ def emulation_checks(so_path):
     wide[0, :, 6, 32:] = torch.tensor([3.0, 3.0 - 2.0**-10, -1.0]).view(3, 1)  # one value on half a warp
     yw = labels(2, 8, 64)
     spw = resolve(["max_logit", "msp", "energy", "entropy"])
+    fin = torch.isfinite(wide).all(dim=1)
     for mode in (1, 0, 2):
         emu._set_hist_aggregation(mode)
         _, _, mw = compare(wide, yw, spw, name=f"wide range, aggregation mode {mode}")
+        # other methods' signatures when their bit is set (sig_mask), 0 when it is not
+        for mask in (0b1111, 0b0110, 0):
+            hm, _, mm = run(Routed, masked_pass, wide, yw, spw, mask)
+            assert_state_equals_binning(hm, mm, yw, ok=fin, what=f"wide range, mode {mode}, sig_mask {mask:#b}",
+                                        sig_mask=mask)
         emu._set_hist_aggregation(1)
     t = mw.flatten()
     assert (t == 0).any() and ((t != 0) & (t.abs() < 2.0**-126)).any(), "the maps must hold zeros and subnormals"
@@ -314,7 +320,7 @@ def test_cuda_histograms_match_cpu(rng, dtype):
     from anomfast import _fused
     from anomfast.methods import resolve
     from conftest import random_labels, random_logits
-    from test_scores import assert_state_equals_binning
+    from test_scores import assert_state_equals_binning, exact_mask, masked_pass
 
     x = random_logits(rng, 3, 19, 37, 61, dtype=dtype)
     y = random_labels(rng, 3, 37, 61)
@@ -327,7 +333,10 @@ def test_cuda_histograms_match_cpu(rng, dtype):
     cg, mg = cg.cpu(), mg.cpu()
     assert torch.equal(cg, cc)
     fin = torch.isfinite(x.float()).all(dim=1)
-    assert_state_equals_binning(sg, mg, y, ok=fin, what=f"CUDA {dtype}")
+    assert_state_equals_binning(sg, mg, y, ok=fin, what=f"CUDA {dtype}", sig_mask=exact_mask(spec.names))
+    for mask in (0b111111, 0b101010):
+        sm, _, mm = masked_pass(x.cuda(), y.cuda(), spec, mask)
+        assert_state_equals_binning(sm, mm.cpu(), y, ok=fin, what=f"CUDA {dtype}, sig_mask {mask:#b}", sig_mask=mask)
     hg, hc = sg.hist.cpu(), hc.hist
     for j, m in enumerate(spec.names):
         torch.testing.assert_close(mg[j][fin], mc[j][fin], rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 import anomfast
 from anomfast import _fused, binning, reference
 from anomfast.labels import LabelMap
-from anomfast.methods import EXTERNAL, resolve
+from anomfast.methods import EXACT_COORDINATES, EXTERNAL, resolve
 
 from conftest import DEVICES, DTYPES, LOGIT_METHODS, random_labels, random_logits
 
@@ -41,10 +41,17 @@ def scale_of(method, x64, stats):
     return torch.ones(x64.shape[0], *x64.shape[2:], dtype=torch.float64)
 
 
-def expected_slots(maps, cls, ok):
+def exact_mask(names) -> int:
+    """The signature mask the cores get for these methods by default (FusedArgs.sig_mask):
+    a bit for each method whose coordinate is the exact score."""
+    return sum(1 << j for j, n in enumerate(names) if n in EXACT_COORDINATES)
+
+
+def expected_slots(maps, cls, ok, sig_mask=None):
     """What the core must have added for these coordinates: the flat (method, label, bin)
     slots of the pixels with label class 0 / 1 and `ok`, their counts, and per slot the OR
-    of binning.bin_sig over its pixels (NumPy binning of the core's own coordinates)."""
+    of binning.bin_sig over its pixels (NumPy binning of the core's own coordinates) for
+    the methods j with bit j of sig_mask set (None: all), 0 for the others."""
     maps = maps.detach().cpu()
     cls = cls.detach().cpu().reshape(-1).numpy()
     ok = ok.detach().cpu().reshape(-1).numpy()
@@ -54,29 +61,32 @@ def expected_slots(maps, cls, ok):
         for lab in (0, 1):
             sel = (cls == lab) & ok
             slots.append((j * 2 + lab) * binning.NBINS + binning.bin_index(t[sel]))
-            sigs.append(binning.bin_sig(t[sel]))
+            filled = sig_mask is None or (sig_mask >> j) & 1
+            sigs.append(binning.bin_sig(t[sel]) if filled else np.zeros(int(sel.sum()), np.int64))
     u, inv = np.unique(np.concatenate(slots), return_inverse=True)
     sig = np.zeros(u.size, np.int64)
     np.bitwise_or.at(sig, inv, np.concatenate(sigs))
     return u, np.bincount(inv, minlength=u.size), sig
 
 
-def assert_state_equals_binning(state, maps, cls, ok=None, times=1, fresh=True, what=""):
+def assert_state_equals_binning(state, maps, cls, ok=None, times=1, fresh=True, what="", sig_mask=None):
     """A HistState holds exactly what `times` passes over these coordinates add: the
     counts, the tie signatures (OR of bin_sig; 0 in every slot never counted), and an
     occupancy byte of 1 on every block holding a count (fresh: and on no other block).
     cls: label class per pixel (0 normal, 1 anomaly, anything else not binned); ok:
-    pixels the core bins (default: every coordinate finite)."""
+    pixels the core bins (default: every coordinate finite). sig_mask: the methods whose
+    signatures the core filled (FusedArgs.sig_mask; None: all); every other method's
+    signatures must be 0 everywhere."""
     if ok is None:
         ok = torch.isfinite(maps.detach().cpu()).all(dim=0)
-    slots, counts, sigs = expected_slots(maps, cls, ok)
+    slots, counts, sigs = expected_slots(maps, cls, ok, sig_mask)
     h = state.hist.cpu().reshape(-1).numpy()
     s = state.sig.cpu().reshape(-1).numpy().view(np.uint32)
     o = state.occ.cpu().numpy()
     nz = np.flatnonzero(h)
     np.testing.assert_array_equal(nz, slots, err_msg=f"{what}: which slots hold counts")
     np.testing.assert_array_equal(h[nz], times * counts, err_msg=f"{what}: counts")
-    np.testing.assert_array_equal(np.flatnonzero(s), slots, err_msg=f"{what}: which slots hold a signature")
+    np.testing.assert_array_equal(np.flatnonzero(s), slots[sigs != 0], err_msg=f"{what}: which slots hold a signature")
     np.testing.assert_array_equal(s[slots].astype(np.int64), sigs, err_msg=f"{what}: signatures")
     assert set(np.unique(o).tolist()) <= {0, 1}, f"{what}: occupancy bytes must be 0 or 1"
     blocks = np.unique(slots >> binning.OCC_SHIFT)
@@ -93,6 +103,22 @@ def coords(x, methods, **params):
     spec = resolve(methods, **params)
     _, _, maps = _fused.fused_pass(_fused.as_logits(x), None, spec, want_maps=True)
     return maps
+
+
+def masked_pass(x, y, spec, sig_mask, num_threads=0, flush_every=0):
+    """fused_pass of logit methods (no HEAT / post-processed SML) with an explicit
+    FusedArgs.sig_mask instead of the default exact_mask(spec.names)."""
+    x = _fused.as_logits(x)
+    y = _fused.as_labels(y, x)
+    B, _, H, W = x.shape
+    M = len(spec.names)
+    hist, counters = _fused.new_histogram(M, x.device), _fused.new_counters(x.device)
+    maps = torch.empty(M, B, H, W, device=x.device)
+    lut, off = LabelMap.default().lut()
+    mean, inv = spec.sml.kernel_arrays(x.device) if "sml" in spec.names else (None, None)
+    _fused.launch(x, y, hist, counters, maps, spec.codes, spec.temperature, spec.gen_gamma, spec.entropy_normalize,
+                  mean, inv, lut.to(x.device), off, num_threads, flush_every=flush_every, sig_mask=sig_mask)
+    return hist, counters, maps
 
 
 @pytest.mark.filterwarnings("ignore:SML. classes")
@@ -185,7 +211,7 @@ def test_histograms_equal_binning_of_own_scores(rng, device, dtype, shape):
     spec = resolve(methods, temperature=1.7)
     hist, counters, maps = _fused.fused_pass(x, y, spec, want_maps=True)
     yc = y.cpu()
-    assert_state_equals_binning(hist, maps, yc, what=f"{dtype} {shape}")
+    assert_state_equals_binning(hist, maps, yc, what=f"{dtype} {shape}", sig_mask=exact_mask(methods))
     c = counters.cpu().tolist()
     assert c[2] == int((yc == 255).sum()) and c[3] == int((yc != 255).sum()) and c[0] == c[1] == 0
 
@@ -205,7 +231,8 @@ def _check_repeated_bins(rng, pixels, threads, repeated, need_byte_overflow, flu
                                           flush_every=flush_every)
     if need_byte_overflow:
         assert int(hist.hist.max()) > 2 * 256, "the test must overflow a byte within one call"
-    assert_state_equals_binning(hist, maps, y, times=2, what=f"{pixels} px, {threads} threads, flush {flush_every}")
+    assert_state_equals_binning(hist, maps, y, times=2, what=f"{pixels} px, {threads} threads, flush {flush_every}",
+                                sig_mask=exact_mask(methods))
 
 
 @pytest.mark.parametrize("pixels", [1, 700, 1024, 1100, 3000, 20000])
@@ -239,6 +266,47 @@ def test_histogram_early_flush(rng, flush_every, threads):
     _check_repeated_bins(rng, 70000, threads, 3 * 70000 // 4, need_byte_overflow=True, flush_every=flush_every)
 
 
+@pytest.mark.filterwarnings("ignore:SML. classes")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_signatures_follow_sig_mask(rng, threads):
+    """FusedArgs.sig_mask: bit j fills method j's tie signatures exactly, the other methods'
+    stay 0 everywhere; counts and occupancy stay exact for every method whatever the mask.
+    Small calls (touched-list flush), large ones (slot ranges, shared reduction, groups
+    straddling two methods), early flushes, ties and counts past a byte."""
+    methods = ["msp", "max_logit", "energy", "sml", "entropy", "gen"]
+    spec = resolve(methods, sml=anomfast.fit_sml(random_logits(rng, 1, 19, 8, 64)), temperature=1.3)
+    for W, flush_every in ((500, 0), (30000, 0), (30000, 7000)):
+        x = random_logits(rng, 1, 19, 2, W, dtype=torch.bfloat16)
+        x[..., : W // 2] = x[..., :1]  # repeated bins
+        y = random_labels(rng, 1, 2, W, p_anomaly=0.3)
+        for mask in (0, 0b111111, int(torch.randint(1, 63, (1,), generator=rng)), exact_mask(methods)):
+            h, _, maps = masked_pass(x, y, spec, mask, num_threads=threads, flush_every=flush_every)
+            assert_state_equals_binning(h, maps, y, what=f"W={W}, flush_every={flush_every}, sig_mask={mask:#b}",
+                                        sig_mask=mask)
+
+
+def test_default_sig_mask_on_every_entry_point(rng):
+    """Python asks the cores for the signatures of the exact-coordinate methods only
+    (max_logit, wherever it sits in the method list): fused_pass, the Evaluator and its
+    custom op (which pass method codes to the same launch)."""
+    from anomfast.evaluator import Evaluator
+    methods = ["energy", "max_logit", "msp"]
+    assert exact_mask(methods) == 0b010
+    x = random_logits(rng, 2, 19, 9, 40)
+    y = random_labels(rng, 2, 9, 40)
+    spec = resolve(methods)
+    h, _, maps = _fused.fused_pass(x, y, spec, want_maps=True)
+    assert_state_equals_binning(h, maps, y, what="fused_pass", sig_mask=0b010)
+    ev = Evaluator(methods)
+    ev.update(x, y)
+    assert same_state(ev.hist, h), "Evaluator.update"
+    st, cnt = _fused.new_histogram(3, "cpu"), _fused.new_counters("cpu")
+    lut, off = LabelMap.default().lut()
+    torch.ops.anomfast.fused_update(x, y, st.hist, st.sig, st.occ, cnt, lut, off, spec.codes, 1.0, 0.1, False,
+                                    None, None)
+    assert same_state(st, h), "custom op"
+
+
 def wide_coords(g, n, W):
     """(n, 1, 1, W) float32 coordinates over the whole float32 range: random bit patterns
     (every octave of both signs), subnormals, exact zeros of both signs, repeated values
@@ -263,8 +331,9 @@ def wide_coords(g, n, W):
     return t.view(n, 1, 1, W)
 
 
-def external_pass(coords, y, hist=None, num_threads=0, flush_every=0):
-    """Bins the given (n, B, H, W) coordinates through the core's EXTERNAL method."""
+def external_pass(coords, y, hist=None, num_threads=0, flush_every=0, sig_mask=None):
+    """Bins the given (n, B, H, W) coordinates through the core's EXTERNAL method (sig_mask:
+    FusedArgs.sig_mask; None: launch's default, which fills no EXTERNAL signature)."""
     n, B, H, W = coords.shape
     if hist is None:
         hist = _fused.new_histogram(n, "cpu")
@@ -272,7 +341,7 @@ def external_pass(coords, y, hist=None, num_threads=0, flush_every=0):
     maps = torch.empty(n, B, H, W)
     lut, off = LabelMap.default().lut()
     _fused.launch(torch.zeros(B, 1, H, W), y, hist, counters, maps, [EXTERNAL] * n, 1.0, 0.1, False, None, None,
-                  lut, off, num_threads, ext=coords.contiguous(), flush_every=flush_every)
+                  lut, off, num_threads, ext=coords.contiguous(), flush_every=flush_every, sig_mask=sig_mask)
     assert torch.equal(maps, coords), "EXTERNAL maps are the given coordinates"
     return hist, counters
 
@@ -281,21 +350,26 @@ def core_binning_checks(seed):
     """Counts, tie signatures and occupancy of the CPU core, exactly, on coordinates over
     the whole float32 range: small calls (each thread flushes the list of bins it touched),
     large ones (flushes by slot ranges, shared block reduction), one to seven threads,
-    early flushes, accumulation over two calls with different data. Also run under every
-    ISA build (test_cpu_isa_builds_agree)."""
+    early flushes, accumulation over two calls with different data; signatures filled for
+    the EXTERNAL rows whose sig_mask bit is set (each of the four masks of two rows in
+    turn) and 0 for the others. Also run under every ISA build (test_cpu_isa_builds_agree)."""
     g = torch.Generator().manual_seed(seed)
     cases = [(300, 1, 0), (300, 3, 0), (2500, 2, 0), (2500, 1, 700), (40000, 1, 0), (40000, 3, 0),
              (40000, 2, 5000), (40000, 7, 1000)]
-    for W, threads, flush_every in cases:
+    for i, (W, threads, flush_every) in enumerate(cases):
+        mask = (3, 1, 2, 0)[i % 4]
         c1, c2 = wide_coords(g, 2, W), wide_coords(g, 2, W)
         y1, y2 = random_labels(g, 1, 1, W, p_anomaly=0.3), random_labels(g, 1, 1, W, p_anomaly=0.3)
-        st, cnt = external_pass(c1, y1, num_threads=threads, flush_every=flush_every)
-        what = f"W={W}, {threads} threads, flush_every={flush_every}"
-        assert_state_equals_binning(st, c1, y1, what=what)
+        st, cnt = external_pass(c1, y1, num_threads=threads, flush_every=flush_every, sig_mask=mask)
+        what = f"W={W}, {threads} threads, flush_every={flush_every}, sig_mask={mask}"
+        assert_state_equals_binning(st, c1, y1, what=what, sig_mask=mask)
         fin = torch.isfinite(c1).all(dim=0)
         assert cnt[3] == int(((y1 != 255) & fin).sum()) and cnt[0] == int(((y1 != 255) & ~fin).sum())
-        external_pass(c2, y2, hist=st, num_threads=threads, flush_every=flush_every)
-        assert_state_equals_binning(st, torch.cat([c1, c2], -1), torch.cat([y1, y2], -1), what=what + ", 2 calls")
+        external_pass(c2, y2, hist=st, num_threads=threads, flush_every=flush_every, sig_mask=mask)
+        assert_state_equals_binning(st, torch.cat([c1, c2], -1), torch.cat([y1, y2], -1), what=what + ", 2 calls",
+                                    sig_mask=mask)
+    st, _ = external_pass(c1, y1)
+    assert_state_equals_binning(st, c1, y1, what="EXTERNAL, default mask", sig_mask=0)
     t = c1.flatten()
     assert (t == 0).any() and (t.abs() < 2.0**-126).logical_and(t != 0).any(), "the data must hold zeros and subnormals"
 
@@ -391,12 +465,12 @@ def test_ties_constant_void_only_and_anomaly_free(rng):
     h = st.hist
     assert (h[0].sum(dim=0) > 0).sum().item() == 1, "constant scores land in one bin"
     assert h[:, 1].sum(dim=1).eq(int((y == 1).sum())).all()
-    for j in range(3):  # one value per bin: the signature says so and gives it back exactly
-        for lab in (0, 1):
-            b = torch.nonzero(h[j, lab]).flatten().numpy()
-            sig = st.sig[j, lab, b].numpy().view(np.uint32)
-            assert binning.sig_single(sig).all()
-            np.testing.assert_array_equal(binning.bin_value(b, sig), maps[j, 0, 0, 0].double().numpy())
+    for lab in (0, 1):  # one value per bin: max_logit's signature says so and gives it back exactly
+        b = torch.nonzero(h[0, lab]).flatten().numpy()
+        sig = st.sig[0, lab, b].numpy().view(np.uint32)
+        assert binning.sig_single(sig).all()
+        np.testing.assert_array_equal(binning.bin_value(b, sig), maps[0, 0, 0, 0].double().numpy())
+    assert int(st.sig[1:].count_nonzero()) == 0, "msp / energy: no signatures (not exact coordinates)"
     yv = torch.full((2, 8, 8), 255, dtype=torch.uint8)
     st, c, _ = _fused.fused_pass(random_logits(rng, 2, 19, 8, 8), yv, spec)
     assert st.hist.sum().item() == 0 and c.tolist() == [0, 0, 128, 0]
@@ -463,7 +537,12 @@ y[y == 2] = 255
 st = anomfast.fit_sml(x[1:])
 spec = resolve(["max_logit", "msp", "energy", "sml", "entropy", "gen"], sml=st, temperature=1.3)
 hist, counters, maps = _fused.fused_pass(x, y, spec, want_maps=True)
-assert_state_equals_binning(hist, maps, y, ok=torch.isfinite(x).all(dim=1), what="ISA script")
+assert_state_equals_binning(hist, maps, y, ok=torch.isfinite(x).all(dim=1), what="ISA script", sig_mask=1)
+from test_scores import masked_pass
+for mask in (0, 0b111111, 0b010110):
+    h2, _, m2 = masked_pass(x, y, spec, mask, num_threads=2)
+    assert_state_equals_binning(h2, m2, y, ok=torch.isfinite(x).all(dim=1), what=f"ISA script, mask {mask}",
+                                sig_mask=mask)
 np.savez(sys.argv[2], hist=hist.hist.numpy(), sig=hist.sig.numpy(), occ=hist.occ.numpy(),
          counters=counters.numpy(), maps=maps.numpy(),
          sml_sum=np.asarray(st.sum), isa=anomfast.build_info()["cpu_isa"])

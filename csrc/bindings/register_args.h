@@ -58,6 +58,7 @@ inline void register_args(py::module_& m, bool module_local) {
       .def_readwrite("ext_ptr", &FusedArgs::ext_ptr)
       .def_readwrite("hist_ptr", &FusedArgs::hist_ptr)
       .def_readwrite("sig_ptr", &FusedArgs::sig_ptr)
+      .def_readwrite("sig_mask", &FusedArgs::sig_mask)
       .def_readwrite("occ_ptr", &FusedArgs::occ_ptr)
       .def_readwrite("maps_ptr", &FusedArgs::maps_ptr)
       .def_readwrite("counters_ptr", &FusedArgs::counters_ptr)

@@ -10,7 +10,11 @@
 //             (LABEL_NORMAL / LABEL_ANOMALY / LABEL_VOID / LABEL_INVALID)
 //   hist    : int64 (n_methods, 2, NBINS) contiguous; [m][0] normal, [m][1] anomaly
 //   sig     : uint32 (n_methods, 2, NBINS) contiguous, the bins' tie signatures: every
-//             binned coordinate t ORs bin_sig(t) into its slot (binning.h)
+//             binned coordinate t of method j ORs bin_sig(t) into its slot (binning.h),
+//             for the methods j whose bit is set in sig_mask; the others' rows are not
+//             touched (Python reads a signature only where the coordinate is the exact
+//             score, anomfast.methods.EXACT_COORDINATES, and skipping the rest saves the
+//             CPU core a second randomly written array per method)
 //   occ     : uint8 [(n_methods * 2 * NBINS + 2^OCC_SHIFT - 1) >> OCC_SHIFT]: the core
 //             sets occ[slot >> OCC_SHIFT] = 1 for every flat slot of hist it adds to
 //             (never clears), so Python reads only the blocks that hold counts
@@ -81,6 +85,7 @@ struct FusedArgs {
   // outputs
   int64_t hist_ptr = 0;            // int64 (n_methods, 2, NBINS), accumulated into
   int64_t sig_ptr = 0;             // uint32 (n_methods, 2, NBINS), OR-ed into (with hist)
+  int32_t sig_mask = 0;            // bit j set: method j's signatures are filled (others untouched)
   int64_t occ_ptr = 0;             // uint8 occupancy of hist's 2^OCC_SHIFT-slot blocks (with hist)
   int64_t maps_ptr = 0;            // float32 (n_methods, B, H, W) or 0
   int64_t counters_ptr = 0;        // int64[N_COUNTERS], accumulated into

@@ -27,17 +27,26 @@
 // for tests), so the counts cannot overflow. Integer sums make the result independent
 // of the thread count and of the tile order.
 //
-// Tie signatures and occupancy (binning.h, views.h): each pixel's bin_sig word is
-// computed next to its bin index (only when histograms are requested) and queued with
-// its slot; burst() ORs it into a private uint32 array beside the counts, and wherever
-// a flush adds a slot's count to hist it also ORs the slot's signature into sig (zeroing
-// the private one) and marks the slot's 1024-slot block in occ. The trash slot's
+// Tie signatures and occupancy (binning.h, views.h): for the methods in FusedArgs.sig_mask
+// (those whose coordinate is the exact score: Python reads no other signature), each
+// pixel's bin_sig word is computed next to its bin index and queued with its slot;
+// burst() ORs it into a private uint32 array beside the counts, and wherever a flush adds
+// a slot's count to hist it also ORs the slot's signature into sig (zeroing the private
+// one). Every flush marks the occupancy byte of each 64-slot group it adds to (one byte
+// per group: the reduction's groups are the occupancy blocks). The trash slot's
 // signature is garbage and never leaves the thread, like its count. Cost: the signature
-// array is 4x `low` and as randomly addressed, so its misses make the 4-method pass
-// ~35% slower (Zen 4, 1 MiB L2). Tried and no faster: the signature packed with 12 count
-// bits into one uint32 cell (one line per pixel, but 4x the hot footprint), prefetching,
-// a separate OR loop, huge pages, skipping saturated signatures (a flag in `low`: the
-// dependent load made it slower). Score-only calls compute no signature.
+// array is 4x `low` and as randomly addressed; filled for every method it made the
+// 4-method pass ~35% slower (Zen 4, 1 MiB L2). Tried and no faster: the signature packed
+// with 12 count bits into one uint32 cell (one line per pixel, but 4x the hot
+// footprint), prefetching, a separate OR loop, huge pages, skipping saturated signatures
+// (a flag in `low`: the dependent load made it slower). Hence sig_mask: methods without
+// their bit compute, queue and flush no signature (their psig pages are never touched),
+// so they cost what they cost before signatures. Measured (loaded 2-core EPYC VM, 1
+// thread, per-thread CPU time, 19 x 512 x 1024 float32, bench/sig_cost.py, medians of
+// 8 alternating rounds; before signatures / every method's / sig_mask): 4 methods
+// 11.8 / 16.0 / 13.0 ms, energy alone 7.9 / 8.3 / 7.8 ms, max_logit alone 4.7 / 5.5 /
+// 5.6 ms (it keeps its signature: ~15% over no signature, measured in one process with
+// sig_mask 0 vs 1). Score-only calls compute no signature.
 //
 // HEAT needs 3x3 neighbourhoods of the softmax: its tiles also use the rows above
 // and below and one column either side (see heat_tile; with HEAT the tiles are visited
@@ -80,8 +89,10 @@ constexpr uint64_t FLUSH_EVERY = 1ull << 31;
 constexpr int TOUCHED_CAP = 4096;  // distinct bins remembered per thread before falling back to ranges
 constexpr int BURST_TILES = 16;    // tiles whose counts are added to the private histograms at once
 constexpr int QCAP = BURST_TILES * TILE;
-static_assert(BLOCK_SHIFT == OCC_SHIFT, "a reduction block is one occupancy byte: one thread writes it");
-static_assert(GROUP_SHIFT <= OCC_SHIFT, "a 64-slot group lies in one occupancy block");
+static_assert(GROUP_SHIFT <= OCC_SHIFT, "a 64-slot group lies in one occupancy block: a group holding counts "
+                                       "marks only a block holding counts (occupancy stays exact)");
+static_assert(OCC_SHIFT <= BLOCK_SHIFT, "a reduction block holds whole occupancy bytes: in the reduction each "
+                                       "byte has one writer, the block's thread (plain stores)");
 
 // Zero-initialised scratch memory whose untouched pages cost nothing.
 class Scratch {
@@ -567,9 +578,15 @@ struct alignas(64) SlotRanges {  // own cache lines: each thread updates its own
   }
 };
 
+// Whether flat slot q (< trash) belongs to a method whose tie signatures are filled
+// (FusedArgs.sig_mask). Slots of the other methods never get a private signature.
+inline bool sig_on(int32_t sig_mask, int64_t q) { return (sig_mask >> (q / (2 * NBINS))) & 1; }
+
 // Marks the occupancy block of flat slot q (views.h). Threads flushing at the same time
-// may mark one byte together: an atomic store of the same value, skipped when the byte
-// is already set (so the line stays shared).
+// (early flushes, the touched-list flush at the end) may mark one byte together, or
+// neighbouring bytes of one line: atomic (relaxed) accesses, so the concurrent stores of
+// the same value are well-defined; skipped when the byte is already set (so the line
+// stays shared).
 inline void mark_occ(uint8_t* occ, int64_t q) {
   uint8_t* o = occ + (q >> OCC_SHIFT);
   uint8_t set = 0;
@@ -581,30 +598,35 @@ inline void mark_occ(uint8_t* occ, int64_t q) {
   }
 }
 
-// Adds one slot's private count and signature to the shared histogram with atomics
-// (other threads may be adding now), marks its block and zeroes the private slot.
+// Adds one slot's private count (and, with_sig, its signature) to the shared histogram
+// with atomics (other threads may be adding now) and zeroes the private slot.
 inline void add_slot_atomic(int64_t* hist, uint32_t* sig, uint8_t* low, uint32_t* priv, uint32_t* psig,
-                            int64_t q) {
+                            int64_t q, bool with_sig) {
   const int64_t v = (int64_t)priv[q] + low[q];
   if (!v) return;  // then its signature is 0 too
-  const uint32_t w = psig[q];
 #pragma omp atomic
   hist[q] += v;
-#pragma omp atomic
-  sig[q] |= w;
   priv[q] = 0;
   low[q] = 0;
-  psig[q] = 0;
+  if (with_sig) {
+    const uint32_t w = psig[q];
+#pragma omp atomic
+    sig[q] |= w;
+    psig[q] = 0;
+  }
 }
 
 // Adds one thread's private counts and signatures of the 64-slot groups that overlap
 // slots [a0, a1) into hist / sig, marks their blocks in occ and zeroes them (whole groups:
 // the groups' other slots are added too, which is harmless: each added count is zeroed,
 // so nothing is added twice). Groups that hold no counts (hence no signatures) are skipped
-// without touching hist or occ. The trash slot (the last, at `trash`) is never added. ATOMIC: other threads may add to hist now.
+// without touching hist or occ. Signatures are moved only for groups with a slot of a
+// sig_mask method (a group may straddle two methods: the other method's private
+// signatures are 0, so OR-ing them changes nothing). The trash slot (the last, at
+// `trash`) is never added. ATOMIC: other threads may add to hist now.
 template <bool ATOMIC>
 inline void add_groups(int64_t* hist, uint32_t* sig, uint8_t* occ, uint8_t* low, uint32_t* priv, uint32_t* psig,
-                       uint8_t* wrapped, int64_t a0, int64_t a1, int64_t trash) {
+                       uint8_t* wrapped, int64_t a0, int64_t a1, int64_t trash, int32_t sig_mask) {
   for (int64_t g = a0 >> GROUP_SHIFT; g <= (a1 - 1) >> GROUP_SHIFT; ++g) {
     const int64_t g0 = g << GROUP_SHIFT, g1 = std::min<int64_t>(trash, g0 + (1 << GROUP_SHIFT));
     uint32_t any = 0;
@@ -616,11 +638,12 @@ inline void add_groups(int64_t* hist, uint32_t* sig, uint8_t* occ, uint8_t* low,
       wrapped[g] = 0;
       continue;
     }
+    const bool with_sig = sig_mask && (sig_on(sig_mask, g0) || sig_on(sig_mask, g1 - 1));
     if (ATOMIC) {
       mark_occ(occ, g0);
-      for (int64_t q = g0; q < g1; ++q) add_slot_atomic(hist, sig, low, priv, psig, q);
+      for (int64_t q = g0; q < g1; ++q) add_slot_atomic(hist, sig, low, priv, psig, q, with_sig);
     } else {
-      occ[g0 >> OCC_SHIFT] = 1;  // the reduction's blocks are occupancy blocks: this thread's alone
+      occ[g0 >> OCC_SHIFT] = 1;  // inside this thread's reduction block: its byte alone
       if (wrapped[g]) {
         for (int64_t q = g0; q < g1; ++q) {
           hist[q] += (int64_t)priv[q] + low[q];
@@ -630,14 +653,35 @@ inline void add_groups(int64_t* hist, uint32_t* sig, uint8_t* occ, uint8_t* low,
 #pragma omp simd
         for (int64_t q = g0; q < g1; ++q) hist[q] += (int64_t)low[q];
       }
+      if (with_sig) {
 #pragma omp simd
-      for (int64_t q = g0; q < g1; ++q) {
-        sig[q] |= psig[q];  // 0 where the slot holds no count
-        psig[q] = 0;
-        low[q] = 0;
+        for (int64_t q = g0; q < g1; ++q) {
+          sig[q] |= psig[q];  // 0 where the slot holds no count
+          psig[q] = 0;
+        }
       }
+      std::memset(low + g0, 0, (size_t)(g1 - g0));
     }
     wrapped[g] = 0;
+  }
+}
+
+// Past the touched-list cap: counts the queued slots q[0..n) of one method into the private
+// low bytes (carries to hi32, flagging their group), and with SIG ORs their signature
+// words w into psig. Restrict pointers: the uint8 stores may alias anything, so without
+// them the compiler reloads every pointer and q[i] after each increment. No per-increment
+// bookkeeping: the slot ranges were taken when the queue was filled (marking touched
+// blocks here cost as much as the increments).
+template <bool SIG>
+inline void count_slots(const int32_t* __restrict q, const uint32_t* __restrict w, int n, uint8_t* __restrict lo8,
+                        uint32_t* __restrict hi32, uint8_t* __restrict wrp, uint32_t* __restrict sg32) {
+  for (int i = 0; i < n; ++i) {
+    const int32_t s = q[i];
+    if (SIG) sg32[s] |= w[i];  // the trash slot's too: never added
+    if (++lo8[s] == 0) {       // 1 in 256 or fewer: the branch is predicted
+      hi32[s] += 256;
+      wrp[s >> GROUP_SHIFT] = 1;
+    }
   }
 }
 
@@ -685,6 +729,9 @@ void fused_impl(const FusedArgs& a) {
   const float* ext = reinterpret_cast<const float*>(a.ext_ptr);
   int64_t* counters = reinterpret_cast<int64_t*>(a.counters_ptr);
   const int64_t plane = a.H * a.W, map_stride = a.B * plane;
+  // methods whose tie signatures are filled (views.h); the others cost what they did
+  // before signatures: no signature word computed, queued, OR-ed or flushed
+  const int32_t sig_mask = (with_hist && a.sig_ptr) ? (a.sig_mask & ((1 << M) - 1)) : 0;
   int ext_slot[MAX_METHODS];  // which ext map each EXTERNAL method reads (order of appearance)
   for (int j = 0, e = 0; j < M; ++j) ext_slot[j] = a.methods[j] == EXTERNAL ? e++ : -1;
   int err = 0;
@@ -719,14 +766,15 @@ void fused_impl(const FusedArgs& a) {
     // made the 4-method pass 15% faster on Zen 4).
     std::unique_ptr<int32_t[]> qbuf(new int32_t[(size_t)M * QCAP]);  // uninitialized: written before read
     // and their tie signature words (binning.h), queued alongside
-    std::unique_ptr<uint32_t[]> wbuf(with_hist ? new uint32_t[(size_t)M * QCAP] : nullptr);
+    std::unique_ptr<uint32_t[]> wbuf(sig_mask ? new uint32_t[(size_t)M * QCAP] : nullptr);
     int nq = 0;  // pixels waiting in qbuf
     TileState st;
     std::unique_ptr<HeatBuf> hb(fl.heat ? new HeatBuf(C) : nullptr);
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
     // private counts, flat histograms then the trash slot: the low byte of each in low
     // (the hot, 4x smaller array; 11% faster than whole uint32 counts), the carries in
-    // priv, the slots' OR-ed tie signatures in psig (0 iff the slot holds no count), and a
+    // priv, the slots' OR-ed tie signatures in psig (sig_mask methods: 0 iff the slot holds
+    // no count; other methods: never written, so their pages are never backed), and a
     // flag per 64-slot group where priv may be nonzero (set on the rare carry)
     const size_t n_slots = (size_t)(trash + 1), lo_bytes = (n_slots + 63) & ~(size_t)63;
     const size_t n_groups = (size_t)(trash >> GROUP_SHIFT) + 1;
@@ -759,13 +807,14 @@ void fused_impl(const FusedArgs& a) {
         for (int k = 0; k < n_touched; ++k) {
           const int64_t q = touched[k];
           mark_occ(occ, q);
-          add_slot_atomic(hist, sig, low, priv, psig, q);
+          add_slot_atomic(hist, sig, low, priv, psig, q, sig_on(sig_mask, q));
           wrapped[q >> GROUP_SHIFT] = 0;
         }
       } else {
         for (int sg = 0; sg < n_seg; ++sg) {
           if (rng.lo[sg] > rng.hi[sg]) continue;
-          add_groups<true>(hist, sig, occ, low, priv, psig, wrapped, rng.lo[sg], (int64_t)rng.hi[sg] + 1, trash);
+          add_groups<true>(hist, sig, occ, low, priv, psig, wrapped, rng.lo[sg], (int64_t)rng.hi[sg] + 1, trash,
+                           sig_mask);
         }
       }
       priv[trash] = 0;
@@ -780,34 +829,20 @@ void fused_impl(const FusedArgs& a) {
     // Adds the waiting counts to low (and the carries to priv).
     auto burst = [&]() {
       if (n_touched > TOUCHED_CAP) {
-        // Local restrict pointers and a local count: the uint8 stores may alias anything,
-        // so without them the compiler reloads every pointer, nq and q[i] after each
-        // increment. No per-increment bookkeeping: the slot ranges were taken when qbuf
-        // was filled (marking touched blocks here cost as much as the increments).
-        uint8_t* __restrict lo8 = low;
-        uint32_t* __restrict hi32 = priv;
-        uint8_t* __restrict wrp = wrapped;
-        uint32_t* __restrict sg32 = psig;
-        const int n_q = nq;
         for (int j = 0; j < M; ++j) {
-          const int32_t* __restrict q = qbuf.get() + (size_t)j * QCAP;
-          const uint32_t* __restrict w = wbuf.get() + (size_t)j * QCAP;
-          for (int i = 0; i < n_q; ++i) {
-            const int32_t s = q[i];
-            sg32[s] |= w[i];  // the trash slot's too: never added
-            if (++lo8[s] == 0) {  // 1 in 256 or fewer: the branch is predicted
-              hi32[s] += 256;
-              wrp[s >> GROUP_SHIFT] = 1;
-            }
-          }
+          const int32_t* q = qbuf.get() + (size_t)j * QCAP;
+          if ((sig_mask >> j) & 1)
+            count_slots<true>(q, wbuf.get() + (size_t)j * QCAP, nq, low, priv, wrapped, psig);
+          else
+            count_slots<false>(q, nullptr, nq, low, priv, wrapped, nullptr);
         }
       } else {
         for (int j = 0; j < M; ++j) {
           const int32_t* q = qbuf.get() + (size_t)j * QCAP;
-          const uint32_t* w = wbuf.get() + (size_t)j * QCAP;
+          const uint32_t* w = ((sig_mask >> j) & 1) ? wbuf.get() + (size_t)j * QCAP : nullptr;
           for (int i = 0; i < nq; ++i) {
             if (q[i] == (int32_t)trash) continue;
-            psig[q[i]] |= w[i];
+            if (w) psig[q[i]] |= w[i];
             const uint8_t was = low[q[i]]++;
             if (was == 255) {
               priv[q[i]] += 256;
@@ -847,7 +882,7 @@ void fused_impl(const FusedArgs& a) {
       for (int j = 0; j < M; ++j) {
         float* out_map = maps ? maps + j * map_stride + px : nullptr;
         int32_t* out_idx = qbuf.get() + (size_t)j * QCAP + nq;
-        uint32_t* out_sig = with_hist ? wbuf.get() + (size_t)j * QCAP + nq : nullptr;
+        uint32_t* out_sig = ((sig_mask >> j) & 1) ? wbuf.get() + (size_t)j * QCAP + nq : nullptr;
         switch (a.methods[j]) {
           case HEAT: given_coord_loop(hb->val, n, st, out_idx, out_sig, out_map); break;
           case EXTERNAL:
@@ -935,7 +970,8 @@ void fused_impl(const FusedArgs& a) {
             for (int sg = s0; sg <= s1; ++sg) {
               const int64_t a0 = std::max<int64_t>(lo, r.lo[sg]), a1 = std::min<int64_t>(hi, (int64_t)r.hi[sg] + 1);
               if (a0 < a1)
-                add_groups<false>(hist, sig, occ, all_lo[t], all_priv[t], all_psig[t], all_wrapped[t], a0, a1, trash);
+                add_groups<false>(hist, sig, occ, all_lo[t], all_priv[t], all_psig[t], all_wrapped[t], a0, a1, trash,
+                                  sig_mask);
             }
           }
         }

@@ -25,10 +25,10 @@
 // for shared memory). Lanes of a warp whose pixels fall into the same bin add once
 // (__match_any_sync + popcount), which matters for ties: fp16/bf16 logits and very
 // confident pixels put many neighbours in one bin, and same-address atomics serialize.
-// The lane that adds also ORs its group's tie signatures (binning.h: bin_sig, OR-reduced
-// over the group) into sig with one atomicOr, and marks the slot's block in occ (a byte
-// store of 1, skipped when it is already set; concurrent stores of the same value are
-// benign).
+// The lane that adds also marks the slot's block in occ (a byte store of 1, skipped when
+// it is already set; concurrent stores of the same value are benign) and, for the methods
+// in FusedArgs.sig_mask, ORs its group's tie signatures (binning.h: bin_sig, OR-reduced
+// over the group) into sig with one atomicOr; the other methods compute no signature.
 // The pixel counters go through a warp sum and a shared-memory sum per block; one global
 // atomic per counter and block.
 //
@@ -239,19 +239,20 @@ __device__ __forceinline__ void mark_occ(unsigned char* occ, int64_t flat) {
 }
 
 // One histogram increment per valid lane into slot `seg + cls * NBINS + bin` of the flat
-// (methods, 2, NBINS) hist / sig, with tie signature w (bin_sig of the coordinate); lanes
-// with the same (cls, bin) combine first. Called by all 32 lanes of the warp.
+// (methods, 2, NBINS) hist / sig, with tie signature w (bin_sig of the coordinate; only
+// with_sig, which is the same on every lane); lanes with the same (cls, bin) combine
+// first. Called by all 32 lanes of the warp.
 __device__ __forceinline__ void hist_add(unsigned long long* hist, unsigned* sig, unsigned char* occ, int64_t seg,
-                                         bool valid, int cls, int32_t bin, uint32_t w, int mode) {
+                                         bool valid, int cls, int32_t bin, bool with_sig, uint32_t w, int mode) {
   const uint32_t key = valid ? (((uint32_t)bin << 1) | (uint32_t)cls) : 0xffffffffu;  // bin < 2^30
   const int lane = lane_id();
   const int64_t flat = seg + (int64_t)cls * NBINS + bin;
   if (mode == 1) {
     const unsigned peers = __match_any_sync(FULL, key);
-    const uint32_t wg = or_peers(peers, w);
+    const uint32_t wg = with_sig ? or_peers(peers, w) : 0u;
     if (valid && lane == __ffs(peers) - 1) {
       atomicAdd(hist + flat, (unsigned long long)__popc(peers));
-      atomicOr(sig + flat, wg);
+      if (with_sig) atomicOr(sig + flat, wg);
       mark_occ(occ, flat);
     }
   } else if (mode == 2) {
@@ -261,19 +262,21 @@ __device__ __forceinline__ void hist_add(unsigned long long* hist, unsigned* sig
     const unsigned later = heads & ~((2u << lane) - 1u);  // lane 31: 2u << 31 == 0, nothing later
     const int end = later ? __ffs(later) - 1 : 32;        // this lane's run is [its head, end)
     uint32_t wr = w;  // -> OR of w over [lane, end): a suffix scan within runs
+    if (with_sig) {
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t t = __shfl_sync(FULL, wr, lane + o < 32 ? lane + o : 31);
-      if (lane + o < end) wr |= t;
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t t = __shfl_sync(FULL, wr, lane + o < 32 ? lane + o : 31);
+        if (lane + o < end) wr |= t;
+      }
     }
     if (valid && head) {
       atomicAdd(hist + flat, (unsigned long long)(end - lane));
-      atomicOr(sig + flat, wr);
+      if (with_sig) atomicOr(sig + flat, wr);
       mark_occ(occ, flat);
     }
   } else if (valid) {
     atomicAdd(hist + flat, 1ull);
-    atomicOr(sig + flat, w);
+    if (with_sig) atomicOr(sig + flat, w);
     mark_occ(occ, flat);
   }
 }
@@ -332,6 +335,7 @@ struct FusedParams {
   Needs nd;
   bool with_hist, idx32, lut_shared;
   int agg;
+  int32_t sig_mask;  // a.sig_mask, 0 without a sig buffer (views.h)
 };
 
 template <int DT, int CR>
@@ -388,8 +392,11 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
       }
       const float t = method_coord(meth, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
       if (maps && active) maps[(int64_t)j * N + p] = t;  // maps are (M, B, H, W) contiguous
-      if (P.with_hist)
-        hist_add(hist, sig, occ, (int64_t)j * 2 * NBINS, valid, cls01, bin_index(t), bin_sig(t), P.agg);
+      if (P.with_hist) {
+        const bool with_sig = (P.sig_mask >> j) & 1;
+        hist_add(hist, sig, occ, (int64_t)j * 2 * NBINS, valid, cls01, bin_index(t), with_sig,
+                 with_sig ? bin_sig(t) : 0u, P.agg);
+      }
     }
   }
   if (P.with_hist) flush_counters(cnt, s_cnt, reinterpret_cast<int64_t*>(a.counters_ptr));
@@ -607,6 +614,7 @@ void fused_cuda(const FusedArgs& a) {
   P.with_hist = a.labels_ptr != 0 && a.hist_ptr != 0;
   P.lut_shared = P.with_hist && a.lut_len <= LUT_SMEM_MAX;
   P.agg = g_hist_aggregation.load();
+  P.sig_mask = (P.with_hist && a.sig_ptr) ? a.sig_mask : 0;
   const size_t smem = P.lut_shared ? (size_t)a.lut_len : 0;
   const int dev = device_of(a.logits_ptr);
   DeviceGuard guard(dev);
