@@ -14,6 +14,9 @@ from .methods import CODES, EXACT_COORDINATES, EXTERNAL, MethodSpec
 _LOGIT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LABEL_DTYPES = {torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13, torch.int8: 14,
                  torch.bool: 15}
+for _name, _code in (("uint16", 16), ("uint32", 17)):  # 16-bit label PNGs; torch >= 2.3 has these dtypes
+    if hasattr(torch, _name):
+        _LABEL_DTYPES[getattr(torch, _name)] = _code
 
 
 def as_logits(x, name: str = "logits") -> torch.Tensor:
@@ -35,6 +38,8 @@ def as_logits(x, name: str = "logits") -> torch.Tensor:
         x = x.to(torch.float32)  # the core computes in float32; documented in the README
     if x.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 is converted to float32), got {x.dtype}")
+    if x.data_ptr() % x.element_size():
+        x = x.clone()  # a misaligned view (e.g. of a NumPy buffer at an odd offset): the core loads whole elements
     if x.shape[1] < 1:
         raise ValueError(f"{name} has C = 0 classes; at least one is needed")
     if x.is_cuda is False and x.device.type != "cpu":
@@ -58,7 +63,10 @@ def as_labels(y, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
         raise ValueError(f"{name} shape {tuple(y.shape)} does not match logits {tuple(logits.shape)}: "
                          f"expected (B, H, W) = {(B, H, W)}")
     if y.dtype not in _LABEL_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor (uint8, int8, int16, int32, int64 or bool), got {y.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (uint8, uint16, uint32, int8, int16, int32, int64 or bool), "
+                        f"got {y.dtype}")
+    if y.data_ptr() % y.element_size():
+        y = y.clone()  # a misaligned view (e.g. of a NumPy buffer at an odd offset): the core loads whole elements
     if y.device != logits.device:
         raise ValueError(f"{name} are on {y.device} but logits on {logits.device}; put both on the same device")
     return y
@@ -278,7 +286,8 @@ def check_counters(counters: torch.Tensor, labels: torch.Tensor | None, label_ma
             "as normal)")
     if c[_core.CNT_NONFINITE] > 0 and nonfinite == "error":
         raise ValueError(f"{c[_core.CNT_NONFINITE]} valid pixel(s) have NaN or infinite logits (or a non-finite "
-                         "HEAT / post-processed SML score, e.g. from NaN features or a NaN logit nearby); "
+                         "score of some method: HEAT / post-processed SML from NaN features or a NaN logit nearby, "
+                         "SML or energy past the float32 range); "
                          "pass nonfinite='ignore' to skip them (they are counted, not scored)")
     return {"nonfinite": c[_core.CNT_NONFINITE], "invalid": c[_core.CNT_INVALID],
             "void": c[_core.CNT_VOID], "binned": c[_core.CNT_BINNED]}

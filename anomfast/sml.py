@@ -56,6 +56,8 @@ class SMLStats:
         self.sumsq = np.asarray(self.sumsq, dtype=np.float64)
         if not (self.count.shape == self.sum.shape == self.sumsq.shape) or self.count.ndim != 1:
             raise ValueError("SMLStats: count, sum and sumsq must be 1-D arrays of the same length")
+        if (self.count < 0).any() or not (np.isfinite(self.sum).all() and np.isfinite(self.sumsq).all()):
+            raise ValueError("SMLStats: counts must be non-negative and sums finite (a corrupt statistics file?)")
         if self.missing not in ("global", "error"):
             raise ValueError(f"missing must be 'global' or 'error', got {self.missing!r}")
         if self.convention not in CONVENTIONS:
@@ -118,9 +120,14 @@ class SMLStats:
         return int(self.count.shape[0])
 
     def kernel_arrays(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=device).contiguous()
-        inv = torch.as_tensor(1.0 / self.std, dtype=torch.float32, device=device).contiguous()
-        return mean, inv
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            mean = np.asarray(self.mean, np.float64).astype(np.float32)
+            inv = (1.0 / np.asarray(self.std, np.float64)).astype(np.float32)
+        if not (np.isfinite(mean).all() and np.isfinite(inv).all() and (inv > 0).all()):
+            bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(inv) & (inv > 0)))
+            raise ValueError(f"SML statistics of class(es) {bad[:10].tolist()} have no finite float32 mean / "
+                             "positive std (e.g. sums of 1e300); refit them on in-distribution logits")
+        return (torch.from_numpy(mean).to(device).contiguous(), torch.from_numpy(inv).to(device).contiguous())
 
     def describe(self) -> dict:
         d = {"num_classes": self.num_classes, "pixels": int(self.count.sum()),

@@ -195,3 +195,66 @@ def test_histogram_files_carry_a_format_version(tmp_path):
         np.savez(tmp_path / "old.npz", **arrays)
         with pytest.raises(ValueError, match=msg):
             anomfast.load_histograms(tmp_path / "old.npz")
+
+
+def test_nan_logits_give_nan_scores():
+    """NaN in, NaN out: score_maps of a pixel with a NaN (or inf) logit is NaN for every
+    method (the formulas alone would give e.g. max_logit -1, gen 0)."""
+    x, _ = inputs(6, B=1)
+    x[0, 1, 0, 0] = float("nan")
+    x[0, 2, 1, 1] = float("inf")
+    maps = anomfast.score_maps(x, methods=["max_logit", "msp", "energy", "entropy", "gen"])
+    for m, v in maps.items():
+        assert torch.isnan(v[0, 0, 0]) and torch.isnan(v[0, 1, 1]), m
+        assert bool(torch.isfinite(v[0, 2:]).all()), m
+
+
+def test_sml_statistics_are_validated_and_nonfinite_scores_counted():
+    from anomfast.sml import SMLStats
+    with pytest.raises(ValueError, match="finite"):
+        SMLStats(np.array([5, 5]), np.array([1.0, np.nan]), np.array([3.0, 3.0]))
+    huge = SMLStats(np.array([5, 5]), np.array([1e300, 5.0]), np.array([1e300, 20.0]))
+    x, y = inputs(7, C=2)
+    with pytest.raises(ValueError, match="finite float32"):
+        anomfast.evaluate(x, y, methods=["sml"], sml=huge)
+    # finite statistics whose score overflows float32 for these logits: counted, not binned
+    st = SMLStats(np.array([10, 10]), np.array([-3e39, -3e39]), np.array([9.1e77, 9.1e77]))
+    assert np.isfinite(st.mean.astype(np.float32)).all()
+    x = torch.full((1, 2, 4, 5), 3e38)
+    x[0, 1] = 0.0
+    y = torch.zeros(1, 4, 5, dtype=torch.uint8)
+    y[0, 0, :2] = 1
+    with pytest.raises(ValueError, match="non-finite"):
+        anomfast.evaluate(x, y, methods=["sml", "max_logit"], sml=st)
+    r = anomfast.evaluate(x, y, methods=["sml", "max_logit"], sml=st, nonfinite="ignore")
+    assert r.pixels["nonfinite"] == 20 and r.pixels["binned"] == 0
+
+
+@pytest.mark.skipif(not hasattr(torch, "uint16"), reason="torch without uint16")
+def test_uint16_and_uint32_labels():
+    x, y = inputs(8)
+    lm = anomfast.LabelMap(anomaly_ids=[1000], void_ids=[65535], normal_ids=[0])
+    raw = np.where(y.numpy() == 1, 1000, 0).astype(np.uint16)
+    raw[0, 0, 0] = 65535
+    want = anomfast.evaluate(x, torch.from_numpy(raw.astype(np.int64)), methods=["energy"], label_map=lm)
+    for dt in (np.uint16, np.uint32):
+        got = anomfast.evaluate(x, torch.from_numpy(raw.astype(dt)), methods=["energy"], label_map=lm)
+        assert got["energy"].auroc == want["energy"].auroc and got.pixels == want.pixels
+
+
+def test_misaligned_and_extreme_inputs():
+    """A float32 view at an odd byte offset is read correctly (copied, not misread), and
+    labels at the int64 limits are invalid labels, not undefined behaviour."""
+    x, y = inputs(9)
+    raw = np.zeros(x.numel() * 4 + 1, np.uint8)
+    raw[1:] = x.numpy().view(np.uint8).ravel()
+    mis = np.frombuffer(raw.data, dtype=np.float32, offset=1, count=x.numel()).reshape(x.shape)
+    assert mis.ctypes.data % 4 != 0
+    assert anomfast.evaluate(mis, y, methods=["energy"])["energy"].auroc == \
+        anomfast.evaluate(x, y, methods=["energy"])["energy"].auroc
+    yy = y.to(torch.int64)
+    yy[0, 0, 0] = torch.iinfo(torch.int64).max
+    yy[0, 0, 1] = torch.iinfo(torch.int64).min
+    lm = anomfast.LabelMap(anomaly_ids=[1], void_ids=[-5], normal_ids=[0])
+    with pytest.raises(ValueError, match="not in the label map"):
+        anomfast.evaluate(x, yy, methods=["energy"], label_map=lm)

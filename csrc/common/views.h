@@ -34,7 +34,10 @@
 
 namespace anomfast {
 
-enum DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, U8 = 10, I16 = 11, I32 = 12, I64 = 13, I8 = 14, BOOL = 15 };
+enum DType : int32_t {
+  F32 = 0, F16 = 1, BF16 = 2,
+  U8 = 10, I16 = 11, I32 = 12, I64 = 13, I8 = 14, BOOL = 15, U16 = 16, U32 = 17,  // labels
+};
 
 enum Method : int32_t {
   MAX_LOGIT = 0, MSP = 1, ENERGY = 2, SML = 3, ENTROPY = 4, GEN = 5,

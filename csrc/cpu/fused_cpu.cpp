@@ -212,8 +212,10 @@ template <typename T>
 inline void label_tile_t(const T* y, int64_t ys_w, int n, const int8_t* lut, int64_t lut_offset, int64_t lut_len,
                          int8_t* cls) {
   for (int i = 0; i < n; ++i) {
-    const int64_t v = (int64_t)y[i * ys_w] - lut_offset;
-    cls[i] = (v >= 0 && v < lut_len) ? lut[v] : (int8_t)LABEL_INVALID;
+    // unsigned: well defined for labels near the int64 limits; a negative difference wraps
+    // to a huge value, so one comparison checks both ends
+    const uint64_t v = (uint64_t)(int64_t)y[i * ys_w] - (uint64_t)lut_offset;
+    cls[i] = v < (uint64_t)lut_len ? lut[v] : (int8_t)LABEL_INVALID;
   }
 }
 
@@ -230,6 +232,8 @@ inline void label_tile(const void* yp, int32_t dt, int64_t base, int64_t ys_w, i
     }
     case I16: return label_tile_t(static_cast<const int16_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
     case I32: return label_tile_t(static_cast<const int32_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
+    case U16: return label_tile_t(static_cast<const uint16_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
+    case U32: return label_tile_t(static_cast<const uint32_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
     default: return label_tile_t(static_cast<const int64_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
   }
 }
@@ -237,8 +241,17 @@ inline void label_tile(const void* yp, int32_t dt, int64_t base, int64_t ys_w, i
 struct TileState {
   float m[TILE], s1[TILE], sT[TILE], sx[TILE], gen[TILE];
   int32_t k[TILE];
-  uint8_t bad[TILE];  // some logit of the pixel is NaN or +-inf
+  uint8_t bad[TILE];     // skipped and counted: a NaN / inf logit, or a non-finite coordinate of any method
+  uint8_t bad_in[TILE];  // some logit of the pixel is NaN or +-inf: every map holds NaN there
 };
+
+// A map value: NaN where the pixel's logits are not all finite ("NaN in, NaN out"; the
+// coordinate formulas would turn them into finite numbers, e.g. a max logit of -1).
+inline void write_map(const float* v, const uint8_t* bad_in, int n, float* out_map) {
+  const float nan = u2f(0x7fc00000u);
+#pragma omp simd
+  for (int i = 0; i < n; ++i) out_map[i] = bad_in[i] ? nan : v[i];
+}
 
 // Max/argmax and the exp sums every requested method needs, vectorized over pixels.
 // Lanes are pixels: blocks of V pixels keep their running max / sums in fixed-size
@@ -275,6 +288,7 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
       st.m[i0 + i] = mv[i];
       st.k[i0 + i] = kv[i];
       st.bad[i0 + i] = (uint8_t)(chk[i] != 0.0f);
+      st.bad_in[i0 + i] = st.bad[i0 + i];
     }
     if (need_s1 || need_sx) {
       float s1[V], sx[V];
@@ -352,7 +366,7 @@ inline void sig_loop(const float* v, int n, uint32_t* out_sig) {
 
 // out_sig: the pixels' tie signatures, or null (no histograms: not computed).
 template <int METH>
-inline void coord_loop(const TileState& st, int n, const FusedArgs& a, const float* sml_mean,
+inline void coord_loop(TileState& st, int n, const FusedArgs& a, const float* sml_mean,
                        const float* sml_inv, float inv_log_c, int32_t* out_idx, uint32_t* out_sig,
                        float* out_map) {
   float v[TILE];
@@ -366,9 +380,12 @@ inline void coord_loop(const TileState& st, int n, const FusedArgs& a, const flo
     }
     v[i] = method_coord(METH, ps, a.temperature, mu, inv, inv_log_c, a.entropy_normalize);
     out_idx[i] = bin_index(v[i]);
+    // a non-finite coordinate (SML with a zero std, energy past the float range) is not a
+    // score: the pixel is skipped for every method and counted, like a NaN logit
+    st.bad[i] = (uint8_t)(st.bad[i] | (uint8_t)nonfinite_bits(f2u(v[i])));
   }
   if (out_sig) sig_loop(v, n, out_sig);
-  if (out_map) std::memcpy(out_map, v, sizeof(float) * (size_t)n);
+  if (out_map) write_map(v, st.bad_in, n, out_map);
 }
 
 // A precomputed coordinate (HEAT's tile values, an EXTERNAL map row) -> bins. A
@@ -384,7 +401,7 @@ inline void given_coord_loop(const float* src, int n, TileState& st, int32_t* ou
     st.bad[i] = (uint8_t)(st.bad[i] | (uint8_t)nonfinite_bits(f2u(v[i])));
   }
   if (out_sig) sig_loop(v, n, out_sig);
-  if (out_map) std::memcpy(out_map, v, sizeof(float) * (size_t)n);
+  if (out_map) write_map(v, st.bad_in, n, out_map);
 }
 
 // ---------------------------------------------------------------------------- HEAT

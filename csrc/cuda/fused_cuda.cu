@@ -107,14 +107,17 @@ __device__ __forceinline__ int64_t load_label(const void* yp, int32_t dt, int64_
     case BOOL: return __ldg(static_cast<const unsigned char*>(yp) + off) ? 1 : 0;
     case I16: return __ldg(static_cast<const short*>(yp) + off);
     case I32: return __ldg(static_cast<const int*>(yp) + off);
+    case U16: return __ldg(static_cast<const unsigned short*>(yp) + off);
+    case U32: return __ldg(static_cast<const unsigned int*>(yp) + off);
     default: return __ldg(static_cast<const long long*>(yp) + off);
   }
 }
 
 __device__ __forceinline__ int label_class(const void* yp, int32_t dt, int64_t off, const int8_t* lut,
                                            int64_t lut_offset, int64_t lut_len) {
-  const int64_t v = load_label(yp, dt, off) - lut_offset;
-  return (v >= 0 && v < lut_len) ? (int)lut[v] : (int)LABEL_INVALID;
+  // unsigned: well defined near the int64 limits; a negative difference wraps past lut_len
+  const uint64_t v = (uint64_t)load_label(yp, dt, off) - (uint64_t)lut_offset;
+  return v < (uint64_t)lut_len ? (int)lut[v] : (int)LABEL_INVALID;
 }
 
 // Flat pixel index -> (b, h, w); 32-bit division whenever the index fits.
@@ -367,13 +370,14 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
     const int64_t p = base + threadIdx.x;
     const bool active = p < N;
     PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
-    bool valid = false;
+    bool valid = false, pix_bad = false;
     int cls = LABEL_VOID;
     if (active) {
       int64_t b, h, w;
       split_pixel(p, a.H, a.W, P.idx32, b, h, w);
       const bool bad = pixel_sums<DT, CR>(lp, b * a.ls_b + h * a.ls_h + w * a.ls_w, a.ls_c, C, P.nd, P.inv_t,
                                           a.gen_gamma, s);
+      pix_bad = bad;
       if (P.with_hist) {
         cls = label_class(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w * a.ys_w, lut, a.lut_offset, a.lut_len);
         if (cls == LABEL_VOID) ++cnt[CNT_VOID];
@@ -382,16 +386,32 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
         else { ++cnt[CNT_BINNED]; valid = true; }
       }
     }
-    const int cls01 = valid ? cls : 0;
-    for (int j = 0; j < a.n_methods; ++j) {
+    // every method's coordinate first: a non-finite one (SML with a zero std, energy past
+    // the float range) makes the pixel skipped and counted for all methods, as on the CPU
+    float tv[MAX_METHODS];
+    bool coord_bad = false;
+#pragma unroll
+    for (int j = 0; j < MAX_METHODS; ++j) {
+      if (j >= a.n_methods) break;
       const int32_t meth = a.methods[j];
       float mu = 0.0f, inv = 0.0f;
       if (meth == SML && active) {
         mu = __ldg(sml_mean + s.k);
         inv = __ldg(sml_inv + s.k);
       }
-      const float t = method_coord(meth, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
-      if (maps && active) maps[(int64_t)j * N + p] = t;  // maps are (M, B, H, W) contiguous
+      tv[j] = method_coord(meth, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
+      coord_bad |= nonfinite_bits(f2u(tv[j]));
+      // maps are (M, B, H, W) contiguous; NaN where a logit is not finite (NaN in, NaN out)
+      if (maps && active) maps[(int64_t)j * N + p] = pix_bad ? u2f(0x7fc00000u) : tv[j];
+    }
+    if (valid && coord_bad) {
+      valid = false;
+      --cnt[CNT_BINNED];
+      ++cnt[CNT_NONFINITE];
+    }
+    const int cls01 = valid ? cls : 0;
+    for (int j = 0; j < a.n_methods; ++j) {
+      const float t = tv[j];
       if (P.with_hist) {
         const bool with_sig = (P.sig_mask >> j) & 1;
         hist_add(hist, sig, occ, (int64_t)j * 2 * NBINS, valid, cls01, bin_index(t), with_sig,
