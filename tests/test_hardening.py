@@ -258,3 +258,20 @@ def test_misaligned_and_extreme_inputs():
     lm = anomfast.LabelMap(anomaly_ids=[1], void_ids=[-5], normal_ids=[0])
     with pytest.raises(ValueError, match="not in the label map"):
         anomfast.evaluate(x, yy, methods=["energy"], label_map=lm)
+
+
+def test_torchmetrics_adapter_state_is_checked():
+    pytest.importorskip("torchmetrics")
+    r = run_isolated("""
+        import torch, anomfast
+        from anomfast.tm import AnomalyMetrics
+        x = torch.randn(1, 5, 6, 7); y = torch.zeros(1, 6, 7, dtype=torch.uint8); y[0, 0, :3] = 1
+        m = AnomalyMetrics(methods=["energy"])
+        m.update(x, y)
+        m.hist = torch.zeros(1, 2, 100, dtype=torch.int64)   # a foreign / compacted state
+        try:
+            m.update(x, y)
+        except ValueError as e:
+            print("CLEAN:", e)
+        """)
+    assert r.returncode == 0 and "CLEAN:" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
