@@ -149,6 +149,19 @@ ANOMFAST_HD float fast_log1p(float x) {
   return x < 1e-3f ? series : corrected;
 }
 
+// One class's GEN term p^g (1 - p)^g, in logs: log p = (l_c - m) - log z exactly (p itself
+// may underflow: p = e^-100 still gives p^0.1 = 4.5e-5), 1 - p without cancellation:
+// (z - e_c) / z for c != k, S' / z for the argmax. d = l_c - m <= 0, z = 1 + S',
+// lz = log z; the exponent is <= 0 in exact arithmetic (clamped against rounding).
+ANOMFAST_HD float gen_term(float d, bool is_k, float s1, float z, float lz, float gamma) {
+  const float e = fast_exp_nonpos(d);
+  const float one_minus = is_k ? s1 : (z - e);
+  const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;
+  const float a = gamma * ((d - lz) + l1);
+  const float term = fast_exp_nonpos(a < 0.0f ? a : 0.0f);
+  return one_minus > 0.0f ? term : 0.0f;
+}
+
 // Everything a pixel's scores need, accumulated over the class loop.
 struct PixelSums {
   float m;       // max logit

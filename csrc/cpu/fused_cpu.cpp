@@ -339,16 +339,7 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
       for (int32_t c = 0; c < Ci; ++c) {
         const float* row = buf + c * cs + i0;
 #pragma omp simd
-        for (int i = 0; i < V; ++i) {
-          // p^g (1-p)^g = exp(g (log p + log(1 - p))), with 1 - p written without
-          // cancellation: (z - e_c) / z for c != k, S' / z for the argmax.
-          const float d = row[i] - mv[i];
-          const float e = fast_exp(d);
-          const float one_minus = (c == kv[i]) ? s1[i] : (z[i] - e);
-          const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz[i];
-          const float term = fast_exp(gamma * ((d - lz[i]) + l1));
-          g[i] += (one_minus > 0.0f && e > 0.0f) ? term : 0.0f;
-        }
+        for (int i = 0; i < V; ++i) g[i] += gen_term(row[i] - mv[i], c == kv[i], s1[i], z[i], lz[i], gamma);
       }
 #pragma omp simd
       for (int i = 0; i < V; ++i) st.gen[i0 + i] = g[i];

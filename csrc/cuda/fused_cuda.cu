@@ -195,17 +195,8 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
     for_classes<CR, 0>(C, [&](int c) { sT += fast_exp((X(c) - m) * inv_t); });
   }
   if (nd.gen) {
-    // p^g (1-p)^g = exp(g (log p + log(1 - p))), with 1 - p written without
-    // cancellation: (z - e_c) / z for c != k, S' / z for the argmax.
     const float z = 1.0f + s1, lz = fast_log(z);
-    for_classes<CR, 0>(C, [&](int c) {
-      const float d = X(c) - m;
-      const float e = fast_exp(d);
-      const float one_minus = (c == k) ? s1 : (z - e);
-      const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;
-      const float term = fast_exp(gamma * ((d - lz) + l1));
-      g += (one_minus > 0.0f && e > 0.0f) ? term : 0.0f;
-    });
+    for_classes<CR, 0>(C, [&](int c) { g += gen_term(X(c) - m, c == k, s1, z, lz, gamma); });
   }
   s.m = m;
   s.k = k;
