@@ -107,14 +107,8 @@ class HistState:
         """sparse()'s arrays plus each method's (total normal, total anomaly), None where
         they were not taken or some count is negative. On the CPU the compiled read-out walks the
         occupied blocks of both label rows at once (finalize_cpu.h: sparse_readout)."""
-        if self.device.type != "cpu":  # the occupied blocks come to the host, split there
-            blocks = self.blocks()
-            h, g = self.gather(blocks)
-            h = h.cpu().numpy()
-            nz = np.flatnonzero(h)
-            slots = blocks[nz >> binning.OCC_SHIFT] * OCC_BLOCK + (nz & (OCC_BLOCK - 1))
-            sig = g.cpu().numpy()[nz].astype(np.int64) & 0xFFFFFFFF
-            return [t + (None,) for t in _split_slots(slots, h[nz], sig, self.n_methods)]
+        if self.device.type != "cpu":
+            return [t + (None,) for t in self._sparse_host()]
         self.check(self.n_methods, "cpu")
         occ = self.occ.numpy()
         out = []
@@ -131,6 +125,17 @@ class HistState:
                 a.resize(int(meta[0]), refcheck=False)
             out.append((*arrs, None if meta[3] else (int(meta[1]), int(meta[2]))))
         return out
+
+    def _sparse_host(self) -> list:
+        """sparse() by copying the occupied blocks to the host and splitting them there
+        in NumPy (the path of CUDA states; the reference of the compiled read-out)."""
+        blocks = self.blocks()
+        h, g = self.gather(blocks)
+        h = h.cpu().numpy()
+        nz = np.flatnonzero(h)
+        slots = blocks[nz >> binning.OCC_SHIFT] * OCC_BLOCK + (nz & (OCC_BLOCK - 1))
+        sig = g.cpu().numpy()[nz].astype(np.int64) & 0xFFFFFFFF
+        return _split_slots(slots, h[nz], sig, self.n_methods)
 
     def __eq__(self, other) -> bool:
         """Same histograms: counts per (method, label, bin) and signatures per (method,
