@@ -110,20 +110,23 @@ class HistState:
         if self.device.type != "cpu":
             return [t + (None,) for t in self._sparse_host()]
         self.check(self.n_methods, "cpu")
-        occ = self.occ.numpy()
+        occ, M = self.occ.numpy(), self.n_methods
+        # the blocks holding any slot of method j's two rows bound its non-empty bins
+        first = (2 * np.arange(M) * binning.NBINS) >> binning.OCC_SHIFT
+        last = ((2 * np.arange(M) + 2) * binning.NBINS - 1) >> binning.OCC_SHIFT
+        cap = np.array([np.count_nonzero(occ[a:b + 1]) for a, b in zip(first, last)], np.int64) * OCC_BLOCK
+        cap += OCC_BLOCK  # the core's write slack (finalize_cpu.h)
+        arrs = [[np.empty(c, np.int64) for _ in range(4)] for c in cap.tolist()]
+        ptrs = np.array([[a.ctypes.data for a in t] for t in arrs], np.int64).reshape(M, 4)
+        meta = np.zeros((M, 4), np.int64)
+        if _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M, cap.ctypes.data,
+                             ptrs.ctypes.data, meta.ctypes.data) != 0:
+            raise RuntimeError("sparse_readout: more non-empty bins than the occupied blocks hold")
         out = []
-        for j in range(self.n_methods):
-            # the blocks holding any slot of method j's two rows bound its non-empty bins
-            first, last = (2 * j * binning.NBINS) >> binning.OCC_SHIFT, ((2 * j + 2) * binning.NBINS - 1) >> binning.OCC_SHIFT
-            cap = int(np.count_nonzero(occ[first:last + 1])) * OCC_BLOCK + OCC_BLOCK  # + the core's write slack
-            arrs = [np.empty(cap, np.int64) for _ in range(4)]
-            meta = np.zeros(4, np.int64)
-            if _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), j, cap,
-                                         *(a.ctypes.data for a in arrs), meta.ctypes.data) != 0:
-                raise RuntimeError("sparse_readout: more non-empty bins than the occupied blocks hold")
-            for a in arrs:  # shrinks in place (realloc): no copy, no slack kept
-                a.resize(int(meta[0]), refcheck=False)
-            out.append((*arrs, None if meta[3] else (int(meta[1]), int(meta[2]))))
+        for t, (n, n0, n1, negative) in zip(arrs, meta.tolist()):
+            for a in t:  # shrinks in place (realloc): no copy, no slack kept
+                a.resize(n, refcheck=False)
+            out.append((*t, None if negative else (n0, n1)))
         return out
 
     def _sparse_host(self) -> list:

@@ -256,17 +256,12 @@ BinBounds bin_bounds_cpu(int64_t index, int64_t sig) {
   return {neg ? -big : small, neg ? (mag == 0 ? 0.0 : -small) : big};
 }
 
-int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t method,
-                           int64_t capacity, int64_t index_ptr, int64_t normal_ptr, int64_t anomaly_ptr,
-                           int64_t sig_out_ptr, int64_t meta_ptr) {
-  const auto* hist = reinterpret_cast<const int64_t*>(hist_ptr);
-  const auto* sig = reinterpret_cast<const uint32_t*>(sig_ptr);
-  const auto* occ = reinterpret_cast<const uint8_t*>(occ_ptr);
-  auto* index = reinterpret_cast<int64_t*>(index_ptr);
-  auto* normal = reinterpret_cast<int64_t*>(normal_ptr);
-  auto* anomaly = reinterpret_cast<int64_t*>(anomaly_ptr);
-  auto* sig_out = reinterpret_cast<int64_t*>(sig_out_ptr);
-  auto* meta = reinterpret_cast<int64_t*>(meta_ptr);
+namespace {
+
+// One method's read-out (see sparse_readout in finalize_cpu.h).
+int64_t readout_method(const int64_t* hist, const uint32_t* sig, const uint8_t* occ, int64_t method,
+                       int64_t capacity, int64_t* index, int64_t* normal, int64_t* anomaly, int64_t* sig_out,
+                       int64_t* meta) {
   const int64_t base0 = 2 * method * NBINS, base1 = base0 + NBINS;
   const std::vector<uint8_t> live = live_chunks(occ, method);
   int64_t k = 0;
@@ -302,6 +297,28 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
   meta[2] = (int64_t)std::min<unsigned __int128>(t1, TOTAL_CAP);
   meta[3] = negative;
   return 0;
+}
+
+}  // namespace
+
+int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr) {
+  const auto* hist = reinterpret_cast<const int64_t*>(hist_ptr);
+  const auto* sig = reinterpret_cast<const uint32_t*>(sig_ptr);
+  const auto* occ = reinterpret_cast<const uint8_t*>(occ_ptr);
+  const auto* capacity = reinterpret_cast<const int64_t*>(capacity_ptr);
+  const auto* outputs = reinterpret_cast<const int64_t*>(outputs_ptr);
+  auto* meta = reinterpret_cast<int64_t*>(meta_ptr);
+  int64_t status = 0;
+  // methods are independent (own rows, own outputs): one per thread, largest first as
+  // they come (dynamic), which balances 4 methods over 2 threads well enough
+#pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
+  for (int64_t j = 0; j < n_methods; ++j) {
+    auto out = [&](int k) { return reinterpret_cast<int64_t*>(outputs[4 * j + k]); };
+    status = std::min(status, readout_method(hist, sig, occ, j, capacity[j], out(0), out(1), out(2), out(3),
+                                             meta + 4 * j));
+  }
+  return status;
 }
 
 int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t tied_ptr, int64_t sig_ptr,

@@ -4,14 +4,15 @@
 // (anomfast/histogram.py) checks every buffer and passes pointers as integers.
 //
 // sparse_readout: hist int64 (M, 2, NBINS), sig uint32 (M, 2, NBINS), occ uint8 [n_occ]
-//   (views.h: FusedArgs), method j < M -> the ascending bins of method j with a count in
-//   either label row: index, normal, anomaly, sig (int64[capacity] each; sig the uint32
-//   OR of both rows' signatures), and meta int64[4]: the number of bins, the total normal
-//   and anomaly counts (exact, saturated at 2^62 + 1: larger totals are refused by the
-//   caller), and 1 if some count is negative (a corrupt state) else 0. capacity: at
-//   least (the occupied blocks of the method's two rows + 1) * 2^OCC_SHIFT (whole chunks
-//   are written before the empty bins are skipped). Returns 0, or -1 when capacity is
-//   too small (the outputs are then incomplete).
+//   (views.h: FusedArgs) -> per method j < M the ascending bins with a count in either
+//   label row: index, normal, anomaly, sig (int64[capacity[j]] each, at the addresses
+//   outputs[j][0..3]; sig the uint32 OR of both rows' signatures), and meta[j] (int64[4]):
+//   the number of bins, the total normal and anomaly counts (exact, saturated at
+//   2^62 + 1: larger totals are refused by the caller), and 1 if some count is negative
+//   (a corrupt state) else 0. capacity[j]: at least (the occupied blocks of method j's
+//   two rows + 1) * 2^OCC_SHIFT (whole chunks are written before the empty bins are
+//   skipped). Methods run in parallel (OpenMP). Returns 0, or -1 when a capacity is too
+//   small (the outputs are then incomplete).
 //
 // finalize_hist: a group table of n rows, pos / neg int64[n] (non-negative counts summing
 //   to at most 2^62), with per row either tied uint8[n] or sig int64[n] (tied where
@@ -51,9 +52,8 @@ enum FinIOut : int32_t {
 using BinBounds = std::pair<double, double>;
 BinBounds bin_bounds_cpu(int64_t index, int64_t sig);
 
-int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t method,
-                           int64_t capacity, int64_t index_ptr, int64_t normal_ptr, int64_t anomaly_ptr,
-                           int64_t sig_out_ptr, int64_t meta_ptr);
+int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr);
 
 int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t tied_ptr, int64_t sig_ptr,
                           int64_t exact_values, int64_t descending, int64_t fpr_mode, int64_t ap_mode,
