@@ -109,27 +109,39 @@ double ap_step_lower_term(int64_t a, int64_t f, int64_t p, int64_t n) {
 class Finalizer {
  public:
   Finalizer(int64_t P, int64_t N, int64_t fpr_mode, int64_t ap_mode, double target)
-      : P_(P), N_(N), Pf_((double)P), Nf_((double)N), fpr_mode_(fpr_mode), ap_mode_(ap_mode), target_(target) {}
+      : P_(P), N_(N), Pf_((double)P), Nf_((double)N), invP_(1.0 / Pf_), invN_(1.0 / Nf_), fpr_mode_(fpr_mode),
+        ap_mode_(ap_mode), target_(target) {}
 
   void group(int64_t p, int64_t n, bool tied, int64_t row) {
-    ++groups_;
     const int64_t a = tp_, f = fp_;
+    const double af = (double)a, ff = (double)f;
+    // the precision after the group above (1 at the top): metrics.py's prec[g - 1]
+    const double prev = groups_ > 0 ? af / (af + ff) : 1.0;
+    ++groups_;
     tp_ += p;
     fp_ += n;
-    const double tpf = (double)tp_, fpf = (double)fp_, af = (double)a, ff = (double)f;
+    all_tied_ = all_tied_ && tied;
+    const double tpf = (double)tp_, fpf = (double)fp_;
     const double pf = (double)p, nf = (double)n;
-    if (N_ > 0) {
-      auc_.add((nf / Nf_) * (af + 0.5 * pf));
-      if (!tied) half_.add((pf / Pf_) * (nf / Nf_));
+    // x / P and x / N of values that are only summed are products with the reciprocals
+    // (an ulp per term); quotients that decide (TPR against the target, F1 maxima)
+    // are divided as metrics.py divides them
+    if (N_ > 0) auc_.add((nf * invN_) * (af + 0.5 * pf));
+    if (p == 0) {
+      // a group without positives (a merged run) adds 0 to every AP sum and to the
+      // AUROC bound, cannot cross the TPR target, and its F1 (and F1 upper bound) is at
+      // most the group above's; only the interpolated ROC point moves right
+      if (fpr_mode_ == 2 && N_ > 0 && tpr_ <= target_) yj_ = fpf * invN_;
+      return;
     }
+    if (N_ > 0 && !tied) half_.add((pf * invP_) * (nf * invN_));
     const double prec = tpf / (tpf + fpf);
-    const double w = pf / Pf_;
+    const double w = pf * invP_;
     if (ap_mode_ == 0) {
       ap_.add(w * prec);
-      lower_.add(tied ? w * prec : ap_step_lower_term(a, f, p, n) / Pf_);
-      upper_.add(tied ? w * prec : w * (p > 0 ? (af + pf) / std::max(af + ff + pf, 1.0) : 0.0));
+      lower_.add(tied ? w * prec : ap_step_lower_term(a, f, p, n) * invP_);
+      upper_.add(tied ? w * prec : w * ((af + pf) / std::max(af + ff + pf, 1.0)));
     } else {
-      const double prev = prev_prec_;
       const double seg = 0.5 * (prev + prec);
       ap_.add(w * 0.5 * (prev + prec));
       const double K = af + ff + nf;
@@ -137,16 +149,15 @@ class Finalizer {
       const double pmax = std::max(af + ff + pf > 0 ? (af + pf) / std::max(af + ff + pf, 1.0) : 1.0, prev);
       lower_.add(w * (tied ? seg : pmin));
       upper_.add(w * (tied ? seg : pmax));
-      prev_prec_ = prec;
     }
-    if (N_ > 0) fpr(tied, a, f, p, n, tpf / Pf_, fpf / Nf_, row);
+    tpr_ = tpf / Pf_;
+    if (N_ > 0) fpr(tied, a, f, p, n, tpr_, fpf * invN_, row);
     const double f1 = 2.0 * tpf / (tpf + fpf + Pf_);
     if (f1 > f1_) {
       f1_ = f1;
       f1_row_ = row;
     }
     f1_upper_ = std::max(f1_upper_, tied ? f1 : 2.0 * (af + pf) / (Pf_ + af + pf + ff));
-    all_tied_ = all_tied_ && tied;
   }
 
   void write(double* out, int64_t* iout) const {
@@ -212,12 +223,12 @@ class Finalizer {
   }
 
   const int64_t P_, N_;
-  const double Pf_, Nf_;
+  const double Pf_, Nf_, invP_, invN_;
   const int64_t fpr_mode_, ap_mode_;
   const double target_;
   int64_t tp_ = 0, fp_ = 0, groups_ = 0;
   Sum auc_, half_, ap_, lower_, upper_;
-  double prev_prec_ = 1.0;
+  double tpr_ = 0.0;  // TP / P after the last group
   int64_t fpr_row_ = -1, fpr_a_ = 0, fpr_p_ = 0, fpr_n_ = 0;
   int64_t fpr_f_ = 0;
   bool fpr_tied_ = false;
