@@ -6,6 +6,7 @@ adversarial group tables: every metric and bound to 1e-12, thresholds, counts, w
 definitions and curves identical."""
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import warnings
@@ -66,9 +67,22 @@ def assert_same_result(fast, ref):
             assert np.array_equal(u, v, equal_nan=True)
 
 
+@contextlib.contextmanager
+def split_at(rows):
+    """Tables of at least `rows` rows finalized in two halves (two threads)."""
+    old, histogram.SPLIT_MIN_ROWS = histogram.SPLIT_MIN_ROWS, rows
+    try:
+        yield
+    finally:
+        histogram.SPLIT_MIN_ROWS = old
+
+
 def check_histogram(h: Histogram, conventions=CONVENTIONS):
     for conv in conventions:
-        assert_same_result(_run(lambda: h.finalize(**conv)), _run(lambda: h._finalize_reference(**conv)))
+        ref = _run(lambda: h._finalize_reference(**conv))
+        for rows in (histogram.SPLIT_MIN_ROWS, 2):  # as shipped; every table cut in two
+            with split_at(rows):
+                assert_same_result(_run(lambda: h.finalize(**conv)), ref)
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -117,9 +131,10 @@ def test_histogram_finalize_matches_spec(h, conv):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tables(), st.sampled_from(CONVENTIONS), st.sampled_from(["energy", "msp"]))
 def test_finalize_coords_matches_spec(t, conv, method):
-    fast = _run(lambda: histogram.finalize_coords(method, {"T": 1}, *t, **conv))
     ref = _run(lambda: histogram._finalize_coords_reference(method, {"T": 1}, *t, **conv))
-    assert_same_result(fast, ref)
+    for rows in (histogram.SPLIT_MIN_ROWS, 2):
+        with split_at(rows):
+            assert_same_result(_run(lambda: histogram.finalize_coords(method, {"T": 1}, *t, **conv)), ref)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

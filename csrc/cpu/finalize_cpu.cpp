@@ -61,6 +61,10 @@ struct Sum {
     s = t;
   }
   double value() const { return s + c; }
+  void merge(const Sum& o) {
+    add(o.s);
+    c += o.c;
+  }
 };
 
 // psi(x + p) - psi(x) for x >= 10 (metrics._asym_psi_diff, the same series and order;
@@ -112,11 +116,57 @@ class Finalizer {
       : P_(P), N_(N), Pf_((double)P), Nf_((double)N), invP_(1.0 / Pf_), invN_(1.0 / Nf_), fpr_mode_(fpr_mode),
         ap_mode_(ap_mode), target_(target) {}
 
+  // continue below a first segment holding tp positives and fp negatives
+  void start(int64_t tp, int64_t fp) {
+    tp_ = tp;
+    fp_ = fp;
+    started_ = tp + fp > 0;
+    tpr_ = (double)tp / Pf_;
+  }
+
+  // fold in the segment that follows this one (started where this one ended)
+  void merge(const Finalizer& b) {
+    groups_ += b.groups_;
+    tp_ = b.tp_;
+    fp_ = b.fp_;
+    auc_.merge(b.auc_);
+    half_.merge(b.half_);
+    ap_.merge(b.ap_);
+    lower_.merge(b.lower_);
+    upper_.merge(b.upper_);
+    if (fpr_row_ < 0 && b.fpr_row_ >= 0) {
+      fpr_row_ = b.fpr_row_;
+      fpr_tied_ = b.fpr_tied_;
+      fpr_a_ = b.fpr_a_;
+      fpr_f_ = b.fpr_f_;
+      fpr_p_ = b.fpr_p_;
+      fpr_n_ = b.fpr_n_;
+    }
+    if (b.have_j_) {
+      xj_ = b.xj_;
+      yj_ = b.yj_;
+      have_j_ = true;
+    }
+    if (!have_next_ && b.have_next_) {
+      have_next_ = true;
+      xn_ = b.xn_;
+      yn_ = b.yn_;
+      fp_next_ = b.fp_next_;
+    }
+    if (b.f1_ > f1_) {  // the first maximum stays
+      f1_ = b.f1_;
+      f1_row_ = b.f1_row_;
+    }
+    f1_upper_ = std::max(f1_upper_, b.f1_upper_);
+    all_tied_ = all_tied_ && b.all_tied_;
+  }
+
   void group(int64_t p, int64_t n, bool tied, int64_t row) {
     const int64_t a = tp_, f = fp_;
     const double af = (double)a, ff = (double)f;
     // the precision after the group above (1 at the top): metrics.py's prec[g - 1]
-    const double prev = groups_ > 0 ? af / (af + ff) : 1.0;
+    const double prev = started_ ? af / (af + ff) : 1.0;
+    started_ = true;
     ++groups_;
     tp_ += p;
     fp_ += n;
@@ -131,7 +181,11 @@ class Finalizer {
       // a group without positives (a merged run) adds 0 to every AP sum and to the
       // AUROC bound, cannot cross the TPR target, and its F1 (and F1 upper bound) is at
       // most the group above's; only the interpolated ROC point moves right
-      if (fpr_mode_ == 2 && N_ > 0 && tpr_ <= target_) yj_ = fpf * invN_;
+      if (fpr_mode_ == 2 && N_ > 0 && tpr_ <= target_) {
+        xj_ = tpr_;
+        yj_ = fpf * invN_;
+        have_j_ = true;
+      }
       return;
     }
     if (N_ > 0 && !tied) half_.add((pf * invP_) * (nf * invN_));
@@ -214,6 +268,7 @@ class Finalizer {
     if (tpr <= target_) {
       xj_ = tpr;
       yj_ = fpr;
+      have_j_ = true;
     } else if (!have_next_) {
       have_next_ = true;
       xn_ = tpr;
@@ -233,7 +288,8 @@ class Finalizer {
   int64_t fpr_f_ = 0;
   bool fpr_tied_ = false;
   double xj_ = 0.0, yj_ = 0.0, xn_ = 0.0, yn_ = 0.0, fp_next_ = 0.0;
-  bool have_next_ = false;
+  bool have_j_ = false, have_next_ = false;
+  bool started_ = false;  // a group lies above
   double f1_ = -1.0, f1_upper_ = -std::numeric_limits<double>::infinity();
   int64_t f1_row_ = -1;
   bool all_tied_ = true;
@@ -334,7 +390,7 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
 
 int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t tied_ptr, int64_t sig_ptr,
                           int64_t exact_values, int64_t descending, int64_t fpr_mode, int64_t ap_mode,
-                          double tpr_target, int64_t out_ptr, int64_t iout_ptr) {
+                          double tpr_target, int64_t split_min_rows, int64_t out_ptr, int64_t iout_ptr) {
   const auto* pos = reinterpret_cast<const int64_t*>(pos_ptr);
   const auto* neg = reinterpret_cast<const int64_t*>(neg_ptr);
   const auto* tied_in = reinterpret_cast<const uint8_t*>(tied_ptr);
@@ -348,30 +404,60 @@ int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t t
   }
   Finalizer fin(P, N, fpr_mode, ap_mode, tpr_target);
   if (P > 0) {
+    auto row = [&](int64_t j) { return descending ? j : n - 1 - j; };  // walk position -> row
     auto tied = [&](int64_t i) -> bool {
       if (tied_in) return tied_in[i] != 0;
       return sig && exact_values && sig_single((uint32_t)sig[i]);
     };
-    // a run of rows without positives becomes one group (finalize_coords'
-    // _merge_negative_runs: tie group only when it is one row); empty groups drop
-    int64_t run_rows = 0, run_neg = 0;
-    bool run_tied = false;
-    auto flush = [&] {
-      if (run_rows && run_neg > 0) fin.group(0, run_neg, run_tied && run_rows == 1, -1);
-      run_rows = run_neg = 0;
-    };
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = descending ? j : n - 1 - j;
-      if (pos[i] > 0) {
-        flush();
-        fin.group(pos[i], neg[i], tied(i), i);
-      } else {
-        if (run_rows == 0) run_tied = tied(i);
-        ++run_rows;
-        run_neg += neg[i];
+    // rows [j0, j1) of the walk into f: a run of rows without positives becomes one
+    // group (finalize_coords' _merge_negative_runs: a tie group only when it is one
+    // row); empty groups drop
+    auto walk = [&](Finalizer& f, int64_t j0, int64_t j1) {
+      int64_t run_rows = 0, run_neg = 0;
+      bool run_tied = false;
+      auto flush = [&] {
+        if (run_rows && run_neg > 0) f.group(0, run_neg, run_tied && run_rows == 1, -1);
+        run_rows = run_neg = 0;
+      };
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t i = row(j);
+        if (pos[i] > 0) {
+          flush();
+          f.group(pos[i], neg[i], tied(i), i);
+        } else {
+          if (run_rows == 0) run_tied = tied(i);
+          ++run_rows;
+          run_neg += neg[i];
+        }
       }
+      flush();
+    };
+    // a long table is walked in two halves at once, cut at a row with positives (no
+    // run crosses the cut); the second half starts from the first half's totals
+    int64_t cut = n;
+    if (n >= split_min_rows && n >= 2) {
+      cut = n / 2;
+      while (cut < n && pos[row(cut)] == 0) ++cut;
     }
-    flush();
+    if (cut < n) {
+      int64_t tp0 = 0, fp0 = 0;
+      for (int64_t j = 0; j < cut; ++j) {
+        tp0 += pos[row(j)];
+        fp0 += neg[row(j)];
+      }
+      Finalizer second(P, N, fpr_mode, ap_mode, tpr_target);
+      second.start(tp0, fp0);
+#pragma omp parallel for num_threads(2) schedule(static, 1)
+      for (int half = 0; half < 2; ++half) {
+        if (half == 0)
+          walk(fin, 0, cut);
+        else
+          walk(second, cut, n);
+      }
+      fin.merge(second);
+    } else {
+      walk(fin, 0, n);
+    }
   }
   fin.write(out, iout);
   if (P > 0 && (iout[FIN_F1_ROW] < 0 || (N > 0 && iout[FIN_FPR_ROW] < 0))) return -1;

@@ -21,7 +21,8 @@
 //   sparse arrays, bins as index) and are walked from the last. Runs of rows without
 //   positives are merged and empty groups dropped, as anomfast.histogram.finalize_coords
 //   and metrics_from_groups do. fpr_mode 0 first, 1 strict, 2 interp; ap_mode 0 step,
-//   1 trapezoid. Outputs (anomfast.metrics.GroupSums, exact=False):
+//   1 trapezoid. A table of at least split_min_rows rows is walked in two halves on two
+//   OpenMP threads. Outputs (anomfast.metrics.GroupSums, exact=False):
 //     out  double[FIN_NF]: the FinOut fields below (NaN where not computed)
 //     iout int64[FIN_NI]: the FinIOut fields below (rows index the input arrays)
 //   Returns 0, or -1 when a chosen group is not a single row (cannot happen for a
@@ -57,6 +58,6 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
 
 int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t tied_ptr, int64_t sig_ptr,
                           int64_t exact_values, int64_t descending, int64_t fpr_mode, int64_t ap_mode,
-                          double tpr_target, int64_t out_ptr, int64_t iout_ptr);
+                          double tpr_target, int64_t split_min_rows, int64_t out_ptr, int64_t iout_ptr);
 
 }  // namespace anomfast
