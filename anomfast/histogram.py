@@ -24,7 +24,8 @@ import torch
 from . import binning
 from ._core import _C
 from .methods import EXACT_COORDINATES, coord_to_score
-from .metrics import GroupSums, _min_count_ratio, check_conventions, check_groups, result_from_sums
+from .metrics import (GroupSums, check_conventions, check_groups, fpr_inside_bin, metrics_from_groups,
+                      result_from_sums)
 
 FORMAT = "anomfast-histograms-v2"
 _OLD_FORMATS = {"anomfast-histograms-v1": "binning of 2^-32 .. 2^32 with shared underflow bins (anomfast < 0.2)"}
@@ -525,7 +526,6 @@ def _checked_table(pos, neg, lo, hi, tied):
 def _finalize_coords_reference(method: str, params: dict, pos, neg, lo, hi, tied, exact: bool = False,
                                **conventions):
     """finalize_coords through metrics_from_groups (NumPy): the spec."""
-    from .metrics import metrics_from_groups
     if not exact:
         pos, neg, lo, hi, tied = _merge_negative_runs(pos, neg, lo, hi, tied)
     r = metrics_from_groups(pos, neg, lo, hi, exact=exact, tied=tied, **conventions)
@@ -542,8 +542,7 @@ def _to_score_units(r, method: str) -> None:
         r.bounds[k] = tuple(float(coord_to_score(method, np.float64(x))) for x in r.bounds[k])
 
 
-_FPR_CODE = {"first": 0, "strict": 1, "interp": 2}
-_AP_CODE = {"step": 0, "trapezoid": 1}
+_FPR_CODE, _AP_CODE = dict(_C.FIN_FPR_MODES), dict(_C.FIN_AP_MODES)
 _OUT, _IOUT = dict(_C.FIN_OUT), dict(_C.FIN_IOUT)
 # tables this long are finalized on two threads (bench image: 19k-103k bins per method,
 # about 0.1-0.3 ms on one); tests lower it to cover the split
@@ -579,12 +578,10 @@ def _finalize_compiled(method: str, params: dict, pos, *, neg, tied=None, sig=No
         sums = GroupSums(n_groups=int(iout[_IOUT["groups"]]), f1_group=int(iout[_IOUT["f1_row"]]),
                          fpr95_group=int(iout[_IOUT["fpr95_row"]]), fpr95_tied=bool(iout[_IOUT["fpr95_tied"]]),
                          all_tied=bool(iout[_IOUT["all_tied"]]), **o)
-        if N > 0 and fpr_mode != "interp" and not sums.fpr95_tied:
-            # metrics.group_sums' value inside a bin of several values: the positives still
-            # needed, k, with the bin's positives and negatives interleaved at random
-            a, f, p, ng = (int(iout[_IOUT[k]]) for k in ("fpr95_a", "fpr95_f", "fpr95_pos", "fpr95_neg"))
-            k = _min_count_ratio(P, tpr_target, fpr_mode == "strict") - a
-            sums.fpr95 = (float(f) + k * float(ng) / (float(p) + 1.0)) / float(N)
+        if N > 0 and fpr_mode != "interp" and not sums.fpr95_tied:  # needs Python's exact int ratio
+            sums.fpr95 = fpr_inside_bin(P, N, *(int(iout[_IOUT[k]]) for k in ("fpr95_a", "fpr95_f", "fpr95_pos",
+                                                                               "fpr95_neg")),
+                                        tpr_target, fpr_mode == "strict")
     rows = [] if sums is None else [sums.f1_group] + ([sums.fpr95_group] if N > 0 else [])
     los, his = lo_hi(np.asarray(rows, np.int64)) if rows else ((), ())
     bounds = {g: (float(x), float(y)) for g, x, y in zip(rows, los, his)}

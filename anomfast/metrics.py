@@ -546,8 +546,8 @@ def group_sums(pos, neg, tied, *, exact: bool, fpr_mode: str, ap_mode: str, tpr_
         elif tied[g1]:
             val = blo = bhi = float(fp[g1]) / Nf
         else:
-            k = _min_count_ratio(P, tpr_target, fpr_mode == "strict") - int(a[g1])
-            val = (float(f[g1]) + k * float(neg[g1]) / (float(pos[g1]) + 1.0)) / Nf
+            val = fpr_inside_bin(P, N, int(a[g1]), int(f[g1]), int(pos[g1]), int(neg[g1]), tpr_target,
+                                 fpr_mode == "strict")
             blo, bhi = float(f[g1]) / Nf, float(fp[g1]) / Nf
         s.fpr95, s.fpr95_lower, s.fpr95_upper = val, blo, bhi
         s.fpr95_group, s.fpr95_tied = g1, bool(tied[g1])
@@ -559,6 +559,14 @@ def group_sums(pos, neg, tied, *, exact: bool, fpr_mode: str, ap_mode: str, tpr_
     s.f1_upper = float(np.max(np.where(tied, f1, 2.0 * (af + pf) / (Pf + af + pf + ff))))
     s.all_tied = bool(tied.all())
     return s
+
+
+def fpr_inside_bin(P: int, N: int, a: int, f: int, p: int, n: int, tpr_target: float, strict: bool) -> float:
+    """The point FPR when the crossing group (a positives and f negatives above it, p and
+    n inside) is a bin of several values: its positives and negatives interleaved at
+    random, the FP count expected before the k-th positive it must contribute."""
+    k = _min_count_ratio(P, tpr_target, strict) - a
+    return (float(f) + k * float(n) / (float(p) + 1.0)) / float(N)
 
 
 def result_from_sums(P: int, N: int, s: GroupSums | None, lo_hi, *, exact: bool, fpr_mode: str, ap_mode: str,

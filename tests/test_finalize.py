@@ -20,7 +20,7 @@ from anomfast import _fused, binning, histogram
 from anomfast._core import _C
 from anomfast.histogram import OCC_BLOCK, HistState, Histogram
 from anomfast.methods import resolve
-from anomfast.metrics import METRIC_NAMES
+from anomfast.metrics import AP_MODES, FPR_MODES, METRIC_NAMES
 
 from conftest import random_labels, random_logits
 
@@ -176,6 +176,11 @@ def test_table_kept_only_when_asked_and_pickles():
     r2 = pickle.loads(pickle.dumps(r))
     assert_same_result((r2, []), (h._finalize_reference(), []))
     assert not callable(r2._groups)
+
+
+def test_compiled_conventions_are_the_spec_s():
+    assert set(_C.FIN_FPR_MODES) == set(FPR_MODES) and set(_C.FIN_AP_MODES) == set(AP_MODES)
+    assert len(set(_C.FIN_FPR_MODES.values())) == len(FPR_MODES)
 
 
 def test_exact_flag_runs_the_spec():

@@ -46,7 +46,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("finalize_hist", &finalize_hist_cpu, py::call_guard<py::gil_scoped_release>(),
         "Histogram finalization sums of one group table (finalize_cpu.h).");
   m.def("bin_bounds", &bin_bounds_cpu, "(lo, hi) coordinates of one bin given its tie signature (finalize_cpu.h).");
-  // finalize_hist's output slots, by name (finalize_cpu.h: FinOut, FinIOut)
+  // finalize_hist's conventions and output slots, by name (finalize_cpu.h)
+  m.attr("FIN_FPR_MODES") = py::dict(py::arg("first") = (int)FIN_FIRST, py::arg("strict") = (int)FIN_STRICT,
+                                     py::arg("interp") = (int)FIN_INTERP);
+  m.attr("FIN_AP_MODES") = py::dict(py::arg("step") = (int)FIN_STEP, py::arg("trapezoid") = (int)FIN_TRAPEZOID);
   m.attr("FIN_OUT") = py::dict(
       py::arg("auroc") = (int)FIN_AUROC, py::arg("auroc_half") = (int)FIN_AUROC_HALF, py::arg("ap") = (int)FIN_AP,
       py::arg("ap_lower") = (int)FIN_AP_LOWER, py::arg("ap_upper") = (int)FIN_AP_UPPER,

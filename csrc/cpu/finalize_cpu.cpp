@@ -1,9 +1,11 @@
 // Sparse read-out of the histogram buffers and histogram finalization; see finalize_cpu.h
 // for the arguments and anomfast/metrics.py for every formula (its NumPy code is the
-// spec: each term here is written with the same operations in the same order, and the
-// sums are compensated, so the two agree to a few ulps of the sum). Built with
-// -ffp-contract=off (CMakeLists.txt): a fused multiply-add would round differently from
-// NumPy's separate multiply and add.
+// spec). Every quotient that decides something (TPR against the target, F1 maxima,
+// precisions) is computed with the operations metrics.py uses, in its order; values that
+// are only summed may differ by an ulp (products with 1/P, 1/N), and the sums are
+// compensated, so the metrics agree with the spec to a few ulps and the chosen groups
+// (thresholds) exactly (tests/test_finalize.py). Built with -ffp-contract=off
+// (CMakeLists.txt): a fused multiply-add would round a decision differently.
 #include "finalize_cpu.h"
 
 #include <algorithm>
@@ -181,7 +183,7 @@ class Finalizer {
       // a group without positives (a merged run) adds 0 to every AP sum and to the
       // AUROC bound, cannot cross the TPR target, and its F1 (and F1 upper bound) is at
       // most the group above's; only the interpolated ROC point moves right
-      if (fpr_mode_ == 2 && N_ > 0 && tpr_ <= target_) {
+      if (fpr_mode_ == FIN_INTERP && N_ > 0 && tpr_ <= target_) {
         xj_ = tpr_;
         yj_ = fpf * invN_;
         have_j_ = true;
@@ -191,7 +193,7 @@ class Finalizer {
     if (N_ > 0 && !tied) half_.add((pf * invP_) * (nf * invN_));
     const double prec = tpf / (tpf + fpf);
     const double w = pf * invP_;
-    if (ap_mode_ == 0) {
+    if (ap_mode_ == FIN_STEP) {
       ap_.add(w * prec);
       lower_.add(tied ? w * prec : ap_step_lower_term(a, f, p, n) * invP_);
       upper_.add(tied ? w * prec : w * ((af + pf) / std::max(af + ff + pf, 1.0)));
@@ -221,7 +223,7 @@ class Finalizer {
       out[FIN_AUROC] = auc_.value() / Pf_;
       out[FIN_AUROC_HALF] = 0.5 * half_.value();
       double val = 0.0, blo = fpr_f_ / Nf_, bhi = (double)(fpr_f_ + fpr_n_) / Nf_;
-      if (fpr_mode_ == 2) {
+      if (fpr_mode_ == FIN_INTERP) {
         val = (xj_ == target_ || !have_next_) ? yj_ : (yn_ - yj_) / (xn_ - xj_) * (target_ - xj_) + yj_;
         bhi = have_next_ ? fp_next_ / Nf_ : 1.0;
       } else if (fpr_tied_) {
@@ -255,7 +257,7 @@ class Finalizer {
   // the crossing group (first with TPR >= target, > for strict) and, for interp, the
   // last ROC point with TPR <= target and the first one past it
   void fpr(bool tied, int64_t a, int64_t f, int64_t p, int64_t n, double tpr, double fpr, int64_t row) {
-    const bool crosses = fpr_mode_ == 1 ? tpr > target_ : tpr >= target_;
+    const bool crosses = fpr_mode_ == FIN_STRICT ? tpr > target_ : tpr >= target_;
     if (crosses && fpr_row_ < 0) {
       fpr_row_ = row;
       fpr_tied_ = tied;
@@ -264,7 +266,7 @@ class Finalizer {
       fpr_p_ = p;
       fpr_n_ = n;
     }
-    if (fpr_mode_ != 2) return;
+    if (fpr_mode_ != FIN_INTERP) return;
     if (tpr <= target_) {
       xj_ = tpr;
       yj_ = fpr;

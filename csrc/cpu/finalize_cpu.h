@@ -20,8 +20,7 @@
 //   descending != 0: row 0 is the highest score; else the rows ascend (a Histogram's
 //   sparse arrays, bins as index) and are walked from the last. Runs of rows without
 //   positives are merged and empty groups dropped, as anomfast.histogram.finalize_coords
-//   and metrics_from_groups do. fpr_mode 0 first, 1 strict, 2 interp; ap_mode 0 step,
-//   1 trapezoid. A table of at least split_min_rows rows is walked in two halves on two
+//   and metrics_from_groups do. fpr_mode: FinFprMode, ap_mode: FinApMode. A table of at least split_min_rows rows is walked in two halves on two
 //   OpenMP threads. Outputs (anomfast.metrics.GroupSums, exact=False):
 //     out  double[FIN_NF]: the FinOut fields below (NaN where not computed)
 //     iout int64[FIN_NI]: the FinIOut fields below (rows index the input arrays)
@@ -33,6 +32,8 @@
 
 namespace anomfast {
 
+enum FinFprMode : int32_t { FIN_FIRST = 0, FIN_STRICT = 1, FIN_INTERP = 2 };  // metrics.FPR_MODES
+enum FinApMode : int32_t { FIN_STEP = 0, FIN_TRAPEZOID = 1 };                 // metrics.AP_MODES
 enum FinOut : int32_t {
   FIN_AUROC = 0, FIN_AUROC_HALF, FIN_AP, FIN_AP_LOWER, FIN_AP_UPPER,
   FIN_FPR, FIN_FPR_LOWER, FIN_FPR_UPPER, FIN_F1, FIN_F1_UPPER, FIN_NF
