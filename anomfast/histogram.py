@@ -116,7 +116,6 @@ class HistState:
         first = (2 * np.arange(M) * binning.NBINS) >> binning.OCC_SHIFT
         last = ((2 * np.arange(M) + 2) * binning.NBINS - 1) >> binning.OCC_SHIFT
         cap = np.array([np.count_nonzero(occ[a:b + 1]) for a, b in zip(first, last)], np.int64) * OCC_BLOCK
-        cap += OCC_BLOCK  # the core's write slack (finalize_cpu.h)
         arrs = [[np.empty(c, np.int64) for _ in range(4)] for c in cap.tolist()]
         ptrs = np.array([[a.ctypes.data for a in t] for t in arrs], np.int64).reshape(M, 4)
         meta = np.zeros((M, 4), np.int64)
@@ -125,7 +124,7 @@ class HistState:
             raise RuntimeError("sparse_readout: more non-empty bins than the occupied blocks hold")
         out = []
         for t, (n, n0, n1, negative) in zip(arrs, meta.tolist()):
-            for a in t:  # shrinks in place (realloc): no copy, no slack kept
+            for a in t:  # shrinks in place (realloc): no copy, no slack kept (np.empty(0) included)
                 a.resize(n, refcheck=False)
             out.append((*t, None if negative else (n0, n1)))
         return out

@@ -21,6 +21,7 @@ namespace anomfast {
 namespace {
 
 constexpr int64_t OCC_BLOCK = int64_t(1) << OCC_SHIFT;
+static_assert(OCC_BLOCK <= 64, "a chunk's non-empty bins fit one 64-bit mask");
 constexpr int64_t TOTAL_CAP = (int64_t(1) << 62) + 1;  // totals above 2^62 are refused by the caller
 
 // Which 2^OCC_SHIFT-bin chunks of a method's bin range [0, NBINS) may hold counts, per
@@ -337,27 +338,35 @@ int64_t readout_method(const int64_t* hist, const uint32_t* sig, const uint8_t* 
   unsigned __int128 t0 = 0, t1 = 0;  // exact totals: int64 counts may sum past 2^63
   int64_t sign = 0;                  // OR of all counts: negative iff some count is
   const int64_t n_chunks = (int64_t)live.size();
+  static const int64_t zero_counts[OCC_BLOCK] = {};  // an unmarked row is not read (its
+  static const uint32_t zero_sigs[OCC_BLOCK] = {};   // pages may be unbacked)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const uint8_t rows = live[c];
     if (!rows) continue;
-    // every slot of the chunk is written at k, k advances past the non-empty ones:
-    // capacity (occupied blocks x 2^OCC_SHIFT, + one chunk) bounds k + the chunk
-    if (k + OCC_BLOCK > capacity) return -1;
-    const bool on0 = rows & 1, on1 = rows & 2;  // an unmarked row is not read (its pages
-                                                // may be unbacked)
-    const int64_t b_end = std::min<int64_t>((c + 1) * OCC_BLOCK, NBINS);
-    for (int64_t b = c * OCC_BLOCK; b < b_end; ++b) {  // the two label rows side by side,
-      const int64_t c0 = on0 ? hist[base0 + b] : 0;    // without data-dependent branches
-      const int64_t c1 = on1 ? hist[base1 + b] : 0;    // (empty and full bins interleave)
-      const uint32_t s0 = on0 ? sig[base0 + b] : 0u, s1 = on1 ? sig[base1 + b] : 0u;
-      index[k] = b;
+    const int64_t b0 = c * OCC_BLOCK;
+    const int len = (int)std::min<int64_t>(OCC_BLOCK, NBINS - b0);
+    const int64_t* h0 = (rows & 1) ? hist + base0 + b0 : zero_counts;
+    const int64_t* h1 = (rows & 2) ? hist + base1 + b0 : zero_counts;
+    const uint32_t* g0 = (rows & 1) ? sig + base0 + b0 : zero_sigs;
+    const uint32_t* g1 = (rows & 2) ? sig + base1 + b0 : zero_sigs;
+    // which bins of the chunk hold a count (no data-dependent branch: empty and full
+    // bins interleave), then only those are visited
+    uint64_t full = 0;
+    for (int i = 0; i < len; ++i) {
+      const int64_t either = h0[i] | h1[i];
+      sign |= either;
+      full |= (uint64_t)(either != 0) << i;
+    }
+    if (k + __builtin_popcountll(full) > capacity) return -1;
+    for (; full; full &= full - 1, ++k) {
+      const int i = __builtin_ctzll(full);
+      const int64_t c0 = h0[i], c1 = h1[i];
+      index[k] = b0 + i;
       normal[k] = c0;
       anomaly[k] = c1;
-      sig_out[k] = (int64_t)((s0 & (0u - (uint32_t)(c0 != 0))) | (s1 & (0u - (uint32_t)(c1 != 0))));
-      sign |= c0 | c1;
+      sig_out[k] = (int64_t)((g0[i] & (0u - (uint32_t)(c0 != 0))) | (g1[i] & (0u - (uint32_t)(c1 != 0))));
       t0 += (uint64_t)c0;
       t1 += (uint64_t)c1;
-      k += (c0 | c1) != 0;
     }
   }
   const bool negative = sign < 0;

@@ -9,10 +9,10 @@
 //   outputs[j][0..3]; sig the uint32 OR of both rows' signatures), and meta[j] (int64[4]):
 //   the number of bins, the total normal and anomaly counts (exact, saturated at
 //   2^62 + 1: larger totals are refused by the caller), and 1 if some count is negative
-//   (a corrupt state) else 0. capacity[j]: at least (the occupied blocks of method j's
-//   two rows + 1) * 2^OCC_SHIFT (whole chunks are written before the empty bins are
-//   skipped). Methods run in parallel (OpenMP). Returns 0, or -1 when a capacity is too
-//   small (the outputs are then incomplete).
+//   (a corrupt state) else 0. capacity[j]: at least the occupied blocks of method j's
+//   two rows * 2^OCC_SHIFT (each non-empty bin has a slot in one). Methods run in
+//   parallel (OpenMP). Returns 0, or -1 when a capacity is too small (the outputs are
+//   then incomplete).
 //
 // finalize_hist: a group table of n rows, pos / neg int64[n] (non-negative counts summing
 //   to at most 2^62), with per row either tied uint8[n] or sig int64[n] (tied where
