@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 from . import binning
+from ._core import _C
 from .methods import EXACT_COORDINATES, coord_to_score
+from .metrics import (GroupSums, check_conventions, check_groups, fpr_inside_bin, metrics_from_groups,
+                      result_from_sums)
 
 FORMAT = "anomfast-histograms-v2"
 _OLD_FORMATS = {"anomfast-histograms-v1": "binning of 2^-32 .. 2^32 with shared underflow bins (anomfast < 0.2)"}
@@ -99,6 +102,36 @@ class HistState:
     def sparse(self) -> list:
         """Per method: (index, normal, anomaly, sig) numpy arrays over its non-empty bins,
         ascending bin index. Reads only the occupied blocks."""
+        return [t[:4] for t in self._readout()]
+
+    def _readout(self) -> list:
+        """sparse()'s arrays plus each method's (total normal, total anomaly), None where
+        they were not taken or some count is negative. On the CPU the compiled read-out walks the
+        occupied blocks of both label rows at once (finalize_cpu.h: sparse_readout)."""
+        if self.device.type != "cpu":
+            return [t + (None,) for t in self._sparse_host()]
+        self.check(self.n_methods, "cpu")
+        occ, M = self.occ.numpy(), self.n_methods
+        # the blocks holding any slot of method j's two rows bound its non-empty bins
+        first = (2 * np.arange(M) * binning.NBINS) >> binning.OCC_SHIFT
+        last = ((2 * np.arange(M) + 2) * binning.NBINS - 1) >> binning.OCC_SHIFT
+        cap = np.array([np.count_nonzero(occ[a:b + 1]) for a, b in zip(first, last)], np.int64) * OCC_BLOCK
+        arrs = [[np.empty(c, np.int64) for _ in range(4)] for c in cap.tolist()]
+        ptrs = np.array([[a.ctypes.data for a in t] for t in arrs], np.int64).reshape(M, 4)
+        meta = np.zeros((M, 4), np.int64)
+        if _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M, cap.ctypes.data,
+                             ptrs.ctypes.data, meta.ctypes.data) != 0:
+            raise RuntimeError("sparse_readout: more non-empty bins than the occupied blocks hold")
+        out = []
+        for t, (n, n0, n1, negative) in zip(arrs, meta.tolist()):
+            for a in t:  # shrinks in place (realloc): no copy, no slack kept (np.empty(0) included)
+                a.resize(n, refcheck=False)
+            out.append((*t, None if negative else (n0, n1)))
+        return out
+
+    def _sparse_host(self) -> list:
+        """sparse() by copying the occupied blocks to the host and splitting them there
+        in NumPy (the path of CUDA states; the reference of the compiled read-out)."""
         blocks = self.blocks()
         h, g = self.gather(blocks)
         h = h.cpu().numpy()
@@ -284,6 +317,21 @@ class Histogram:
         if self.binning != binning.SCHEME:
             raise ValueError(f"histogram binning {self.binning} differs from this build's {binning.SCHEME}")
 
+    @classmethod
+    def _from_readout(cls, method: str, index, normal, anomaly, sig, totals, params: dict | None = None):
+        """A histogram from HistState._readout's arrays, which hold _checked_sparse's
+        invariants by construction (ascending bins in range, uint32 signatures); the
+        totals it took stand for the count checks."""
+        if totals is None:
+            return cls(method, index, normal, anomaly, sig, params)
+        what = f"histogram of {method!r}"
+        if totals[0] + totals[1] > _MAX_TOTAL:
+            raise ValueError(f"{what}: the counts add up to more than 2^62 pixels; the file or state is corrupt")
+        h = cls.__new__(cls)
+        h.index, h.normal, h.anomaly, h.sig = index, normal, anomaly, sig
+        h.method, h.params, h.binning = method, dict(params or {}), dict(binning.SCHEME)
+        return h
+
     @property
     def exact_values(self) -> bool:
         """Whether the binned float32 values are the exact scores (max_logit; external
@@ -358,19 +406,31 @@ class Histogram:
         binned values are the exact scores (``exact_values``). Coordinates
         rank like the scores (anomfast.methods.coord_to_score maps them); finalizing in
         coordinates keeps msp's u = 1 - max softmax resolved where -max softmax is not."""
-        idx = self.index[::-1].copy()
-        lo, hi = binning.bin_edges(idx)
-        v = binning.bin_value(idx, self.sig[::-1])
-        single = ~np.isnan(v)
-        lo = np.where(single, v, lo)
-        hi = np.where(single, v, hi)
-        tied = single & self.exact_values
-        return self.anomaly[::-1].copy(), self.normal[::-1].copy(), lo, hi, tied, idx
+        return _bin_groups(self.index, self.normal, self.anomaly, self.sig, self.exact_values)
 
-    def finalize(self, **conventions):
-        """Metrics with certified bounds; see anomfast.metrics.metrics_from_groups."""
+    def finalize(self, exact: bool = False, **conventions):
+        """Metrics with certified bounds; see anomfast.metrics.metrics_from_groups (the
+        histogram path runs compiled: csrc/cpu/finalize_cpu.cpp; exact=True and
+        _finalize_reference run the NumPy spec)."""
+        if exact:
+            return self._finalize_reference(exact=True, **conventions)
+        index, normal, anomaly, sig = self.index, self.normal, self.anomaly, self.sig
+        if not (index.size == normal.size == anomaly.size == sig.size):
+            raise ValueError(f"histogram of {self.method!r}: index/normal/anomaly/sig differ in length")
+
+        def lo_hi(rows):  # the compiled _bin_lo_hi of the two decisive bins
+            return tuple(zip(*(_C.bin_bounds(int(index[r]), int(sig[r])) for r in rows))) or ((), ())
+
+        table = _Deferred(_bin_table, self.method, index, normal, anomaly, sig, self.exact_values)
+        return _finalize_compiled(self.method, self.params, anomaly, neg=normal, sig=sig,
+                                  exact_values=self.exact_values, descending=False, lo_hi=lo_hi, table=table,
+                                  **conventions)
+
+    def _finalize_reference(self, **conventions):
+        """finalize() through anomfast.metrics' NumPy code (the spec the compiled path
+        is tested against)."""
         pos, neg, lo, hi, tied, _ = self.groups()
-        return finalize_coords(self.method, self.params, pos, neg, lo, hi, tied, **conventions)
+        return _finalize_coords_reference(self.method, self.params, pos, neg, lo, hi, tied, **conventions)
 
     def __repr__(self) -> str:
         return f"Histogram({self.method!r}, normal={self.n_normal}, anomaly={self.n_anomaly})"
@@ -400,26 +460,140 @@ def _merge_negative_runs(pos, neg, lo, hi, tied):
     return (pos[first], np.add.reduceat(neg, first), lo[last], hi[first], tied[first] & single)
 
 
+def _bin_lo_hi(index, sig):
+    """(lo, hi, single) of bins: their smallest / largest coordinate, both the one value
+    where the tie signature shows a single value."""
+    lo, hi = binning.bin_edges(index)
+    v = binning.bin_value(index, sig)
+    single = ~np.isnan(v)
+    return np.where(single, v, lo), np.where(single, v, hi), single
+
+
+def _bin_groups(index, normal, anomaly, sig, exact_values: bool):
+    """Histogram.groups() of these sparse arrays."""
+    idx = index[::-1].copy()
+    lo, hi, single = _bin_lo_hi(idx, sig[::-1])
+    tied = single & exact_values
+    return anomaly[::-1].copy(), normal[::-1].copy(), lo, hi, tied, idx
+
+
+def _bin_table(method: str, index, normal, anomaly, sig, exact_values: bool):
+    """The group table a histogram's result keeps for its curves (score units), as the
+    reference finalization keeps it."""
+    pos, neg, lo, hi, tied, _ = _bin_groups(index, normal, anomaly, sig, exact_values)
+    pos, neg, lo, hi, _ = check_groups(*_merge_negative_runs(pos, neg, lo, hi, tied))
+    return _score_table(method, pos, neg, lo, hi)
+
+
+def _score_table(method: str, pos, neg, lo, hi):
+    return pos, neg, coord_to_score(method, lo), coord_to_score(method, hi)
+
+
+class _Deferred:
+    """fn(*args) on call: a result's group table, computed when a curve asks for it
+    (MetricResult._table); module-level so that results pickle."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __call__(self):
+        return self.fn(*self.args)
+
+
 def finalize_coords(method: str, params: dict, pos, neg, lo, hi, tied, exact: bool = False, **conventions):
     """metrics_from_groups on a group table in coordinate units (descending), with the
-    thresholds (and the table kept for curves) converted to score units afterwards."""
-    from .metrics import metrics_from_groups
+    thresholds (and the table kept for curves) converted to score units afterwards.
+    exact=False runs compiled (csrc/cpu/finalize_cpu.cpp), exact=True the NumPy spec."""
+    if exact:
+        return _finalize_coords_reference(method, params, pos, neg, lo, hi, tied, exact=True, **conventions)
+    pos, neg, lo, hi, tied = check_groups(*_merge_negative_runs(*_checked_table(pos, neg, lo, hi, tied)))
+    return _finalize_compiled(method, params, pos, neg=neg, tied=tied.astype(np.uint8), descending=True,
+                              lo_hi=lambda rows: (lo[rows], hi[rows]),
+                              table=_Deferred(_score_table, method, pos, neg, lo, hi), **conventions)
+
+
+def _checked_table(pos, neg, lo, hi, tied):
+    """The columns as arrays (tied: lo == hi when None), of one length, before the merge."""
+    pos, neg = np.asarray(pos).ravel(), np.asarray(neg).ravel()
+    lo, hi = np.asarray(lo, np.float64).ravel(), np.asarray(hi, np.float64).ravel()
+    tied = (lo == hi) if tied is None else np.asarray(tied, bool).ravel()
+    if not (pos.size == neg.size == lo.size == hi.size == tied.size):
+        raise ValueError(f"group arrays differ in length: {pos.size}, {neg.size}, {lo.size}, {hi.size}, {tied.size}")
+    return pos, neg, lo, hi, tied
+
+
+def _finalize_coords_reference(method: str, params: dict, pos, neg, lo, hi, tied, exact: bool = False,
+                               **conventions):
+    """finalize_coords through metrics_from_groups (NumPy): the spec."""
     if not exact:
         pos, neg, lo, hi, tied = _merge_negative_runs(pos, neg, lo, hi, tied)
     r = metrics_from_groups(pos, neg, lo, hi, exact=exact, tied=tied, **conventions)
+    _to_score_units(r, method)
+    if r._groups is not None:
+        r._groups = _score_table(method, *r._groups)
+    r.method, r.params = method, dict(params)
+    return r
+
+
+def _to_score_units(r, method: str) -> None:
     for k in ("threshold", "fpr95_threshold"):
         setattr(r, k, float(coord_to_score(method, np.float64(getattr(r, k)))))
         r.bounds[k] = tuple(float(coord_to_score(method, np.float64(x))) for x in r.bounds[k])
-    if r._groups is not None:
-        p, n, glo, ghi = r._groups
-        r._groups = (p, n, coord_to_score(method, glo), coord_to_score(method, ghi))
+
+
+_FPR_CODE, _AP_CODE = dict(_C.FIN_FPR_MODES), dict(_C.FIN_AP_MODES)
+_OUT, _IOUT = dict(_C.FIN_OUT), dict(_C.FIN_IOUT)
+# tables this long are finalized on two threads (bench image: 19k-103k bins per method,
+# about 0.1-0.3 ms on one); tests lower it to cover the split
+SPLIT_MIN_ROWS = 1 << 14
+
+
+def _finalize_compiled(method: str, params: dict, pos, *, neg, tied=None, sig=None, exact_values: bool = False,
+                       descending: bool, lo_hi, table, fpr_mode: str = "first", ap_mode: str = "step",
+                       tpr_target: float = 0.95):
+    """A histogram's (exact=False) MetricResult from one compiled pass over its rows
+    (finalize_cpu.h: finalize_hist), assembled by metrics.result_from_sums as the spec
+    assembles it. pos / neg: int64 counts per row, non-negative, summing to <= 2^62 (a
+    Histogram's invariants; finalize_coords checks its table); tied (uint8 per row) or
+    sig (with exact_values) give the tie groups; lo_hi(rows) -> (lo, hi) arrays of those
+    rows in coordinates; table: the group table for the curves (or a _Deferred)."""
+    tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
+    cols = [np.ascontiguousarray(pos, np.int64), np.ascontiguousarray(neg, np.int64)]
+    for extra, dtype in ((tied, np.uint8), (sig, np.int64)):
+        cols.append(None if extra is None else np.ascontiguousarray(extra, dtype))
+    n = cols[0].size
+    if any(c is not None and (c.ndim != 1 or c.size != n) for c in cols):
+        raise ValueError("group columns differ in length")
+    out = np.empty(_OUT["size"], np.float64)
+    iout = np.empty(_IOUT["size"], np.int64)
+    if _C.finalize_hist(n, *(0 if c is None else c.ctypes.data for c in cols), int(bool(exact_values)),
+                        int(bool(descending)), _FPR_CODE[fpr_mode], _AP_CODE[ap_mode], tpr_target,
+                        SPLIT_MIN_ROWS, out.ctypes.data, iout.ctypes.data) != 0:
+        raise RuntimeError("finalize_hist: a decisive group spans several rows")
+    P, N = int(iout[_IOUT["P"]]), int(iout[_IOUT["N"]])
+    sums = None
+    if P > 0:
+        o = {k: float(out[i]) for k, i in _OUT.items() if k != "size"}
+        sums = GroupSums(n_groups=int(iout[_IOUT["groups"]]), f1_group=int(iout[_IOUT["f1_row"]]),
+                         fpr95_group=int(iout[_IOUT["fpr95_row"]]), fpr95_tied=bool(iout[_IOUT["fpr95_tied"]]),
+                         all_tied=bool(iout[_IOUT["all_tied"]]), **o)
+        if N > 0 and fpr_mode != "interp" and not sums.fpr95_tied:  # needs Python's exact int ratio
+            sums.fpr95 = fpr_inside_bin(P, N, *(int(iout[_IOUT[k]]) for k in ("fpr95_a", "fpr95_f", "fpr95_pos",
+                                                                               "fpr95_neg")),
+                                        tpr_target, fpr_mode == "strict")
+    rows = [] if sums is None else [sums.f1_group] + ([sums.fpr95_group] if N > 0 else [])
+    los, his = lo_hi(np.asarray(rows, np.int64)) if rows else ((), ())
+    bounds = {g: (float(x), float(y)) for g, x, y in zip(rows, los, his)}
+    r = result_from_sums(P, N, sums, bounds.__getitem__, exact=False, fpr_mode=fpr_mode, ap_mode=ap_mode,
+                         tpr_target=tpr_target, groups=table, stacklevel=5)
+    _to_score_units(r, method)
     r.method, r.params = method, dict(params)
     return r
 
 
 def histograms_from_state(state: HistState, names, params_of) -> dict:
     """{name: Histogram} of a HistState whose methods are `names` (in order)."""
-    return {n: Histogram(n, *t, params_of(n)) for n, t in zip(names, state.sparse())}
+    return {n: Histogram._from_readout(n, *t, params_of(n)) for n, t in zip(names, state._readout())}
 
 
 def save_histograms(path, hists: dict, extra: dict | None = None) -> None:

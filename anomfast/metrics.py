@@ -231,6 +231,8 @@ class MetricResult:
     def _table(self):
         if self._groups is None:
             raise ValueError("this result has no group table (e.g. a mean over images); no curve available")
+        if callable(self._groups):  # computed on first use (histogram finalization does not pay for it)
+            self._groups = self._groups()
         return self._groups
 
     def roc_curve(self):
@@ -396,6 +398,18 @@ def _definitions(fpr_mode, ap_mode, tpr_target, exact):
 
 # ----------------------------------------------------------------------------- metrics
 
+def check_conventions(fpr_mode: str, ap_mode: str, tpr_target) -> float:
+    """The conventions' values checked; returns tpr_target as a float."""
+    if fpr_mode not in FPR_MODES:
+        raise ValueError(f"fpr_mode must be one of {FPR_MODES}, got {fpr_mode!r}")
+    if ap_mode not in AP_MODES:
+        raise ValueError(f"ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
+    tpr_target = float(tpr_target)
+    if not (0.0 < tpr_target <= 1.0) or (fpr_mode == "strict" and tpr_target >= 1.0):
+        raise ValueError(f"tpr_target must be in (0, 1] ((0, 1) for fpr_mode='strict'), got {tpr_target}")
+    return tpr_target
+
+
 def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mode: str = "first",
                         ap_mode: str = "step", tpr_target: float = 0.95, tied=None) -> MetricResult:
     """AUROC, AP, FPR at ``tpr_target`` TPR, best F1 and its threshold, with certified bounds.
@@ -410,13 +424,20 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
     ap_mode: "step" (sklearn average_precision_score) or "trapezoid" (auc(recall, precision)).
     Vectorized; ~1M groups finalize in well under a second.
     """
-    if fpr_mode not in FPR_MODES:
-        raise ValueError(f"fpr_mode must be one of {FPR_MODES}, got {fpr_mode!r}")
-    if ap_mode not in AP_MODES:
-        raise ValueError(f"ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
-    tpr_target = float(tpr_target)
-    if not (0.0 < tpr_target <= 1.0) or (fpr_mode == "strict" and tpr_target >= 1.0):
-        raise ValueError(f"tpr_target must be in (0, 1] ((0, 1) for fpr_mode='strict'), got {tpr_target}")
+    tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
+    pos, neg, lo, hi, tied = check_groups(pos, neg, thr_lo, thr_hi, tied)
+    exact = bool(exact)
+    tied = np.ones(lo.size, bool) if exact else tied  # tie groups: nothing unknown inside
+    P, N = int(pos.sum()), int(neg.sum())
+    sums = (group_sums(pos, neg, tied, exact=exact, fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
+            if P > 0 else None)
+    return result_from_sums(P, N, sums, lambda g: (float(lo[g]), float(hi[g])), exact=exact, fpr_mode=fpr_mode,
+                            ap_mode=ap_mode, tpr_target=tpr_target, groups=(pos, neg, lo, hi))
+
+
+def check_groups(pos, neg, thr_lo, thr_hi, tied=None):
+    """A group table checked (equal lengths, integer non-negative counts, descending,
+    thr_lo <= thr_hi) and compacted (empty groups dropped): (pos, neg, lo, hi, tied)."""
     pos = np.asarray(pos).ravel()
     neg = np.asarray(neg).ravel()
     lo = np.asarray(thr_lo, dtype=np.float64).ravel()
@@ -441,34 +462,38 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
         raise ValueError("groups must be sorted by descending score (thr_lo non-increasing)")
     if np.any(lo > hi):
         raise ValueError("thr_lo must be <= thr_hi for every group")
-    exact = bool(exact)
-    tied = np.ones(lo.size, bool) if exact else tied  # tie groups: nothing unknown inside
+    return pos, neg, lo, hi, tied
 
+
+@dataclass
+class GroupSums:
+    """What one pass over a group table with P > 0 yields, before the result's clipping,
+    intervals and degenerate cases (result_from_sums). Written by group_sums (NumPy, the
+    spec) and by the compiled histogram finalization (csrc/cpu/finalize_cpu.cpp), which
+    must agree with it to rounding. Unused fields stay NaN / -1: auroc*, fpr95* when N = 0,
+    ap_lower / ap_upper in exact mode."""
+
+    n_groups: int
+    auroc: float = _NAN          # sum_g n (a + p/2) / (P N), unclipped
+    auroc_half: float = _NAN     # 0.5 sum over non-tie groups of p n / (P N)
+    ap: float = _NAN             # step or trapezoid sum, unclipped
+    ap_lower: float = _NAN
+    ap_upper: float = _NAN
+    fpr95: float = _NAN          # point value, unclipped
+    fpr95_lower: float = _NAN
+    fpr95_upper: float = _NAN
+    fpr95_group: int = -1        # the crossing group (position in the table)
+    fpr95_tied: bool = False     # whether that group is a tie group
+    f1: float = _NAN             # best F1
+    f1_upper: float = _NAN       # max over groups of the F1 upper bound
+    f1_group: int = -1           # the best F1's group (first maximum)
+    all_tied: bool = False
+
+
+def group_sums(pos, neg, tied, *, exact: bool, fpr_mode: str, ap_mode: str, tpr_target: float) -> GroupSums:
+    """The formulas of the module docstring on a checked table (check_groups) with P > 0."""
     P, N = int(pos.sum()), int(neg.sum())
-    res = MetricResult(n_pos=P, n_neg=N, exact=exact,
-                       definitions=_definitions(fpr_mode, ap_mode, tpr_target, exact),
-                       _groups=(pos, neg, lo, hi))
-    nanb = (_NAN, _NAN)
-
-    def undefined(msg, names):
-        res.warnings.append(msg)
-        _warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        for k in names:
-            setattr(res, k, _NAN)
-            res.bounds[k] = nanb
-
-    if P == 0:
-        if N == 0:
-            res.warnings.append("no valid pixels")
-        undefined("no anomaly (positive) pixels: auroc, ap and fpr95 are undefined (NaN); "
-                  "f1 = 0 at threshold +inf (flag nothing)", ("auroc", "ap", "fpr95"))
-        res.f1, res.threshold = 0.0, math.inf
-        res.bounds["f1"] = (0.0, 0.0)
-        res.bounds["threshold"] = (math.inf, math.inf)
-        res.fpr95_threshold = _NAN
-        res.bounds["fpr95_threshold"] = nanb
-        return _ordered(res)
-
+    s = GroupSums(n_groups=int(pos.size))
     # cumulative counts: a, f before the group; tp, fp including it
     tp = np.cumsum(pos)
     fp = np.cumsum(neg)
@@ -479,37 +504,29 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
     pf, nf = pos.astype(np.float64), neg.astype(np.float64)
 
     # ---- AUROC
-    if N == 0:
-        undefined("no normal (negative) pixels: auroc and fpr95 are undefined (NaN)", ("auroc", "fpr95"))
-    else:
-        auroc = float(np.sum((nf / Nf) * (af + 0.5 * pf)) / Pf)
-        half = 0.5 * float(np.sum(np.where(tied, 0.0, (pf / Pf) * (nf / Nf))))
-        res.auroc = min(max(auroc, 0.0), 1.0)
-        res.bounds["auroc"] = _interval(auroc - half, auroc + half, exact, res.auroc)
+    if N > 0:
+        s.auroc = float(np.sum((nf / Nf) * (af + 0.5 * pf)) / Pf)
+        s.auroc_half = 0.5 * float(np.sum(np.where(tied, 0.0, (pf / Pf) * (nf / Nf))))
 
     # ---- AP
     prec = tpf / (tpf + fpf)
     w = pf / Pf
     if ap_mode == "step":
-        ap = float(np.sum(w * prec))
+        s.ap = float(np.sum(w * prec))
         if not exact:
-            lower = float(np.sum(np.where(tied, w * prec, _ap_step_lower_terms(a, f, pos, neg) / Pf)))
-            upper = float(np.sum(np.where(tied, w * prec,
-                                          w * np.where(pos > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 0.0))))
+            s.ap_lower = float(np.sum(np.where(tied, w * prec, _ap_step_lower_terms(a, f, pos, neg) / Pf)))
+            s.ap_upper = float(np.sum(np.where(tied, w * prec,
+                                               w * np.where(pos > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 0.0))))
     else:
         prev = np.concatenate(([1.0], prec[:-1]))
-        ap = float(np.sum(w * 0.5 * (prev + prec)))
+        s.ap = float(np.sum(w * 0.5 * (prev + prec)))
         if not exact:
             K = af + ff + nf
             pmin = np.where(K > 0, af / np.maximum(K, 1.0), 1.0)
             pmax = np.maximum(np.where(af + ff + pf > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 1.0), prev)
             exact_seg = 0.5 * (prev + prec)
-            lower = float(np.sum(w * np.where(tied, exact_seg, pmin)))
-            upper = float(np.sum(w * np.where(tied, exact_seg, pmax)))
-    if N == 0:
-        ap, lower, upper = 1.0, 1.0, 1.0  # every precision is 1 (avoid rounding of the sum)
-    res.ap = min(max(ap, 0.0), 1.0)
-    res.bounds["ap"] = (res.ap, res.ap) if exact else _interval(lower, upper, False, res.ap)
+            s.ap_lower = float(np.sum(w * np.where(tied, exact_seg, pmin)))
+            s.ap_upper = float(np.sum(w * np.where(tied, exact_seg, pmax)))
 
     # ---- FPR at tpr_target
     if N > 0:
@@ -529,26 +546,91 @@ def metrics_from_groups(pos, neg, thr_lo, thr_hi, *, exact: bool = False, fpr_mo
         elif tied[g1]:
             val = blo = bhi = float(fp[g1]) / Nf
         else:
-            k = _min_count_ratio(P, tpr_target, fpr_mode == "strict") - int(a[g1])
-            val = (float(f[g1]) + k * float(neg[g1]) / (float(pos[g1]) + 1.0)) / Nf
+            val = fpr_inside_bin(P, N, int(a[g1]), int(f[g1]), int(pos[g1]), int(neg[g1]), tpr_target,
+                                 fpr_mode == "strict")
             blo, bhi = float(f[g1]) / Nf, float(fp[g1]) / Nf
-        res.fpr95 = min(max(val, 0.0), 1.0)
-        res.bounds["fpr95"] = _interval(blo, bhi, exact or (fpr_mode != "interp" and tied[g1]), res.fpr95)
-        res.fpr95_threshold = float(lo[g1])
-        res.bounds["fpr95_threshold"] = (float(lo[g1]), float(hi[g1]))
+        s.fpr95, s.fpr95_lower, s.fpr95_upper = val, blo, bhi
+        s.fpr95_group, s.fpr95_tied = g1, bool(tied[g1])
+
+    # ---- best F1 (np.argmax: first maximum = highest threshold)
+    f1 = 2.0 * tpf / (tpf + fpf + Pf)
+    s.f1_group = int(np.argmax(f1))
+    s.f1 = float(f1[s.f1_group])
+    s.f1_upper = float(np.max(np.where(tied, f1, 2.0 * (af + pf) / (Pf + af + pf + ff))))
+    s.all_tied = bool(tied.all())
+    return s
+
+
+def fpr_inside_bin(P: int, N: int, a: int, f: int, p: int, n: int, tpr_target: float, strict: bool) -> float:
+    """The point FPR when the crossing group (a positives and f negatives above it, p and
+    n inside) is a bin of several values: its positives and negatives interleaved at
+    random, the FP count expected before the k-th positive it must contribute."""
+    k = _min_count_ratio(P, tpr_target, strict) - a
+    return (float(f) + k * float(n) / (float(p) + 1.0)) / float(N)
+
+
+def result_from_sums(P: int, N: int, s: GroupSums | None, lo_hi, *, exact: bool, fpr_mode: str, ap_mode: str,
+                     tpr_target: float, groups=None, stacklevel: int = 4) -> MetricResult:
+    """The MetricResult of a table's sums (None when P == 0): clipping, intervals, the
+    degenerate cases and their warnings. lo_hi(g) -> (thr_lo, thr_hi) of group g;
+    groups: the table kept for the curves (or a callable returning it, computed on
+    first use)."""
+    res = MetricResult(n_pos=P, n_neg=N, exact=exact,
+                       definitions=_definitions(fpr_mode, ap_mode, tpr_target, exact), _groups=groups)
+    nanb = (_NAN, _NAN)
+
+    def undefined(msg, names):
+        res.warnings.append(msg)
+        _warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+        for k in names:
+            setattr(res, k, _NAN)
+            res.bounds[k] = nanb
+
+    if P == 0:
+        if N == 0:
+            res.warnings.append("no valid pixels")
+        undefined("no anomaly (positive) pixels: auroc, ap and fpr95 are undefined (NaN); "
+                  "f1 = 0 at threshold +inf (flag nothing)", ("auroc", "ap", "fpr95"))
+        res.f1, res.threshold = 0.0, math.inf
+        res.bounds["f1"] = (0.0, 0.0)
+        res.bounds["threshold"] = (math.inf, math.inf)
+        res.fpr95_threshold = _NAN
+        res.bounds["fpr95_threshold"] = nanb
+        return _ordered(res)
+
+    # ---- AUROC
+    if N == 0:
+        undefined("no normal (negative) pixels: auroc and fpr95 are undefined (NaN)", ("auroc", "fpr95"))
+    else:
+        res.auroc = min(max(s.auroc, 0.0), 1.0)
+        res.bounds["auroc"] = _interval(s.auroc - s.auroc_half, s.auroc + s.auroc_half, exact, res.auroc)
+
+    # ---- AP
+    ap, lower, upper = s.ap, s.ap_lower, s.ap_upper
+    if N == 0:
+        ap, lower, upper = 1.0, 1.0, 1.0  # every precision is 1 (avoid rounding of the sum)
+    res.ap = min(max(ap, 0.0), 1.0)
+    res.bounds["ap"] = (res.ap, res.ap) if exact else _interval(lower, upper, False, res.ap)
+
+    # ---- FPR at tpr_target
+    if N > 0:
+        res.fpr95 = min(max(s.fpr95, 0.0), 1.0)
+        res.bounds["fpr95"] = _interval(s.fpr95_lower, s.fpr95_upper,
+                                        exact or (fpr_mode != "interp" and s.fpr95_tied), res.fpr95)
+        glo, ghi = lo_hi(s.fpr95_group)
+        res.fpr95_threshold = glo
+        res.bounds["fpr95_threshold"] = (glo, ghi)
     else:
         res.fpr95_threshold = _NAN
         res.bounds["fpr95_threshold"] = nanb
 
-    # ---- best F1 (np.argmax: first maximum = highest threshold)
-    f1 = 2.0 * tpf / (tpf + fpf + Pf)
-    b = int(np.argmax(f1))
-    res.f1 = float(f1[b])
-    res.threshold = float(lo[b])
-    f1_hi = float(np.max(np.where(tied, f1, 2.0 * (af + pf) / (Pf + af + pf + ff))))
-    res.bounds["f1"] = _interval(res.f1, max(f1_hi, res.f1), exact or bool(tied.all()), res.f1)
-    res.bounds["threshold"] = (float(lo[b]), float(hi[b]))
-    if lo.size == 1:
+    # ---- best F1
+    glo, ghi = lo_hi(s.f1_group)
+    res.f1 = s.f1
+    res.threshold = glo
+    res.bounds["f1"] = _interval(res.f1, max(s.f1_upper, res.f1), exact or s.all_tied, res.f1)
+    res.bounds["threshold"] = (glo, ghi)
+    if s.n_groups == 1:
         res.warnings.append("all scores are equal: the ranking carries no information" if exact else
                             "all pixels fall in one bin: the bounds are uninformative")
     return _ordered(res)

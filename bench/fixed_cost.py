@@ -74,6 +74,19 @@ def main():
     print(f"| resident histogram memory after allocation / after the pass | {rss_alloc:.1f} / {rss_pass:.1f} MiB "
           f"({rss_pass / M:.1f} MiB per method) |")
 
+    # where the fixed cost goes: the fresh state's first touch (page faults, zeroing) and
+    # release, the read-out of the state into Histograms, their finalization
+    from anomfast.histogram import histograms_from_state
+    t_fresh = best_of(lambda: _fused.fused_pass(x, y, spec, hist=_fused.new_histogram(M, "cpu")), 10)
+    hists = histograms_from_state(pre, spec.names, spec.params_of)
+    t_read = best_of(lambda: histograms_from_state(pre, spec.names, spec.params_of), 10)
+    t_fin = best_of(lambda: [h.finalize() for h in hists.values()], 10)
+    bins = sum(h.index.size for h in hists.values())
+    print(f"| of which: pass into a fresh state (allocate, first touch, free) - preallocated pass | "
+          f"{1e3 * (t_fresh - t_pass):.1f} ms |")
+    print(f"| of which: read-out of the state into {M} Histograms ({bins} non-empty bins) | {1e3 * t_read:.2f} ms |")
+    print(f"| of which: finalization of the {M} Histograms | {1e3 * t_fin:.2f} ms |")
+
     # finalization against the bins touched: scores spread over more and more octaves
     if hasattr(anomfast.Histogram, "from_scores"):
         rng = np.random.default_rng(0)

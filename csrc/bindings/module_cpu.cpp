@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../cpu/dispatch.h"
+#include "../cpu/finalize_cpu.h"
 #include "register_args.h"
 
 namespace py = pybind11;
@@ -40,6 +41,27 @@ PYBIND11_MODULE(_C, m) {
         "One fused pass: scores -> histograms (+ optional coordinate maps).");
   m.def("fit_sml", &fit_sml_cpu, py::arg("args"), py::call_guard<py::gil_scoped_release>(),
         "SML fitting pass: per predicted class count / sum / sum of squares of the max logit.");
+  m.def("sparse_readout", &sparse_readout_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Per method the ascending non-empty bins of a histogram state (finalize_cpu.h).");
+  m.def("finalize_hist", &finalize_hist_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Histogram finalization sums of one group table (finalize_cpu.h).");
+  m.def("bin_bounds", &bin_bounds_cpu, "(lo, hi) coordinates of one bin given its tie signature (finalize_cpu.h).");
+  // finalize_hist's conventions and output slots, by name (finalize_cpu.h)
+  m.attr("FIN_FPR_MODES") = py::dict(py::arg("first") = (int)FIN_FIRST, py::arg("strict") = (int)FIN_STRICT,
+                                     py::arg("interp") = (int)FIN_INTERP);
+  m.attr("FIN_AP_MODES") = py::dict(py::arg("step") = (int)FIN_STEP, py::arg("trapezoid") = (int)FIN_TRAPEZOID);
+  m.attr("FIN_OUT") = py::dict(
+      py::arg("auroc") = (int)FIN_AUROC, py::arg("auroc_half") = (int)FIN_AUROC_HALF, py::arg("ap") = (int)FIN_AP,
+      py::arg("ap_lower") = (int)FIN_AP_LOWER, py::arg("ap_upper") = (int)FIN_AP_UPPER,
+      py::arg("fpr95") = (int)FIN_FPR, py::arg("fpr95_lower") = (int)FIN_FPR_LOWER,
+      py::arg("fpr95_upper") = (int)FIN_FPR_UPPER, py::arg("f1") = (int)FIN_F1,
+      py::arg("f1_upper") = (int)FIN_F1_UPPER, py::arg("size") = (int)FIN_NF);
+  m.attr("FIN_IOUT") = py::dict(
+      py::arg("P") = (int)FIN_P, py::arg("N") = (int)FIN_N, py::arg("groups") = (int)FIN_GROUPS,
+      py::arg("fpr95_row") = (int)FIN_FPR_ROW, py::arg("fpr95_tied") = (int)FIN_FPR_TIED,
+      py::arg("fpr95_a") = (int)FIN_FPR_A, py::arg("fpr95_f") = (int)FIN_FPR_F,
+      py::arg("fpr95_pos") = (int)FIN_FPR_POS, py::arg("fpr95_neg") = (int)FIN_FPR_NEG,
+      py::arg("f1_row") = (int)FIN_F1_ROW, py::arg("all_tied") = (int)FIN_ALL_TIED, py::arg("size") = (int)FIN_NI);
   m.def("build_info", &build_info);
 
   bindings::register_constants(m);

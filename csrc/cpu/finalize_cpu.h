@@ -1,0 +1,64 @@
+// From the fused core's histogram buffers to metrics: the sparse read-out of a HistState
+// and the histogram finalization of anomfast.metrics (its NumPy code is the spec; this
+// is the same arithmetic in one pass, for the fixed cost of evaluate()). Python
+// (anomfast/histogram.py) checks every buffer and passes pointers as integers.
+//
+// sparse_readout: hist int64 (M, 2, NBINS), sig uint32 (M, 2, NBINS), occ uint8 [n_occ]
+//   (views.h: FusedArgs) -> per method j < M the ascending bins with a count in either
+//   label row: index, normal, anomaly, sig (int64[capacity[j]] each, at the addresses
+//   outputs[j][0..3]; sig the uint32 OR of both rows' signatures), and meta[j] (int64[4]):
+//   the number of bins, the total normal and anomaly counts (exact, saturated at
+//   2^62 + 1: larger totals are refused by the caller), and 1 if some count is negative
+//   (a corrupt state) else 0. capacity[j]: at least the occupied blocks of method j's
+//   two rows * 2^OCC_SHIFT (each non-empty bin has a slot in one). Methods run in
+//   parallel (OpenMP). Returns 0, or -1 when a capacity is too small (the outputs are
+//   then incomplete).
+//
+// finalize_hist: a group table of n rows, pos / neg int64[n] (non-negative counts summing
+//   to at most 2^62), with per row either tied uint8[n] or sig int64[n] (tied where
+//   exact_values and the signature shows one value) or neither (no tie groups).
+//   descending != 0: row 0 is the highest score; else the rows ascend (a Histogram's
+//   sparse arrays, bins as index) and are walked from the last. Runs of rows without
+//   positives are merged and empty groups dropped, as anomfast.histogram.finalize_coords
+//   and metrics_from_groups do. fpr_mode: FinFprMode, ap_mode: FinApMode. A table of at least split_min_rows rows is walked in two halves on two
+//   OpenMP threads. Outputs (anomfast.metrics.GroupSums, exact=False):
+//     out  double[FIN_NF]: the FinOut fields below (NaN where not computed)
+//     iout int64[FIN_NI]: the FinIOut fields below (rows index the input arrays)
+//   Returns 0, or -1 when a chosen group is not a single row (cannot happen for a
+//   checked table: the caller raises).
+#pragma once
+#include <cstdint>
+#include <utility>
+
+namespace anomfast {
+
+enum FinFprMode : int32_t { FIN_FIRST = 0, FIN_STRICT = 1, FIN_INTERP = 2 };  // metrics.FPR_MODES
+enum FinApMode : int32_t { FIN_STEP = 0, FIN_TRAPEZOID = 1 };                 // metrics.AP_MODES
+enum FinOut : int32_t {
+  FIN_AUROC = 0, FIN_AUROC_HALF, FIN_AP, FIN_AP_LOWER, FIN_AP_UPPER,
+  FIN_FPR, FIN_FPR_LOWER, FIN_FPR_UPPER, FIN_F1, FIN_F1_UPPER, FIN_NF
+};
+enum FinIOut : int32_t {
+  FIN_P = 0, FIN_N, FIN_GROUPS,
+  FIN_FPR_ROW,      // the crossing group's row (-1 when N == 0)
+  FIN_FPR_TIED,
+  FIN_FPR_A, FIN_FPR_F, FIN_FPR_POS, FIN_FPR_NEG,  // its TP / FP before it and its counts:
+                                                   // Python finishes a non-tie first/strict value
+  FIN_F1_ROW, FIN_ALL_TIED, FIN_NI
+};
+
+// bin_bounds: (lo, hi) coordinates of bin `index` with OR-ed signature `sig` (uint32 in an
+//   int64): its smallest / largest float32 value (float64), both the one value it holds
+//   where the signature shows a single value (anomfast.histogram._bin_lo_hi: binning.py's
+//   bin_edges / bin_value, which the tests check it against bin for bin).
+using BinBounds = std::pair<double, double>;
+BinBounds bin_bounds_cpu(int64_t index, int64_t sig);
+
+int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr);
+
+int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t tied_ptr, int64_t sig_ptr,
+                          int64_t exact_values, int64_t descending, int64_t fpr_mode, int64_t ap_mode,
+                          double tpr_target, int64_t split_min_rows, int64_t out_ptr, int64_t iout_ptr);
+
+}  // namespace anomfast

@@ -1,0 +1,293 @@
+"""The compiled histogram path (csrc/cpu/finalize_cpu.cpp) against its NumPy spec: the
+sparse read-out of a HistState against the host-side split, the bin bounds against
+anomfast.binning, and Histogram.finalize / finalize_coords against metrics_from_groups
+(Histogram._finalize_reference, histogram._finalize_coords_reference) on random and
+adversarial group tables: every metric and bound to 1e-12, thresholds, counts, warnings,
+definitions and curves identical."""
+from __future__ import annotations
+
+import contextlib
+import math
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import anomfast
+from anomfast import _fused, binning, histogram
+from anomfast._core import _C
+from anomfast.histogram import OCC_BLOCK, HistState, Histogram
+from anomfast.methods import resolve
+from anomfast.metrics import AP_MODES, FPR_MODES, METRIC_NAMES
+
+from conftest import random_labels, random_logits
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TOL = 1e-12
+CONVENTIONS = [dict(fpr_mode=f, ap_mode=a, tpr_target=t)
+               for f in ("first", "strict", "interp") for a in ("step", "trapezoid")
+               for t in (0.95, 0.5, 1.0, 1e-9, 0.999999) if not (f == "strict" and t >= 1.0)]
+THRESHOLDS = ("threshold", "fpr95_threshold")
+
+
+def _same_number(x, y, tol):
+    if math.isnan(x) or math.isnan(y):
+        return math.isnan(x) and math.isnan(y)
+    return x == y or abs(x - y) <= tol
+
+
+def _run(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = fn()
+    return r, [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+
+
+def assert_same_result(fast, ref):
+    (a, wa), (b, wb) = fast, ref
+    for k in METRIC_NAMES:
+        tol = 0.0 if k in THRESHOLDS else TOL  # thresholds are chosen, not computed
+        assert _same_number(getattr(a, k), getattr(b, k), tol), (k, getattr(a, k), getattr(b, k))
+        for x, y in zip(a.bounds[k], b.bounds[k]):
+            assert _same_number(x, y, tol), (k, a.bounds[k], b.bounds[k])
+    assert list(a.bounds) == list(b.bounds)
+    assert (a.n_pos, a.n_neg, a.exact, a.method, a.params) == (b.n_pos, b.n_neg, b.exact, b.method, b.params)
+    assert type(a.n_pos) is int and type(a.n_neg) is int
+    assert a.definitions == b.definitions
+    assert a.warnings == b.warnings and wa == wb
+    for u, v in zip(a._table(), b._table()):
+        assert u.dtype == v.dtype and np.array_equal(u, v)
+    for cu, cv in ((a.roc_curve(), b.roc_curve()), (a.pr_curve(), b.pr_curve())):
+        for u, v in zip(cu, cv):
+            assert np.array_equal(u, v, equal_nan=True)
+
+
+@contextlib.contextmanager
+def split_at(rows):
+    """Tables of at least `rows` rows finalized in two halves (two threads)."""
+    old, histogram.SPLIT_MIN_ROWS = histogram.SPLIT_MIN_ROWS, rows
+    try:
+        yield
+    finally:
+        histogram.SPLIT_MIN_ROWS = old
+
+
+def check_histogram(h: Histogram, conventions=CONVENTIONS):
+    for conv in conventions:
+        ref = _run(lambda: h._finalize_reference(**conv))
+        for rows in (histogram.SPLIT_MIN_ROWS, 2):  # as shipped; every table cut in two
+            with split_at(rows):
+                assert_same_result(_run(lambda: h.finalize(**conv)), ref)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+_SINGLE_SIGS = [int(s) for s in binning.bin_sig(np.array([1.0, 1.0001, -3.25, 7e-3, 0.0], np.float32))]
+
+
+@st.composite
+def histograms(draw):
+    n = draw(st.integers(1, 40))
+    index = np.array(sorted(draw(st.sets(st.integers(0, binning.NBINS - 1), min_size=n, max_size=n))), np.int64)
+    big = draw(st.booleans())
+    count = st.one_of(st.just(0), st.integers(1, 5), st.integers(0, 2 ** 40 if big else 1000))
+    normal = np.array(draw(st.lists(count, min_size=n, max_size=n)), np.int64)
+    anomaly = np.array(draw(st.lists(count, min_size=n, max_size=n)), np.int64)
+    sig = np.array(draw(st.lists(st.one_of(st.sampled_from(_SINGLE_SIGS), st.integers(0, 2 ** 32 - 1)),
+                                 min_size=n, max_size=n)), np.int64)
+    method = draw(st.sampled_from(["max_logit", "msp", "energy", "custom"]))
+    params = {"float32_exact": True} if method == "custom" and draw(st.booleans()) else {}
+    return Histogram(method, index, normal, anomaly, sig, params)
+
+
+@st.composite
+def tables(draw):
+    """Descending coordinate tables with ties, empty groups, huge counts, tie flags."""
+    n = draw(st.integers(1, 40))
+    lo = np.sort(np.array(draw(st.lists(st.sampled_from([-2.0, -1.0, 0.0, 0.5, 0.5, 1.0, 3.0, 1e30]),
+                                        min_size=n, max_size=n))))[::-1].copy()
+    width = np.array(draw(st.lists(st.sampled_from([0.0, 0.0, 1e-3, 0.25]), min_size=n, max_size=n)))
+    big = draw(st.booleans())
+    count = st.one_of(st.just(0), st.integers(1, 5), st.integers(0, 2 ** 40 if big else 1000))
+    pos = np.array(draw(st.lists(count, min_size=n, max_size=n)), np.int64)
+    neg = np.array(draw(st.lists(count, min_size=n, max_size=n)), np.int64)
+    tied = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n))) | (width == 0) & draw(st.booleans())
+    return pos, neg, lo, lo + width, tied
+
+
+# ----------------------------------------------------------------------------- finalization
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histograms(), st.sampled_from(CONVENTIONS))
+def test_histogram_finalize_matches_spec(h, conv):
+    check_histogram(h, [conv])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tables(), st.sampled_from(CONVENTIONS), st.sampled_from(["energy", "msp"]))
+def test_finalize_coords_matches_spec(t, conv, method):
+    ref = _run(lambda: histogram._finalize_coords_reference(method, {"T": 1}, *t, **conv))
+    for rows in (histogram.SPLIT_MIN_ROWS, 2):
+        with split_at(rows):
+            assert_same_result(_run(lambda: histogram.finalize_coords(method, {"T": 1}, *t, **conv)), ref)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.floats(1e-6, 1.0), st.sampled_from(["first", "strict", "interp"]), st.sampled_from(["step", "trapezoid"]),
+       histograms())
+def test_any_tpr_target(target, fpr_mode, ap_mode, h):
+    if fpr_mode == "strict" and target >= 1.0:
+        target = 0.5
+    check_histogram(h, [dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=target)])
+
+
+def _hist(normal, anomaly, sig=None, method="max_logit", start=binning.NMAG + 5000):
+    n = len(normal)
+    return Histogram(method, np.arange(start, start + n), np.array(normal, np.int64), np.array(anomaly, np.int64),
+                     np.zeros(n, np.int64) if sig is None else np.array(sig, np.int64))
+
+
+@pytest.mark.parametrize("normal,anomaly", [
+    ([], []),                                  # no pixels
+    ([5, 0, 3], [0, 0, 0]),                    # no positives
+    ([0, 0], [4, 1]),                          # no negatives
+    ([7], [3]),                                # one bin
+    ([0, 7, 0], [0, 3, 0]),                    # one non-empty bin among empty ones
+    ([2 ** 40] * 5, [2 ** 40, 0, 1, 2 ** 40, 3]),  # huge counts
+    ([1, 0, 0, 4, 0, 9], [0, 0, 0, 0, 0, 1]),  # leading and inner runs without positives
+    ([0, 3, 3, 3], [1, 0, 0, 0]),              # the only positives first
+])
+@pytest.mark.parametrize("tie", [False, True])
+def test_degenerate_and_adversarial(normal, anomaly, tie):
+    sig = [_SINGLE_SIGS[0] if tie else 0xFFFFFFFF] * len(normal)
+    check_histogram(_hist(normal, anomaly, sig))
+    check_histogram(_hist(normal, anomaly, sig, method="energy"))
+
+
+def test_table_kept_only_when_asked_and_pickles():
+    h = _hist([3, 1, 4, 1, 5], [0, 2, 0, 0, 1], method="msp")
+    r = h.finalize()
+    assert callable(r._groups)  # not computed by finalize
+    r2 = pickle.loads(pickle.dumps(r))
+    assert_same_result((r2, []), (h._finalize_reference(), []))
+    assert not callable(r2._groups)
+
+
+def test_compiled_conventions_are_the_spec_s():
+    assert set(_C.FIN_FPR_MODES) == set(FPR_MODES) and set(_C.FIN_AP_MODES) == set(AP_MODES)
+    assert len(set(_C.FIN_FPR_MODES.values())) == len(FPR_MODES)
+
+
+def test_exact_flag_runs_the_spec():
+    h = _hist([3, 1, 4], [0, 2, 1])
+    r = h.finalize(exact=True)
+    assert r.exact and r.bounds["auroc"] == (r.auroc, r.auroc)
+
+
+def test_bad_conventions_raise_like_the_spec():
+    h = _hist([3, 1], [1, 2])
+    for bad in (dict(fpr_mode="nope"), dict(ap_mode="nope"), dict(tpr_target=0.0), dict(fpr_mode="strict", tpr_target=1.0)):
+        with pytest.raises(ValueError) as e1:
+            h.finalize(**bad)
+        with pytest.raises(ValueError) as e2:
+            h._finalize_reference(**bad)
+        assert str(e1.value) == str(e2.value)
+
+
+def test_evaluate_histograms_match_spec(rng):
+    x = random_logits(rng, 2, 7, 48, 64)
+    y = random_labels(rng, 2, 48, 64)
+    x16 = x.to(torch.float16)  # fp16 logits: many exact tie groups for max_logit
+    for xi in (x, x16):
+        res = anomfast.evaluate(xi, y, methods=("max_logit", "msp", "energy", "entropy"))
+        for h in res.histograms.values():
+            check_histogram(h)
+            assert_same_result(_run(lambda: res[h.method]), _run(lambda: h._finalize_reference()))
+
+
+# ----------------------------------------------------------------------------- bin bounds
+
+def test_bin_bounds_match_binning():
+    nb, nm = binning.NBINS, binning.NMAG
+    special = np.concatenate([np.arange(0, 40), np.arange(nm - 40, nm + 40), np.arange(nb - 40, nb),
+                              np.arange(23 << binning.MANT_BITS, (23 << binning.MANT_BITS) + 4) + nm,
+                              nm - 1 - (np.arange(23 << binning.MANT_BITS, (23 << binning.MANT_BITS) + 4))])
+    g = np.random.default_rng(0)
+    index = np.concatenate([special, g.integers(0, nb, 40000)])
+    for sig in (0, 0xFFFFFFFF, *_SINGLE_SIGS, int(g.integers(0, 2 ** 32))):
+        s = np.full(index.size, sig, np.int64)
+        lo, hi, _ = histogram._bin_lo_hi(index, s)
+        got = np.array([_C.bin_bounds(int(i), sig) for i in index])
+        assert np.array_equal(got[:, 0], lo) and np.array_equal(got[:, 1], hi), sig
+
+
+# ----------------------------------------------------------------------------- read-out
+
+def _random_state(g, n_methods, n_slots, big=False):
+    st_ = HistState.new(n_methods, "cpu")
+    total = n_methods * 2 * binning.NBINS
+    # around the rows' edges (blocks straddling two rows) and anywhere
+    edges = np.arange(1, 2 * n_methods) * binning.NBINS
+    near = (edges[:, None] + np.arange(-70, 70)[None, :]).ravel()
+    slots = np.unique(np.concatenate([g.choice(near, n_slots // 2), g.integers(0, total, n_slots),
+                                      [0, total - 1]]))
+    counts = g.integers(1, 2 ** 40 if big else 50, slots.size)
+    sigs = g.integers(-2 ** 31, 2 ** 31, slots.size).astype(np.int32)
+    st_.hist.view(-1)[torch.from_numpy(slots)] = torch.from_numpy(counts)
+    st_.sig.view(-1)[torch.from_numpy(slots)] = torch.from_numpy(sigs)
+    st_.occ[torch.from_numpy(np.unique(slots >> binning.OCC_SHIFT))] = 1
+    # occupied blocks without counts (cleared, or a flush that added zero) are harmless
+    st_.occ[torch.from_numpy(g.integers(0, st_.occ.numel(), 50))] = 1
+    return st_
+
+
+@pytest.mark.parametrize("n_methods", [1, 3, 8])
+@pytest.mark.parametrize("big", [False, True])
+def test_readout_matches_host_split(n_methods, big):
+    g = np.random.default_rng(n_methods)
+    state = _random_state(g, n_methods, 3000, big)
+    fast, ref = state.sparse(), state._sparse_host()
+    for a, b in zip(fast, ref):
+        for u, v in zip(a, b):
+            assert u.dtype == np.int64 and np.array_equal(u, v)
+    for t in state._readout():
+        assert t[4] == (int(t[1].sum()), int(t[2].sum()))
+
+
+def test_readout_of_a_pass_and_empty_state(rng):
+    x = random_logits(rng, 1, 5, 40, 56)
+    y = random_labels(rng, 1, 40, 56)
+    h, _, _ = _fused.fused_pass(x, y, resolve(("max_logit", "energy", "gen")))
+    for a, b in zip(h.sparse(), h._sparse_host()):
+        assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    empty = HistState.new(2, "cpu")
+    assert all(t[0].size == 0 for t in empty.sparse())
+
+
+def test_readout_refuses_corrupt_counts():
+    state = HistState.new(2, "cpu")
+    state.hist[1, 0, 7] = -3
+    state.occ[(2 * binning.NBINS + 7) >> binning.OCC_SHIFT] = 1
+    with pytest.raises(ValueError, match="negative counts"):
+        histogram.histograms_from_state(state, ["a", "b"], lambda n: {})
+    state = HistState.new(1, "cpu")
+    state.hist[0, 0, 7] = 2 ** 62
+    state.hist[0, 1, 9] = 2 ** 62
+    state.occ[7 >> binning.OCC_SHIFT] = 1
+    state.occ[(binning.NBINS + 9) >> binning.OCC_SHIFT] = 1
+    assert state._readout()[0][4] == (2 ** 62, 2 ** 62)
+    with pytest.raises(ValueError, match="more than 2\\^62"):
+        histogram.histograms_from_state(state, ["a"], lambda n: {})
+
+
+def test_readout_checks_buffers():
+    state = HistState.new(2, "cpu")
+    state.sig = state.sig[:1]
+    with pytest.raises(ValueError, match="tie signatures"):
+        state.sparse()
+    assert OCC_BLOCK == 1 << int(_C.OCC_SHIFT)
