@@ -64,9 +64,11 @@ def bin_sig(t) -> np.ndarray:
 
 
 def sig_single(sig) -> np.ndarray:
-    """True where a bin's OR-ed signature says all its values are one value."""
+    """True where a bin's OR-ed signature says all its values are one value. A kept
+    signature is never 0; 0 means none was kept (methods whose float32 coordinate is not
+    the exact score, empty bins): not a tie."""
     s = np.asarray(sig).astype(np.int64) & 0xFFFFFFFF
-    return ((s & SIG_MASK) & (s >> 16)) == 0
+    return (s != 0) & (((s & SIG_MASK) & (s >> 16)) == 0)
 
 
 def _mag_norm_range(mag: np.ndarray):

@@ -275,3 +275,16 @@ def test_torchmetrics_adapter_state_is_checked():
             print("CLEAN:", e)
         """)
     assert r.returncode == 0 and "CLEAN:" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_threshold_bounds_span_the_bin_for_methods_without_signatures():
+    """msp / energy / sml keep no tie signature (0): their thresholds' bounds are the
+    bin's range, not a point at its lower edge; max_logit of bf16 logits (ties) is a point."""
+    x, y = inputs(10, B=2, H=40, W=50)
+    r = anomfast.evaluate(x, y, methods=["msp", "energy", "max_logit"])
+    for m in ("msp", "energy"):
+        for k in ("threshold", "fpr95_threshold"):
+            lo, hi = r[m].bounds[k]
+            assert lo < hi and lo <= getattr(r[m], k) <= hi, (m, k, r[m].bounds[k])
+    rb = anomfast.evaluate(x.to(torch.bfloat16), y, methods=["max_logit"])["max_logit"]
+    assert rb.bounds["threshold"][0] == rb.bounds["threshold"][1] == rb.threshold

@@ -74,7 +74,9 @@ ANOMFAST_HD uint32_t bin_sig(float t) {
   return d | ((~d & SIG_MASK) << 16);
 }
 
-ANOMFAST_HD bool sig_single(uint32_t s) { return ((s & SIG_MASK) & (s >> 16)) == 0u; }
+// A kept signature is never 0 (each bit position is set in one half or the other); 0
+// means none was kept (FusedArgs.sig_mask clear, an empty bin): not a tie.
+ANOMFAST_HD bool sig_single(uint32_t s) { return s != 0u && ((s & SIG_MASK) & (s >> 16)) == 0u; }
 ANOMFAST_HD uint32_t sig_low(uint32_t s) { return s & SIG_MASK; }
 
 }  // namespace anomfast
