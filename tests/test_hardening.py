@@ -21,6 +21,21 @@ def run_isolated(code: str) -> subprocess.CompletedProcess:
                           timeout=300, cwd="/")
 
 
+def assert_clean_error(setup: str, corrupt: str, call: str = "ev.update(x, y)") -> None:
+    """In a fresh process: setup, then corrupt the state, then `call` must raise a
+    ValueError (printed), never crash with a signal or a heap error."""
+    code = (textwrap.dedent(setup) + "\n" + textwrap.dedent(corrupt) +
+            f"\ntry:\n    {call}\nexcept ValueError as e:\n    print('CLEAN:', e)\n")
+    r = run_isolated(code)
+    assert r.returncode == 0 and "CLEAN:" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+SETUP = """
+import torch, anomfast
+x = torch.randn(1, 5, 6, 7); y = torch.zeros(1, 6, 7, dtype=torch.uint8); y[0, 0, :3] = 1
+"""
+
+
 def inputs(seed=0, B=3, C=5, H=6, W=7):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, H, W, generator=g) * 3
@@ -39,35 +54,19 @@ CORRUPT_STATES = {
 
 @pytest.mark.parametrize("what", sorted(CORRUPT_STATES))
 def test_corrupt_evaluator_buffers_raise_before_the_core(what):
-    r = run_isolated(f"""
-        import torch, anomfast
-        x = torch.randn(1, 5, 6, 7); y = torch.zeros(1, 6, 7, dtype=torch.uint8); y[0, 0, :3] = 1
-        ev = anomfast.Evaluator(methods=["energy", "msp"])
-        ev.update(x, y)
-        st = ev.hist
-        {CORRUPT_STATES[what]}
-        try:
-            ev.update(x, y)
-        except ValueError as e:
-            print("CLEAN:", e)
-        """)
-    assert r.returncode == 0 and "CLEAN:" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert_clean_error(SETUP + """
+ev = anomfast.Evaluator(methods=["energy", "msp"])
+ev.update(x, y)
+st = ev.hist
+""", CORRUPT_STATES[what])
 
 
-@pytest.mark.parametrize("bad", ["short counters", "int32 counters"])
+@pytest.mark.parametrize("bad", ["ev.counters = ev.counters[:2].clone()", "ev.counters = ev.counters.to(torch.int32)"])
 def test_corrupt_counters_raise(bad):
-    r = run_isolated(f"""
-        import torch, anomfast
-        x = torch.randn(1, 5, 6, 7); y = torch.zeros(1, 6, 7, dtype=torch.uint8)
-        ev = anomfast.Evaluator(methods=["energy"])
-        ev.update(x, y)
-        ev.counters = ev.counters[:2].clone() if {bad!r} == "short counters" else ev.counters.to(torch.int32)
-        try:
-            ev.update(x, y)
-        except ValueError as e:
-            print("CLEAN:", e)
-        """)
-    assert r.returncode == 0 and "CLEAN:" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert_clean_error(SETUP + """
+ev = anomfast.Evaluator(methods=["energy"])
+ev.update(x, y)
+""", bad)
 
 
 def test_load_state_dict_validates_everything():
@@ -262,19 +261,11 @@ def test_misaligned_and_extreme_inputs():
 
 def test_torchmetrics_adapter_state_is_checked():
     pytest.importorskip("torchmetrics")
-    r = run_isolated("""
-        import torch, anomfast
-        from anomfast.tm import AnomalyMetrics
-        x = torch.randn(1, 5, 6, 7); y = torch.zeros(1, 6, 7, dtype=torch.uint8); y[0, 0, :3] = 1
-        m = AnomalyMetrics(methods=["energy"])
-        m.update(x, y)
-        m.hist = torch.zeros(1, 2, 100, dtype=torch.int64)   # a foreign / compacted state
-        try:
-            m.update(x, y)
-        except ValueError as e:
-            print("CLEAN:", e)
-        """)
-    assert r.returncode == 0 and "CLEAN:" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert_clean_error(SETUP + """
+from anomfast.tm import AnomalyMetrics
+m = AnomalyMetrics(methods=["energy"])
+m.update(x, y)
+""", "m.hist = torch.zeros(1, 2, 100, dtype=torch.int64)  # a foreign / compacted state", "m.update(x, y)")
 
 
 def test_threshold_bounds_span_the_bin_for_methods_without_signatures():
