@@ -71,6 +71,25 @@ def test_eval_end_to_end_matches_python_api(tmp_path, rng):
     assert doc2["models"][0]["results"]["max_logit"]["auroc"] == doc["models"][0]["results"]["max_logit"]["auroc"]
 
 
+def test_eval_refine_matches_the_python_api(tmp_path, rng):
+    """--refine: the CLI's second pass over the files gives the API's refine=True numbers
+    (FPR95, F1 and both thresholds exact), and the JSON says so."""
+    data = make_grid(tmp_path, rng)
+    out = tmp_path / "out"
+    assert main(["eval", "--grid", str(tmp_path / "grid.toml"), "--out", str(out), "--quiet", "--no-plots",
+                 "--methods", "max_logit,msp,energy", "--refine"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    for m, key in (("Model A", "a"), ("Model B", "b")):
+        api = anomfast.evaluate(torch.stack(data[key]), torch.stack(data["y"]), methods=["max_logit", "msp", "energy"],
+                                refine=True)
+        entry = next(e for e in doc["models"] if e["name"] == m)
+        for meth, r in api.items():
+            got = entry["results"][meth]
+            assert "refine" in got["definitions"]
+            for k in ("fpr95", "f1", "threshold", "fpr95_threshold", "auroc", "ap"):
+                assert float(got[k]) == pytest.approx(getattr(r, k), abs=0, rel=1e-15), (m, meth, k)
+
+
 @pytest.mark.parametrize("breakage, message", [
     ("missing_label", "no logits file"),
     ("wrong_shape", "expected (C, 16, 20)"),
