@@ -19,6 +19,15 @@ for _name, _code in (("uint16", 16), ("uint32", 17)):  # 16-bit label PNGs; torc
         _LABEL_DTYPES[getattr(torch, _name)] = _code
 
 
+def _misaligned(t: torch.Tensor) -> bool:
+    """The buffer does not start on a multiple of its element size. Not asked while
+    torch.compile traces (fake tensors have no address; the op then sees real ones)."""
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if compiling is not None and compiling():
+        return False
+    return t.data_ptr() % t.element_size() != 0
+
+
 def as_logits(x, name: str = "logits") -> torch.Tensor:
     """(B, C, H, W) float tensor. A (C, H, W) array is one image; NumPy arrays are wrapped."""
     if isinstance(x, np.ndarray):
@@ -38,7 +47,7 @@ def as_logits(x, name: str = "logits") -> torch.Tensor:
         x = x.to(torch.float32)  # the core computes in float32; documented in the README
     if x.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 is converted to float32), got {x.dtype}")
-    if x.data_ptr() % x.element_size():
+    if _misaligned(x):
         x = x.clone()  # a misaligned view (e.g. of a NumPy buffer at an odd offset): the core loads whole elements
     if x.shape[1] < 1:
         raise ValueError(f"{name} has C = 0 classes; at least one is needed")
@@ -65,7 +74,7 @@ def as_labels(y, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
     if y.dtype not in _LABEL_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (uint8, uint16, uint32, int8, int16, int32, int64 or bool), "
                         f"got {y.dtype}")
-    if y.data_ptr() % y.element_size():
+    if _misaligned(y):
         y = y.clone()  # a misaligned view (e.g. of a NumPy buffer at an odd offset): the core loads whole elements
     if y.device != logits.device:
         raise ValueError(f"{name} are on {y.device} but logits on {logits.device}; put both on the same device")
@@ -229,6 +238,10 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
     if maps is not None:
         a.maps_ptr = maps.data_ptr()
     check_buffer(counters, "counters", (_core.N_COUNTERS,), torch.int64, dev)
+    for t, what in ((logits, "logits"), (labels, "labels")):
+        if t is not None and _misaligned(t):  # as_logits / as_labels copy these, except inside a compiled graph
+            raise ValueError(f"{what} start at a misaligned address ({t.data_ptr()} is not a multiple of "
+                             f"{t.element_size()}); pass a contiguous copy (.clone())")
     a.counters_ptr = counters.data_ptr()
     a.num_threads = int(num_threads)
     if flush_every:
