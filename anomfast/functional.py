@@ -224,7 +224,6 @@ def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfini
     tie groups: FPR95, best F1 and both thresholds are then scikit-learn's on the exact
     scores; AUROC and AP keep their certified bounds."""
     from . import reference
-    from .metrics import groups_from_scores
     names = list(spec.names)
     tables = {n: hists[n].groups() for n in names}
     runs = {n: _runs(_decisive_groups(hists[n], conventions), tables[n][0].size, REFINE_NEIGHBOURS) for n in names}

@@ -161,12 +161,6 @@ class HistState:
             self.scatter_(blocks, z, z.to(torch.int32))
         self.occ.zero_()
 
-    def add_(self, other: "HistState") -> None:
-        self.check(other.n_methods, other.device)
-        self.hist += other.hist
-        self.sig |= other.sig
-        self.occ |= other.occ
-
     def copy(self) -> "HistState":
         """An independent copy that costs what the occupied blocks cost (a dense clone
         would back every page of the lazily allocated buffers)."""

@@ -55,7 +55,6 @@ def _rss_kib(field: str) -> int:
 
 def run_one(kind: str, n_images: int) -> dict:
     """One configuration in this process; returns seconds (best of a few) and peak RSS."""
-    import numpy as np
     import torch
     sys.path.insert(0, str(HERE))
     import anomfast

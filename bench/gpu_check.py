@@ -514,7 +514,6 @@ def section_timing(g, quick=False):
     # correctness of the timed configuration before timing it
     spec4 = resolve(METHODS4, sml=stats)
     spec6 = resolve(ALL, sml=stats)
-    hist6 = _fused.new_histogram(6, x32.device)
     h6, _, maps6 = _fused.fused_pass(x32[:1], y[:1], spec6, want_maps=True)
     check_state(h6, maps6, y[:1], torch.isfinite(x32[:1]).all(dim=1), "timed configuration", names=spec6.names)
     t_probe = torch.cat([torch.randn(1 << 20, device=x32.device) * 1e3,

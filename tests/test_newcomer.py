@@ -19,7 +19,7 @@ import torch
 
 import anomfast
 from conftest import random_labels, random_logits
-from test_cli import LABELS_TOML, make_grid, make_heat_grid
+from test_cli import make_grid, make_heat_grid
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
