@@ -53,7 +53,7 @@ except ImportError as _exc:
 from .evaluator import Evaluator
 from .functional import Results, evaluate, evaluate_scores, fit_sml, score_maps
 from .heat import HeatStats, fit_heat
-from .histogram import Histogram, load_histograms, save_histograms
+from .histogram import Histogram, load_histograms, release_buffers, save_histograms
 from .labels import LabelMap
 from .methods import CODES as _CODES
 from .sml import SMLStats
@@ -61,7 +61,7 @@ from .sml import SMLStats
 __version__ = str(_core._C.VERSION)
 METHODS = tuple(_CODES)
 
-__all__ = ["Evaluator", "evaluate", "evaluate_scores", "score_maps", "fit_sml", "SMLStats", "fit_heat", "HeatStats", "LabelMap",
+__all__ = ["release_buffers", "Evaluator", "evaluate", "evaluate_scores", "score_maps", "fit_sml", "SMLStats", "fit_heat", "HeatStats", "LabelMap",
            "Histogram", "save_histograms", "load_histograms", "Results", "build_info", "METHODS", "__version__"]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import _fused, binning, protocols
-from .histogram import Histogram, finalize_coords, histograms_from_state
+from .histogram import Histogram, HistState, finalize_coords, histograms_from_state
 from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
 from .methods import CODES, EXTERNAL, coord_to_score, resolve
 from .heat import as_features, fit_heat  # noqa: F401  (fit_heat: part of the functional API)
@@ -411,11 +411,9 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
         for xi, yi, fi in images:
             counters = _fused.new_counters(x.device)
             h = None
-            if per_image:
-                h = _fused.new_histogram(M, x.device)
-            elif not need_maps:
+            if not need_maps:  # one pooled state, emptied as it is read (per image: after each image)
                 if hist is None:
-                    hist = _fused.new_histogram(M, x.device)
+                    hist = HistState.acquire(M, x.device)
                 h = hist
             h, counters, maps = _fused.fused_pass(xi, yi, spec, label_map=lm, hist=h, counters=counters,
                                                   want_maps=need_maps, num_threads=num_threads, features=fi)
@@ -423,7 +421,7 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
             for k in totals:
                 totals[k] += summary[k]
             if per_image:
-                for n, hj in histograms_from_state(h, spec.names, spec.params_of).items():
+                for n, hj in histograms_from_state(h, spec.names, spec.params_of, clear=True).items():
                     per_image_results[n].append(hj.finalize(**conventions))
             if need_maps:
                 valid, cls = _valid_mask(lm, yi, xi, maps, spec, nonfinite)
@@ -450,6 +448,8 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
     results.pixels = totals
     results.histograms = {}
     if per_image:
+        if hist is not None:
+            hist.release()
         for n in spec.names:
             r = mean_over_images(per_image_results[n])
             r.method, r.params = n, spec.params_of(n)
@@ -478,7 +478,8 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
                 r.definitions["subsample"] = f"{labs.size} valid pixels drawn uniformly without replacement, seed {seed}"
             results[n] = r
         return results
-    results.histograms = histograms_from_state(hist, spec.names, spec.params_of)
+    results.histograms = histograms_from_state(hist, spec.names, spec.params_of, clear=True)
+    hist.release()
     if refine:
         results.update(refine_histograms(results.histograms, spec, lm, batches, conventions, nonfinite, num_threads))
     else:

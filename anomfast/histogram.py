@@ -49,6 +49,93 @@ def _zeros(shape, dtype: np.dtype, device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype, device=device)
 
 
+class _Lease:
+    """A pooled slab lent out: numpy keeps this object as the base of every array viewing
+    it, so when the last of them is gone the slab goes back to the pool."""
+
+    def __init__(self, pool: "_BufferPool", slab: np.ndarray):
+        self._pool, self._slab = pool, slab
+        self.__array_interface__ = slab.__array_interface__
+
+    def __del__(self):
+        try:
+            self._pool.give_back(self._slab)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class _BufferPool:
+    """CPU buffers reused across evaluate() calls, so that a steady loop of calls takes no
+    fresh pages from the OS (on a VM a page fault costs microseconds: the read-out's ~1,700
+    fresh pages per call cost more than the read-out itself). Holds histogram states
+    (HistState.acquire / release), int64 slabs lent to the arrays of returned Histograms
+    (back to the pool when those die) and a scratch slab for the read-out. Bounded: at most
+    `max_states` states and `max_bytes` of free slabs are kept; `anomfast.release_buffers()`
+    empties it. Thread-safe."""
+
+    def __init__(self, max_states: int = 2, max_bytes: int = 256 << 20):
+        import threading
+        self.max_states, self.max_bytes = max_states, max_bytes
+        self._lock = threading.Lock()
+        self._states: list = []
+        self._slabs: list = []
+
+    def take_state(self, n_methods: int):
+        with self._lock:
+            for i, s in enumerate(self._states):
+                if s.n_methods == n_methods:
+                    return self._states.pop(i)
+        return None
+
+    def put_state(self, state) -> None:
+        with self._lock:
+            if len(self._states) < self.max_states:
+                self._states.append(state)
+
+    def _take_slab(self, n: int) -> np.ndarray:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._slabs) if n <= b.size <= 2 * n + (1 << 16)]
+            if fits:
+                i = min(fits, key=lambda i: self._slabs[i].size)
+                return self._slabs.pop(i)
+        return np.empty(max(n, 1), np.int64)
+
+    def give_back(self, slab: np.ndarray) -> None:
+        with self._lock:
+            if slab.nbytes + sum(b.nbytes for b in self._slabs) <= self.max_bytes:
+                self._slabs.append(slab)
+
+    def lend(self, n: int) -> np.ndarray:
+        """n int64 items of a pooled slab, returned to the pool with the last view of it."""
+        return np.asarray(_Lease(self, self._take_slab(n)))[:n]
+
+    def scratch(self, n: int):
+        pool = self
+
+        class _Scratch:
+            def __enter__(self):
+                self.slab = pool._take_slab(n)
+                return self.slab
+
+            def __exit__(self, *exc):
+                pool.give_back(self.slab)
+        return _Scratch()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
+            self._slabs.clear()
+
+
+_POOL = _BufferPool()
+
+
+def release_buffers() -> None:
+    """Frees the CPU buffers anomfast keeps for reuse across evaluate() calls (at most two
+    histogram states and 256 MiB of read-out buffers)."""
+    _POOL.clear()
+
+
 class HistState:
     """The fused core's accumulation buffers for M methods (see the module docstring)."""
 
@@ -64,6 +151,22 @@ class HistState:
         shape = (n_methods, 2, binning.NBINS)
         return cls(_zeros(shape, np.int64, device), _zeros(shape, np.int32, device),
                    _zeros((cls.n_occ(n_methods),), np.uint8, device))
+
+    @classmethod
+    def acquire(cls, n_methods: int, device) -> "HistState":
+        """An empty state for a one-shot accumulation (evaluate(), the grid runner): a
+        pooled CPU state whose pages are already backed when one is free, else a new one.
+        Hand it back with release() once read out with clear=True."""
+        if torch.device(device).type == "cpu":
+            s = _POOL.take_state(n_methods)
+            if s is not None:
+                return s
+        return cls.new(n_methods, device)
+
+    def release(self) -> None:
+        """Back to the pool (CPU states only; must be empty: read out with clear=True)."""
+        if self.device.type == "cpu":
+            _POOL.put_state(self)
 
     @property
     def n_methods(self) -> int:
@@ -104,29 +207,47 @@ class HistState:
         ascending bin index. Reads only the occupied blocks."""
         return [t[:4] for t in self._readout()]
 
-    def _readout(self) -> list:
+    def _readout(self, clear: bool = False) -> list:
         """sparse()'s arrays plus each method's (total normal, total anomaly), None where
         they were not taken or some count is negative. On the CPU the compiled read-out walks the
-        occupied blocks of both label rows at once (finalize_cpu.h: sparse_readout)."""
+        occupied blocks of both label rows at once (finalize_cpu.h: sparse_readout) into a
+        reused scratch buffer; the arrays returned are exact-size views of one pooled slab
+        (_POOL), so a steady loop of evaluate() calls takes no fresh pages. clear=True
+        leaves the state empty (its pages stay backed: see HistState.acquire)."""
         if self.device.type != "cpu":
-            return [t + (None,) for t in self._sparse_host()]
+            out = [t + (None,) for t in self._sparse_host()]
+            if clear:
+                self.clear_()
+            return out
         self.check(self.n_methods, "cpu")
         occ, M = self.occ.numpy(), self.n_methods
         # the blocks holding any slot of method j's two rows bound its non-empty bins
         first = (2 * np.arange(M) * binning.NBINS) >> binning.OCC_SHIFT
         last = ((2 * np.arange(M) + 2) * binning.NBINS - 1) >> binning.OCC_SHIFT
         cap = np.array([np.count_nonzero(occ[a:b + 1]) for a, b in zip(first, last)], np.int64) * OCC_BLOCK
-        arrs = [[np.empty(c, np.int64) for _ in range(4)] for c in cap.tolist()]
-        ptrs = np.array([[a.ctypes.data for a in t] for t in arrs], np.int64).reshape(M, 4)
+        offs = np.concatenate([[0], np.cumsum(4 * cap)])
         meta = np.zeros((M, 4), np.int64)
-        if _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M, cap.ctypes.data,
-                             ptrs.ctypes.data, meta.ctypes.data) != 0:
-            raise RuntimeError("sparse_readout: more non-empty bins than the occupied blocks hold")
-        out = []
-        for t, (n, n0, n1, negative) in zip(arrs, meta.tolist()):
-            for a in t:  # shrinks in place (realloc): no copy, no slack kept (np.empty(0) included)
-                a.resize(n, refcheck=False)
-            out.append((*t, None if negative else (n0, n1)))
+        with _POOL.scratch(int(offs[-1])) as scratch:
+            base = scratch.ctypes.data
+            ptrs = (base + 8 * (offs[:-1, None] + cap[:, None] * np.arange(4)[None, :])).astype(np.int64)
+            status = _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M,
+                                       cap.ctypes.data, ptrs.ctypes.data, meta.ctypes.data, int(clear))
+            if clear:
+                self.occ.zero_()
+            if status != 0:
+                raise RuntimeError("sparse_readout: more non-empty bins than the occupied blocks hold")
+            n = meta[:, 0]
+            slab = _POOL.lend(int(4 * n.sum()))
+            out, at = [], 0
+            for j, (k, n0, n1, negative) in enumerate(meta.tolist()):
+                arrs = []
+                for c in range(4):
+                    src = scratch[offs[j] + c * cap[j]:offs[j] + c * cap[j] + k]
+                    dst = slab[at:at + k]
+                    dst[...] = src
+                    arrs.append(dst)
+                    at += k
+                out.append((*arrs, None if negative else (n0, n1)))
         return out
 
     def _sparse_host(self) -> list:
@@ -585,9 +706,10 @@ def _finalize_compiled(method: str, params: dict, pos, *, neg, tied=None, sig=No
     return r
 
 
-def histograms_from_state(state: HistState, names, params_of) -> dict:
-    """{name: Histogram} of a HistState whose methods are `names` (in order)."""
-    return {n: Histogram._from_readout(n, *t, params_of(n)) for n, t in zip(names, state._readout())}
+def histograms_from_state(state: HistState, names, params_of, clear: bool = False) -> dict:
+    """{name: Histogram} of a HistState whose methods are `names` (in order); clear=True
+    empties the state as it is read (HistState._readout)."""
+    return {n: Histogram._from_readout(n, *t, params_of(n)) for n, t in zip(names, state._readout(clear))}
 
 
 def save_histograms(path, hists: dict, extra: dict | None = None) -> None:

@@ -269,6 +269,47 @@ def test_readout_of_a_pass_and_empty_state(rng):
     assert all(t[0].size == 0 for t in empty.sparse())
 
 
+@pytest.mark.parametrize("n_methods", [1, 3])
+def test_readout_with_clear_empties_the_state(n_methods):
+    """The clearing read-out reads what the plain one reads and leaves every counter,
+    signature and occupancy byte at zero (dense check), so a pooled state is as new."""
+    g = np.random.default_rng(7 + n_methods)
+    state = _random_state(g, n_methods, 3000, True)
+    want = state.sparse()
+    got = state._readout(clear=True)
+    for a, b in zip(want, got):
+        assert all(np.array_equal(u, v) for u, v in zip(a, b[:4]))
+    assert int(state.hist.abs().sum()) == 0 and int(state.sig.abs().sum()) == 0 and int(state.occ.sum()) == 0
+
+
+def test_pooled_buffers_never_change_returned_results(rng):
+    """evaluate() reuses a pooled state and lends read-out slabs: a later call (other data,
+    other method count) must not touch the histograms an earlier call returned, and a pooled
+    state must give the same numbers as a fresh one."""
+    histogram.release_buffers()
+    x1, y1 = random_logits(rng, 2, 7, 48, 64), random_labels(rng, 2, 48, 64)
+    x2, y2 = random_logits(rng, 1, 7, 48, 64, scale=9.0), random_labels(rng, 1, 48, 64)
+    methods = ("max_logit", "msp", "energy")
+    r1 = anomfast.evaluate(x1, y1, methods=methods)
+    kept = {n: [a.copy() for a in (h.index, h.normal, h.anomaly, h.sig)] for n, h in r1.histograms.items()}
+    assert len(histogram._POOL._states) == 1  # handed back, empty
+    for _ in range(3):
+        r2 = anomfast.evaluate(x2, y2, methods=methods)
+        anomfast.evaluate(x2, y2, methods=methods[:2])
+    for n, h in r1.histograms.items():
+        assert all(np.array_equal(a, b) for a, b in zip((h.index, h.normal, h.anomaly, h.sig), kept[n])), n
+    histogram.release_buffers()
+    fresh = anomfast.evaluate(x2, y2, methods=methods)
+    for n in methods:
+        assert fresh[n].as_dict() == r2[n].as_dict(), n
+        assert fresh.histograms[n] == r2.histograms[n], n
+    # per image: one pooled state emptied after every image equals a fresh state per image
+    per = anomfast.evaluate(x1, y1, methods=methods, per_image=True)
+    per_ref = [anomfast.evaluate(x1[i:i + 1], y1[i:i + 1], methods=methods) for i in range(2)]
+    for n in methods:
+        assert per[n].auroc == pytest.approx(np.mean([r[n].auroc for r in per_ref]), abs=1e-15), n
+
+
 def test_readout_refuses_corrupt_counts():
     state = HistState.new(2, "cpu")
     state.hist[1, 0, 7] = -3

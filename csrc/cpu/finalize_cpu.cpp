@@ -329,8 +329,8 @@ BinBounds bin_bounds_cpu(int64_t index, int64_t sig) {
 namespace {
 
 // One method's read-out (see sparse_readout in finalize_cpu.h).
-int64_t readout_method(const int64_t* hist, const uint32_t* sig, const uint8_t* occ, int64_t method,
-                       int64_t capacity, int64_t* index, int64_t* normal, int64_t* anomaly, int64_t* sig_out,
+int64_t readout_method(int64_t* hist, uint32_t* sig, const uint8_t* occ, int64_t method, int64_t capacity,
+                       bool clear, int64_t* index, int64_t* normal, int64_t* anomaly, int64_t* sig_out,
                        int64_t* meta) {
   const int64_t base0 = 2 * method * NBINS, base1 = base0 + NBINS;
   const std::vector<uint8_t> live = live_chunks(occ, method);
@@ -368,6 +368,14 @@ int64_t readout_method(const int64_t* hist, const uint32_t* sig, const uint8_t* 
       t0 += (uint64_t)c0;
       t1 += (uint64_t)c1;
     }
+    if (clear) {  // the chunk's marked rows back to zero while they are in cache (only
+      for (int lab = 0; lab < 2; ++lab) {  // this method's rows: threads never share one)
+        if (!(rows & (1 << lab))) continue;
+        const int64_t at = (lab ? base1 : base0) + b0;
+        std::memset(hist + at, 0, sizeof(int64_t) * len);
+        std::memset(sig + at, 0, sizeof(uint32_t) * len);
+      }
+    }
   }
   const bool negative = sign < 0;
   meta[0] = k;
@@ -380,9 +388,9 @@ int64_t readout_method(const int64_t* hist, const uint32_t* sig, const uint8_t* 
 }  // namespace
 
 int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
-                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr) {
-  const auto* hist = reinterpret_cast<const int64_t*>(hist_ptr);
-  const auto* sig = reinterpret_cast<const uint32_t*>(sig_ptr);
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear) {
+  auto* hist = reinterpret_cast<int64_t*>(hist_ptr);
+  auto* sig = reinterpret_cast<uint32_t*>(sig_ptr);
   const auto* occ = reinterpret_cast<const uint8_t*>(occ_ptr);
   const auto* capacity = reinterpret_cast<const int64_t*>(capacity_ptr);
   const auto* outputs = reinterpret_cast<const int64_t*>(outputs_ptr);
@@ -393,7 +401,7 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
   for (int64_t j = 0; j < n_methods; ++j) {
     auto out = [&](int k) { return reinterpret_cast<int64_t*>(outputs[4 * j + k]); };
-    status = std::min(status, readout_method(hist, sig, occ, j, capacity[j], out(0), out(1), out(2), out(3),
+    status = std::min(status, readout_method(hist, sig, occ, j, capacity[j], clear != 0, out(0), out(1), out(2), out(3),
                                              meta + 4 * j));
   }
   return status;

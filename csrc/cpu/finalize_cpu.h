@@ -11,8 +11,11 @@
 //   2^62 + 1: larger totals are refused by the caller), and 1 if some count is negative
 //   (a corrupt state) else 0. capacity[j]: at least the occupied blocks of method j's
 //   two rows * 2^OCC_SHIFT (each non-empty bin has a slot in one). Methods run in
-//   parallel (OpenMP). Returns 0, or -1 when a capacity is too small (the outputs are
-//   then incomplete).
+//   parallel (OpenMP). clear != 0 zeroes the counts and signatures of every occupied
+//   block it reads (the caller then zeroes occ): the state is empty again, its pages stay
+//   backed, so a pooled state costs no page faults on its next pass. Returns 0, or -1
+//   when a capacity is too small (the outputs are then incomplete; with clear, the state
+//   is then partly cleared and must be dropped).
 //
 // finalize_hist: a group table of n rows, pos / neg int64[n] (non-negative counts summing
 //   to at most 2^62), with per row either tied uint8[n] or sig int64[n] (tied where
@@ -55,7 +58,7 @@ using BinBounds = std::pair<double, double>;
 BinBounds bin_bounds_cpu(int64_t index, int64_t sig);
 
 int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
-                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr);
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear);
 
 int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t tied_ptr, int64_t sig_ptr,
                           int64_t exact_values, int64_t descending, int64_t fpr_mode, int64_t ap_mode,
