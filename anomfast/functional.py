@@ -18,7 +18,7 @@ import torch
 from . import _fused, binning, protocols
 from .histogram import Histogram, HistState, finalize_coords, histograms_from_state
 from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
-from .methods import CODES, EXTERNAL, coord_to_score, resolve
+from .methods import CODES, EXTERNAL, resolve
 from .heat import as_features, fit_heat  # noqa: F401  (fit_heat: part of the functional API)
 from .sml import SMLStats
 
@@ -106,7 +106,7 @@ def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **m
     spec = resolve(methods, **method_params)
     x = _fused.as_logits(logits)
     _, _, maps = _fused.fused_pass(x, None, spec, want_maps=True, num_threads=num_threads, features=features)
-    return {n: coord_to_score(n, maps[j]) for j, n in enumerate(spec.names)}
+    return {n: maps[j] for j, n in enumerate(spec.names)}
 
 
 def fit_sml(logits_batches, labels=None, *, label_map=None, ignore_index: int = 255, missing: str = "global",

@@ -23,7 +23,7 @@ import torch
 
 from . import binning
 from ._core import _C
-from .methods import EXACT_COORDINATES, coord_to_score
+from .methods import EXACT_COORDINATES
 from .metrics import (GroupSums, check_conventions, check_groups, fpr_inside_bin, metrics_from_groups,
                       result_from_sums)
 
@@ -518,9 +518,8 @@ class Histogram:
         """Non-empty bins, highest coordinate first: (pos, neg, lo, hi, tied, index) with lo /
         hi the bin's smallest / largest coordinate (float64). A bin whose tie signature shows
         one value has lo == hi == that value, and is a real tie group (tied True) when the
-        binned values are the exact scores (``exact_values``). Coordinates
-        rank like the scores (anomfast.methods.coord_to_score maps them); finalizing in
-        coordinates keeps msp's u = 1 - max softmax resolved where -max softmax is not."""
+        binned values are the exact scores (``exact_values``). Coordinates are the scores
+        (msp's is u = 1 - max softmax, resolved in float32 where -max softmax is not)."""
         return _bin_groups(self.index, self.normal, self.anomaly, self.sig, self.exact_values)
 
     def finalize(self, exact: bool = False, **conventions):
@@ -593,15 +592,11 @@ def _bin_groups(index, normal, anomaly, sig, exact_values: bool):
 
 
 def _bin_table(method: str, index, normal, anomaly, sig, exact_values: bool):
-    """The group table a histogram's result keeps for its curves (score units), as the
+    """The group table a histogram's result keeps for its curves, as the
     reference finalization keeps it."""
     pos, neg, lo, hi, tied, _ = _bin_groups(index, normal, anomaly, sig, exact_values)
     pos, neg, lo, hi, _ = check_groups(*_merge_negative_runs(pos, neg, lo, hi, tied))
-    return _score_table(method, pos, neg, lo, hi)
-
-
-def _score_table(method: str, pos, neg, lo, hi):
-    return pos, neg, coord_to_score(method, lo), coord_to_score(method, hi)
+    return pos, neg, lo, hi
 
 
 class _Deferred:
@@ -616,15 +611,14 @@ class _Deferred:
 
 
 def finalize_coords(method: str, params: dict, pos, neg, lo, hi, tied, exact: bool = False, **conventions):
-    """metrics_from_groups on a group table in coordinate units (descending), with the
-    thresholds (and the table kept for curves) converted to score units afterwards.
+    """metrics_from_groups on a group table in coordinates (= scores; descending).
     exact=False runs compiled (csrc/cpu/finalize_cpu.cpp), exact=True the NumPy spec."""
     if exact:
         return _finalize_coords_reference(method, params, pos, neg, lo, hi, tied, exact=True, **conventions)
     pos, neg, lo, hi, tied = check_groups(*_merge_negative_runs(*_checked_table(pos, neg, lo, hi, tied)))
     return _finalize_compiled(method, params, pos, neg=neg, tied=tied.astype(np.uint8), descending=True,
                               lo_hi=lambda rows: (lo[rows], hi[rows]),
-                              table=_Deferred(_score_table, method, pos, neg, lo, hi), **conventions)
+                              table=(pos, neg, lo, hi), **conventions)
 
 
 def _checked_table(pos, neg, lo, hi, tied):
@@ -643,17 +637,8 @@ def _finalize_coords_reference(method: str, params: dict, pos, neg, lo, hi, tied
     if not exact:
         pos, neg, lo, hi, tied = _merge_negative_runs(pos, neg, lo, hi, tied)
     r = metrics_from_groups(pos, neg, lo, hi, exact=exact, tied=tied, **conventions)
-    _to_score_units(r, method)
-    if r._groups is not None:
-        r._groups = _score_table(method, *r._groups)
     r.method, r.params = method, dict(params)
     return r
-
-
-def _to_score_units(r, method: str) -> None:
-    for k in ("threshold", "fpr95_threshold"):
-        setattr(r, k, float(coord_to_score(method, np.float64(getattr(r, k)))))
-        r.bounds[k] = tuple(float(coord_to_score(method, np.float64(x))) for x in r.bounds[k])
 
 
 _FPR_CODE, _AP_CODE = dict(_C.FIN_FPR_MODES), dict(_C.FIN_AP_MODES)
@@ -701,7 +686,6 @@ def _finalize_compiled(method: str, params: dict, pos, *, neg, tied=None, sig=No
     bounds = {g: (float(x), float(y)) for g, x, y in zip(rows, los, his)}
     r = result_from_sums(P, N, sums, bounds.__getitem__, exact=False, fpr_mode=fpr_mode, ap_mode=ap_mode,
                          tpr_target=tpr_target, groups=table, stacklevel=5)
-    _to_score_units(r, method)
     r.method, r.params = method, dict(params)
     return r
 

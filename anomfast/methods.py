@@ -4,7 +4,7 @@ All scores are "higher = more anomalous". With logits l_c, p = softmax(l),
 m = max_c l_c, k = argmax_c l_c:
 
     max_logit  s = -m
-    msp        s = -max_c p_c
+    msp        s = 1 - max_c p_c  (computed as sum_{c != k} e^(l_c - m) / sum_c e^(l_c - m))
     energy     s = -T logsumexp(l / T)                       temperature T (default 1)
     sml        s = -(m - mean[k]) / std[k]                   needs fit_sml(...) statistics
     entropy    s = -sum_c p_c log p_c   (/ log C if entropy_normalize)
@@ -148,6 +148,8 @@ def resolve(methods=None, **params) -> MethodSpec:
 EXACT_COORDINATES = frozenset({"max_logit"})
 
 
-def coord_to_score(name: str, t):
-    """Bin coordinate -> score. Only msp differs: its coordinate is 1 - max softmax."""
-    return t - 1.0 if name == "msp" else t
+# Every method's bin coordinate is its score: msp's score is u = 1 - max softmax (not
+# -max softmax), which float32 holds to full relative precision on confident pixels
+# (u ~ 1e-7 .. 1e-35) where -max softmax rounds them all to -1; so score maps, bins and
+# thresholds are one and the same number, and "score >= threshold" on score_maps
+# reproduces the reported F1.

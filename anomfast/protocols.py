@@ -64,7 +64,6 @@ import warnings
 
 import numpy as np
 
-from .methods import coord_to_score
 from .metrics import METRIC_NAMES, MetricResult, groups_from_scores, metrics_from_groups
 from .sml import SMLStats
 
@@ -227,7 +226,8 @@ def ml4cv_results(names, coords, labels, *, sample: int | None = None, seed: int
         if idx is not None:
             c = c[idx]
         with np.errstate(over="ignore"):  # beyond float16: +-inf, dropped after the draw and reported
-            s16 = np.asarray(coord_to_score(name, c), dtype=np.float32).astype(np.float16)
+            # the scripts' msp score is -max softmax = u - 1 (anomfast's msp score is u = 1 - MSP)
+            s16 = np.asarray(c - np.float32(1) if name == "msp" else c, dtype=np.float32).astype(np.float16)
         r = ml4cv_metrics(s16, labels)
         r.method = name
         r.definitions["subsample"] = how

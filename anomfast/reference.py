@@ -28,7 +28,10 @@ def score(logits, method: str, *, temperature: float = 1.0, sml_mean=None, sml_s
     if method == "max_logit":
         return -x.max(dim=1).values
     if method == "msp":
-        return -torch.softmax(x, dim=1).max(dim=1).values
+        # u = 1 - max softmax = sum_{c != k} e_c / sum_c e_c: no cancellation near max softmax = 1
+        m, k = x.max(dim=1, keepdim=True)
+        e_wo = torch.exp(x - m).scatter(1, k, 0.0).sum(dim=1)
+        return e_wo / (1.0 + e_wo)
     if method == "energy":
         # -T logsumexp(l / T) = -(m + T log1p(S_T)), S_T = sum_{c != k} e^((l_c - m) / T):
         # log1p keeps energies just below -m (saturated 2-class outputs) exact, where
@@ -63,14 +66,7 @@ def score(logits, method: str, *, temperature: float = 1.0, sml_mean=None, sml_s
 
 
 def coordinate(logits, method: str, **params) -> torch.Tensor:
-    """The bin coordinate: the score, except msp whose coordinate is 1 - max softmax,
-    computed as sum_{c != k} e_c / sum_c e_c (no cancellation near max softmax = 1)."""
-    if method == "msp":
-        x = _f64(logits)
-        m, k = x.max(dim=1, keepdim=True)
-        e = torch.exp(x - m)
-        e_wo = e.scatter(1, k, 0.0).sum(dim=1)
-        return e_wo / (1.0 + e_wo)
+    """The bin coordinate: the score itself, for every method (msp's score is 1 - max softmax)."""
     return score(logits, method, **params)
 
 

@@ -15,7 +15,7 @@ from .grid import Grid, GridError, load_array
 from .heat import HeatStats, as_features, fit_heat
 from .histogram import histograms_from_state
 from .labels import ANOMALY, NORMAL
-from .methods import coord_to_score, resolve
+from .methods import resolve
 from .sml import SMLStats
 
 
@@ -255,7 +255,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 examples.append({"stem": stem, "labels": y.numpy(),
                                  "classes": grid.label_map.classify(y.to(torch.int64)).numpy(),
                                  "image": load_array(grid.images[stem]) if stem in grid.images else None,
-                                 "maps": {n: coord_to_score(n, maps[j, 0].cpu().numpy()) for j, n in enumerate(spec.names)}})
+                                 "maps": {n: maps[j, 0].cpu().numpy() for j, n in enumerate(spec.names)}})
             pb.update(int(y.numel()))
         if world > 1:
             hist.all_reduce_()

@@ -127,7 +127,7 @@ def torch_scores(x, stats, methods=METHODS4):
         if m == "max_logit":
             out[m] = -mx
         elif m == "msp":
-            out[m] = -torch.softmax(x, dim=1).amax(dim=1)
+            out[m] = 1 - torch.softmax(x, dim=1).amax(dim=1)
         elif m == "energy":
             out[m] = -torch.logsumexp(x, dim=1)
         elif m == "sml":

@@ -317,7 +317,7 @@ def section_half(g):
         maps = anomfast.score_maps(x, methods=["max_logit", "msp", "energy", "entropy"])
         same = {
             "max_logit": lambda: -x.max(dim=1).values,
-            "msp": lambda: -torch.softmax(x, dim=1).max(dim=1).values,
+            "msp": lambda: 1 - torch.softmax(x, dim=1).max(dim=1).values,
             "energy": lambda: -torch.logsumexp(x, dim=1),
             "entropy": lambda: -(torch.softmax(x, 1) * torch.log_softmax(x, 1)).sum(1),
         }

@@ -177,6 +177,41 @@ def test_evaluate_scores_keeps_the_callers_precision():
             r.bounds["fpr95"][1], abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_thresholds_reproduce_f1_on_score_maps_for_every_method(seed):
+    """The reported threshold flags, on the maps score_maps returns, exactly the pixels
+    behind the reported F1 (and fpr95_threshold those behind the FPR95 bound), for every
+    per-pixel method, on confident logits (margins 20-40: -max softmax would round these
+    pixels to -1) mixed with uncertain ones, float32 and bf16."""
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = 2, 19, 24, 40
+    x = torch.randn(B, C, H, W, generator=g) * 3
+    k = torch.randint(0, C, (B, 1, H, W), generator=g)
+    margin = torch.where(torch.rand(B, 1, H, W, generator=g) < 0.7,
+                         20 + 20 * torch.rand(B, 1, H, W, generator=g), 4 * torch.rand(B, 1, H, W, generator=g))
+    x.scatter_add_(1, k, margin)
+    y = (torch.rand(B, H, W, generator=g) < 0.1 + 0.4 * (margin[:, 0] < 4)).to(torch.uint8)
+    y[torch.rand(B, H, W, generator=g) < 0.05] = 255
+    if seed % 2:
+        x = x.to(torch.bfloat16)
+    methods = ("max_logit", "msp", "energy", "sml", "entropy", "gen")
+    stats = anomfast.fit_sml(x, y)
+    res = anomfast.evaluate(x, y, methods=methods, sml=stats)
+    maps = anomfast.score_maps(x, methods, sml=stats)
+    valid = y != 255
+    lab = (y == 1)[valid]
+    P, N = int(lab.sum()), int((~lab).sum())
+    for m in methods:
+        r, sc = res[m], maps[m][valid]
+        flagged = sc >= r.threshold
+        tp, fp = int((flagged & lab).sum()), int((flagged & ~lab).sum())
+        assert 2 * tp / (tp + fp + P) == pytest.approx(r.f1, abs=1e-12), (m, r.threshold)
+        flagged = sc >= r.fpr95_threshold
+        assert int((flagged & lab).sum()) >= 0.95 * P, m
+        lo, hi = r.bounds["fpr95"]
+        assert lo - 1e-12 <= int((flagged & ~lab).sum()) / N <= hi + 1e-12, m
+
+
 def test_histogram_files_carry_a_format_version(tmp_path):
     x, y = inputs(5)
     res = anomfast.evaluate(x, y, methods=["energy"])

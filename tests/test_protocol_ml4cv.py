@@ -63,11 +63,13 @@ def seed_evaluate(anomaly_scores, ground_truth):
 
 
 def seed_run(maps: dict, anomaly, valid, n=1_000_000, seed=42):
-    """{method: metrics} of the scripts on anomfast's own per-pixel score maps."""
+    """{method: metrics} of the scripts on anomfast's own per-pixel score maps (the scripts'
+    msp score is -max softmax: anomfast's u = 1 - max softmax, minus 1 in float32)."""
     gt = anomaly[valid].astype(int)
     out = {}
     for name, m in maps.items():
-        s, idx = seed_collect(np.asarray(m), valid, n, seed)
+        m = np.asarray(m) - np.float32(1) if name == "msp" else np.asarray(m)
+        s, idx = seed_collect(m, valid, n, seed)
         g = gt[idx] if idx is not None else gt
         out[name] = seed_evaluate(s, g) | {"n_pos": int(g[np.isfinite(s)].sum()), "n": int(np.isfinite(s).sum())}
     return out

@@ -188,7 +188,7 @@ def test_half_precision_error_at_most_twice_pytorch(rng, device, dtype):
         xl = x.cpu()
         torch_same_precision = {
             "max_logit": lambda: -xl.max(dim=1).values,
-            "msp": lambda: -torch.softmax(xl, dim=1).max(dim=1).values,
+            "msp": lambda: 1 - torch.softmax(xl, dim=1).max(dim=1).values,
             "energy": lambda: -torch.logsumexp(xl, dim=1),
             "entropy": lambda: -(torch.softmax(xl, 1) * torch.log_softmax(xl, 1)).sum(1),
         }[m]().double()
