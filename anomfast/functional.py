@@ -515,8 +515,8 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
     dict {name: scores} for several methods; labels: integers of the same shape. The
     scores are binned with the same rule as the fused core (as float32), so the result,
     its bounds and its Histogram behave exactly like a built-in method's; exact=True
-    sorts instead. Names of built-in methods are refused (their histograms hold the
-    core's coordinates, which differ for msp). Non-finite scores on valid pixels raise
+    sorts instead. Names of built-in methods are refused (a built-in method's
+    histogram comes from the core, with its parameters and tie rules). Non-finite scores on valid pixels raise
     (``nonfinite="ignore"``: skipped and counted in ``results.pixels``).
     """
     from .metrics import groups_from_scores, metrics_from_groups
