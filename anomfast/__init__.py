@@ -43,31 +43,52 @@ def _use_installed_copy(exc: ImportError):
         del _sys.modules[k]  # partial imports from the source folder
     _sys.modules[__name__] = mod  # the import statement returns sys.modules' entry
     spec.loader.exec_module(mod)
-    return mod._core
+    return mod
 
 
-try:
-    from . import _core
-except ImportError as _exc:
-    _core = _use_installed_copy(_exc)
-from .evaluator import Evaluator
-from .functional import Results, evaluate, evaluate_scores, fit_sml, score_maps
-from .heat import HeatStats, fit_heat
-from .histogram import Histogram, load_histograms, release_buffers, save_histograms
-from .labels import LabelMap
-from .methods import CODES as _CODES
-from .sml import SMLStats
+# A source checkout has no compiled core: hand over to the installed copy at once (a glob,
+# no import), so that the lazy names below come from the copy that can run.
+if not any(_Path(__file__).resolve().parent.glob("_C.*")):
+    _use_installed_copy(ImportError("no compiled core (_C) in this folder"))
 
-__version__ = str(_core._C.VERSION)
-METHODS = tuple(_CODES)
+# Public names load on first use (PEP 562): `import anomfast` and `anomfast --help` do not
+# import torch or the compiled core (about 2 s); the first evaluate() / Evaluator does.
+_LAZY = {
+    "Evaluator": "evaluator", "evaluate": "functional", "evaluate_scores": "functional", "score_maps": "functional",
+    "fit_sml": "functional", "Results": "functional", "fit_heat": "heat", "HeatStats": "heat",
+    "Histogram": "histogram", "load_histograms": "histogram", "save_histograms": "histogram",
+    "release_buffers": "histogram", "LabelMap": "labels", "SMLStats": "sml",
+}
 
-__all__ = ["release_buffers", "Evaluator", "evaluate", "evaluate_scores", "score_maps", "fit_sml", "SMLStats", "fit_heat", "HeatStats", "LabelMap",
-           "Histogram", "save_histograms", "load_histograms", "Results", "build_info", "METHODS", "__version__"]
+__all__ = ["Evaluator", "evaluate", "evaluate_scores", "score_maps", "fit_sml", "SMLStats", "fit_heat", "HeatStats",
+           "LabelMap", "Histogram", "save_histograms", "load_histograms", "release_buffers", "Results", "build_info",
+           "METHODS", "__version__"]
+
+
+def __getattr__(name: str):
+    import importlib
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    elif name == "__version__":
+        from . import _core
+        value = str(_core._C.VERSION)
+    elif name == "METHODS":
+        from .methods import CODES
+        value = tuple(CODES)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def build_info() -> dict:
     """What this build contains: version, compiler, OpenMP, CPU instruction set, CUDA."""
-    info = {"version": __version__}
+    from . import _core
+    info = {"version": str(_core._C.VERSION)}
     info.update(_core._C.build_info())
     info["cuda"] = _core._C_cuda is not None
     if _core._C_cuda is not None:  # pragma: no cover - needs a CUDA build

@@ -65,7 +65,6 @@ import warnings
 import numpy as np
 
 from .metrics import METRIC_NAMES, MetricResult, groups_from_scores, metrics_from_groups
-from .sml import SMLStats
 
 PROTOCOLS = ("default", "ml4cv")
 ML4CV_SAMPLE = 1_000_000   # the scripts' MAX_PIXELS_EVALUATION
@@ -114,6 +113,7 @@ def check_options(protocol: str, *, exact=False, per_image=False, fpr_mode="firs
 
 def method_params(protocol: str, params: dict) -> dict:
     """Method parameters under the protocol: SML statistics in the ml4cv convention."""
+    from .sml import SMLStats  # here: the CLI reads PROTOCOLS without importing torch
     out = dict(params)
     for key in ("sml", "sml_stats"):
         if isinstance(out.get(key), SMLStats):
