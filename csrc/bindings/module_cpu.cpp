@@ -1,6 +1,9 @@
 // Python bindings of the CPU core: registration only, no logic. The argument structs and
 // constants are registered by register_args.h, shared with the CUDA module (_C_cuda).
 #include <pybind11/pybind11.h>
+#if defined(ANOMFAST_HAVE_BUILD_CONFIG)
+#include "af_build_config.h"
+#endif
 #include <pybind11/stl.h>
 
 #include <string>
@@ -15,6 +18,9 @@ using namespace anomfast;
 
 static py::dict build_info() {
   py::dict d;
+#if defined(ANOMFAST_HAVE_BUILD_CONFIG)
+  d["cuda_build"] = ANOMFAST_CUDA_DECISION;  // whether and why the CUDA core was built
+#endif
 #if defined(__clang__)
   d["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)
