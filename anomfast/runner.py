@@ -20,26 +20,59 @@ from .sml import SMLStats
 
 
 class Progress:
-    """One status line per model on stderr: images, images/s, pixels/s, time left."""
+    """One status line per model on stderr: images, images/s, pixels/s, time left. Under
+    torch.distributed every rank adds its images to one counter in the process group's
+    key-value store (`shared`: (store, key); an atomic add, no collective, so ranks with
+    one image more or less never wait on each other) and rank 0 shows the sum over all
+    ranks against the whole data set."""
 
-    def __init__(self, label: str, total: int, enabled: bool = True):
-        self.label, self.total, self.enabled = label, total, enabled
+    def __init__(self, label: str, total: int, enabled: bool = True, shared=None):
+        self.label, self.total, self.enabled, self.shared = label, total, enabled, shared
         self.t0 = time.perf_counter()
         self.n = self.px = 0
+        self.done = 0
+        self.closed = False
 
     def update(self, pixels: int):
         self.n += 1
         self.px += pixels
-        if self.enabled and (self.n == self.total or self.n % 8 == 0):
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            bar = "#" * int(24 * self.n / self.total)
-            left = (self.total - self.n) * dt / self.n
-            eta = f"ETA {int(left) // 60:d}:{int(left) % 60:02d}" if self.n < self.total else f"{dt:6.1f} s"
-            sys.stderr.write(f"\r{self.label[:28]:28s} [{bar:24s}] {self.n}/{self.total} "
-                             f"{self.n / dt:7.1f} img/s {self.px / dt / 1e6:7.2f} Mpx/s {eta:9s}")
-            if self.n == self.total:
+        self.done = self.shared[0].add(self.shared[1], 1) if self.shared else self.n
+        if self.enabled and (self.done >= self.total or self.n % 8 == 0):
+            self._line()
+
+    def _line(self):
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        done = min(self.done, self.total)
+        px = self.px * done / max(self.n, 1)  # all ranks' pixels, from this rank's mean image
+        bar = "#" * int(24 * done / max(self.total, 1))
+        left = (self.total - done) * dt / max(done, 1)
+        eta = f"ETA {int(left) // 60:d}:{int(left) % 60:02d}" if done < self.total else f"{dt:6.1f} s"
+        sys.stderr.write(f"\r{self.label[:28]:28s} [{bar:24s}] {done}/{self.total} "
+                         f"{done / dt:7.1f} img/s {px / dt / 1e6:7.2f} Mpx/s {eta:9s}")
+        if done >= self.total:
+            sys.stderr.write("\n")
+            self.closed = True
+        sys.stderr.flush()
+
+    def close(self):
+        """Ends the line (rank 0 can finish its share before the other ranks do)."""
+        if self.enabled and not self.closed:
+            self._line()
+            if not self.closed:
                 sys.stderr.write("\n")
-            sys.stderr.flush()
+                sys.stderr.flush()
+            self.closed = True
+
+
+def _shared_counter(key: str):
+    """(store, key) of the default process group's store, or None outside torch.distributed
+    (or where this torch has no store to share)."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.add(key, 0)
+        return store, key
+    except Exception:
+        return None
 
 
 def _prefetch(fn, items, depth: int = 4):
@@ -178,7 +211,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         counters = _fused.new_counters(device)
         conf = None
         examples = []
-        pb = Progress(model.name, len(my_stems), progress and rank == 0)
+        shared = _shared_counter(f"anomfast/progress/{len(out)}/{model.name}") if world > 1 else None
+        pb = Progress(model.name, len(stems) if shared else len(my_stems), progress and rank == 0, shared)
         first = {}  # the model's class count and the file it came from
         values: dict = {}  # raw label value -> pixels (for the empty-class message)
 
@@ -257,6 +291,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                                  "image": load_array(grid.images[stem]) if stem in grid.images else None,
                                  "maps": {n: maps[j, 0].cpu().numpy() for j, n in enumerate(spec.names)}})
             pb.update(int(y.numel()))
+        pb.close()
         if world > 1:
             hist.all_reduce_()
             torch.distributed.all_reduce(counters)

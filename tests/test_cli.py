@@ -250,9 +250,13 @@ def test_torchrun_distributed_equals_single_process(tmp_path, rng):
     dist_out = tmp_path / "dist"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "anomfast", "eval", "--grid", str(tmp_path / "grid.toml"), "--out", str(dist_out),
-                        "--quiet", "--no-plots", "--distributed"],
+                        "--no-plots", "--distributed"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    # rank 0's progress bar counts both ranks' images against all 5 (its own share is 3)
+    import re
+    bars = re.findall(r"\] (\d+)/(\d+) ", r.stderr)
+    assert bars and all(t == "5" for _, t in bars), r.stderr[-2000:]
     from anomfast.histogram import load_histograms
     h1, _ = load_histograms(single / "histograms.npz")
     h2, _ = load_histograms(dist_out / "histograms.npz")
