@@ -371,7 +371,9 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator):
     return x.contiguous(), y.contiguous()
 
 
-def _train(model, imgs, sems, *, steps, seed, augment):
+def _train(model, imgs, sems, *, steps, seed, augment, report=None):
+    """report(step, loss, seconds left): called about every 10% of the steps (the demo
+    build's progress lines)."""
     rng = np.random.Generator(np.random.PCG64([SEED, seed, 7]))
     X = torch.from_numpy(imgs)[:, None]
     Y = torch.from_numpy(sems.astype(np.int64))
@@ -381,7 +383,9 @@ def _train(model, imgs, sems, *, steps, seed, augment):
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(i, steps) / steps)))
     model.train()
     loss_v = float("nan")
-    for _ in range(steps):
+    t0 = time.perf_counter()
+    every = max(1, steps // 10)
+    for i in range(steps):
         idx = torch.from_numpy(rng.integers(0, len(X), BATCH))
         x, y = X[idx], Y[idx]
         if augment:
@@ -393,6 +397,9 @@ def _train(model, imgs, sems, *, steps, seed, augment):
         opt.step()
         sched.step()
         loss_v = float(loss.detach())
+        if report is not None and (i + 1) % every == 0 and i + 1 < steps:
+            dt = time.perf_counter() - t0
+            report(i + 1, loss_v, dt * (steps - i - 1) / (i + 1))
     model.eval()
     return loss_v
 
@@ -634,7 +641,10 @@ def _build_into(root: pathlib.Path, config: dict, say) -> dict:
         say(f"demo: training {name} ({steps} steps, {torch.get_num_threads()} threads)")
         torch.manual_seed(SEED + 1000 * mi)
         model = SmallFCN(width=width)
-        loss = _train(model, tr_img, tr_sem, steps=steps, seed=mi, augment=augment)
+        def report(step, loss_v, left, name=name):
+            say(f"demo: training {name}: step {step}/{steps}, loss {loss_v:.3f}, "
+                f"ETA {int(left) // 60:d}:{int(left) % 60:02d}")
+        loss = _train(model, tr_img, tr_sem, steps=steps, seed=mi, augment=augment, report=report)
         t_train = time.perf_counter() - t1
         logits, feats = _infer(model, te_img)
         fit_logits, fit_feats = _infer(model, fit_img)

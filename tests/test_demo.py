@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import pathlib
 import sys
 
@@ -210,6 +211,8 @@ def test_stale_temporary_folders_of_killed_builds_are_removed(tmp_path):
     assert not stale.exists() and not trash.exists() and live.exists()
     assert any(str(stale) in s for s in said)
     assert all(s.startswith("demo: ") and not s.startswith("demo: demo:") for s in said), said
+    # training shows its progress (step, loss, time left), not two silent minutes
+    assert any(re.search(r"training .*: step 1/2, loss \d+\.\d+, ETA \d+:\d\d$", s) for s in said), said
 
 
 def test_damaged_cache_is_detected_and_rebuilt(tmp_path):
