@@ -3,10 +3,11 @@
 - curves_<model>: ROC (log-scale FPR by default, a marker at TPR 95% with its FPR, the
   chance diagonal) and precision-recall (the chance line at the anomaly prevalence);
 - scores_<model>: normal vs anomaly score distributions, one panel per method, on a log
-  axis where the scores span decades; MSP is shown as 1 - MSP (its bin coordinate, see
-  anomfast.methods) on a log axis, where a linear axis would show one spike at 1;
+  axis where the scores span decades; MSP's score 1 - MSP on a log axis, where a linear
+  axis would show one spike at 0;
 - examples_<model>: the input image (when the grid has images/), the ground truth
-  (anomaly, normal, void) and each method's map with a colorbar, void pixels in grey.
+  (anomaly, normal, void) and each method's map (one colorbar per method column, whose
+  range the rows share), void pixels in grey.
 
 Each figure is written in every requested format (png, pdf, svg).
 """
@@ -37,7 +38,9 @@ def _save(fig, out: Path, stem: str, formats) -> list:
     paths = []
     for fmt in formats:
         p = out / f"{stem}.{fmt}"
-        fig.savefig(p, dpi=150 if fmt == "png" else None, bbox_inches="tight")
+        # the figures lay themselves out (tight / constrained layout): bbox_inches="tight"
+        # would draw every figure once more to measure it (half of the plotting time)
+        fig.savefig(p, dpi=150 if fmt == "png" else None)
         paths.append(p)
     return paths
 
@@ -197,8 +200,10 @@ def _examples(plt, m: dict):
             cmap = plt.get_cmap("magma").with_extremes(bad=VOID_GREY)
             im = ax.imshow(np.ma.masked_where(cls == 2, np.asarray(e["maps"][k])), cmap=cmap,
                            vmin=ranges[k][0], vmax=ranges[k][1], interpolation="nearest")
-            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-            cb.ax.tick_params(labelsize=6.5)
+            if i == len(ex) - 1:  # one colorbar per method column (its range is shared by the rows)
+                cb = fig.colorbar(im, ax=list(axes[:, c + 1 + j]), location="bottom", fraction=0.05, pad=0.02,
+                                  aspect=25)
+                cb.ax.tick_params(labelsize=6.5)
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
