@@ -55,7 +55,7 @@ if not any(_Path(__file__).resolve().parent.glob("_C.*")):
 # import torch or the compiled core (about 2 s); the first evaluate() / Evaluator does.
 _LAZY = {
     "Evaluator": "evaluator", "evaluate": "functional", "evaluate_scores": "functional", "score_maps": "functional",
-    "fit_sml": "functional", "Results": "functional", "fit_heat": "heat", "HeatStats": "heat",
+    "fit_sml": "fitting", "Results": "functional", "fit_heat": "fitting", "HeatStats": "heat",
     "Histogram": "histogram", "load_histograms": "histogram", "save_histograms": "histogram",
     "release_buffers": "histogram", "LabelMap": "labels", "SMLStats": "sml",
 }

@@ -317,7 +317,7 @@ def _cmd_fit(args) -> int:
     files = _files(args.logits, Path.cwd(), LOGIT_EXT, "fit logits")
     stems = sorted(files)
     if args.method == "sml":
-        from .functional import fit_sml
+        from .fitting import fit_sml
         stats = fit_sml(_Reader(files, stems, "logits"))
         stats.save(args.out)
         print(f"anomfast: SML statistics for {stats.num_classes} classes from {int(stats.count.sum())} pixels "
@@ -328,7 +328,7 @@ def _cmd_fit(args) -> int:
     if not (args.features and args.labels):
         raise CLIError("anomfast fit --method heat needs --features DIR (D, h, w per image) and --labels DIR "
                          "(semantic class-id maps, --ignore-index ignored) matching --logits by file name")
-    from .heat import fit_heat
+    from .fitting import fit_heat
     feats = _files(args.features, Path.cwd(), LOGIT_EXT, "fit features")
     labels = _files(args.labels, Path.cwd(), LABEL_EXT, "fit semantic labels")
     _match("fit", files, feats, kind="features", other="logits file")

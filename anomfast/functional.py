@@ -19,85 +19,9 @@ from . import _fused, binning, protocols
 from .histogram import Histogram, HistState, finalize_coords, histograms_from_state
 from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
 from .methods import CODES, EXTERNAL, resolve
-from .heat import as_features, fit_heat  # noqa: F401  (fit_heat: part of the functional API)
-from .sml import SMLStats
-
-
-def _classes_of(lg):
-    """C of a (B, C, H, W) / (C, H, W) batch, or None when it has no such shape."""
-    shape = getattr(lg, "shape", None)
-    if shape is None:
-        return None
-    return int(shape[1]) if len(shape) == 4 else int(shape[0]) if len(shape) == 3 else None
-
-
-def _layout_hint(lg, y) -> None:
-    """Channel-last logits (B, H, W, C) with labels (B, H, W): say so, instead of the
-    shape error blaming the labels."""
-    ls, ys = getattr(lg, "shape", None), getattr(y, "shape", None)
-    if ls is None or ys is None or len(ls) != 4 or len(ys) != 3:
-        return
-    if tuple(ls[:3]) == tuple(ys) and tuple(ls[2:]) != tuple(ys[1:]):
-        raise ValueError(f"logits {tuple(ls)} look channel-last (B, H, W, C) with C = {ls[3]} for labels "
-                         f"{tuple(ys)}; anomfast reads (B, C, H, W): pass logits.permute(0, 3, 1, 2) (torch) or "
-                         "np.moveaxis(logits, -1, 1) (NumPy; any strides work, no copy needed)")
-
-
-def _batches(logits, labels=None, features=None):
-    """Triples (logits, labels, features) from:
-
-    - tensors / arrays: logits (B, C, H, W), labels (B, H, W), features (B, D, h, w);
-    - aligned iterables of such batches (lists, generators), one per argument;
-    - labels=None and logits an iterable of (logits, labels) or (logits, labels, features)
-      tuples / lists, as a DataLoader yields them.
-
-    Every batch's C must equal the first batch's (the batch is named otherwise)."""
-    single = isinstance(logits, (torch.Tensor, np.ndarray))
-    if single:
-        _layout_hint(logits, labels)
-        yield logits, labels, features
-        return
-    others = {"labels": labels, "features": features}
-    its = {}
-    for name, v in others.items():
-        if v is None:
-            continue
-        if isinstance(v, (torch.Tensor, np.ndarray)):
-            raise TypeError(f"logits is an iterable of batches, so {name} must be an iterable of batches too")
-        its[name] = iter(v)
-    C0 = None
-    for i, item in enumerate(logits):
-        got = {}
-        if isinstance(item, (tuple, list)) and not its:
-            if len(item) not in (2, 3):
-                raise TypeError(f"batch {i}: an item of the iterable must be logits, or a (logits, labels) / "
-                                f"(logits, labels, features) pair, got a {type(item).__name__} of {len(item)}")
-            lg, got["labels"] = item[0], item[1]
-            if len(item) == 3:
-                got["features"] = item[2]
-            elif features is not None:
-                raise TypeError("pass features inside the (logits, labels, features) items, not as features=")
-        elif isinstance(item, (tuple, list)):
-            raise TypeError(f"batch {i} is a {type(item).__name__}: (logits, labels) pairs come without labels=; "
-                            "pass either an iterable of pairs or aligned iterables of logits and labels")
-        else:
-            lg = item
-        for name, it in its.items():
-            try:
-                got[name] = next(it)
-            except StopIteration:
-                raise ValueError(f"{name} ran out after {i} batches while logits had more") from None
-        C = _classes_of(lg)
-        if C0 is None:
-            C0 = C
-        elif C is not None and C != C0:
-            raise ValueError(f"batch {i}: logits have C = {C} classes but batch 0 had C = {C0}; every batch must "
-                             "have the same classes")
-        _layout_hint(lg, got.get("labels"))
-        yield lg, got.get("labels"), got.get("features")
-    for name, it in its.items():
-        if next(it, None) is not None:
-            raise ValueError(f"{name} have more batches than logits")
+from .fitting import fit_heat, fit_sml  # noqa: F401  (part of the functional API)
+from .heat import as_features
+from .inputs import _batches
 
 
 def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **method_params) -> dict:
@@ -107,36 +31,6 @@ def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **m
     x = _fused.as_logits(logits)
     _, _, maps = _fused.fused_pass(x, None, spec, want_maps=True, num_threads=num_threads, features=features)
     return {n: maps[j] for j, n in enumerate(spec.names)}
-
-
-def fit_sml(logits_batches, labels=None, *, label_map=None, ignore_index: int = 255, missing: str = "global",
-            num_threads: int = 0) -> SMLStats:
-    """Fit SML statistics (per predicted class count, mean and unbiased std of the max
-    logit) on in-distribution logits: one tensor (B, C, H, W) or an iterable of them.
-    With labels, only pixels the label map calls normal are used."""
-    lm = as_label_map(label_map, ignore_index) if labels is not None else None
-    count = total = totsq = None
-    counters = None
-    C = None
-    for lg, y, _ in _batches(logits_batches, labels):
-        x = _fused.as_logits(lg)
-        yy = _fused.as_labels(y, x) if y is not None else None
-        if C is None:
-            C = x.shape[1]
-            dev = x.device
-            count = torch.zeros(C, dtype=torch.int64, device=dev)
-            total = torch.zeros(C, dtype=torch.float64, device=dev)
-            totsq = torch.zeros(C, dtype=torch.float64, device=dev)
-            counters = _fused.new_counters(dev)
-        elif x.shape[1] != C:
-            raise ValueError(f"batches disagree on the number of classes: {C} then {x.shape[1]}")
-        if x.device != count.device:
-            raise ValueError(f"batches are on different devices: {count.device} then {x.device}")
-        _fused.fit_pass(x, yy, lm, count, total, totsq, counters, num_threads)
-        _fused.check_counters(counters, yy, lm)
-    if C is None:
-        raise ValueError("fit_sml got no batches")
-    return SMLStats(count.cpu().numpy(), total.cpu().numpy(), totsq.cpu().numpy(), missing=missing)
 
 
 class Results(dict):

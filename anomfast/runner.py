@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from . import _core, _fused, protocols
-from .functional import fit_sml, refine_histograms
+from .fitting import fit_heat, fit_sml
+from .functional import refine_histograms
 from .grid import Grid, GridError, load_array
-from .heat import HeatStats, as_features, fit_heat
+from .heat import HeatStats, as_features
 from .histogram import histograms_from_state
 from .labels import ANOMALY, NORMAL
 from .methods import resolve
