@@ -25,7 +25,7 @@ map (method code EXTERNAL).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .heat import HeatStats
 from .sml import BOUNDARY_PADDINGS, SMLStats, check_boundary_padding
@@ -36,7 +36,6 @@ DISPLAY = {"max_logit": "Simple Max Logits", "msp": "Maximum Softmax Probability
            "sml": "Standardized Max Logits", "energy": "Energy Score", "entropy": "Entropy",
            "gen": "GEN", "heat": "HEAT"}
 DEFAULT_METHODS = ("max_logit", "msp", "energy")
-NOT_IMPLEMENTED: dict = {}
 SML_POST = ("sml_full", "sml_boundary_suppression", "sml_smoothing", "sml_boundary_padding")
 PARAMS = {"temperature", "sml", "sml_stats", "entropy_normalize", "gen_gamma", "heat", "heat_stats"} | set(SML_POST)
 
@@ -53,7 +52,6 @@ class MethodSpec:
     sml_boundary_suppression: bool = False
     sml_smoothing: bool = False
     sml_boundary_padding: str = BOUNDARY_PADDINGS[0]
-    extra: dict = field(default_factory=dict)
 
     @property
     def sml_post(self) -> bool:
@@ -101,8 +99,6 @@ def resolve(methods=None, **params) -> MethodSpec:
     if not names:
         raise ValueError("no methods requested; choose from " + ", ".join(CODES))
     for n in names:
-        if n in NOT_IMPLEMENTED:
-            raise NotImplementedError(NOT_IMPLEMENTED[n])
         if n not in CODES:
             raise ValueError(f"unknown method {n!r}; known methods: {', '.join(CODES)}")
     if len(set(names)) != len(names):

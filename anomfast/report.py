@@ -180,7 +180,12 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
                 for a in ("fpr95", "auroc", "ap", "f1", "threshold", "fpr95_threshold"):
                     row += [getattr(r, a), *r.bounds[a]]
                 w.writerow(row + [r.n_pos, r.n_neg])
-    doc = {"definitions": DEFINITIONS if protocol is None else ML4CV_DEFINITIONS, "conventions": conventions,
+    # the definitions the numbers were computed under (the results carry them: --fpr-mode /
+    # --ap-mode change them), not a fixed text
+    first = next((m["results"][k] for m in run["models"] for k in methods if k in m.get("results", {})), None)
+    defs = (ML4CV_DEFINITIONS if protocol is not None else
+            dict(first.definitions) if first is not None and first.definitions else DEFINITIONS)
+    doc = {"definitions": defs, "conventions": conventions,
            "protocol": protocol or "default", "methods": methods, "notes": notes,
            "models": [{"name": m["name"], "miou": m.get("miou"), "pixels": m.get("pixels"), "images": m.get("images"),
                        "results": {k: m["results"][k].as_dict() for k in methods if k in m["results"]}}

@@ -68,6 +68,8 @@ def test_eval_end_to_end_matches_python_api(tmp_path, rng):
                  "--fpr-mode", "interp"]) == 0
     doc2 = json.loads((out2 / "results.json").read_text())
     assert doc2["conventions"]["fpr_mode"] == "interp"
+    # the definitions in the file are those the numbers were computed under
+    assert "np.interp" in doc2["definitions"]["fpr95"] and "np.interp" not in doc["definitions"]["fpr95"]
     assert doc2["models"][0]["results"]["max_logit"]["auroc"] == doc["models"][0]["results"]["max_logit"]["auroc"]
 
 
