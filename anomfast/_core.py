@@ -21,8 +21,9 @@ NBINS = int(_C.NBINS)
 N_COUNTERS = int(_C.N_COUNTERS)
 MAX_METHODS = int(_C.MAX_METHODS)
 
-# counter slots, see csrc/common/views.h
-CNT_NONFINITE, CNT_INVALID, CNT_VOID, CNT_BINNED = 0, 1, 2, 3
+# counter slots (csrc/common/views.h: Counter), from the core
+CNT_NONFINITE, CNT_INVALID, CNT_VOID, CNT_BINNED = (int(_C.COUNTERS[k]) for k in ("nonfinite", "invalid", "void",
+                                                                                  "binned"))
 
 
 def cuda_core():

@@ -11,12 +11,10 @@ from .labels import LabelMap
 from .histogram import HistState, check_buffer
 from .methods import CODES, EXACT_COORDINATES, EXTERNAL, MethodSpec
 
-_LOGIT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_LABEL_DTYPES = {torch.uint8: 10, torch.int16: 11, torch.int32: 12, torch.int64: 13, torch.int8: 14,
-                 torch.bool: 15}
-for _name, _code in (("uint16", 16), ("uint32", 17)):  # 16-bit label PNGs; torch >= 2.3 has these dtypes
-    if hasattr(torch, _name):
-        _LABEL_DTYPES[getattr(torch, _name)] = _code
+# dtype codes from the core (views.h: DType); uint16 / uint32 (16-bit label PNGs) where torch has them
+_CODES = {getattr(torch, name): code for name, code in _core._C.DTYPES.items() if hasattr(torch, name)}
+_LOGIT_DTYPES = {t: c for t, c in _CODES.items() if t in (torch.float32, torch.float16, torch.bfloat16)}
+_LABEL_DTYPES = {t: c for t, c in _CODES.items() if t not in _LOGIT_DTYPES}
 
 
 def _misaligned(t: torch.Tensor) -> bool:
@@ -107,7 +105,7 @@ def new_counters(device) -> torch.Tensor:
 
 
 def _supports(core, code: int) -> bool:
-    return code in tuple(getattr(core, "METHOD_CODES", (0, 1, 2, 3, 4, 5)))
+    return code in tuple(core.METHOD_CODES)
 
 
 def check_device_support(spec: MethodSpec, device) -> None:

@@ -18,7 +18,10 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-NORMAL, ANOMALY, VOID, INVALID = 0, 1, 2, 3
+from ._core import _C  # noqa: E402
+
+# label classes (csrc/common/views.h: LabelClass), from the core
+NORMAL, ANOMALY, VOID, INVALID = (int(_C.LABEL_CLASSES[k]) for k in ("normal", "anomaly", "void", "invalid"))
 _MAX_LUT = 1 << 16
 
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ._core import _C
 from .heat import HeatStats
 from .sml import BOUNDARY_PADDINGS, SMLStats, check_boundary_padding
 
-CODES = {"max_logit": 0, "msp": 1, "energy": 2, "sml": 3, "entropy": 4, "gen": 5, "heat": 6}
-EXTERNAL = 7  # core code of a method whose coordinates are computed outside the core
+# the core's method codes (csrc/common/methods.h: the method table), read from the extension
+CODES = {name: int(code) for name, code in _C.METHODS.items() if name != "external"}
+EXTERNAL = int(_C.METHODS["external"])  # core code of a method whose coordinates are computed outside the core
 DISPLAY = {"max_logit": "Simple Max Logits", "msp": "Maximum Softmax Probability",
            "sml": "Standardized Max Logits", "energy": "Energy Score", "entropy": "Entropy",
            "gen": "GEN", "heat": "HEAT"}

@@ -314,3 +314,35 @@ def test_threshold_bounds_span_the_bin_for_methods_without_signatures():
             assert lo < hi and lo <= getattr(r[m], k) <= hi, (m, k, r[m].bounds[k])
     rb = anomfast.evaluate(x.to(torch.bfloat16), y, methods=["max_logit"])["max_logit"]
     assert rb.bounds["threshold"][0] == rb.bounds["threshold"][1] == rb.threshold
+
+
+def test_core_refuses_unknown_method_codes_and_bad_arguments():
+    """The compiled entry checks every code and size it is given (checks.h): an unknown
+    method code is an error (it once computed GEN), as are bad dtype codes, null buffers
+    for what the methods need, and sig_mask bits past the methods."""
+    from anomfast._core import _C
+    x = torch.randn(1, 3, 4, 5)
+    counters = torch.zeros(int(_C.N_COUNTERS), dtype=torch.int64)
+    maps = torch.zeros(1, 1, 4, 5)
+
+    def args(**kw):
+        a = _C.FusedArgs()
+        a.logits_ptr, a.B, a.C, a.H, a.W = x.data_ptr(), 1, 3, 4, 5
+        a.ls_b, a.ls_c, a.ls_h, a.ls_w = x.stride()
+        a.counters_ptr, a.maps_ptr = counters.data_ptr(), maps.data_ptr()
+        a.methods = [0]
+        for k, v in kw.items():
+            setattr(a, k, v)
+        return a
+
+    _C.fused(args())  # the baseline call is accepted
+    assert torch.equal(maps[0, 0], -x[0].max(dim=0).values)
+    for kw, msg in [({"methods": [8]}, "method code 8"), ({"methods": [-1]}, "method code -1"),
+                    ({"logit_dtype": 9}, "logit dtype"), ({"methods": [6]}, "heat needs"),
+                    ({"methods": [7]}, "external method needs"), ({"methods": [3]}, "sml needs"),
+                    ({"sig_mask": 2}, "sig_mask"), ({"logits_ptr": 0}, "logits pointer"),
+                    ({"counters_ptr": 0}, "counters pointer"), ({"temperature": 0.0}, "temperatures"),
+                    ({"labels_ptr": x.data_ptr(), "label_dtype": 99}, "label dtype")]:
+        with pytest.raises(ValueError, match=msg):
+            _C.fused(args(**kw))
+    assert set(_C.METHODS) >= set(anomfast.METHODS) and int(_C.METHODS["external"]) == len(_C.METHODS) - 1

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/binning.h"
+#include "../common/methods.h"
 #include "../common/views.h"
 
 #define AF_STR2(x) #x
@@ -97,6 +98,19 @@ inline void register_constants(py::module_& m) {
   m.attr("OCC_SHIFT") = OCC_SHIFT;
   m.attr("N_COUNTERS") = (int)N_COUNTERS;
   m.attr("MAX_METHODS") = MAX_METHODS;
+  // the C++ enums Python needs, by name (one source: methods.h, views.h)
+  py::dict methods;
+  for (const MethodRow& r : METHOD_TABLE) methods[r.name] = r.code;
+  m.attr("METHODS") = methods;
+  m.attr("DTYPES") = py::dict(py::arg("float32") = (int)F32, py::arg("float16") = (int)F16,
+                              py::arg("bfloat16") = (int)BF16, py::arg("uint8") = (int)U8, py::arg("int8") = (int)I8,
+                              py::arg("bool") = (int)BOOL, py::arg("int16") = (int)I16, py::arg("int32") = (int)I32,
+                              py::arg("int64") = (int)I64, py::arg("uint16") = (int)U16,
+                              py::arg("uint32") = (int)U32);
+  m.attr("LABEL_CLASSES") = py::dict(py::arg("normal") = (int)LABEL_NORMAL, py::arg("anomaly") = (int)LABEL_ANOMALY,
+                                     py::arg("void") = (int)LABEL_VOID, py::arg("invalid") = (int)LABEL_INVALID);
+  m.attr("COUNTERS") = py::dict(py::arg("nonfinite") = (int)CNT_NONFINITE, py::arg("invalid") = (int)CNT_INVALID,
+                                py::arg("void") = (int)CNT_VOID, py::arg("binned") = (int)CNT_BINNED);
 #if defined(ANOMFAST_VERSION)
   m.attr("VERSION") = AF_STR(ANOMFAST_VERSION);
 #endif

@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "methods.h"
+
 #if defined(__CUDACC__)
 #define ANOMFAST_HD __host__ __device__ __forceinline__
 #else
@@ -191,21 +193,21 @@ ANOMFAST_HD float method_coord(int32_t method, const PixelSums& s, float tempera
                                int32_t entropy_normalize) {
   float z = 1.0f + s.s1;
   switch (method) {
-    case 0:  // max_logit
+    case MAX_LOGIT:
       return -s.m;
-    case 1:  // msp, coordinate u = 1 - max softmax
+    case MSP:  // u = 1 - max softmax
       return s.s1 / z;
-    case 2:  // energy
+    case ENERGY:
       return energy_score(s.m, s.s1, s.sT, temperature);
-    case 3:  // sml
+    case SML:
       return -(s.m - sml_mean_k) * sml_inv_std_k;
-    case 4: {  // entropy
+    case ENTROPY: {
       float h = entropy_score(s.s1, s.sx);
       return entropy_normalize ? h * inv_log_c : h;
     }
-    case 5:  // gen
+    case GEN:
       return s.gen;
-    default:
+    default:  // HEAT / EXTERNAL are not per-pixel (is_per_pixel_method); codes are checked at entry
       return 0.0f;
   }
 }

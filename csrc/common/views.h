@@ -32,6 +32,8 @@
 #pragma once
 #include <cstdint>
 
+#include "methods.h"
+
 namespace anomfast {
 
 enum DType : int32_t {
@@ -39,12 +41,8 @@ enum DType : int32_t {
   U8 = 10, I16 = 11, I32 = 12, I64 = 13, I8 = 14, BOOL = 15, U16 = 16, U32 = 17,  // labels
 };
 
-enum Method : int32_t {
-  MAX_LOGIT = 0, MSP = 1, ENERGY = 2, SML = 3, ENTROPY = 4, GEN = 5,
-  HEAT = 6,      // needs heat_m_ptr and the true (unfolded) H x W geometry: 3x3 neighbourhoods
-  EXTERNAL = 7,  // bins a precomputed coordinate map (ext_ptr)
-};
-constexpr int N_METHOD_KINDS = 8;
+// Method codes: methods.h (the method table). HEAT needs heat_m_ptr and the true
+// (unfolded) H x W geometry (3x3 neighbourhoods); EXTERNAL bins a precomputed map (ext_ptr).
 constexpr int MAX_METHODS = 8;
 
 enum LabelClass : int8_t { LABEL_NORMAL = 0, LABEL_ANOMALY = 1, LABEL_VOID = 2, LABEL_INVALID = 3 };

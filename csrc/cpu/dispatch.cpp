@@ -3,6 +3,8 @@
 // build gives the same bits (anomfast/_core.py rejects other values before loading).
 #include "dispatch.h"
 
+#include "../common/checks.h"
+
 #include <cstdlib>
 #include <cstring>
 
@@ -56,6 +58,7 @@ static bool use_avx512() {
 const char* cpu_isa() { return use_avx512() ? "avx512" : use_avx2() ? "avx2+fma" : "baseline"; }
 
 void fused_cpu(const FusedArgs& a) {
+  check_fused_args(a);
 #if defined(ANOMFAST_HAVE_AVX512)
   if (use_avx512()) return avx512::fused(a);
 #endif
@@ -66,6 +69,7 @@ void fused_cpu(const FusedArgs& a) {
 }
 
 void fit_sml_cpu(const FitArgs& a) {
+  check_fit_args(a);
 #if defined(ANOMFAST_HAVE_AVX512)
   if (use_avx512()) return avx512::fit_sml(a);
 #endif

@@ -58,6 +58,7 @@
 // picks the best one the running CPU supports.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -697,20 +698,15 @@ struct Flags {
   bool need_s1 = false, need_sT = false, need_sx = false, need_gen = false, heat = false;
 };
 
-inline Flags method_flags(const FusedArgs& a) {
+inline Flags method_flags(const FusedArgs& a) {  // from the method table (methods.h)
   Flags f;
   for (int j = 0; j < a.n_methods; ++j) {
-    switch (a.methods[j]) {
-      case MSP: f.need_s1 = true; break;
-      case ENERGY:
-        if (a.temperature == 1.0f) f.need_s1 = true;
-        else f.need_sT = true;
-        break;
-      case ENTROPY: f.need_s1 = f.need_sx = true; break;
-      case GEN: f.need_s1 = f.need_gen = true; break;
-      case HEAT: f.need_s1 = f.need_sx = f.heat = true; break;  // energy (T = 1) and entropy terms
-      default: break;
-    }
+    const uint32_t n = METHOD_TABLE[a.methods[j]].needs;  // codes checked at entry (checks.h)
+    f.need_s1 |= (n & NEED_S1) || ((n & NEED_TEMP) && a.temperature == 1.0f);
+    f.need_sT |= (n & NEED_TEMP) && a.temperature != 1.0f;
+    f.need_sx |= (n & NEED_SX) != 0;
+    f.need_gen |= (n & NEED_GEN) != 0;
+    f.heat |= (n & NEED_HEAT) != 0;
   }
   return f;
 }
@@ -902,8 +898,9 @@ void fused_impl(const FusedArgs& a) {
           case ENERGY: AF_COORD(ENERGY); break;
           case SML: AF_COORD(SML); break;
           case ENTROPY: AF_COORD(ENTROPY); break;
-          default: AF_COORD(GEN); break;
+          case GEN: AF_COORD(GEN); break;
 #undef AF_COORD
+          default: std::abort();  // unreachable: codes are checked at entry (checks.h)
         }
       }
       if (!with_hist) continue;

@@ -1,0 +1,64 @@
+// Checks of the argument structs at the compiled entry points (CPU and CUDA). Python
+// (anomfast/_fused.py) validates shapes, dtypes, devices and contiguity of every buffer
+// before it fills these structs; this is the core's own guard against a struct filled
+// otherwise (a test, a future binding): what it cannot know (a pointer's extent) it
+// cannot check, but every code, count and size it is given is checked, and a violation
+// is a std::invalid_argument (a Python ValueError), never a wrong method or an
+// out-of-range access.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "methods.h"
+#include "views.h"
+
+namespace anomfast {
+
+inline void arg_check(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("anomfast core: " + what);
+}
+
+inline bool is_logit_dtype(int32_t d) { return d == F32 || d == F16 || d == BF16; }
+inline bool is_label_dtype(int32_t d) {
+  return d == U8 || d == I8 || d == BOOL || d == I16 || d == I32 || d == I64 || d == U16 || d == U32;
+}
+
+template <class Args>
+inline void check_geometry(const Args& a) {
+  arg_check(a.B >= 0 && a.C >= 1 && a.H >= 0 && a.W >= 0, "B, H, W must be >= 0 and C >= 1");
+  arg_check(is_logit_dtype(a.logit_dtype), "logit dtype code " + std::to_string(a.logit_dtype) + " is not F32/F16/BF16");
+  arg_check(a.B * a.H * a.W == 0 || a.logits_ptr != 0, "logits pointer is null");
+  if (a.labels_ptr) {
+    arg_check(is_label_dtype(a.label_dtype), "label dtype code " + std::to_string(a.label_dtype) + " is unknown");
+    arg_check(a.lut_ptr != 0 && a.lut_len >= 1 && a.lut_len <= (int64_t(1) << 32),
+              "labels need a label lookup table of 1 .. 2^32 entries");
+  }
+  arg_check(a.counters_ptr != 0, "counters pointer is null");
+}
+
+inline void check_fused_args(const FusedArgs& a) {
+  check_geometry(a);
+  arg_check(a.n_methods >= 0 && a.n_methods <= MAX_METHODS,
+            "n_methods = " + std::to_string(a.n_methods) + " is outside 0.." + std::to_string(MAX_METHODS));
+  for (int j = 0; j < a.n_methods; ++j) {
+    const int32_t m = a.methods[j];
+    arg_check(is_method(m), "method code " + std::to_string(m) + " is not in the method table (methods.h)");
+    const uint32_t needs = METHOD_TABLE[m].needs;
+    if (needs & NEED_HEAT) arg_check(a.heat_m_ptr != 0, "heat needs heat_m_ptr");
+    if (needs & NEED_EXT) arg_check(a.ext_ptr != 0, "an external method needs ext_ptr");
+    if (m == SML) arg_check(a.sml_mean_ptr != 0 && a.sml_inv_std_ptr != 0, "sml needs its statistics pointers");
+  }
+  arg_check(a.temperature > 0.0f && a.heat_temperature > 0.0f, "temperatures must be > 0");
+  if (a.labels_ptr) arg_check(a.hist_ptr != 0 && a.occ_ptr != 0, "labels given but no histogram buffers");
+  if (a.sig_mask) arg_check(a.sig_ptr != 0, "sig_mask set but no signature buffer");
+  arg_check((a.sig_mask >> (a.n_methods < 31 ? a.n_methods : 31)) == 0, "sig_mask names a method past n_methods");
+  arg_check(a.flush_every >= 0, "flush_every must be >= 0");
+}
+
+inline void check_fit_args(const FitArgs& a) {
+  check_geometry(a);
+  arg_check(a.count_ptr != 0 && a.sum_ptr != 0 && a.sumsq_ptr != 0, "fit outputs (count, sum, sumsq) are null");
+}
+
+}  // namespace anomfast

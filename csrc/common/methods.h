@@ -1,0 +1,65 @@
+// The method table: the one place where a method's code, name and per-pixel needs are
+// written. The Method enum, the needs both cores compute, the validation of codes at the
+// compiled entry points and the constants Python reads (_C.METHODS: {name: code}) all
+// come from it; adding a method is a row here plus its formula (score_math.h:
+// method_coord) and its Python parameters (anomfast/methods.py).
+#pragma once
+#include <cstdint>
+
+namespace anomfast {
+
+// What a method's coordinate needs from a pixel's class loop (score_math.h: PixelSums).
+enum MethodNeed : uint32_t {
+  NEED_S1 = 1u << 0,    // S' = sum_{c != k} e^(l_c - m)
+  NEED_TEMP = 1u << 1,  // energy: S' at T = 1, else S_T = sum_{c != k} e^((l_c - m) / T)
+  NEED_SX = 1u << 2,    // sum_c (l_c - m) e^(l_c - m) (entropy)
+  NEED_GEN = 1u << 3,   // the GEN sum
+  NEED_HEAT = 1u << 4,  // 3x3 neighbourhoods and the Mahalanobis map (true H x W geometry)
+  NEED_EXT = 1u << 5,   // a precomputed coordinate map (FusedArgs.ext_ptr)
+};
+
+// X(ENUM, code, name, needs); codes are 0, 1, 2, ... in this order (checked below)
+#define ANOMFAST_METHOD_TABLE(X)                              \
+  X(MAX_LOGIT, 0, "max_logit", 0u)                            \
+  X(MSP, 1, "msp", NEED_S1)                                   \
+  X(ENERGY, 2, "energy", NEED_TEMP)                           \
+  X(SML, 3, "sml", 0u)                                        \
+  X(ENTROPY, 4, "entropy", NEED_S1 | NEED_SX)                 \
+  X(GEN, 5, "gen", NEED_S1 | NEED_GEN)                        \
+  X(HEAT, 6, "heat", NEED_S1 | NEED_SX | NEED_HEAT)           \
+  X(EXTERNAL, 7, "external", NEED_EXT)
+
+enum Method : int32_t {
+#define AF_METHOD_ENUM(E, code, name, needs) E = code,
+  ANOMFAST_METHOD_TABLE(AF_METHOD_ENUM)
+#undef AF_METHOD_ENUM
+};
+
+struct MethodRow {
+  int32_t code;
+  const char* name;
+  uint32_t needs;
+};
+
+constexpr MethodRow METHOD_TABLE[] = {
+#define AF_METHOD_ROW(E, code, name, needs) {code, name, needs},
+    ANOMFAST_METHOD_TABLE(AF_METHOD_ROW)
+#undef AF_METHOD_ROW
+};
+constexpr int32_t N_METHOD_KINDS = int32_t(sizeof(METHOD_TABLE) / sizeof(METHOD_TABLE[0]));
+
+constexpr bool method_codes_are_dense(int32_t i = 0) {
+  return i == N_METHOD_KINDS || (METHOD_TABLE[i].code == i && method_codes_are_dense(i + 1));
+}
+static_assert(method_codes_are_dense(), "method codes must be 0, 1, ... in table order");
+
+// A code the table defines (every entry point checks each requested method with this:
+// an unknown code is an error, never another method).
+constexpr bool is_method(int32_t code) { return code >= 0 && code < N_METHOD_KINDS; }
+
+// The methods whose coordinate is a function of one pixel's class loop (method_coord).
+constexpr bool is_per_pixel_method(int32_t code) {
+  return is_method(code) && !(METHOD_TABLE[code].needs & (NEED_HEAT | NEED_EXT));
+}
+
+}  // namespace anomfast
