@@ -242,6 +242,7 @@ def test_bad_heat_grid_fails_fast(tmp_path, rng, breakage, message, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_distributed_equals_single_process(tmp_path, rng):
     """`torchrun --nproc_per_node=2 -m anomfast eval --distributed`: images sharded over two
     gloo ranks, one all_reduce of the histograms; the report equals the single-process one

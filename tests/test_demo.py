@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # builds demo caches (training the small networks)
+
 try:
     import anomfast.demo as demo
 except Exception:  # the package may not be importable (e.g. core not built): load the file

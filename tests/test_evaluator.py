@@ -34,6 +34,7 @@ def _worker(rank, world, init_file, seed, out_file):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_equals_single_process(rng, tmp_path):
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
     out = tmp_path / "rank0.pt"

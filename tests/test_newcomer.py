@@ -54,6 +54,7 @@ def grid_args(tmp_path, *extra):
 # ------------------------------------------------------------------ from the repository root
 
 @pytest.mark.skipif(not (REPO / "anomfast" / "__init__.py").is_file(), reason="needs the source tree")
+@pytest.mark.slow
 def test_repo_root_commands_use_the_installed_package(tmp_path, rng):
     """From the repository root the source folder comes first on sys.path; it has no
     compiled core and once failed with a circular-import ImportError."""

@@ -549,6 +549,7 @@ np.savez(sys.argv[2], hist=hist.hist.numpy(), sig=hist.sig.numpy(), occ=hist.occ
 """
 
 
+@pytest.mark.slow
 def test_cpu_isa_builds_agree(rng, tmp_path):
     """The AVX-512 and AVX2 builds of the core (ANOMFAST_CPU_ISA caps the dispatch) give
     bit-identical score maps, histograms (counts, signatures, occupancy), counters and SML
