@@ -215,7 +215,6 @@ def _eval(args) -> int:
     import torch.distributed as dist
 
     from .grid import grid_from_config, load_grid
-    from .report import write_report
     from .runner import evaluate_grid
     notes = []
     data_opts = [f"--{k.replace('_', '-')}" for k in ("labels", "name", "sml_stats", "features", "heat_stats",
@@ -286,20 +285,26 @@ def _eval(args) -> int:
     run["methods"] = order_methods(run["methods"])
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
+    _write_report_timed(run, out, args, formats)
+    print((out / "report.md").read_text())
+    say(f"anomfast: wrote {out}/report.md, results.json, results.csv, report.tex, histograms.npz"
+        + ("" if args.no_plots else f" and plots ({', '.join(formats)})"), args.quiet)
+    return 0
+
+
+def _write_report_timed(run: dict, out: Path, args, formats) -> None:
+    """write_report, then timings.json: where the command's time went (rank 0's view;
+    bench/cli_split.py reads it)."""
+    from .report import write_report
     t_report = time.perf_counter()
     write_report(run, out, _conventions(args), plots=not args.no_plots, formats=formats,
                  progress=None if args.quiet else say, roc_log=args.roc_scale == "log")
-    # where the command's time went (bench/cli_split.py reads it); rank 0's view
     tm = dict(run.get("timings", {}))
     tm["report_s"] = time.perf_counter() - t_report
     tm["command_s"] = time.perf_counter() - args._t_start
     tm["imports_s"] = getattr(args, "_t_imports", 0.0)
     (out / "timings.json").write_text(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                   for k, v in tm.items()}, indent=2))
-    print((out / "report.md").read_text())
-    say(f"anomfast: wrote {out}/report.md, results.json, results.csv, report.tex, histograms.npz"
-        + ("" if args.no_plots else f" and plots ({', '.join(formats)})"), args.quiet)
-    return 0
 
 
 def _plot_formats(args) -> list:
@@ -391,22 +396,12 @@ def read_histogram_file(path) -> dict:
 
 
 def _cmd_report(args) -> int:
-    from .report import write_report
     out = check_writable(args.out)
     if not args.no_plots:
         require({"matplotlib": "matplotlib"}, "plots (leave them out with --no-plots)")
     formats = _plot_formats(args)
     run = read_histogram_file(args.histograms)
-    t_report = time.perf_counter()
-    write_report(run, out, _conventions(args), plots=not args.no_plots, formats=formats,
-                 progress=None if args.quiet else say, roc_log=args.roc_scale == "log")
-    # where the command's time went (bench/cli_split.py reads it); rank 0's view
-    tm = dict(run.get("timings", {}))
-    tm["report_s"] = time.perf_counter() - t_report
-    tm["command_s"] = time.perf_counter() - args._t_start
-    tm["imports_s"] = getattr(args, "_t_imports", 0.0)
-    (out / "timings.json").write_text(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                  for k, v in tm.items()}, indent=2))
+    _write_report_timed(run, out, args, formats)
     print((out / "report.md").read_text())
     return 0
 
