@@ -22,6 +22,7 @@ from .methods import CODES, EXTERNAL, resolve
 from .fitting import fit_heat, fit_sml  # noqa: F401  (part of the functional API)
 from .heat import as_features
 from .inputs import _batches
+from .tables import results_table
 
 
 def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **method_params) -> dict:
@@ -40,7 +41,6 @@ class Results(dict):
     pixels: dict
 
     def table(self, digits: int = 2) -> str:
-        from .report import results_table
         return results_table(self, digits=digits)
 
     def __str__(self) -> str:

@@ -72,3 +72,15 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+# the command-line application; everything else is the library, which must not import it
+CLI_MODULES = {"cli", "__main__", "grid", "runner", "report", "plots", "demo"}
+
+
+def test_the_library_does_not_import_the_cli():
+    graph = import_graph()
+    for mod, deps in graph.items():
+        if mod in CLI_MODULES:
+            continue
+        assert not (deps & CLI_MODULES), f"anomfast/{mod}.py imports the CLI's {sorted(deps & CLI_MODULES)}"
