@@ -246,7 +246,8 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
         a.flush_every = int(flush_every)
     if dev.type == "cuda":
         a.stream = torch.cuda.current_stream(dev).cuda_stream
-    core.fused(a)
+    if core.fused(a):  # the CPU core's FusedStatus (views.h); the CUDA core raises instead
+        raise MemoryError("anomfast: could not allocate the per-thread histogram scratch memory")
 
 
 def fit_pass(logits: torch.Tensor, labels: torch.Tensor | None, label_map: LabelMap | None,
@@ -284,8 +285,8 @@ def check_counters(counters: torch.Tensor, labels: torch.Tensor | None, label_ma
     """Turns the core's counters into errors (bad labels, NaN/inf logits) or a summary."""
     c = [int(v) for v in counters.tolist()]
     lm = label_map or LabelMap.default()
-    if c[_core.CNT_INVALID] < 0:
-        raise MemoryError("anomfast: could not allocate the per-thread histogram scratch memory")
+    if min(c) < 0:
+        raise ValueError(f"the pixel counters {c} hold a negative count: the state is corrupt")
     if c[_core.CNT_INVALID] > 0:
         first = lm.first_invalid_value(labels) if labels is not None else None
         d = lm.describe()

@@ -45,6 +45,9 @@ enum DType : int32_t {
 // (unfolded) H x W geometry (3x3 neighbourhoods); EXTERNAL bins a precomputed map (ext_ptr).
 constexpr int MAX_METHODS = 8;
 
+// What the fused entry returns (the CPU core; CUDA reports through exceptions).
+enum FusedStatus : int32_t { FUSED_OK = 0, FUSED_NO_MEMORY = 1 };
+
 enum LabelClass : int8_t { LABEL_NORMAL = 0, LABEL_ANOMALY = 1, LABEL_VOID = 2, LABEL_INVALID = 3 };
 
 enum Counter : int32_t {

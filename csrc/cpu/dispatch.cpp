@@ -10,18 +10,18 @@
 
 namespace anomfast {
 namespace generic {
-void fused(const FusedArgs& a);
+int fused(const FusedArgs& a);
 void fit_sml(const FitArgs& a);
 }  // namespace generic
 #if defined(ANOMFAST_HAVE_AVX2)
 namespace avx2 {
-void fused(const FusedArgs& a);
+int fused(const FusedArgs& a);
 void fit_sml(const FitArgs& a);
 }  // namespace avx2
 #endif
 #if defined(ANOMFAST_HAVE_AVX512)
 namespace avx512 {
-void fused(const FusedArgs& a);
+int fused(const FusedArgs& a);
 void fit_sml(const FitArgs& a);
 }  // namespace avx512
 #endif
@@ -57,7 +57,7 @@ static bool use_avx512() {
 
 const char* cpu_isa() { return use_avx512() ? "avx512" : use_avx2() ? "avx2+fma" : "baseline"; }
 
-void fused_cpu(const FusedArgs& a) {
+int fused_cpu(const FusedArgs& a) {
   check_fused_args(a);
 #if defined(ANOMFAST_HAVE_AVX512)
   if (use_avx512()) return avx512::fused(a);
@@ -65,7 +65,7 @@ void fused_cpu(const FusedArgs& a) {
 #if defined(ANOMFAST_HAVE_AVX2)
   if (use_avx2()) return avx2::fused(a);
 #endif
-  generic::fused(a);
+  return generic::fused(a);
 }
 
 void fit_sml_cpu(const FitArgs& a) {

@@ -2,7 +2,7 @@
 #include "../common/views.h"
 
 namespace anomfast {
-void fused_cpu(const FusedArgs& a);
+int fused_cpu(const FusedArgs& a);  // FusedStatus (views.h)
 void fit_sml_cpu(const FitArgs& a);
 const char* cpu_isa();
 }  // namespace anomfast

@@ -94,6 +94,9 @@ static_assert(GROUP_SHIFT <= OCC_SHIFT, "a 64-slot group lies in one occupancy b
                                        "marks only a block holding counts (occupancy stays exact)");
 static_assert(OCC_SHIFT <= BLOCK_SHIFT, "a reduction block holds whole occupancy bytes: in the reduction each "
                                        "byte has one writer, the block's thread (plain stores)");
+static_assert((int64_t)MAX_METHODS * 2 * NBINS + 1 <= INT32_MAX, "flat private slots (and the trash slot) are "
+                                                                   "queued as int32");
+static_assert((int64_t(1) << BLOCK_SHIFT) < NBINS, "a reduction block spans at most two (method, label) segments");
 
 // Zero-initialised scratch memory whose untouched pages cost nothing.
 class Scratch {
@@ -694,6 +697,136 @@ inline void count_slots(const int32_t* __restrict q, const uint32_t* __restrict 
   }
 }
 
+// One thread's private histogram: counts of the pixels it bins, added into the shared
+// histogram at the end of a call (or every flush_every pixels, so no private count can
+// overflow). Layout: flat slots like hist, (methods, 2, NBINS), then a trash slot for
+// skipped pixels; the low byte of each count in `low` (the hot array, 4x smaller than
+// whole counts), the carries in `priv`, the slots' OR-ed tie signatures in `psig` (only
+// for sig_mask methods: 0 iff the slot holds no count; other methods' pages are never
+// written), a flag per 64-slot group in `wrapped` where priv may be nonzero. Up to
+// TOUCHED_CAP distinct slots are remembered and flushed one by one (small calls); past
+// the cap the thread keeps per-segment slot ranges instead and its counts are added by
+// the shared block reduction (reduce_block) or by ranges (flush).
+struct alignas(64) PrivateHist {  // own cache lines: each thread updates its own per burst
+  // the shared state's buffers and the call's layout
+  int64_t* hist = nullptr;
+  uint32_t* sig = nullptr;
+  uint8_t* occ = nullptr;
+  int64_t trash = 0;
+  int32_t sig_mask = 0;
+  int n_seg = 0;
+  uint64_t flush_every = FLUSH_EVERY;
+  // private
+  uint8_t* low = nullptr;
+  uint32_t* priv = nullptr;
+  uint32_t* psig = nullptr;
+  uint8_t* wrapped = nullptr;
+  SlotRanges* rng = nullptr;
+  std::vector<int64_t> touched;
+  int n_touched = 0;  // > TOUCHED_CAP: too many to remember, flush by ranges
+  uint64_t since_flush = 0;
+
+  // Takes this thread's zeroed scratch (false when it cannot be allocated).
+  bool init(int64_t* h, uint32_t* g, uint8_t* o, int64_t trash_slot, int32_t mask, int segments, uint64_t every,
+            SlotRanges* ranges) {
+    hist = h, sig = g, occ = o, trash = trash_slot, sig_mask = mask, n_seg = segments, flush_every = every;
+    rng = ranges;
+    rng->reset();
+    const size_t n_slots = (size_t)(trash + 1), lo_bytes = (n_slots + 63) & ~(size_t)63;
+    const size_t n_groups = (size_t)(trash >> GROUP_SHIFT) + 1;
+    low = reinterpret_cast<uint8_t*>(thread_scratch(lo_bytes + 2 * n_slots * sizeof(uint32_t) + n_groups));
+    if (!low) return false;
+    priv = reinterpret_cast<uint32_t*>(low + lo_bytes);
+    psig = priv + n_slots;
+    wrapped = reinterpret_cast<uint8_t*>(psig + n_slots);
+    touched.assign(TOUCHED_CAP, 0);
+    return true;
+  }
+
+  bool past_cap() const { return n_touched > TOUCHED_CAP; }
+
+  void clear_trash() {
+    priv[trash] = 0;
+    low[trash] = 0;
+    psig[trash] = 0;
+    wrapped[trash >> GROUP_SHIFT] = 0;
+  }
+
+  // Adds this thread's counts into hist by itself (per-bin atomics: other threads may be
+  // counting or flushing): the remembered slots, or the groups of its slot ranges. Used at
+  // the end of small calls and for the early flush of long ones.
+  void flush() {
+    if (!past_cap()) {
+      for (int k = 0; k < n_touched; ++k) {
+        const int64_t q = touched[k];
+        mark_occ(occ, q);
+        add_slot_atomic(hist, sig, low, priv, psig, q, sig_on(sig_mask, q));
+        wrapped[q >> GROUP_SHIFT] = 0;
+      }
+    } else {
+      for (int sg = 0; sg < n_seg; ++sg) {
+        if (rng->lo[sg] > rng->hi[sg]) continue;
+        add_groups<true>(hist, sig, occ, low, priv, psig, wrapped, rng->lo[sg], (int64_t)rng->hi[sg] + 1, trash,
+                         sig_mask);
+      }
+    }
+    clear_trash();
+    rng->reset();
+    n_touched = 0;
+    since_flush = 0;
+  }
+
+  // Adds the nq queued counts of each of the M methods (qbuf / wbuf, QCAP per method) to
+  // low (the carries to priv), remembering newly touched slots below the cap.
+  void burst(const int32_t* qbuf, const uint32_t* wbuf, int M, int nq) {
+    if (past_cap()) {
+      for (int j = 0; j < M; ++j) {
+        const int32_t* q = qbuf + (size_t)j * QCAP;
+        if ((sig_mask >> j) & 1)
+          count_slots<true>(q, wbuf + (size_t)j * QCAP, nq, low, priv, wrapped, psig);
+        else
+          count_slots<false>(q, nullptr, nq, low, priv, wrapped, nullptr);
+      }
+    } else {
+      for (int j = 0; j < M; ++j) {
+        const int32_t* q = qbuf + (size_t)j * QCAP;
+        const uint32_t* w = ((sig_mask >> j) & 1) ? wbuf + (size_t)j * QCAP : nullptr;
+        for (int i = 0; i < nq; ++i) {
+          if (q[i] == (int32_t)trash) continue;
+          if (w) psig[q[i]] |= w[i];
+          const uint8_t was = low[q[i]]++;
+          if (was == 255) {
+            priv[q[i]] += 256;
+            wrapped[q[i] >> GROUP_SHIFT] = 1;
+          }
+          if (was == 0 && priv[q[i]] == 0 && n_touched <= TOUCHED_CAP) {
+            if (n_touched < TOUCHED_CAP) touched[n_touched] = q[i];
+            ++n_touched;
+          }
+        }
+      }
+    }
+    since_flush += (uint64_t)nq;
+    if (since_flush >= flush_every) flush();
+  }
+
+  // Block blk of the shared end-of-call reduction: adds every thread's private counts of
+  // the block's slots (plain adds: each block has one writer, this thread).
+  static void reduce_block(int64_t blk, PrivateHist* all, int nt, int64_t trash, int n_seg) {
+    const int64_t lo = blk << BLOCK_SHIFT, hi = std::min<int64_t>(trash, lo + (1 << BLOCK_SHIFT));
+    const int s0 = (int)(lo / NBINS), s1 = (int)std::min<int64_t>(n_seg - 1, (hi - 1) / NBINS);
+    for (int t = 0; t < nt; ++t) {
+      PrivateHist& p = all[t];
+      if (!p.low) continue;
+      for (int sg = s0; sg <= s1; ++sg) {
+        const int64_t a0 = std::max<int64_t>(lo, p.rng->lo[sg]), a1 = std::min<int64_t>(hi, (int64_t)p.rng->hi[sg] + 1);
+        if (a0 < a1)
+          add_groups<false>(p.hist, p.sig, p.occ, p.low, p.priv, p.psig, p.wrapped, a0, a1, p.trash, p.sig_mask);
+      }
+    }
+  }
+};
+
 struct Flags {
   bool need_s1 = false, need_sT = false, need_sx = false, need_gen = false, heat = false;
 };
@@ -712,7 +845,7 @@ inline Flags method_flags(const FusedArgs& a) {  // from the method table (metho
 }
 
 template <int DT>
-void fused_impl(const FusedArgs& a) {
+int fused_impl(const FusedArgs& a) {
   const int64_t C = a.C, nW = (a.W + TILE - 1) / TILE;
   const int64_t n_tiles = a.B * a.H * nW;
   const int M = a.n_methods;
@@ -753,10 +886,7 @@ void fused_impl(const FusedArgs& a) {
 #else
   const int nt = 1;
 #endif
-  std::vector<uint32_t*> all_priv((size_t)nt, nullptr);  // every thread's copy, for the reduction
-  std::vector<uint8_t*> all_lo((size_t)nt, nullptr);
-  std::vector<uint8_t*> all_wrapped((size_t)nt, nullptr);
-  std::vector<uint32_t*> all_psig((size_t)nt, nullptr);
+  std::vector<PrivateHist> all_ph((size_t)nt);  // every thread's, for the reduction
   std::vector<SlotRanges> all_ranges((size_t)nt);
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)
@@ -764,10 +894,10 @@ void fused_impl(const FusedArgs& a) {
   {
     std::vector<float> buf((size_t)C * TILE);
     int8_t cls[TILE];
-    // Counts wait in qbuf (per method: flat slots in priv, one per pixel) and are added
-    // in bursts of BURST_TILES tiles: interleaved tile by tile with the streaming reads
-    // of the logits, the scattered increments miss the caches far more often (bursts
-    // made the 4-method pass 15% faster on Zen 4).
+    // Counts wait in qbuf (per method: flat slots in the private histogram, one per pixel)
+    // and are added in bursts of BURST_TILES tiles: interleaved tile by tile with the
+    // streaming reads of the logits, the scattered increments miss the caches far more
+    // often (bursts made the 4-method pass 15% faster on Zen 4).
     std::unique_ptr<int32_t[]> qbuf(new int32_t[(size_t)M * QCAP]);  // uninitialized: written before read
     // and their tie signature words (binning.h), queued alongside
     std::unique_ptr<uint32_t[]> wbuf(sig_mask ? new uint32_t[(size_t)M * QCAP] : nullptr);
@@ -775,93 +905,17 @@ void fused_impl(const FusedArgs& a) {
     TileState st;
     std::unique_ptr<HeatBuf> hb(fl.heat ? new HeatBuf(C) : nullptr);
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
-    // private counts, flat histograms then the trash slot: the low byte of each in low
-    // (the hot, 4x smaller array; 11% faster than whole uint32 counts), the carries in
-    // priv, the slots' OR-ed tie signatures in psig (sig_mask methods: 0 iff the slot holds
-    // no count; other methods: never written, so their pages are never backed), and a
-    // flag per 64-slot group where priv may be nonzero (set on the rare carry)
-    const size_t n_slots = (size_t)(trash + 1), lo_bytes = (n_slots + 63) & ~(size_t)63;
-    const size_t n_groups = (size_t)(trash >> GROUP_SHIFT) + 1;
-    uint8_t* low = with_hist ? reinterpret_cast<uint8_t*>(
-                                   thread_scratch(lo_bytes + 2 * n_slots * sizeof(uint32_t) + n_groups))
-                             : nullptr;
-    uint32_t* priv = low ? reinterpret_cast<uint32_t*>(low + lo_bytes) : nullptr;
-    uint32_t* psig = low ? priv + n_slots : nullptr;
-    uint8_t* wrapped = low ? reinterpret_cast<uint8_t*>(psig + n_slots) : nullptr;
-    SlotRanges& rng = all_ranges[(size_t)thread_id()];
-    rng.reset();
-    std::vector<int64_t> touched(with_hist ? TOUCHED_CAP : 0);
-    int n_touched = 0;  // > TOUCHED_CAP: too many to remember, flush by ranges
-    uint64_t since_flush = 0;
-    if (with_hist && !priv) {
+    const int tid = thread_id();
+    PrivateHist& ph = all_ph[(size_t)tid];
+    SlotRanges& rng = all_ranges[(size_t)tid];
+    const bool ready = !with_hist || ph.init(hist, sig, occ, trash, sig_mask, n_seg, flush_every, &rng);
+    if (!ready) {
 #pragma omp atomic write
       err = 1;
     }
-    const int tid = thread_id();
-    all_priv[tid] = priv;
-    all_lo[tid] = low;
-    all_wrapped[tid] = wrapped;
-    all_psig[tid] = psig;
-
-    // Adds this thread's counts into hist by itself (per-bin atomics: other threads may
-    // be counting or flushing): the remembered bins, or the groups of its slot ranges.
-    // Used at the end for small calls and for the early flush of long ones.
-    auto flush = [&]() {
-      if (n_touched <= TOUCHED_CAP) {
-        for (int k = 0; k < n_touched; ++k) {
-          const int64_t q = touched[k];
-          mark_occ(occ, q);
-          add_slot_atomic(hist, sig, low, priv, psig, q, sig_on(sig_mask, q));
-          wrapped[q >> GROUP_SHIFT] = 0;
-        }
-      } else {
-        for (int sg = 0; sg < n_seg; ++sg) {
-          if (rng.lo[sg] > rng.hi[sg]) continue;
-          add_groups<true>(hist, sig, occ, low, priv, psig, wrapped, rng.lo[sg], (int64_t)rng.hi[sg] + 1, trash,
-                           sig_mask);
-        }
-      }
-      priv[trash] = 0;
-      low[trash] = 0;
-      psig[trash] = 0;
-      wrapped[trash >> GROUP_SHIFT] = 0;
-      rng.reset();
-      n_touched = 0;
-      since_flush = 0;
-    };
-
-    // Adds the waiting counts to low (and the carries to priv).
     auto burst = [&]() {
-      if (n_touched > TOUCHED_CAP) {
-        for (int j = 0; j < M; ++j) {
-          const int32_t* q = qbuf.get() + (size_t)j * QCAP;
-          if ((sig_mask >> j) & 1)
-            count_slots<true>(q, wbuf.get() + (size_t)j * QCAP, nq, low, priv, wrapped, psig);
-          else
-            count_slots<false>(q, nullptr, nq, low, priv, wrapped, nullptr);
-        }
-      } else {
-        for (int j = 0; j < M; ++j) {
-          const int32_t* q = qbuf.get() + (size_t)j * QCAP;
-          const uint32_t* w = ((sig_mask >> j) & 1) ? wbuf.get() + (size_t)j * QCAP : nullptr;
-          for (int i = 0; i < nq; ++i) {
-            if (q[i] == (int32_t)trash) continue;
-            if (w) psig[q[i]] |= w[i];
-            const uint8_t was = low[q[i]]++;
-            if (was == 255) {
-              priv[q[i]] += 256;
-              wrapped[q[i] >> GROUP_SHIFT] = 1;
-            }
-            if (was == 0 && priv[q[i]] == 0 && n_touched <= TOUCHED_CAP) {
-              if (n_touched < TOUCHED_CAP) touched[n_touched] = q[i];
-              ++n_touched;
-            }
-          }
-        }
-      }
-      since_flush += (uint64_t)nq;
+      ph.burst(qbuf.get(), wbuf.get(), M, nq);
       nq = 0;
-      if (since_flush >= flush_every) flush();
     };
 
     // Chunks of up to 64 tiles: each class row is then read as a 16 KiB sequential
@@ -872,7 +926,7 @@ void fused_impl(const FusedArgs& a) {
 #pragma omp for schedule(dynamic, chunk)
 #endif
     for (int64_t t = 0; t < n_tiles; ++t) {
-      if (with_hist && !priv) continue;
+      if (!ready) continue;
       const TilePos tp = fl.heat ? heat_tile_pos(t, nW, a.H, a.W) : tile_pos(t, nW, a.H, a.W);
       const int64_t b = tp.b, h = tp.h, w0 = tp.w0;
       const int n = tp.n;
@@ -946,11 +1000,11 @@ void fused_impl(const FusedArgs& a) {
       if (nq + TILE > QCAP) burst();
     }
     if (with_hist) {
-      if (priv) burst();
+      if (ready) burst();
       // Threads past the cap leave their counts for the shared reduction below;
       // the others flush theirs first (their atomics must not meet its plain adds).
-      if (priv && n_touched <= TOUCHED_CAP) flush();
-      if (priv && n_touched > TOUCHED_CAP) {
+      if (ready && !ph.past_cap()) ph.flush();
+      if (ready && ph.past_cap()) {
 #pragma omp atomic write
         any_blocks = 1;
       }
@@ -965,26 +1019,8 @@ void fused_impl(const FusedArgs& a) {
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
-        for (int64_t blk = 0; blk < n_blocks; ++blk) {
-          const int64_t lo = blk << BLOCK_SHIFT, hi = std::min<int64_t>(trash, lo + (1 << BLOCK_SHIFT));
-          // a block spans at most two segments (1024 < NBINS)
-          const int s0 = (int)(lo / NBINS), s1 = (int)std::min<int64_t>(n_seg - 1, (hi - 1) / NBINS);
-          for (int t = 0; t < nt; ++t) {
-            if (!all_priv[t]) continue;
-            const SlotRanges& r = all_ranges[(size_t)t];
-            for (int sg = s0; sg <= s1; ++sg) {
-              const int64_t a0 = std::max<int64_t>(lo, r.lo[sg]), a1 = std::min<int64_t>(hi, (int64_t)r.hi[sg] + 1);
-              if (a0 < a1)
-                add_groups<false>(hist, sig, occ, all_lo[t], all_priv[t], all_psig[t], all_wrapped[t], a0, a1, trash,
-                                  sig_mask);
-            }
-          }
-        }
-        if (priv) {
-          priv[trash] = low[trash] = 0;
-          psig[trash] = 0;
-          wrapped[trash >> GROUP_SHIFT] = 0;
-        }
+        for (int64_t blk = 0; blk < n_blocks; ++blk) PrivateHist::reduce_block(blk, all_ph.data(), nt, trash, n_seg);
+        if (ready) ph.clear_trash();
         rng.reset();  // after the omp for's implicit barrier: every thread's ranges were read above
       }
     }
@@ -995,7 +1031,7 @@ void fused_impl(const FusedArgs& a) {
       counters[q] += cnt[q];
     }
   }
-  if (err) counters[CNT_INVALID] = -1;  // scratch allocation failed: reported as an error by Python
+  return err ? FUSED_NO_MEMORY : FUSED_OK;  // scratch allocation failed: Python raises MemoryError
 }
 
 template <int DT>
@@ -1078,11 +1114,11 @@ void fit_impl(const FitArgs& a) {
 
 }  // namespace
 
-void fused(const FusedArgs& a) {
+int fused(const FusedArgs& a) {
   switch (a.logit_dtype) {
-    case F16: fused_impl<F16>(a); break;
-    case BF16: fused_impl<BF16>(a); break;
-    default: fused_impl<F32>(a); break;
+    case F16: return fused_impl<F16>(a);
+    case BF16: return fused_impl<BF16>(a);
+    default: return fused_impl<F32>(a);
   }
 }
 
