@@ -415,8 +415,8 @@ def accumulator_for(spec: ComponentSpec, names, label_map, best_f1: Mapping | No
     if missing and best_f1 is None:
         raise ValueError(f"{where} needs a score threshold per method for the component metrics, missing for "
                          f"{missing}: the best pixel-F1 threshold is known only after all the data. Run two phases: a "
-                         "first pass without components, r = ....compute(), then components={'thresholds': r} over "
-                         "the same data again")
+                         "first pass without components (r = evaluator.compute() or r = anomfast.evaluate(...)), "
+                         "then components={'thresholds': r} over the same data again")
     for n in missing:
         t = best_f1[n].threshold
         if math.isnan(t):
