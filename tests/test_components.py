@@ -496,3 +496,43 @@ def test_core_wrapper_checks_every_buffer():
                             pr.ctypes.data, 5, counts.ctypes.data)
     assert rc == -1 and (counts == -7).all()
     assert comp._C.components_capacity(4, 5) == 6
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_components_equal_evaluate(tmp_path):
+    """anomfast eval --components: the component table in report.md, results.json and
+    components.csv equal anomfast.evaluate(..., components=...) on the same files."""
+    from PIL import Image
+
+    from anomfast.cli import main
+    x, y = _logit_scenes(5, B=4)
+    xb, yb = _logit_scenes(6, B=4)
+    for d in ("labels", "a", "b"):
+        (tmp_path / d).mkdir()
+    for i in range(len(x)):
+        Image.fromarray(y[i].numpy().astype(np.uint8)).save(tmp_path / "labels" / f"img{i}.png")
+        np.save(tmp_path / "a" / f"img{i}.npy", x[i].numpy())
+        np.save(tmp_path / "b" / f"img{i}.npy", xb[i].numpy())
+    (tmp_path / "grid.toml").write_text(
+        '[labels]\ndir = "labels"\nanomaly_ids = [1]\nvoid_ids = [255]\nnormal_ids = [0]\n'
+        '[[models]]\nname = "A"\nlogits = "a"\n[[models]]\nname = "B"\nlogits = "b"\n')
+    out = tmp_path / "out"
+    args = ["eval", "--grid", str(tmp_path / "grid.toml"), "--out", str(out), "--quiet", "--no-plots",
+            "--methods", "max_logit,energy", "--components", "--components-track", "obstacle"]
+    assert main(args) == 0
+    doc = json.loads((out / "results.json").read_text())
+    md = (out / "report.md").read_text()
+    assert "## Component Metrics (SegmentMeIfYouCan)" in md and "obstacle track" in md
+    csv_rows = (out / "components.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 2 * 2
+    for model, logits in (("A", x), ("B", xb)):
+        want = anomfast.evaluate(logits, y, methods=["max_logit", "energy"], components={"track": "obstacle"})
+        got = next(m for m in doc["models"] if m["name"] == model)["components"]
+        for k in ("max_logit", "energy"):
+            assert json.dumps(got[k]) == json.dumps(want.components[k].as_dict())
+            c = want.components[k]
+            assert " / ".join(f"{100 * v:.1f}" for v in (c.siou_gt, c.ppv, c.mean_f1)) in md
+    assert main(["eval", "--grid", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "o2"), "--quiet",
+                 "--components-mode", "clean"]) == 2
