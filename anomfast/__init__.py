@@ -50,6 +50,7 @@ try:
     from . import _core
 except ImportError as _exc:
     _core = _use_installed_copy(_exc)
+from .components import ComponentSpec, component_metrics
 from .evaluator import Evaluator
 from .functional import Results, evaluate, evaluate_scores, fit_sml, score_maps
 from .heat import HeatStats, fit_heat
@@ -62,7 +63,8 @@ __version__ = str(_core._C.VERSION)
 METHODS = tuple(_CODES)
 
 __all__ = ["Evaluator", "evaluate", "evaluate_scores", "score_maps", "fit_sml", "SMLStats", "fit_heat", "HeatStats", "LabelMap",
-           "Histogram", "save_histograms", "load_histograms", "Results", "build_info", "METHODS", "__version__"]
+           "Histogram", "save_histograms", "load_histograms", "Results", "build_info", "METHODS", "__version__",
+           "ComponentSpec", "component_metrics"]
 
 
 def build_info() -> dict:
