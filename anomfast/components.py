@@ -54,9 +54,9 @@ sums are kept in 84-bit fixed point, exact and independent of the batching and o
 number of processes); the benchmark's float sums differ from them in the last bits.
 
 Labeling runs in the compiled CPU core (csrc/cpu/components_cpu.cpp: union-find over
-pixels, per image). For CUDA inputs the binarization and the label classes are computed
-on the device and the two byte maps per image are copied to the host for labeling; there
-is no CUDA labeling kernel.
+pixels, per image). For CUDA inputs the binarization runs on the device; the binarized
+map and the labels are copied to the host (one byte per pixel each), where the label
+classes are looked up and the components labeled. There is no CUDA labeling kernel.
 """
 from __future__ import annotations
 
@@ -329,13 +329,25 @@ class ComponentAccumulator:
         self._ws = _Workspace()
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
-        """int8 (B, H, W) label classes on the host; label values outside the map raise."""
-        cls = self.label_map.classify(labels)
-        bad = cls == INVALID
-        if bool(bad.any()):
-            v = int(labels[bad].flatten()[0])
-            raise ValueError(f"label value {v} is neither normal, anomaly nor void in the label map {self.label_map}")
-        return cls.cpu().contiguous()
+        """int8 (B, H, W) label classes on the host (a table lookup in NumPy, one byte per
+        pixel; labels on a GPU are copied over first); label values outside the map raise."""
+        table, lo = self.label_map.lut()
+        y = labels.cpu().numpy()
+        if y.dtype == np.bool_:
+            y = y.view(np.uint8)
+        t = table.numpy()
+        if y.dtype in (np.uint8, np.uint16) and lo == 0:  # every value indexes a padded table
+            full = np.full(1 << (8 * y.itemsize), INVALID, np.int8)
+            full[:min(t.size, full.size)] = t[:full.size]
+            cls = np.take(full, y)
+        else:
+            v = y.astype(np.int64) - lo
+            cls = np.take(t, v, mode="clip")
+            cls[(v < 0) | (v >= t.size)] = INVALID
+        if cls.max(initial=0) > VOID:
+            x = int(y[cls > VOID].flat[0])
+            raise ValueError(f"label value {x} is neither normal, anomaly nor void in the label map {self.label_map}")
+        return torch.from_numpy(np.ascontiguousarray(cls))
 
     def update_scores(self, j: int, scores: torch.Tensor, classes: torch.Tensor) -> None:
         """Adds method j's score maps (B, H, W), any float dtype and device; classes from

@@ -536,3 +536,24 @@ def test_cli_components_equal_evaluate(tmp_path):
             assert " / ".join(f"{100 * v:.1f}" for v in (c.siou_gt, c.ppv, c.mean_f1)) in md
     assert main(["eval", "--grid", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "o2"), "--quiet",
                  "--components-mode", "clean"]) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int8, np.int16, np.int32, np.int64, np.bool_])
+def test_label_classes_equal_label_map(nrng, dtype):
+    """The accumulator's table lookup gives LabelMap.classify's classes for every label
+    dtype, and names a value the map does not cover."""
+    if dtype == np.bool_:
+        lm, y = anomfast.LabelMap(anomaly_ids=[1], void_ids=[], normal_ids=[0]), nrng.random((2, 9, 11)) < 0.5
+    elif np.dtype(dtype).kind == "i":  # negative ids: the table starts below 0
+        lm = anomfast.LabelMap(anomaly_ids=[-3], void_ids=[7], normal_ids="rest")
+        y = nrng.integers(-3, 8, (2, 9, 11)).astype(dtype)
+    else:
+        lm = anomfast.LabelMap(anomaly_ids=[1], void_ids=[255], normal_ids=[0, 2])
+        y = nrng.choice([0, 1, 2, 255], (2, 9, 11)).astype(dtype)
+    acc = comp.ComponentAccumulator(["c"], comp.ComponentSpec(), {"c": 0.0}, lm)
+    yt = torch.from_numpy(y)
+    assert torch.equal(acc.classes(yt), lm.classify(yt))
+    if dtype != np.bool_:
+        y.flat[5] = 9 if np.dtype(dtype).kind == "i" else 3
+        with pytest.raises(ValueError, match=f"label value {y.flat[5]} is neither"):
+            acc.classes(torch.from_numpy(y))
