@@ -31,7 +31,8 @@ thresholds and adds ``results.components`` (integer counts, summed by one all_re
 The best pixel-F1 threshold is known only after all the data, so the usual use is two
 phases: ``r = ev.compute()`` after a first pass, then ``Evaluator(..., components=
 {"thresholds": r})`` over the same data. That update() scores the batch a second time
-for the maps and labels on the host: it is not traced by torch.compile.
+for the maps and labels on the host: it is not traced by torch.compile. state_dict()
+does not carry the component counts (``ev.components.counts``, an int64 tensor) yet.
 """
 from __future__ import annotations
 
