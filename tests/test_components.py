@@ -557,3 +557,33 @@ def test_label_classes_equal_label_map(nrng, dtype):
         y.flat[5] = 9 if np.dtype(dtype).kind == "i" else 3
         with pytest.raises(ValueError, match=f"label value {y.flat[5]} is neither"):
             acc.classes(torch.from_numpy(y))
+
+
+def test_cli_components_torchrun_equals_single_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m anomfast eval --distributed --components`: images
+    sharded over two gloo ranks, component counts summed; results.json equals one process."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from anomfast.cli import main
+    x, y = _logit_scenes(7, B=5)
+    for d in ("labels", "a"):
+        (tmp_path / d).mkdir()
+    for i in range(len(x)):
+        Image.fromarray(y[i].numpy().astype(np.uint8)).save(tmp_path / "labels" / f"img{i}.png")
+        np.save(tmp_path / "a" / f"img{i}.npy", x[i].numpy())
+    (tmp_path / "grid.toml").write_text('[labels]\ndir = "labels"\nanomaly_ids = [1]\nvoid_ids = [255]\n'
+                                        'normal_ids = [0]\n[[models]]\nname = "A"\nlogits = "a"\n')
+    common = ["--grid", str(tmp_path / "grid.toml"), "--quiet", "--no-plots", "--methods", "max_logit,energy",
+              "--components", "--components-track", "obstacle"]
+    assert main(["eval", "--out", str(tmp_path / "single")] + common) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "anomfast", "eval", "--out", str(tmp_path / "dist"), "--distributed"] + common,
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((tmp_path / "single" / "results.json").read_text())["models"][0]["components"]
+    two = json.loads((tmp_path / "dist" / "results.json").read_text())["models"][0]["components"]
+    assert one["energy"]["n_images"] == 5 and one["energy"]["n_gt"] > 0
+    assert json.dumps(one) == json.dumps(two)
