@@ -388,6 +388,27 @@ class ComponentAccumulator:
     def reset(self) -> None:
         self.counts.zero_()
 
+    def state(self) -> dict:
+        """The counts with the methods, settings and thresholds they were counted at."""
+        return {"methods": list(self.names), "spec": self.spec.describe(), "thresholds": dict(self.thresholds),
+                "counts": self.counts.clone()}
+
+    def load_state(self, st) -> None:
+        """Restores state(); refuses counts made with other methods, settings or thresholds."""
+        if not isinstance(st, dict):
+            raise ValueError("the state has no component counts (saved without components=...), but this evaluator "
+                             "counts components")
+        mine = {"methods": list(self.names), "spec": self.spec.describe(), "thresholds": dict(self.thresholds)}
+        theirs = {k: st.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(f"component counts in the state were made with {theirs}, this evaluator uses {mine}")
+        c = st.get("counts")
+        if not isinstance(c, torch.Tensor) or c.dtype != torch.int64 or tuple(c.shape) != tuple(self.counts.shape) \
+                or bool((c < 0).any()):
+            raise ValueError(f"component counts must be a non-negative int64 tensor of shape "
+                             f"{tuple(self.counts.shape)}")
+        self.counts = c.detach().cpu().clone()
+
     def results(self) -> dict:
         return {n: result_from_row(self.counts[j].numpy(), n, self.thresholds[n], self.spec)
                 for j, n in enumerate(self.names)}

@@ -32,7 +32,7 @@ The best pixel-F1 threshold is known only after all the data, so the usual use i
 phases: ``r = ev.compute()`` after a first pass, then ``Evaluator(..., components=
 {"thresholds": r})`` over the same data. That update() scores the batch a second time
 for the maps and labels on the host: it is not traced by torch.compile. state_dict()
-does not carry the component counts (``ev.components.counts``, an int64 tensor) yet.
+carries the component counts with the settings and thresholds they were counted at.
 """
 from __future__ import annotations
 
@@ -242,10 +242,13 @@ class Evaluator:
     def state_dict(self) -> dict:
         """Sparse, versioned state (only the non-empty bins; the device is not kept: a
         loaded state goes to the device of the next update())."""
-        return {"format": FORMAT, "methods": list(self.spec.names),
-                "params": {n: self.spec.params_of(n) for n in self.spec.names},
-                "hist": None if self.hist is None else self.hist.to_state(),
-                "counters": None if self.counters is None else self.counters.cpu().clone()}
+        d = {"format": FORMAT, "methods": list(self.spec.names),
+             "params": {n: self.spec.params_of(n) for n in self.spec.names},
+             "hist": None if self.hist is None else self.hist.to_state(),
+             "counters": None if self.counters is None else self.counters.cpu().clone()}
+        if self.components is not None:
+            d["components"] = self.components.state()
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         """Restores state_dict()'s output; every buffer is checked before the core sees it."""
@@ -256,6 +259,8 @@ class Evaluator:
                 d.get("params") != {n: self.spec.params_of(n) for n in self.spec.names}:
             raise ValueError(f"state is for methods {d.get('methods')} {d.get('params')}, this evaluator has "
                              f"{list(self.spec.names)}")
+        if self.components is not None:
+            self.components.load_state(d.get("components"))
         self._classes = None
         if d.get("hist") is None:
             self.hist = self.counters = None

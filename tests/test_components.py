@@ -587,3 +587,26 @@ def test_cli_components_torchrun_equals_single_process(tmp_path):
     two = json.loads((tmp_path / "dist" / "results.json").read_text())["models"][0]["components"]
     assert one["energy"]["n_images"] == 5 and one["energy"]["n_gt"] > 0
     assert json.dumps(one) == json.dumps(two)
+
+
+def test_evaluator_state_dict_carries_component_counts():
+    x, y = _logit_scenes(8)
+    want = anomfast.evaluate(x, y, methods=METHODS, components=SIZES)
+    cs = dict(SIZES, thresholds=want)
+    ev = anomfast.Evaluator(methods=METHODS, components=cs)
+    ev.update(x[:3], y[:3])
+    st = ev.state_dict()
+    ev2 = anomfast.Evaluator(methods=METHODS, components=cs)
+    ev2.load_state_dict(st)
+    ev2.update(x[3:], y[3:])
+    assert _same(ev2.compute().components, want.components)
+    other = anomfast.Evaluator(methods=METHODS, components=dict(cs, mode="clean"))
+    with pytest.raises(ValueError, match="component counts in the state were made with"):
+        other.load_state_dict(st)
+    plain = anomfast.Evaluator(methods=METHODS)
+    plain.update(x[:1], y[:1])
+    with pytest.raises(ValueError, match="has no component counts"):
+        anomfast.Evaluator(methods=METHODS, components=cs).load_state_dict(plain.state_dict())
+    bad = dict(st, components=dict(st["components"], counts=-st["components"]["counts"]))
+    with pytest.raises(ValueError, match="non-negative int64"):
+        anomfast.Evaluator(methods=METHODS, components=cs).load_state_dict(bad)
