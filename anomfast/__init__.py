@@ -58,11 +58,12 @@ _LAZY = {
     "fit_sml": "fitting", "Results": "functional", "fit_heat": "fitting", "HeatStats": "heat",
     "Histogram": "histogram", "load_histograms": "histogram", "save_histograms": "histogram",
     "release_buffers": "histogram", "LabelMap": "labels", "SMLStats": "sml",
+    "ComponentSpec": "components", "component_metrics": "components",
 }
 
 __all__ = ["Evaluator", "evaluate", "evaluate_scores", "score_maps", "fit_sml", "SMLStats", "fit_heat", "HeatStats",
            "LabelMap", "Histogram", "save_histograms", "load_histograms", "release_buffers", "Results", "build_info",
-           "METHODS", "__version__"]
+           "METHODS", "__version__", "ComponentSpec", "component_metrics"]
 
 
 def __getattr__(name: str):

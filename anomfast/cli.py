@@ -280,7 +280,7 @@ def _eval(args) -> int:
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
                         distributed=args.distributed, protocol=args.protocol, refine=args.refine,
                         conventions=_conventions(args), nonfinite=args.nonfinite,
-                        allow_empty_class=args.allow_empty_class)
+                        allow_empty_class=args.allow_empty_class, components=_component_spec(args))
     run["notes"] = notes + run.get("notes", [])
     run["methods"] = order_methods(run["methods"])
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -305,6 +305,19 @@ def _write_report_timed(run: dict, out: Path, args, formats) -> None:
     tm["imports_s"] = getattr(args, "_t_imports", 0.0)
     (out / "timings.json").write_text(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                   for k, v in tm.items()}, indent=2))
+
+
+def _component_spec(args):
+    """--components [--components-track T] [--components-mode M] -> a ComponentSpec, or None."""
+    from .components import ComponentSpec
+    if not args.components:
+        if args.components_track != "anomaly" or args.components_mode != "benchmark":
+            raise CLIError("--components-track / --components-mode need --components")
+        return None
+    if args.protocol != "default":
+        raise CLIError(f"--components binarizes at the default protocol's best-F1 threshold; drop --protocol "
+                       f"{args.protocol}")
+    return ComponentSpec(track=args.components_track, mode=args.components_mode)
 
 
 def _plot_formats(args) -> list:
@@ -481,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--protocol", default="default", choices=PROTOCOLS,
                     help="ml4cv: the ml4cv-assignment scripts' evaluation (float16 scores, seeded 1M-pixel "
                          "subsample, their FPR95 / F1 / SML rules; see the README)")
+    pe.add_argument("--components", action="store_true",
+                    help="also the SegmentMeIfYouCan component metrics (sIoU / PPV / mean F1) at each method's "
+                         "best pixel-F1 threshold: one more pass over the inputs")
+    pe.add_argument("--components-track", default="anomaly", choices=["anomaly", "obstacle"],
+                    help="component size limits: anomaly (segments >= 500 px, instances >= 100 px) or obstacle "
+                         "(50 / 10)")
+    pe.add_argument("--components-mode", default="benchmark", choices=["benchmark", "clean"],
+                    help="benchmark: the benchmark code's quirks (default); clean: the definition (README)")
     conventions(pe)
     pe.set_defaults(func=_cmd_eval)
 

@@ -24,14 +24,25 @@ drop padded samples without a host sync; or use ``drop_last=True`` / an uneven s
 The fused update is registered as the custom op ``anomfast::fused_update`` (with a fake
 implementation), so a validation step calling update() compiles with
 ``torch.compile(fullgraph=True)``.
+
+Component metrics (anomfast.components): ``Evaluator(..., components={"thresholds": t})``
+with a score threshold per method also labels each updated image's components at those
+thresholds and adds ``results.components`` (integer counts, summed by one all_reduce).
+The best pixel-F1 threshold is known only after all the data, so the usual use is two
+phases: ``r = ev.compute()`` after a first pass, then ``Evaluator(..., components=
+{"thresholds": r})`` over the same data. That update() scores the batch a second time
+for the maps and labels on the host: it is not traced by torch.compile. state_dict()
+carries the component counts with the settings and thresholds they were counted at.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 
 from . import _core, _fused
+from .components import accumulator_for, as_component_spec
 from .functional import Results
 from .histogram import FORMAT, HistState, check_format, histograms_from_state
 from .labels import as_label_map
@@ -89,7 +100,8 @@ def _mask_dropped(y: torch.Tensor, keep: torch.Tensor, void_ids) -> torch.Tensor
 class Evaluator:
     def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
                  fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
-                 sync_on_compute: bool = True, process_group=None, protocol: str | None = None, **method_params):
+                 sync_on_compute: bool = True, process_group=None, protocol: str | None = None, components=None,
+                 **method_params):
         if check_protocol(protocol) is not None:  # every preset needs per-pixel scores
             raise ValueError(f"protocol={protocol!r} cannot run in the streaming Evaluator: it casts every pixel's "
                              "score to float16, draws a seeded subsample over all pixels and sorts it, and this "
@@ -110,6 +122,9 @@ class Evaluator:
         # C of the updates since construction / reset(), and the counters tensor it goes with
         # (a state swapped in from outside, as the torchmetrics adapter does, starts afresh)
         self._classes: tuple | None = None
+        cs = as_component_spec(components)
+        self.components = None if cs is None else accumulator_for(cs, self.spec.names, self.label_map,
+                                                                  where="Evaluator(components=...)")
 
     @property
     def methods(self) -> tuple:
@@ -166,6 +181,15 @@ class Evaluator:
             torch.ops.anomfast.fused_update(*args)   # traced as one opaque op (see register_fake)
         else:
             _fused_update_eager(*args)               # same function, without the op dispatch (~80 us / call)
+        if self.components is not None:
+            self._update_components(x, y, features)
+
+    def _update_components(self, x, y, features) -> None:
+        if _is_compiling():
+            raise RuntimeError("Evaluator(components=...) labels components on the host; call update() outside "
+                               "torch.compile (or evaluate the components in a separate, eager Evaluator)")
+        _, _, maps = _fused.fused_pass(x, None, self.spec, want_maps=True, features=features)
+        self.components.update_maps(maps, y)
 
     def _synced(self):
         hist, counters = self.hist, self.counters
@@ -194,21 +218,37 @@ class Evaluator:
         res.histograms = histograms_from_state(hist, self.spec.names, self.spec.params_of)
         for n, h in res.histograms.items():
             res[n] = h.finalize(**self.conventions)
+        if self.components is not None:
+            res.components = self._component_results(hist.device)
         return res
+
+    def _component_results(self, device) -> dict:
+        acc = self.components
+        dist = torch.distributed
+        if self.sync_on_compute and dist.is_available() and dist.is_initialized():
+            acc = copy.copy(acc)
+            acc.counts = acc.counts.clone()
+            acc.all_reduce_(group=self.process_group, device=device)
+        return acc.results()
 
     def reset(self) -> None:
         self._classes = None
         if self.hist is not None:
             self.hist.clear_()   # only the occupied blocks: the buffers keep their identity
             self.counters.zero_()
+        if self.components is not None:
+            self.components.reset()
 
     def state_dict(self) -> dict:
         """Sparse, versioned state (only the non-empty bins; the device is not kept: a
         loaded state goes to the device of the next update())."""
-        return {"format": FORMAT, "methods": list(self.spec.names),
-                "params": {n: self.spec.params_of(n) for n in self.spec.names},
-                "hist": None if self.hist is None else self.hist.to_state(),
-                "counters": None if self.counters is None else self.counters.cpu().clone()}
+        d = {"format": FORMAT, "methods": list(self.spec.names),
+             "params": {n: self.spec.params_of(n) for n in self.spec.names},
+             "hist": None if self.hist is None else self.hist.to_state(),
+             "counters": None if self.counters is None else self.counters.cpu().clone()}
+        if self.components is not None:
+            d["components"] = self.components.state()
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         """Restores state_dict()'s output; every buffer is checked before the core sees it."""
@@ -219,6 +259,8 @@ class Evaluator:
                 d.get("params") != {n: self.spec.params_of(n) for n in self.spec.names}:
             raise ValueError(f"state is for methods {d.get('methods')} {d.get('params')}, this evaluator has "
                              f"{list(self.spec.names)}")
+        if self.components is not None:
+            self.components.load_state(d.get("components"))
         self._classes = None
         if d.get("hist") is None:
             self.hist = self.counters = None

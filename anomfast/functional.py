@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import _fused, binning, protocols
+from .components import accumulator_for, as_component_spec
 from .histogram import Histogram, HistState, finalize_coords, histograms_from_state
 from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
 from .methods import CODES, EXTERNAL, resolve
@@ -47,9 +48,9 @@ class Results(dict):
         return self.table()
 
 
-def _reiterable(name: str, v) -> None:
+def _reiterable(name: str, v, who: str = "refine=True") -> None:
     if v is not None and not isinstance(v, (torch.Tensor, np.ndarray)) and iter(v) is v:
-        raise TypeError(f"refine=True reads the inputs twice, but {name} is a one-shot iterator "
+        raise TypeError(f"{who} reads the inputs twice, but {name} is a one-shot iterator "
                         f"({type(v).__name__}); pass a tensor, a list of batches or a re-iterable (e.g. a DataLoader)")
 
 
@@ -226,6 +227,90 @@ def _mark_refined(r, n_kept: int):
     return r
 
 
+# ---------------------------------------------------------------- component metrics
+
+
+class _TappedBatches:
+    """Re-iterable (logits, labels, features) items of evaluate's inputs; the first
+    iteration also hands every raw batch to on_batch (the component pass riding along
+    the pixel pass when every component threshold is given)."""
+
+    def __init__(self, logits, labels, features, on_batch):
+        self.args, self.on_batch, self.fed = (logits, labels, features), on_batch, False
+
+    def __iter__(self):
+        feed, self.fed = not self.fed, True
+        for lg, y, f in _batches(*self.args):
+            if feed:
+                self.on_batch(lg, y, f)
+            yield lg, y, f
+
+
+def _with_components(evaluate_fn):
+    """Adds components= to evaluate: the SegmentMeIfYouCan component metrics
+    (anomfast.components) in results.components {method: ComponentResult}."""
+    import functools
+    import inspect
+    sig = inspect.signature(evaluate_fn)
+
+    @functools.wraps(evaluate_fn)
+    def evaluate_with_components(*args, components=False, **kwargs):
+        cs = as_component_spec(components)
+        if cs is None:
+            return evaluate_fn(*args, **kwargs)
+        a = sig.bind(*args, **kwargs)
+        a.apply_defaults()
+        p = a.arguments
+        if p["protocol"] is not None:
+            raise ValueError("components= uses the default protocol's best-F1 threshold; drop protocol=")
+        spec = resolve(p["methods"], **p["method_params"])
+        lm = as_label_map(p["label_map"], p["ignore_index"])
+        logits, labels = p["logits"], p["labels"]
+        features = p["features"] if "heat" in spec.names else None
+        if labels is None and isinstance(logits, (torch.Tensor, np.ndarray)):
+            return evaluate_fn(*args, **kwargs)  # its own error: labels are missing
+
+        def on_batch(lg, y, f):
+            x = _fused.as_logits(lg)
+            yy = _fused.as_labels(y, x)
+            f = as_features(f, x, spec.heat) if "heat" in spec.names else None
+            _, _, maps = _fused.fused_pass(x, None, spec, want_maps=True, num_threads=p["num_threads"], features=f)
+            acc.update_maps(maps, yy)
+
+        given = set((cs.thresholds or {}).keys())
+        if set(spec.names) <= given:  # every threshold known: one read, along the pixel pass
+            acc = accumulator_for(cs, spec.names, lm)
+            if p["refine"]:
+                for name, v in (("logits", logits), ("labels", labels), ("features", features)):
+                    _reiterable(name, v)
+            a.arguments.update(logits=_TappedBatches(logits, labels, features, on_batch), labels=None, features=None)
+            results = evaluate_fn(*a.args, **a.kwargs)
+        else:  # the best-F1 thresholds come from the pixel pass: a second read
+            for name, v in (("logits", logits), ("labels", labels), ("features", features)):
+                _reiterable(name, v, "components= without a threshold for every method")
+            results = evaluate_fn(*args, **kwargs)
+            acc = accumulator_for(cs, spec.names, lm, best_f1=results)
+            for lg, y, f in _batches(logits, labels, features):
+                on_batch(lg, y, f)
+        results.components = acc.results()
+        return results
+
+    params = list(sig.parameters.values())
+    comp = inspect.Parameter("components", inspect.Parameter.KEYWORD_ONLY, default=False)
+    evaluate_with_components.__signature__ = sig.replace(parameters=params[:-1] + [comp, params[-1]])
+    evaluate_with_components.__doc__ = (evaluate_fn.__doc__ or "") + """
+    components=True (or a dict of anomfast.components.ComponentSpec fields: track,
+    thresh_segsize, thresh_instsize, mode, thresholds) adds the SegmentMeIfYouCan component
+    metrics (sIoU_gt, PPV, F1 per IoU threshold and mean F1) in results.components. Each
+    method's score map is binarized at its pooled best pixel-F1 threshold, so the inputs
+    are read a second time and must be re-iterable (tensors, lists, DataLoaders; a one-shot
+    iterator is refused); with components={"thresholds": {method: t, ...}} for every method
+    they are read once.
+    """
+    return evaluate_with_components
+
+
+@_with_components
 def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: bool = False, *,
              label_map=None, fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
              per_image: bool = False, subsample: int | None = None, seed: int = 42, refine: bool = False,

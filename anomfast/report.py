@@ -126,6 +126,7 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     for m in todo:  # a protocol's results and --refine's come computed by the runner
         m["results"] = {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
     md = seed_tables(run["models"], methods)
+    md += component_tables(run["models"], methods)
     widths = [bound_width(r) for m in run["models"] for r in m["results"].values() if r.n_pos and r.n_neg]
     if protocol is not None:
         md += f"\n---\n\n{seed_note(protocol)} Definitions: results.json.\n"
@@ -161,6 +162,7 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
            "models": [{"name": m["name"], "miou": m.get("miou"), "pixels": m.get("pixels"), "images": m.get("images"),
                        "results": {k: m["results"][k].as_dict() for k in methods if k in m["results"]}}
                       for m in run["models"]]}
+    _component_outputs(doc, run["models"], methods, out)
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     (out / "report.tex").write_text(tex_tables(run["models"], methods))
     save_histograms(out / "histograms.npz",
@@ -172,3 +174,56 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
         from .plots import write_plots
         write_plots(run, out, formats=formats, progress=say, roc_log=roc_log)
     return doc
+
+
+# ---------------------------------------------------------------- component metrics
+
+COMPONENT_DEFINITIONS = {
+    "sIoU": "mean over ground-truth components of the adjusted IoU sIoU_gt (SegmentMeIfYouCan)",
+    "PPV": "mean over predicted segments of the share of their pixels on ground-truth components",
+    "mean F1": "mean over IoU thresholds 0.25, 0.30, ..., 0.75 of 2TP / (2TP + FN + FP), TP: components with "
+               "sIoU_gt >= t, FP: segments with PPV < t",
+    "threshold": "each method's best pixel-F1 threshold; 8-connected components; see anomfast/components.py",
+}
+
+
+def _component_cell(c) -> str:
+    return " / ".join(_fmt(v, 1) for v in (c.siou_gt, c.ppv, c.mean_f1))
+
+
+def component_tables(models: list, methods: list) -> str:
+    """The component table (models x methods, sIoU / PPV / mean F1 in %), or "" when no
+    model has component metrics."""
+    if not any(m.get("components") for m in models):
+        return ""
+    spec = next(iter(next(m["components"] for m in models if m.get("components")).values())).spec
+    rows = [[_row_label(m)] + [_component_cell(m["components"][k]) if k in m.get("components", {}) else "-"
+                               for k in methods] for m in models]
+    head = ["Model"] + [DISPLAY.get(m, m) for m in methods]
+    return "\n".join([
+        "", "## Component Metrics (SegmentMeIfYouCan)", "",
+        "**Format**: sIoU / PPV / mean F1 (all in %), **higher is better**. Score maps binarized at each method's "
+        f"best pixel-F1 threshold; {spec['track']} track (segments under {spec['thresh_segsize']} px dropped, "
+        f"ground-truth components under {spec['thresh_instsize']} px void), {spec['mode']} mode.", "",
+        _md_table(head, rows, [":--"] * (len(methods) + 1)), ""])
+
+
+def _component_outputs(doc: dict, models: list, methods: list, out: Path) -> None:
+    """Component metrics into results.json (per model "components") and components.csv."""
+    if not any(m.get("components") for m in models):
+        return
+    doc["component_definitions"] = COMPONENT_DEFINITIONS
+    for d, m in zip(doc["models"], models):
+        if m.get("components"):
+            d["components"] = {k: m["components"][k].as_dict() for k in methods if k in m["components"]}
+    with open(out / "components.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        taus = [f"f1_{round(100 * t)}" for t in next(iter(next(
+            m["components"] for m in models if m.get("components")).values())).iou_thresholds]
+        w.writerow(["model", "method", "threshold", "siou_gt", "ppv", "mean_f1", "siou_pred", "n_gt", "n_pred",
+                    "n_images"] + taus)
+        for m in models:
+            for k in [k for k in methods if k in m.get("components", {})]:
+                c = m["components"][k]
+                w.writerow([m["name"], k, c.threshold, c.siou_gt, c.ppv, c.mean_f1, c.siou_pred, c.n_gt, c.n_pred,
+                            c.n_images] + list(c.f1))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import _core, _fused, protocols
+from .components import accumulator_for
 from .fitting import fit_heat, fit_sml
 from .functional import refine_histograms
 from .grid import Grid, GridError, load_array
@@ -184,7 +185,7 @@ def fit_model_heat(model) -> HeatStats:
 def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = True, n_examples: int = 3,
                   temperature: float = 1.0, distributed: bool = False, protocol: str | None = None,
                   refine: bool = False, conventions: dict | None = None, nonfinite: str = "error",
-                  allow_empty_class: bool = False) -> dict:
+                  allow_empty_class: bool = False, components=None) -> dict:
     """Returns {"models": [{name, histograms{method: Histogram}, miou, pixels, examples}], ...}.
     methods: one list for every model, or {model name: list}.
     nonfinite="error": NaN / inf logits on a valid pixel raise, naming the file; "ignore"
@@ -193,7 +194,9 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
     protocol="ml4cv": each model also gets "results" {method: MetricResult} of that preset,
     from every valid pixel's score in image (file name) order (see anomfast/protocols.py).
     refine=True: each model gets "results" with FPR95 / F1 / thresholds made exact by a
-    second pass over its files (see anomfast.evaluate(refine=True))."""
+    second pass over its files (see anomfast.evaluate(refine=True)).
+    components (an anomfast.components.ComponentSpec): each model also gets "components"
+    {method: ComponentResult} from one more pass over its files (_component_pass)."""
     methods_by_model = methods
     stems = sorted(grid.labels)
     rank, world = 0, 1
@@ -353,7 +356,30 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 print(f"{model.name}: refining FPR95 / F1 (second pass)", file=sys.stderr)
             entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}),
                                                  nonfinite, 0)
+        if components is not None:
+            entry["components"] = _component_pass(model.name, spec, entry, components, grid.label_map, read,
+                                                  my_stems, device, world, conventions, progress and rank == 0)
         out.append(entry)
     timings["grid_s"] = time.perf_counter() - t_grid
     timings["images"] = len(my_stems) * len(grid.models)
     return {"models": out, "methods": all_methods, "protocol": proto, "notes": notes, "timings": timings}
+
+
+def _component_pass(name, spec, entry, cs, label_map, read, stems, device, world, conventions, say) -> dict:
+    """The component metrics of one model: a second pass over its images with the
+    prefetching reader, each method's maps binarized at its pooled best-F1 threshold (taken
+    after the histograms' all_reduce, so every rank uses the same one), the integer counts
+    summed over the ranks."""
+    if "results" not in entry:  # write_report then keeps these
+        entry["results"] = {n: h.finalize(**(conventions or {})) for n, h in entry["histograms"].items()}
+    acc = accumulator_for(cs, spec.names, label_map, best_f1=entry["results"])
+    if say:
+        print(f"{name}: component metrics (second pass)", file=sys.stderr)
+    for _, x, y, _, f in _prefetch(read, stems):
+        xb = _fused.as_logits(x.unsqueeze(0).to(device))
+        fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
+        _, _, maps = _fused.fused_pass(xb, None, spec, want_maps=True, features=fb)
+        acc.update_maps(maps, y.unsqueeze(0).to(device))
+    if world > 1:
+        acc.all_reduce_(device=device)
+    return acc.results()

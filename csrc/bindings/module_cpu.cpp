@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../cpu/components_cpu.h"
 #include "../cpu/dispatch.h"
 #include "../cpu/finalize_cpu.h"
 #include "register_args.h"
@@ -68,6 +69,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("fpr95_a") = (int)FIN_FPR_A, py::arg("fpr95_f") = (int)FIN_FPR_F,
       py::arg("fpr95_pos") = (int)FIN_FPR_POS, py::arg("fpr95_neg") = (int)FIN_FPR_NEG,
       py::arg("f1_row") = (int)FIN_F1_ROW, py::arg("all_tied") = (int)FIN_ALL_TIED, py::arg("size") = (int)FIN_NI);
+  m.def("components", &components_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Connected components and per-component pixel counts of one image (components_cpu.h).");
+  m.def("components_capacity", &components_capacity, "Most 8-connected components an H x W image holds.");
+  m.attr("COMP_CLASSES") = py::dict(py::arg("normal") = (int)COMP_NORMAL, py::arg("anomaly") = (int)COMP_ANOMALY,
+                                    py::arg("void") = (int)COMP_VOID);
+  m.attr("COMP_MODES") = py::dict(py::arg("benchmark") = (int)COMP_BENCHMARK, py::arg("clean") = (int)COMP_CLEAN);
   m.def("build_info", &build_info);
 
   bindings::register_constants(m);
