@@ -420,10 +420,8 @@ def _miou(logits: np.ndarray, sem: np.ndarray):
     keep = sem != 255
     cm = np.bincount(sem[keep].astype(np.int64) * NUM_CLASSES + pred[keep],
                      minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
-    tp = np.diag(cm).astype(np.float64)
-    union = cm.sum(0) + cm.sum(1) - tp
-    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    return float(np.nanmean(iou)), [None if np.isnan(v) else float(v) for v in iou]
+    from .metrics import mean_iou  # the one mIoU definition (the CLI's report uses it too)
+    return mean_iou(cm)
 
 
 def _max_logit_auroc(logits: np.ndarray, labels: np.ndarray) -> Optional[float]:

@@ -682,3 +682,17 @@ def mean_over_images(results) -> MetricResult:
     if not results:
         out.warnings.insert(0, "no images")
     return _ordered(out)
+
+
+def mean_iou(confusion) -> tuple:
+    """(mIoU, per-class IoU) of a (C, C) confusion matrix (rows: ground truth, columns:
+    prediction): IoU_c = TP / (TP + FP + FN) over the classes that occur in the ground truth
+    or the prediction (union > 0; a class predicted but absent from the ground truth counts
+    with IoU 0, as in mmsegmentation / the Cityscapes scripts); None for a class that occurs
+    in neither, and mIoU None when no class occurs."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = [float(t / u) if u > 0 else None for t, u in zip(tp, union)]
+    seen = [v for v in iou if v is not None]
+    return (float(np.mean(seen)) if seen else None), iou

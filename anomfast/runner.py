@@ -18,6 +18,7 @@ from .heat import HeatStats, as_features
 from .histogram import histograms_from_state
 from .labels import ANOMALY, NORMAL
 from .methods import resolve
+from .metrics import mean_iou
 from .sml import SMLStats
 
 
@@ -328,13 +329,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             if conf is not None:
                 torch.distributed.all_reduce(conf)
         pixels = _fused.check_counters(counters, None, grid.label_map, nonfinite)
-        miou = None
-        if conf is not None:
-            c = conf.double().cpu()
-            inter = c.diag()
-            union = c.sum(0) + c.sum(1) - inter
-            present = c.sum(1) > 0
-            miou = float((inter[present] / union[present]).mean())
+        miou = None if conf is None else mean_iou(conf.cpu().numpy())[0]
         hists = histograms_from_state(hist, spec.names, spec.params_of)
         _check_classes(model, hists, values, grid.label_map, allow_empty_class, notes)
         entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,

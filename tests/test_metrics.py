@@ -566,3 +566,14 @@ def test_tie_groups_in_histogram_mode_are_exact():
     assert un.bounds["auroc"][0] <= ht.auroc <= un.bounds["auroc"][1]
     assert un.bounds["ap"][0] <= ht.ap <= un.bounds["ap"][1]
     assert un.bounds["f1"][0] <= ht.f1 <= un.bounds["f1"][1]
+
+
+def test_mean_iou_one_definition():
+    """mIoU over the classes in the ground truth or the prediction: a class predicted but
+    absent from the ground truth counts with IoU 0 (the runner once left it out, while
+    the demo counted it); a class in neither is left out."""
+    from anomfast.metrics import mean_iou
+    cm = np.array([[5, 1, 0], [0, 0, 0], [0, 0, 0]])  # class 1 predicted once, never in the truth
+    m, iou = mean_iou(cm)
+    assert iou == [5 / 6, 0.0, None] and m == pytest.approx((5 / 6 + 0.0) / 2)
+    assert mean_iou(np.zeros((2, 2))) == (None, [None, None])
