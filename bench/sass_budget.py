@@ -13,9 +13,9 @@ them once for 32 pixels). For each case the script:
   1. copies csrc/ and compiles fused_cuda.cu for sm_90 (nvcc -cubin -O3, -fmad=false or,
      with --fast, the fast mode's flags) with a *probe*: the kernel's parameter struct is
      overwritten at kernel entry with the case's launch-uniform run-time values (method
-     codes and count, histogram on, no coordinate maps, tie signatures of the exact
-     methods, warp aggregation mode 1, T = 1, 32-bit pixel index where the kernel has
-     one), so that branches on them fold away as they would in a fully specialized kernel;
+     codes and count, histogram on, no coordinate maps, uint8 labels, tie signatures of
+     the exact methods, warp aggregation mode 1, T = 1, 32-bit pixel index where the
+     kernel has one), so that branches on them fold away as they would in a fully specialized kernel;
      the class count C stays what the kernel itself knows (a run-time value unless the
      kernel is specialized for C = 19);
   2. takes the kernel instantiation the host dispatch picks for that dtype / C / method
@@ -26,7 +26,7 @@ So data-dependent branches (pixel in range, label class, non-finite logits, the 
 histogram aggregation) count both sides, inner loops count once, and out-of-line slow
 paths (a division's special cases, called subroutines) are not counted. Launch-uniform
 branches that the probe folds cost the real kernel about two instructions each
-(uniform compare + branch) per method; the "static" column is the same loop counted in
+(uniform compare + branch), the label dtype's switch about six (a jump table); the "static" column is the same loop counted in
 the unprobed kernel: every run-time mode's code included, an upper bound.
 
 The last line reads `sass fp32_4methods N1 fp32_maxlogit N2 bf16_4methods N3`.
@@ -79,9 +79,12 @@ def probe_source(text, methods):
     sig = sum(1 << j for j, m in enumerate(methods) if m in EXACT)
     sets = [f"P.a.n_methods = {len(methods)};"] + [f"P.a.methods[{j}] = {m};" for j, m in enumerate(methods)]
     sets += [f"P.sig_mask = {sig};", "P.a.sig_mask = P.sig_mask;", "P.agg = 1;", "P.with_hist = true;",
-             "P.a.maps_ptr = 0;", "P.a.temperature = 1.0f;", "P.a.entropy_normalize = 0;", "P.lut_shared = true;"]
+             "P.a.maps_ptr = 0;", "P.a.label_dtype = 10;", "P.a.temperature = 1.0f;", "P.a.entropy_normalize = 0;", "P.lut_shared = true;"]
     if re.search(r"\bbool\b[^;]*\bidx32\b", text.split("struct FusedParams", 1)[1].split("};", 1)[0]):
         sets.append("P.idx32 = true;")
+    if "slot[MAX_METHODS]" in text:  # the specialized kernels: kinds requested and each kind's output index
+        sets.append(f"P.kinds = {sum(1 << m for m in methods)};")
+        sets += [f"P.slot[{m}] = {j};" for j, m in enumerate(methods)]
     if "Needs nd;" in text:  # the kernel of 4c5f76f and earlier: which sums to accumulate
         s1 = any(m in (1, 2, 4, 5) for m in methods)
         sets.append(f"P.nd = Needs{{{str(s1).lower()}, false, {str(4 in methods).lower()}, {str(5 in methods).lower()}}};")
@@ -147,7 +150,7 @@ def pick_kernel(funcs, dt, methods):
     raise SystemExit(f"sass_budget: no fused_kernel for dtype {dt} among {sorted(cands)}")
 
 
-def loop_count(insns):
+def loop_count(insns, dump=None):
     """Instructions (NOP excluded) between the widest backward branch's target and itself."""
     best = None
     for addr, txt in insns:
@@ -158,7 +161,11 @@ def loop_count(insns):
                 best = span
     if best is None:
         raise SystemExit("sass_budget: no loop found in the kernel")
-    return sum(1 for a, t in insns if best[0] <= a <= best[1] and not t.split()[-1:] == ["NOP"] and "NOP" not in t.split()[:2])
+    body = [(a, t) for a, t in insns if best[0] <= a <= best[1] and "NOP" not in t.split()[:2]]
+    if dump:
+        with open(dump, "w") as f:
+            f.write("\n".join(f"{a:06x}  {t}" for a, t in body) + "\n")
+    return len(body)
 
 
 def main():
@@ -166,6 +173,8 @@ def main():
     ap.add_argument("--rev", help="git revision whose csrc/ to measure (default: the working tree)")
     ap.add_argument("--fast", action="store_true", help="the opt-in fast mode (-DANOMFAST_CUDA_FAST=1 -fmad=true)")
     ap.add_argument("--json", help="write the table here too")
+    ap.add_argument("--dump", help="write each case's counted loop (SASS) into this folder")
+    ap.add_argument("--only", help="comma-separated method sets to measure (default: all)")
     args = ap.parse_args()
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
@@ -177,13 +186,17 @@ def main():
         with open(os.path.join(csrc, "cuda", "fused_cuda.cu")) as f:
             text = f.read()
         plain = compile_sass(csrc, text, args.fast, tmp, "plain", nvcc, cuobjdump)
-        for sname, methods in SETS.items():
+        only = args.only.split(",") if args.only else list(SETS)
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+        for sname, methods in ((k, v) for k, v in SETS.items() if k in only):
             funcs = compile_sass(csrc, probe_source(text, methods), args.fast, tmp, sname, nvcc, cuobjdump)
             for dname, dt in DTYPES.items():
                 targs, name = pick_kernel(funcs, dt, methods)
                 _, pname = pick_kernel(plain, dt, methods)
                 rows[f"{dname}_{sname}"] = {"kernel": f"fused_kernel<{', '.join(map(str, targs))}>",
-                                            "per_pixel": loop_count(funcs[name]),
+                                            "per_pixel": loop_count(funcs[name], args.dump and
+                                                                    os.path.join(args.dump, f"{dname}_{sname}.sass")),
                                             "static_loop": loop_count(plain[pname]),
                                             "kernel_total": len(plain[pname])}
     what = f"rev {args.rev}" if args.rev else "working tree"
@@ -194,6 +207,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rev": args.rev, "fast": args.fast, "rows": rows}, f, indent=1)
+    if len(rows) < 9:
+        return
     print(f"sass fp32_4methods {rows['fp32_4methods']['per_pixel']} fp32_maxlogit {rows['fp32_maxlogit']['per_pixel']} "
           f"bf16_4methods {rows['bf16_4methods']['per_pixel']}")
 

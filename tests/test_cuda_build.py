@@ -174,7 +174,10 @@ def test_cuda_kernels_under_host_emulation(emulated_module):
     counts, tie signatures and occupancy against the NumPy binning of their own maps."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import test_cuda_build as t; t.emulation_checks({str(emulated_module)!r})")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    # the baseline CPU build: the emulated kernels (g++, no FMA contraction without -mfma)
+    # must then give the CPU core's coordinates bit for bit, as -fmad=false nvcc does
+    env = dict(os.environ, ANOMFAST_CPU_ISA="baseline")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env)
     assert r.returncode == 0 and "EMULATION OK" in r.stdout, (r.stdout + r.stderr)[-4000:]
 
 
@@ -194,6 +197,7 @@ def emulation_checks(so_path):
     spec.loader.exec_module(emu)
     assert emu.build_info(probe=False)["cuda_archs"] == "host-emulation"
     cpu = _core._C
+    assert cpu.build_info()["cpu_isa"] == "baseline", "the bit-identity checks below need the baseline CPU build"
 
     class Routed:  # the CPU path of _fused, with the emulated CUDA kernels
         FusedArgs, FitArgs, fused, fit_sml = emu.FusedArgs, emu.FitArgs, emu.fused, emu.fit_sml
