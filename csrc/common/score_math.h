@@ -183,6 +183,15 @@ ANOMFAST_HD float entropy_score(float s1, float sx) {
   return h < 0.0f ? 0.0f : h;
 }
 
+// energy_score for T = 1 and entropy_score with log1p(S') = fast_log1p(s1) passed in: the
+// same operations in the same order, so the same bits, for a core that computes log1p(S')
+// once for both methods (the CUDA kernel; the compiler does not merge the two calls).
+ANOMFAST_HD float energy_score_t1(float m, float log1p_s1) { return -(m + log1p_s1); }
+ANOMFAST_HD float entropy_score_l1p(float s1, float sx, float log1p_s1) {
+  float h = log1p_s1 - sx / (1.0f + s1);
+  return h < 0.0f ? 0.0f : h;
+}
+
 // Bin coordinate of one method (see the header comment); `z` = 1 + S'.
 // HEAT and EXTERNAL need more than one pixel's logits and are computed by the cores
 // with the heat_* pieces below; here they return 0.

@@ -181,7 +181,16 @@ __device__ __forceinline__ Cursor walk_start(const Walk& k, int64_t p) {
   return c;
 }
 
-__device__ __forceinline__ void walk_step(const Walk& k, Cursor& c) {
+// dl / dy: the Walk's offset steps, staged in shared memory by walk_stage (indexed by the
+// carries; indexing the kernel parameters would copy them to local memory).
+__device__ __forceinline__ void walk_stage(const Walk& k, int64_t* s_steps) {
+  if (threadIdx.x < 4) {
+    s_steps[threadIdx.x] = k.dl[threadIdx.x];
+    s_steps[4 + threadIdx.x] = k.dy[threadIdx.x];
+  }
+}
+
+__device__ __forceinline__ void walk_step(const Walk& k, const int64_t* s_steps, Cursor& c) {
   c.w += k.sw;
   const bool wrap_w = c.w >= k.W;  // sw < W: at most one carry
   c.w = wrap_w ? c.w - k.W : c.w;
@@ -189,8 +198,8 @@ __device__ __forceinline__ void walk_step(const Walk& k, Cursor& c) {
   const bool wrap_h = c.h >= k.H;  // sh + 1 <= H: at most one carry
   c.h = wrap_h ? c.h - k.H : c.h;
   const int carries = (wrap_w ? 1 : 0) | (wrap_h ? 2 : 0);
-  c.lo += k.dl[carries];
-  c.yo += k.dy[carries];
+  c.lo += s_steps[carries];
+  c.yo += s_steps[4 + carries];
 }
 
 // exp(x) for x <= 0 (or NaN) in the class loops. Default: fast_exp_nonpos, bit for bit the
@@ -227,6 +236,15 @@ struct Needs {
   bool s1, sT, sx, gen;
 };
 
+// Some logit of the pixel is NaN or +-inf (the CPU core's test: x * 0 != 0). Out of line:
+// only pixels whose logit sum is not finite get here.
+template <int DT>
+__device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t ls_c, int32_t C) {
+  bool bad = false;
+  for (int32_t c = 0; c < C; ++c) bad |= load_logit<DT>(lp, base + c * ls_c) * 0.0f != 0.0f;
+  return bad;
+}
+
 // The PixelSums of one pixel, with the CPU core's formulas and accumulation order
 // (fused_cpu.cpp, tile_sums). Returns true when some logit is NaN or +-inf. CR > 0 keeps
 // the logits in registers (C <= CR); C is a compile-time constant where the kernel is
@@ -245,25 +263,34 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
     else return load_logit<DT>(lp, base + c * ls_c);
   };
   float m = X(0);
-  float chk = m * 0.0f;  // stays 0 unless some logit is NaN or inf (inf * 0 = NaN)
+  // the sum of the logits is finite unless some logit is NaN or inf, or the sum overflows:
+  // one add per class, and only a non-finite sum asks the exact (out-of-line) check
+  float sum = m;
   int32_t k = 0;
   for_classes<CR, 1>(C, [&](int c) {
     const float x = X(c);
     k = x > m ? c : k;     // first maximum
     m = m < x ? x : m;     // std::max(m, x), NaN handling included
-    chk += x * 0.0f;
+    sum += x;
   });
   float s1 = 0.0f, sx = 0.0f, sT = 0.0f, g = 0.0f;
-  // d = l_c - m <= 0 (NaN when a logit is not finite): exp_nonpos, as the CPU core
+  // d = l_c - m <= 0 (NaN when a logit is not finite, a pixel that is never binned):
+  // exp_nonpos, as the CPU core. The sums equal the CPU core's bit for bit on finite
+  // pixels: adding 0 for c == k (instead of 0 * e) leaves s1 as it is, and the entropy
+  // term clamps d at -88 instead of zeroing it below -87.34 (where e is 0 either way, so
+  // the term is -0 or +0, and sx, never -0, is unchanged by either).
   if (nd.sx) {
     for_classes<CR, 0>(C, [&](int c) {
       const float d = X(c) - m;
       const float e = exp_nonpos(d);
-      s1 += (float)(c != k) * e;
-      sx += entropy_term(e, d);
+      s1 += c != k ? e : 0.0f;
+      sx += e * (d < -88.0f ? -88.0f : d);
     });
   } else if (nd.s1) {
-    for_classes<CR, 0>(C, [&](int c) { s1 += (float)(c != k) * exp_nonpos(X(c) - m); });
+    for_classes<CR, 0>(C, [&](int c) {
+      const float e = exp_nonpos(X(c) - m);
+      s1 += c != k ? e : 0.0f;
+    });
   }
   if (nd.sT) {
     for_classes<CR, 0>(C, [&](int c) { sT += exp_nonpos((X(c) - m) * inv_t); });  // T > 0
@@ -278,13 +305,12 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
   s.sT = sT;
   s.sx = sx;
   s.gen = g;
-  return chk != 0.0f;
+  return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
 }
 
 // OR of x over the lanes of each peer group (lanes with equal keys), valid in the group's
-// lowest lane; reduce_peers' tree with | for +. Called by all 32 lanes. (__reduce_or_sync
-// does this in one instruction from sm_80 on; this also runs on sm_75 and in the
-// emulation.)
+// lowest lane; reduce_peers' tree with | for +. Called by all 32 lanes; when every lane
+// is its own group the loop does not run.
 __device__ __forceinline__ uint32_t or_peers(unsigned peers, uint32_t x) {
   const int lane = lane_id();
   int rank = __popc(peers & ((1u << lane) - 1u));
@@ -317,6 +343,8 @@ __device__ __forceinline__ void hist_add(unsigned long long* hist, unsigned* sig
   const int64_t flat = seg + (int64_t)cls * NBINS + bin;
   if (mode == 1) {
     const unsigned peers = __match_any_sync(FULL, key);
+    // not __reduce_or_sync(peers, w): with a different mask per peer group nvcc runs it
+    // once per group (WARPSYNC.EXCLUSIVE), 32 times when every lane has its own bin
     const uint32_t wg = with_sig ? or_peers(peers, w) : 0u;
     if (valid && lane == __ffs(peers) - 1) {
       atomicAdd(hist + flat, (unsigned long long)__popc(peers));
@@ -435,8 +463,10 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   constexpr bool GENERIC = MASK == ALL_KINDS;
   unsigned char* smem = dynamic_smem();
   __shared__ unsigned long long s_cnt[N_COUNTERS];
+  __shared__ int64_t s_steps[8];
   const FusedArgs& a = P.a;
   if (threadIdx.x < N_COUNTERS) s_cnt[threadIdx.x] = 0;
+  walk_stage(P.walk, s_steps);
   const int8_t* lut = nullptr;
   if (P.with_hist)
     lut = stage_lut(reinterpret_cast<const int8_t*>(a.lut_ptr), a.lut_len, P.lut_shared,
@@ -461,12 +491,12 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   nd.sT = nd.sT && has_kind(MASK, ENERGY);
   nd.sx = nd.sx && has_kind(MASK, ENTROPY);
   nd.gen = nd.gen && has_kind(MASK, GEN);
-  unsigned long long cnt[N_COUNTERS] = {0, 0, 0, 0};
+  uint32_t cnt[N_COUNTERS] = {0, 0, 0, 0};  // per thread: < 2^31 pixels each (launch)
 
   const int64_t stride = (int64_t)gridDim.x * THREADS;
   Cursor cur = walk_start(P.walk, (int64_t)blockIdx.x * THREADS + threadIdx.x);
   // base is the same for every thread of the block, so whole warps iterate together
-  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += stride, walk_step(P.walk, cur)) {
+  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += stride, walk_step(P.walk, s_steps, cur)) {
     const int64_t p = base + threadIdx.x;
     const bool active = p < N;
     // the label first: its load is in flight during the score math
@@ -477,16 +507,21 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
     if (active) pix_bad = pixel_sums<DT, CR>(lp, cur.lo, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
     if (P.with_hist && active) {
       cls = lut_class(raw, lut, a.lut_offset, a.lut_len);
-      if (cls == LABEL_VOID) ++cnt[CNT_VOID];
-      else if (cls == LABEL_INVALID) ++cnt[CNT_INVALID];
-      else if (pix_bad) ++cnt[CNT_NONFINITE];
-      else { ++cnt[CNT_BINNED]; valid = true; }
+      // branch-free: void, invalid, non-finite or binned, in that order of precedence
+      const bool labelled = cls == LABEL_NORMAL || cls == LABEL_ANOMALY;
+      cnt[CNT_VOID] += cls == LABEL_VOID;
+      cnt[CNT_INVALID] += cls == LABEL_INVALID;
+      cnt[CNT_NONFINITE] += labelled && pix_bad;
+      valid = labelled && !pix_bad;
     }
     // each requested kind's coordinate, once (method_coord with a constant code folds to
     // that method's formula); a non-finite one (SML with a zero std, energy past the
     // float range) makes the pixel skipped and counted for all methods, as on the CPU
     float t[GEN + 1] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     bool coord_bad = false;
+    // energy (T = 1) and entropy both take log1p(S'): once for both (score_math.h: *_l1p)
+    const bool t1 = a.temperature == 1.0f;
+    const float l1p = (want(ENERGY) && t1) || want(ENTROPY) ? fast_log1p(s.s1) : 0.0f;
 #pragma unroll
     for (int m = 0; m <= GEN; ++m) {
       if (!want(m)) continue;
@@ -495,14 +530,19 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
         mu = __ldg(sml_mean + s.k);
         inv = __ldg(sml_inv + s.k);
       }
-      t[m] = method_coord(m, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
+      if (m == ENERGY) {
+        t[m] = t1 ? energy_score_t1(s.m, l1p) : energy_score(s.m, s.s1, s.sT, a.temperature);
+      } else if (m == ENTROPY) {
+        const float h = entropy_score_l1p(s.s1, s.sx, l1p);
+        t[m] = a.entropy_normalize ? h * P.inv_log_c : h;  // as method_coord
+      } else {
+        t[m] = method_coord(m, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
+      }
       coord_bad |= nonfinite_bits(f2u(t[m]));
     }
-    if (valid && coord_bad) {
-      valid = false;
-      --cnt[CNT_BINNED];
-      ++cnt[CNT_NONFINITE];
-    }
+    cnt[CNT_NONFINITE] += valid && coord_bad;
+    valid = valid && !coord_bad;
+    cnt[CNT_BINNED] += valid;
     const int cls01 = valid ? cls : 0;
     // out: output index j, coordinate tj
     auto emit = [&](int j, float tj) {
@@ -529,7 +569,10 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
       }
     }
   }
-  if (P.with_hist) flush_counters(cnt, s_cnt, reinterpret_cast<int64_t*>(a.counters_ptr));
+  if (P.with_hist) {
+    const unsigned long long wide[N_COUNTERS] = {cnt[0], cnt[1], cnt[2], cnt[3]};
+    flush_counters(wide, s_cnt, reinterpret_cast<int64_t*>(a.counters_ptr));
+  }
 }
 
 struct FitParams {
@@ -563,6 +606,8 @@ __global__ void __launch_bounds__(THREADS) fit_kernel(const FitParams P) {
     }
   }
   if (threadIdx.x < N_COUNTERS) s_cnt[threadIdx.x] = 0;
+  __shared__ int64_t s_steps[8];
+  walk_stage(P.walk, s_steps);
   const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
   const int8_t* lut = nullptr;
   if (yp)
@@ -576,7 +621,7 @@ __global__ void __launch_bounds__(THREADS) fit_kernel(const FitParams P) {
   unsigned long long cnt[N_COUNTERS] = {0, 0, 0, 0};
   const int64_t stride = (int64_t)gridDim.x * THREADS;
   Cursor cur = walk_start(P.walk, (int64_t)blockIdx.x * THREADS + threadIdx.x);
-  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += stride, walk_step(P.walk, cur)) {
+  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += stride, walk_step(P.walk, s_steps, cur)) {
     const int64_t p = base + threadIdx.x;
     bool valid = false;
     PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -783,8 +828,10 @@ template <class Kernel, class Params>
 void launch(Kernel kernel, Params P, int dev, size_t smem, int64_t stream) {
   const int64_t want = (P.n_pix + THREADS - 1) / THREADS;
   int64_t cap = resident_blocks(kernel, dev, smem);
+  // a debug cap only while each thread keeps < 2^31 pixels (the fused kernel's 32-bit counters)
   const int64_t debug = g_debug_grid.load();
-  if (debug > 0 && debug < cap) cap = debug;
+  if (debug > 0 && debug < cap && P.n_pix / (debug * THREADS) < (int64_t(1) << 31)) cap = debug;
+  static_assert(N_COUNTERS == 4, "the fused kernel widens four counters");
   const unsigned grid = (unsigned)(want < cap ? want : cap);
   P.walk = make_walk(P.a.H, P.a.W, P.a.ls_b, P.a.ls_h, P.a.ls_w, P.a.ys_b, P.a.ys_h, P.a.ys_w,
                      (int64_t)grid * THREADS);

@@ -24,6 +24,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __shared__ static
@@ -156,15 +157,6 @@ inline unsigned __ballot_sync(unsigned, int pred) {
   return m;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
-// OR of v over the lanes in `mask`; each group of lanes passes its own mask (all 32 call)
-inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
-  uint64_t s[32];
-  emulate::exchange(v, s);
-  unsigned r = 0;
-  for (int i = 0; i < 32; ++i)
-    if ((mask >> i) & 1u) r |= (unsigned)s[i];
-  return r;
-}
 template <class T>
 T __shfl_sync(unsigned, T v, int src) {
   uint64_t s[32];
