@@ -7,15 +7,25 @@
 // as one coalesced line (channels-last and other strides work, with more sectors per
 // load). The grid is persistent (as many blocks as fit on the device at once), each
 // block walking the pixels with a grid-sized stride; every thread of a warp runs the
-// same number of iterations, so the warp-wide votes below always see all 32 lanes.
+// same number of iterations, so the warp-wide votes below always see all 32 lanes. A
+// thread's pixel moves by the grid's size each turn: its (h, w) and element offsets are
+// stepped with at most two carries (Walk), so no turn divides; the label is loaded first,
+// so its latency hides behind the score math.
 //
 // The per-pixel math is score_math.h's, called in the same order as the CPU core
 // (class loops from 0 to C - 1, the same accumulators). Built with -fmad=false (the
 // default, ANOMFAST_CUDA_FMAD=OFF) it performs exactly the float operations of the CPU
 // core's baseline build, so both give the same bits (the AVX2+FMA CPU build contracts
-// and differs in the last bits). Pixels with C <= CREG classes keep their logits in
-// registers (fully unrolled class loops, guarded by c < C); larger C re-reads them from
-// global memory in each pass, which then mostly hits L1/L2.
+// and differs in the last bits). ANOMFAST_CUDA_FAST (opt-in) trades that for speed:
+// hardware exp2 and FMA contraction (exp_nonpos below; CMakeLists.txt).
+//
+// Compile-time specialization (with_kernel_config, the one switch): the logit dtype; the
+// class count (C = 19 and 21 exactly, so class loops unroll without guards; any other
+// C <= CREG in registers with c < C guards; larger C re-read from global memory in each
+// pass, which then mostly hits L1/L2); and the method set (max_logit alone and the two
+// common 4-method sets compute only their own sums and coordinates; any other list runs
+// the generic kernel, which checks the requested kinds at run time).
+// bench/sass_budget.py counts the resulting SASS instructions per pixel.
 //
 // ANOMFAST_CUDA_EMULATE compiles this file with a host C++ compiler against
 // emulate/cuda_emulation.h (a thread per CUDA thread), so that CPU-only CI runs these
