@@ -654,7 +654,7 @@ def section_timing(g, quick=False):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         src = x32 if dtype == torch.float32 else x32.to(dtype)
         nb = src.numel() * src.element_size()
-        ms = gpu_time_ms(lambda: torch.sum(src, dtype=torch.float32))
+        ms = gpu_time_ms(lambda t=src: torch.sum(t, dtype=torch.float32))
         reads[dtype] = nb / ms / 1e6
         add("read-only baseline: torch.sum over the logits", dtype, "-", ms, nb, {"read_GBps": reads[dtype]})
         del src
@@ -955,7 +955,7 @@ def main():
     steps = plan(args)
     if args.dry_run:
         log(f"anomfast GPU check plan (budget {args.budget:.0f} s, seed {args.seed}):")
-        log(f"  smoke run in a child (stops the check on a device fault), ~20 s")
+        log("  smoke run in a child (stops the check on a device fault), ~20 s")
         total = 20
         for name, _, _, est in steps:
             total += est
