@@ -825,7 +825,7 @@ def section_sanitizers(args):
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one allocation per tensor: overruns are caught
     for tool in ("memcheck", "racecheck", "synccheck"):
         left = args.budget - (time.time() - T0)
-        if left < 60:
+        if left < 200:  # keep the timing's share of the budget
             out[tool] = {"skipped": f"time budget spent ({left:.0f} s left)"}
             SKIPPED.append(f"compute-sanitizer {tool}: {left:.0f} s left")
             continue
@@ -833,7 +833,7 @@ def section_sanitizers(args):
                "--seed", str(args.seed)]
         t = time.time()
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=child_timeout(args, 180), env=env)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=child_timeout(args, 60), env=env)
             tail = (r.stdout + r.stderr)[-1500:]
             summary = [ln for ln in (r.stdout + r.stderr).splitlines() if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln]
             out[tool] = {"returncode": r.returncode, "summary": summary, "seconds": round(time.time() - t, 1),
@@ -841,6 +841,7 @@ def section_sanitizers(args):
         except subprocess.TimeoutExpired:
             out[tool] = {"inconclusive": f"timed out after {time.time() - t:.0f} s (not a finding)",
                          "seconds": round(time.time() - t, 1)}
+            SKIPPED.append(f"compute-sanitizer {tool}: inconclusive, timed out")
         log(f"{tool}: {out[tool].get('returncode')} {out[tool].get('summary')} ({out[tool].get('seconds')} s)")
     bad = [k for k, v in out.items() if "returncode" in v and (v["returncode"] != 0 or not v.get("tiny_ok"))]
     if bad:
@@ -924,12 +925,14 @@ def plan(args):
         ("stream semantics, no host sync", section_streams, (g,), 5),
         ("Evaluator.update under torch.compile(fullgraph) and CUDA graph capture", section_compile_and_graph, (g,), 60),
         ("expandable-segments allocator (child)", section_expandable_segments, (args,), 25),
+    ]
+    if not args.no_sanitizer:  # correctness before speed: the sanitizers run before the timing
+        steps.append(("(e) compute-sanitizer memcheck/racecheck/synccheck (one child each)", section_sanitizers,
+                      (args,), 100))
+    steps += [
         ("(f) timing", section_timing, (g, args.quick), 90 if args.quick else 150),
         ("(g) -fmad=true variant: speed and bits", section_fmad_variant, (g, args), 150),
     ]
-    if not args.no_sanitizer:
-        steps.append(("(e) compute-sanitizer memcheck/racecheck/synccheck (one child each)", section_sanitizers,
-                      (args,), 150))
     return steps
 
 
