@@ -14,20 +14,22 @@ them once for 32 pixels). For each case the script:
      with --fast, the fast mode's flags) with a *probe*: the kernel's parameter struct is
      overwritten at kernel entry with the case's launch-uniform run-time values (method
      codes and count, histogram on, no coordinate maps, uint8 labels, tie signatures of
-     the exact methods, warp aggregation mode 1, T = 1, 32-bit pixel index where the
-     kernel has one), so that branches on them fold away as they would in a fully specialized kernel;
-     the class count C stays what the kernel itself knows (a run-time value unless the
-     kernel is specialized for C = 19);
+     the exact methods, warp aggregation mode 1, T = 1, the 32-bit pixel index of the
+     4c5f76f kernel), so that branches on them fold away as they would in a fully
+     specialized kernel; the class count C stays what the kernel itself knows (a
+     run-time value unless the kernel is specialized for C = 19);
   2. takes the kernel instantiation the host dispatch picks for that dtype / C / method
      set (pick_kernel below), disassembles it (cuobjdump -sass) and counts the
      instructions between the head of the grid-stride loop and its back-edge (the
      widest backward branch), NOPs excluded.
 So data-dependent branches (pixel in range, label class, non-finite logits, the warp's
-histogram aggregation) count both sides, inner loops count once, and out-of-line slow
-paths (a division's special cases, called subroutines) are not counted. Launch-uniform
-branches that the probe folds cost the real kernel about two instructions each
-(uniform compare + branch), the label dtype's switch about six (a jump table); the "static" column is the same loop counted in
-the unprobed kernel: every run-time mode's code included, an upper bound.
+histogram aggregation) count both sides, inner loops count once (the tie-signature OR
+loop runs only when lanes share a bin), and out-of-line slow paths (a division's special
+cases, the exact non-finite recheck) are not counted. Launch-uniform branches that the
+probe folds cost the real kernel about two instructions each (uniform compare + branch),
+the label dtype's switch about six (a jump table). The "static loop" column is the same
+loop counted in the unprobed kernel (every run-time mode's code included: an upper
+bound); "kernel total" is the whole kernel.
 
 The last line reads `sass fp32_4methods N1 fp32_maxlogit N2 bf16_4methods N3`.
 """
