@@ -184,6 +184,17 @@ ANOMFAST_HD float gen_term(float d, bool is_k, float s1, float z, float lz, floa
   return one_minus > 0.0f ? term : 0.0f;
 }
 
+// gen_term with e = fast_exp_nonpos(d) passed in, for a core that has it from the S' pass
+// (the CUDA kernel keeps it in registers); its second exp by fast_exp_nonpos_fma. The
+// same operations on the same values as gen_term, so the same bits.
+ANOMFAST_HD float gen_term_e(float d, float e, bool is_k, float s1, float z, float lz, float gamma) {
+  const float one_minus = is_k ? s1 : (z - e);
+  const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;
+  const float a = gamma * ((d - lz) + l1);
+  const float term = fast_exp_nonpos_fma(a < 0.0f ? a : 0.0f);
+  return one_minus > 0.0f ? term : 0.0f;
+}
+
 // Everything a pixel's scores need, accumulated over the class loop.
 struct PixelSums {
   float m;       // max logit

@@ -284,6 +284,7 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
     sum += x;
   });
   float s1 = 0.0f, sx = 0.0f, sT = 0.0f, g = 0.0f;
+  float er[CR > 0 ? CR : 1];  // e_c of the S' pass, reused by GEN (registers when CR > 0)
   // d = l_c - m <= 0 (NaN when a logit is not finite, a pixel that is never binned):
   // exp_nonpos, as the CPU core. The sums equal the CPU core's bit for bit on finite
   // pixels: adding 0 for c == k (instead of 0 * e) leaves s1 as it is, and the entropy
@@ -293,12 +294,14 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
     for_classes<CR, 0>(C, [&](int c) {
       const float d = X(c) - m;
       const float e = exp_nonpos(d);
+      if constexpr (CR > 0) er[c] = e;
       s1 += c != k ? e : 0.0f;
       sx += e * (d < -88.0f ? -88.0f : d);
     });
   } else if (nd.s1) {
     for_classes<CR, 0>(C, [&](int c) {
       const float e = exp_nonpos(X(c) - m);
+      if constexpr (CR > 0) er[c] = e;
       s1 += c != k ? e : 0.0f;
     });
   }
@@ -307,7 +310,14 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
   }
   if (nd.gen) {
     const float z = 1.0f + s1, lz = fast_log(z);
-    for_classes<CR, 0>(C, [&](int c) { g += gen_term(X(c) - m, c == k, s1, z, lz, gamma); });
+    // GEN implies the S' pass (nd.s1), so er holds every e_c when CR > 0
+    for_classes<CR, 0>(C, [&](int c) {
+      const float d = X(c) - m;
+      float e;
+      if constexpr (CR > 0) e = er[c];
+      else e = exp_nonpos(d);
+      g += gen_term_e(d, e, c == k, s1, z, lz, gamma);
+    });
   }
   s.m = m;
   s.k = k;
