@@ -96,6 +96,25 @@ def _geometry(logits: torch.Tensor, labels: torch.Tensor | None, fold: bool = Tr
     return dict(B=B, C=C, H=H, W=W, ls=(lb, lc, lh, lw), ys=(yb, yh, yw))
 
 
+_DEVICE_TABLES: dict = {}
+
+
+def _device_table(t: torch.Tensor, device) -> torch.Tensor:
+    """A small constant table (label LUT, SML arrays) on `device`, copied there once per
+    content and device, so that fused_pass / fit_pass make no host-to-device copy per call
+    (a synchronous one from pageable memory, and one a CUDA graph capture cannot record)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    key = (str(device), t.dtype, tuple(t.shape), t.cpu().numpy().tobytes())
+    hit = _DEVICE_TABLES.get(key)
+    if hit is None:
+        if len(_DEVICE_TABLES) >= 64:
+            _DEVICE_TABLES.clear()
+        hit = _DEVICE_TABLES[key] = t.to(device)
+    return hit
+
+
 def new_histogram(n_methods: int, device) -> HistState:
     return HistState.new(n_methods, device)
 
@@ -175,10 +194,10 @@ def fused_pass(logits: torch.Tensor, labels: torch.Tensor | None, spec: MethodSp
     lut = off = None
     if with_hist:
         lut, off = (label_map or LabelMap.default()).lut()
-        lut = lut.to(dev)
+        lut = _device_table(lut, dev)
     sml_mean = sml_inv = None
     if "sml" in spec.names:
-        sml_mean, sml_inv = spec.sml.kernel_arrays(dev)
+        sml_mean, sml_inv = (_device_table(t, dev) for t in spec.sml.kernel_arrays("cpu"))
     heat_params = list(spec.heat.kernel_constants()) if heat_m is not None else [1.0, 0.0, 1.0]
     launch(logits, labels, hist, counters, maps, spec.codes, spec.temperature, spec.gen_gamma,
            spec.entropy_normalize, sml_mean, sml_inv, lut, off or 0, num_threads,
@@ -266,7 +285,7 @@ def fit_pass(logits: torch.Tensor, labels: torch.Tensor | None, label_map: Label
     keep = []
     if labels is not None:
         lut, off = (label_map or LabelMap.default()).lut()
-        lut = lut.to(logits.device)
+        lut = _device_table(lut, logits.device)
         keep.append(lut)
         a.labels_ptr = labels.data_ptr()
         a.label_dtype = _LABEL_DTYPES[labels.dtype]

@@ -1,10 +1,18 @@
-"""GPU check of the CUDA core in one run (about 3-6 minutes on an H200): correctness
-first (float64 reference, the CPU core, exact histograms, certified metric bounds,
-fp16/bf16, SML fit, stream semantics, PyTorch's expandable-segments allocator), then
-timing against a device-to-device copy and the pure-PyTorch baselines (float64
-reference and float32), a rebuild with -fmad=true to measure what FMA contraction would
-buy, and compute-sanitizer (memcheck, racecheck, synccheck) on a tiny workload. Every
-section records its failure and the run goes on.
+"""GPU check of the CUDA core in one run, sized to one 570-second call (--budget):
+a tiny smoke run in a child process first (a device fault there stops the check before
+it can poison this process), then correctness (float64 reference, the CPU core, exact
+histograms, bit identity with the baseline CPU build in a child with
+ANOMFAST_CPU_ISA=baseline, the grid-stride walk with a one-block debug grid, a cropped
+non-flattenable input, certified metric bounds, fp16/bf16, SML fit, stream semantics,
+Evaluator.update under torch.compile(fullgraph) and CUDA graph capture, PyTorch's
+expandable-segments allocator), then timing (GB/s of logits read as a % of a read-only
+baseline over the same tensor, torch.sum, and of the nominal 4.8 TB/s of an H200;
+scores-only vs histogram rows; the pure-PyTorch float32 and float64 baselines), a
+rebuild with -fmad=true, and compute-sanitizer (memcheck, racecheck, synccheck) on a
+tiny workload, each tool in its own child, a timeout reported as inconclusive. Every
+section records its failure and the run goes on, unless the CUDA context is broken
+(sticky error): then the remaining in-process sections are skipped and named. Sections
+whose estimated time does not fit the budget left are skipped and named at the end.
 
 On the GPU machine, from the repository root. First check that PyTorch sees the GPU:
 
@@ -15,20 +23,21 @@ On the GPU machine, from the repository root. First check that PyTorch sees the 
     python3 -m pip install --no-build-isolation --no-deps -e . \
         --config-settings=cmake.define.ANOMFAST_CUDA=ON \
         --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90-real \
-      && python3 bench/gpu_check.py
+      && python3 bench/gpu_check.py --budget 570
 
 As one line for a remote call that keeps the build log:
 
-    (python3 -m pip install --no-build-isolation --no-deps -e . --config-settings=cmake.define.ANOMFAST_CUDA=ON --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90-real > $OUT/build.log 2>&1 || (tail -60 $OUT/build.log; false)) && python3 bench/gpu_check.py
+    (python3 -m pip install --no-build-isolation --no-deps -e . --config-settings=cmake.define.ANOMFAST_CUDA=ON --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90-real > $OUT/build.log 2>&1 || (tail -60 $OUT/build.log; false)) && python3 bench/gpu_check.py --budget 570
 
-Drop the CMAKE_CUDA_ARCHITECTURES setting to build the default architecture list (about
-a minute longer on few cores).
+(the build itself is not inside --budget: leave it a few minutes, or run it in its own call.)
 
-Options: --seed N (default: from the clock, printed), --budget SECONDS (default 360;
-the -fmad=true rebuild and the sanitizer runs are skipped once it is spent),
---no-sanitizer, --quick (2 images in the timing), --tiny (internal: the small workload
-of the sanitizer runs). Results go to $OUT/gpu_check.json when OUT is set. The last
-thing printed is a Markdown table of the timings.
+Options: --seed N (default: from the clock, printed), --budget SECONDS (default 570),
+--no-sanitizer, --quick (2 images in the timing), --dry-run (print the plan and the
+estimated seconds per section; needs no GPU). Internal: --tiny (the small workload of the
+smoke run and the sanitizers), --bits (the baseline-CPU bit-identity child). Results go
+to $OUT/gpu_check.json when OUT is set. Exit status: 0 all ran sections passed, 1 some
+failed (or a device fault), 2 no usable CUDA device or module. The last thing printed is
+a Markdown table of the checks and one of the timings.
 """
 from __future__ import annotations
 
@@ -57,6 +66,7 @@ from common import check_state, same_state  # noqa: E402
 ALL = ["max_logit", "msp", "energy", "sml", "entropy", "gen"]
 METHODS4 = ["max_logit", "msp", "energy", "sml"]
 NBINS = _core.NBINS
+NOMINAL_GBPS = 4800.0  # H200 HBM3e, nominal
 T0 = time.time()
 RESULTS: dict = {"sections": {}, "timing": [], "env": {}}
 warnings.filterwarnings("ignore", message="SML: classes")  # tiny fits leave classes unseen; expected here
@@ -83,6 +93,28 @@ def run_section(name, fn, *args, **kw):
                                      "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": tb[-4000:]}
         log(tb)
         log(f"--- {name}: FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        if torch.cuda.is_available() and device_broken():
+            RESULTS["device_fault"] = f"after {name}: {exc}"[:500]
+            log("!!! the CUDA context is broken (sticky device error): the in-process sections after this one "
+                "would all fail; stopping them")
+
+
+def device_broken() -> bool:
+    """A device fault (illegal address, ...) is sticky: every later CUDA call in the process fails."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+SKIPPED: list = []
+
+
+def child_timeout(args, want):
+    """A child's timeout: `want` seconds, less when the budget has less left (>= 20)."""
+    return max(20.0, min(want, args.budget - (time.time() - T0) - 15))
 
 
 def random_logits(g, B, C, H, W, scale=4.0, dtype=torch.float32, device="cuda"):
@@ -376,6 +408,120 @@ def section_streams(g):
     return {"host_us_per_call": host_ms * 1e3}
 
 
+def section_baseline_bits(args):
+    """Bit identity with the baseline CPU build, in a child with ANOMFAST_CPU_ISA=baseline
+    (the AVX2/AVX-512 builds contract into FMA and differ in the last bits): with the
+    default CUDA build (-fmad=false, no fast mode) every method's maps and histograms equal
+    the CPU core's exactly, for fp32 / fp16 / bf16."""
+    bi = anomfast.build_info()
+    if bi.get("cuda_fmad") or bi.get("cuda_fast"):
+        return {"skipped": f"this CUDA build contracts FMA (fmad={bi.get('cuda_fmad')}, fast={bi.get('cuda_fast')}): "
+                           "not meant to be bit-identical"}
+    env = dict(os.environ, ANOMFAST_CPU_ISA="baseline")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--bits", "--seed", str(args.seed)],
+                       capture_output=True, text=True, timeout=child_timeout(args, 150), env=env)
+    assert r.returncode == 0 and "BITS OK" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    return {"child": r.stdout.strip().splitlines()[-1]}
+
+
+def bits(seed):
+    """--bits (child of section_baseline_bits): GPU == baseline CPU build, bit for bit."""
+    assert anomfast.build_info()["cpu_isa"] == "baseline", anomfast.build_info()["cpu_isa"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = random_logits(g, 2, 19, 61, 97, dtype=dtype)
+        y = random_labels(g, 2, 61, 97)
+        stats = anomfast.fit_sml(x.float().cpu())
+        for params in (dict(), dict(temperature=1.7, entropy_normalize=True, gen_gamma=0.3)):
+            for methods in (["max_logit"], ["max_logit", "msp", "energy", "entropy"], METHODS4, ALL):
+                sp = resolve(methods, sml=stats, **params)
+                hg, cg, mg = _fused.fused_pass(x, y, sp, want_maps=True)
+                hc, cc, mc = _fused.fused_pass(x.cpu(), y.cpu(), sp, want_maps=True)
+                what = f"{dtype} {methods} {params}"
+                assert torch.equal(cg.cpu(), cc), what
+                assert torch.equal(mg.cpu().view(torch.int32), mc.view(torch.int32)), f"maps differ: {what}"
+                assert same_state(hg, hc), f"histograms differ: {what}"
+    print("BITS OK", flush=True)
+
+
+def section_walk_and_crop(g):
+    """The grid-stride walk (fused_cuda.cu: Walk, all 64-bit, no division per pixel) with
+    the grid capped at 1, 3 and 7 blocks (_set_debug_grid: every thread walks many pixels,
+    every carry w -> h -> b is taken) gives exactly the default grid's histograms; and a
+    cropped view (strides that no reshape flattens) gives exactly the histogram of its
+    contiguous copy and of the binning of its own maps."""
+    cuda = _core._C_cuda
+    sp = resolve(METHODS4, sml=anomfast.fit_sml(random_logits(g, 1, 19, 16, 16)))
+    out = {}
+    for shape in ((3, 19, 37, 61), (700, 19, 1, 1), (2, 19, 1, 3001)):
+        x = random_logits(g, *shape)
+        y = random_labels(g, shape[0], shape[2], shape[3])
+        want, wc, _ = _fused.fused_pass(x, y, sp)
+        for blocks in (1, 3, 7):
+            cuda._set_debug_grid(blocks)
+            try:
+                h, c, _ = _fused.fused_pass(x, y, sp)
+                sync()
+            finally:
+                cuda._set_debug_grid(0)
+            assert same_state(h, want) and torch.equal(c, wc), f"{shape}: grid of {blocks} block(s) differs"
+        out[str(shape)] = "equal for grids of 1, 3, 7 blocks"
+    big = random_logits(g, 3, 19, 70, 130)
+    yb = random_labels(g, 3, 70, 130)
+    xc, yc = big[:, :, 5:-7, 9:-4], yb[:, 5:-7, 9:-4]  # rows do not follow each other: no folding
+    assert _fused._geometry(xc, yc)["H"] > 1, "the crop should not fold"
+    for blocks in (0, 2):
+        cuda._set_debug_grid(blocks)
+        try:
+            h, c, maps = _fused.fused_pass(xc, yc, sp, want_maps=True)
+            h2, c2, _ = _fused.fused_pass(xc.contiguous(), yc.contiguous(), sp)
+            sync()
+        finally:
+            cuda._set_debug_grid(0)
+        check_state(h, maps, yc, torch.isfinite(xc).all(dim=1), f"crop, grid {blocks}", names=sp.names)
+        assert same_state(h, h2) and torch.equal(c, c2), "crop vs its contiguous copy"
+    out["crop"] = "exact"
+    return out
+
+
+def section_compile_and_graph(g):
+    """Evaluator.update on CUDA under torch.compile(fullgraph=True) and inside a CUDA
+    graph capture (after one eager warm-up update, which caches the device-side tables):
+    the same counts as eager updates."""
+    x = random_logits(g, 2, 19, 64, 96)
+    y = random_labels(g, 2, 64, 96)
+    kw = dict(methods=["max_logit", "msp", "energy", "entropy"])
+    ref = anomfast.Evaluator(**kw)
+    for _ in range(3):
+        ref.update(x, y)
+    out = {}
+    ev = anomfast.Evaluator(**kw)
+    ev.update(x, y)  # warm-up: state and tables on the device
+    step = torch.compile(lambda a, b: ev.update(a, b), fullgraph=True)
+    step(x, y)
+    step(x, y)
+    sync()
+    assert same_state(ev.hist, ref.hist) and torch.equal(ev.counters, ref.counters), "torch.compile(fullgraph)"
+    out["torch.compile fullgraph"] = "equal to eager"
+    ev2 = anomfast.Evaluator(**kw)
+    ev2.update(x, y)  # warm-up outside the capture
+    sync()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph, stream=s):
+            ev2.update(x, y)
+    torch.cuda.current_stream().wait_stream(s)
+    graph.replay()  # capture does not run the work: warm-up + 2 replays = 3 updates
+    graph.replay()
+    sync()
+    assert same_state(ev2.hist, ref.hist) and torch.equal(ev2.counters, ref.counters), "CUDA graph replay"
+    out["CUDA graph capture + 2 replays"] = "equal to 3 eager updates"
+    return out
+
+
+
 _KEEP = []
 
 
@@ -501,16 +647,17 @@ def section_timing(g, quick=False):
         log(f"{what:<48} {r['dtype']:>8} {methods:>5}: {ms:8.3f} ms  {r['logits_GBps']:7.0f} GB/s")
         return r
 
-    copies = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        src = x32.to(dtype)
-        dst = torch.empty_like(src)
-        ms = gpu_time_ms(lambda: dst.copy_(src))
-        copies[dtype] = src.numel() * src.element_size() / ms / 1e6
-        add("device-to-device copy (bytes read)", dtype, "-", ms, src.numel() * src.element_size(),
-            {"copy_read_GBps": copies[dtype], "copy_read_plus_write_GBps": 2 * copies[dtype]})
-        del dst
-
+    # read-only baseline over the same tensor: a sum reads every byte once and writes
+    # nothing of note (a copy also writes, so its rate is not a read rate); and the nominal
+    # HBM figure of the part
+    reads = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        src = x32 if dtype == torch.float32 else x32.to(dtype)
+        nb = src.numel() * src.element_size()
+        ms = gpu_time_ms(lambda t=src: torch.sum(t, dtype=torch.float32))
+        reads[dtype] = nb / ms / 1e6
+        add("read-only baseline: torch.sum over the logits", dtype, "-", ms, nb, {"read_GBps": reads[dtype]})
+        del src
     # correctness of the timed configuration before timing it
     spec4 = resolve(METHODS4, sml=stats)
     spec6 = resolve(ALL, sml=stats)
@@ -536,9 +683,14 @@ def section_timing(g, quick=False):
             for agg in ((1, 0, 2) if label != "max_logit" and dtype != torch.float16 else (1,)):
                 cuda._set_hist_aggregation(agg)
                 ms = gpu_time_ms(lambda: cuda.fused(a))
-                r = add(f"anomfast fused kernel, aggregation {agg}", dtype, label, ms, nbytes,
-                        {"aggregation": agg, "pct_of_copy": 100 * nbytes / ms / 1e6 / copies.get(dtype, copies[torch.bfloat16])})
+                r = add(f"anomfast fused kernel, aggregation {agg}", dtype, label, ms, nbytes, {"aggregation": agg})
                 results[(str(dtype), label, agg)] = ms
+            cuda._set_hist_aggregation(1)
+            # scores only: no labels, no histograms, no maps (what the histogram adds costs)
+            a0 = _prepared_args(x, y, sp, hist)
+            a0.labels_ptr = 0
+            ms = gpu_time_ms(lambda: cuda.fused(a0))
+            add("anomfast fused kernel, scores only (no histogram)", dtype, label, ms, nbytes)
             cuda._set_hist_aggregation(1)
         if dtype == torch.float32:
             sp = spec4
@@ -581,7 +733,13 @@ def section_timing(g, quick=False):
             f64 = results.get((key[0], key[1], "f64"))
             r["speedup_vs_f32_torch"] = f32 / r["ms"] if f32 else None
             r["speedup_vs_f64_reference"] = f64 / r["ms"] if f64 else None
-    return {"copy_read_GBps": {str(k): v for k, v in copies.items()}, "pixels": npix}
+    for r in rows:
+        ro = reads.get(getattr(torch, r["dtype"], None))
+        if ro and r["methods"] != "-":
+            r["pct_of_read"] = 100 * r["logits_GBps"] / ro
+        if r["methods"] != "-" or "baseline" in r["what"]:
+            r["pct_of_nominal"] = 100 * r["logits_GBps"] / NOMINAL_GBPS
+    return {"read_only_GBps": {str(k): v for k, v in reads.items()}, "nominal_GBps": NOMINAL_GBPS, "pixels": npix}
 
 
 def section_fmad_variant(g, args):
@@ -667,20 +825,23 @@ def section_sanitizers(args):
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one allocation per tensor: overruns are caught
     for tool in ("memcheck", "racecheck", "synccheck"):
         left = args.budget - (time.time() - T0)
-        if left < 60:
+        if left < 200:  # keep the timing's share of the budget
             out[tool] = {"skipped": f"time budget spent ({left:.0f} s left)"}
+            SKIPPED.append(f"compute-sanitizer {tool}: {left:.0f} s left")
             continue
         cmd = [exe, "--tool", tool, "--error-exitcode", "17", sys.executable, os.path.abspath(__file__), "--tiny",
                "--seed", str(args.seed)]
         t = time.time()
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=min(180, left - 20), env=env)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=child_timeout(args, 60), env=env)
             tail = (r.stdout + r.stderr)[-1500:]
             summary = [ln for ln in (r.stdout + r.stderr).splitlines() if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln]
             out[tool] = {"returncode": r.returncode, "summary": summary, "seconds": round(time.time() - t, 1),
                          "tiny_ok": "TINY OK" in r.stdout, "tail": tail}
         except subprocess.TimeoutExpired:
-            out[tool] = {"returncode": None, "error": "timeout", "seconds": round(time.time() - t, 1)}
+            out[tool] = {"inconclusive": f"timed out after {time.time() - t:.0f} s (not a finding)",
+                         "seconds": round(time.time() - t, 1)}
+            SKIPPED.append(f"compute-sanitizer {tool}: inconclusive, timed out")
         log(f"{tool}: {out[tool].get('returncode')} {out[tool].get('summary')} ({out[tool].get('seconds')} s)")
     bad = [k for k, v in out.items() if "returncode" in v and (v["returncode"] != 0 or not v.get("tiny_ok"))]
     if bad:
@@ -734,10 +895,13 @@ def summary_tables():
         lines.append(f"| {name} | {res} | {s['seconds']} |")
     rows = RESULTS["timing"]
     if rows:
-        lines += ["", "| what | dtype | methods | ms | logits GB/s | % of copy | Gpix/s | vs f32 torch | vs f64 ref |",
-                  "|:--|:--|:-:|--:|--:|--:|--:|--:|--:|"]
+        lines += ["", f"% of read: of the read-only baseline (torch.sum over the same tensor) in this run; "
+                  f"% of nominal: of {NOMINAL_GBPS:.0f} GB/s (H200 HBM3e)", "",
+                  "| what | dtype | methods | ms | logits GB/s | % of read | % of nominal | Gpix/s | vs f32 torch | vs f64 ref |",
+                  "|:--|:--|:-:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in rows:
-            pct = f"{r['pct_of_copy']:.0f}%" if "pct_of_copy" in r else ""
+            pct = f"{r['pct_of_read']:.0f}%" if "pct_of_read" in r else ""
+            pct += f" | {r['pct_of_nominal']:.0f}%" if "pct_of_nominal" in r else " | "
             s32 = f"{r['speedup_vs_f32_torch']:.1f}x" if r.get("speedup_vs_f32_torch") else ""
             s64 = f"{r['speedup_vs_f64_reference']:.0f}x" if r.get("speedup_vs_f64_reference") else ""
             lines.append(f"| {r['what']} | {r['dtype']} | {r['methods']} | {r['ms']:.3f} | {r['logits_GBps']:.0f} | "
@@ -745,43 +909,102 @@ def summary_tables():
     return "\n".join(lines)
 
 
+# (name, function, estimated seconds on an H200, needs --no-sanitizer unset). The plan is
+# walked in order; a section whose estimate does not fit the time left is skipped and
+# named at the end. The estimates are guesses until the first GPU run replaces them.
+def plan(args):
+    g = "g"
+    steps = [
+        ("(a) maps vs float64 reference", section_maps, (g,), 25),
+        ("(b) histograms == binning of own maps; counters == CPU", section_hist, (g,), 60),
+        ("bit identity with the baseline CPU build (child, ANOMFAST_CPU_ISA=baseline)", section_baseline_bits, (args,), 40),
+        ("grid-stride walk (debug grid) and cropped input: exact histograms", section_walk_and_crop, (g,), 15),
+        ("(c) metrics GPU vs CPU within certified bounds", section_metrics, (g,), 40),
+        ("(d) fp16/bf16 error <= 2x PyTorch's", section_half, (g,), 10),
+        ("SML fit GPU vs CPU", section_fit, (g,), 15),
+        ("stream semantics, no host sync", section_streams, (g,), 5),
+        ("Evaluator.update under torch.compile(fullgraph) and CUDA graph capture", section_compile_and_graph, (g,), 60),
+        ("expandable-segments allocator (child)", section_expandable_segments, (args,), 25),
+    ]
+    if not args.no_sanitizer:  # correctness before speed: the sanitizers run before the timing
+        steps.append(("(e) compute-sanitizer memcheck/racecheck/synccheck (one child each)", section_sanitizers,
+                      (args,), 100))
+    steps += [
+        ("(f) timing", section_timing, (g, args.quick), 90 if args.quick else 150),
+        ("(g) -fmad=true variant: speed and bits", section_fmad_variant, (g, args), 150),
+    ]
+    return steps
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--budget", type=float, default=360.0)
+    ap.add_argument("--budget", type=float, default=570.0,
+                    help="seconds for the whole check (default 570: one 10-minute remote call with margin)")
     ap.add_argument("--no-sanitizer", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smaller timing problem (2 images)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bits", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.seed is None:
         args.seed = int(time.time() * 1000) % (2**31)
     if args.tiny:
         tiny(args.seed)
         return 0
-    log(f"anomfast GPU check, seed {args.seed} (rerun with --seed {args.seed})")
+    if args.bits:
+        bits(args.seed)
+        return 0
+    steps = plan(args)
+    if args.dry_run:
+        log(f"anomfast GPU check plan (budget {args.budget:.0f} s, seed {args.seed}):")
+        log("  smoke run in a child (stops the check on a device fault), ~20 s")
+        total = 20
+        for name, _, _, est in steps:
+            total += est
+            log(f"  {name}: ~{est} s (cumulative ~{total} s)")
+        log(f"estimated total ~{total} s; sections that do not fit the budget are skipped and listed at the end")
+        return 0
+    log(f"anomfast GPU check, seed {args.seed} (rerun with --seed {args.seed}), budget {args.budget:.0f} s")
     run_section("environment", section_env, args)
     if not RESULTS["sections"]["environment"]["ok"]:
+        log("no usable CUDA device or CUDA module: nothing to check")
+        log(summary_tables())
+        _save()
+        return 2
+    run_section("smoke run in a child process", section_smoke, args)
+    if not RESULTS["sections"]["smoke run in a child process"]["ok"]:
+        log("!!! the smoke run failed: stopping here (a device fault in this process would fail every section)")
         log(summary_tables())
         _save()
         return 1
     g = torch.Generator(device="cuda").manual_seed(args.seed)
-    run_section("(a) maps vs float64 reference", section_maps, g)
-    run_section("(b) histograms == binning of own maps; counters == CPU", section_hist, g)
-    run_section("(c) metrics GPU vs CPU within certified bounds", section_metrics, g)
-    run_section("(d) fp16/bf16 error <= 2x PyTorch's", section_half, g)
-    run_section("SML fit GPU vs CPU", section_fit, g)
-    run_section("stream semantics, no host sync", section_streams, g)
-    run_section("expandable-segments allocator", section_expandable_segments, args)
-    _save()
-    run_section("(f) timing", section_timing, g, args.quick)
-    _save()
-    run_section("(g) -fmad=true variant: speed and bits", section_fmad_variant, g, args)
-    _save()
-    if not args.no_sanitizer:
-        run_section("(e) compute-sanitizer memcheck/racecheck/synccheck", section_sanitizers, args)
-    _save()
+    for name, fn, fargs, est in steps:
+        left = args.budget - (time.time() - T0)
+        if RESULTS.get("device_fault"):
+            SKIPPED.append(f"{name}: device fault earlier")
+            continue
+        if est > left:
+            SKIPPED.append(f"{name}: needs ~{est} s, {left:.0f} s left")
+            log(f"\n=== {name}: skipped (needs ~{est} s, {left:.0f} s left)")
+            continue
+        run_section(name, fn, *[g if a == "g" else a for a in fargs])
+        _save()
+    RESULTS["skipped"] = SKIPPED
     log(summary_tables())
-    return 0 if all(s["ok"] for s in RESULTS["sections"].values()) else 1
+    if SKIPPED:
+        log("\nskipped: " + "; ".join(SKIPPED))
+    _save()
+    return 0 if all(s["ok"] for s in RESULTS["sections"].values()) and not RESULTS.get("device_fault") else 1
+
+
+def section_smoke(args):
+    """The tiny workload (every kernel path) in a child process first: a device fault there
+    cannot poison this process's CUDA context, and stops the check with its message."""
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--tiny", "--seed", str(args.seed)],
+                       capture_output=True, text=True, timeout=child_timeout(args, 120))
+    assert r.returncode == 0 and "TINY OK" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    return {"returncode": r.returncode}
 
 
 def _save():

@@ -174,7 +174,10 @@ def test_cuda_kernels_under_host_emulation(emulated_module):
     counts, tie signatures and occupancy against the NumPy binning of their own maps."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import test_cuda_build as t; t.emulation_checks({str(emulated_module)!r})")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    # the baseline CPU build: the emulated kernels (g++, no FMA contraction without -mfma)
+    # must then give the CPU core's coordinates bit for bit, as -fmad=false nvcc does
+    env = dict(os.environ, ANOMFAST_CPU_ISA="baseline")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env)
     assert r.returncode == 0 and "EMULATION OK" in r.stdout, (r.stdout + r.stderr)[-4000:]
 
 
@@ -194,6 +197,7 @@ def emulation_checks(so_path):
     spec.loader.exec_module(emu)
     assert emu.build_info(probe=False)["cuda_archs"] == "host-emulation"
     cpu = _core._C
+    assert cpu.build_info()["cpu_isa"] == "baseline", "the bit-identity checks below need the baseline CPU build"
 
     class Routed:  # the CPU path of _fused, with the emulated CUDA kernels
         FusedArgs, FitArgs, fused, fit_sml = emu.FusedArgs, emu.FitArgs, emu.fused, emu.fit_sml
@@ -309,7 +313,65 @@ def emulation_checks(so_path):
     assert np.array_equal(s1.count, s2.count) and np.allclose(s1.sum, s2.sum, rtol=1e-12), "fit, global partials"
     m1 = run(Routed, anomfast.score_maps, logits(400, 7, 1, 1), methods=["msp", "energy"])
     assert all(torch.isfinite(v).all() for v in m1.values())
+    # the grid-stride walk with one block: every thread walks many pixels, every carry
+    # w -> h -> b is taken; a crop that does not fold; a method named twice (generic kernel)
+    # and C = 21 / 33 (specialized / memory path)
+    for shape, crop in (((3, 19, 9, 70), False), ((2, 21, 13, 40), True), ((2, 33, 5, 37), False)):
+        xw, yw2 = logits(*shape), labels(shape[0], shape[2], shape[3])
+        if crop:
+            xw, yw2 = xw[:, :, 2:-3, 5:-1], yw2[:, 2:-3, 5:-1]
+            assert _fused._geometry(xw, yw2)["H"] > 1
+        sp4 = resolve(["max_logit", "msp", "energy", "entropy"])
+        h0, c0, _ = compare(xw, yw2, sp4, name=f"{shape} crop={crop}")
+        emu._set_debug_grid(1)
+        try:
+            h1, c1, _ = run(Routed, _fused.fused_pass, xw, yw2, sp4)
+        finally:
+            emu._set_debug_grid(0)
+        assert same_state(h1, h0) and torch.equal(c1, c0), f"{shape}: one-block grid differs"
+    # the entry points refuse what would crash the device: a clear exception instead
+    xa, ya = logits(1, 19, 4, 32), labels(1, 4, 32)
+    a = emu.FusedArgs()
+    a.logits_ptr, a.logit_dtype = xa.data_ptr(), 0
+    a.B, a.C, a.H, a.W = 1, 19, 4, 32
+    a.ls_b, a.ls_c, a.ls_h, a.ls_w = xa.stride()
+    a.methods = [0]
+    a.labels_ptr, a.label_dtype = ya.data_ptr(), 10
+    a.ys_b, a.ys_h, a.ys_w = ya.stride()
+    table = torch.zeros(256, dtype=torch.int8)
+    a.lut_ptr, a.lut_len = table.data_ptr(), 256
+    for field, value, msg in (("hist_ptr", 0, "histograms pointer is null"), ("logit_dtype", 7, "logit dtype"),
+                              ("label_dtype", 99, "label dtype"), ("B", -1, "negative shape"),
+                              ("logits_ptr", xa.data_ptr() + 1, "not aligned"), ("C", 0, "class count"),
+                              ("temperature", 0.0, "temperature")):
+        bad = emu.FusedArgs()
+        for k in ("logits_ptr", "logit_dtype", "B", "C", "H", "W", "ls_b", "ls_c", "ls_h", "ls_w", "methods",
+                  "labels_ptr", "label_dtype", "ys_b", "ys_h", "ys_w", "lut_ptr", "lut_len"):
+            setattr(bad, k, getattr(a, k))
+        setattr(bad, field, value)
+        try:
+            emu.fused(bad)
+        except ValueError as e:
+            assert msg in str(e), (field, str(e))
+        else:
+            raise AssertionError(f"{field} = {value} was accepted")
     print("EMULATION OK")
+
+
+def test_gpu_check_plans_without_a_gpu():
+    """bench/gpu_check.py parses its arguments and prints its plan (sized to --budget)
+    without a GPU; a real run without one exits with a clear message, not a traceback."""
+    script = ROOT / "bench" / "gpu_check.py"
+    if not script.exists():
+        pytest.skip("no bench/ next to the tests")
+    r = subprocess.run([sys.executable, str(script), "--dry-run", "--budget", "570"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "budget 570 s" in r.stdout and "smoke run in a child" in r.stdout and "compute-sanitizer" in r.stdout
+    assert "torch.compile" in r.stdout and "baseline CPU build" in r.stdout
+    if not has_gpu:
+        r = subprocess.run([sys.executable, str(script), "--budget", "30"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "nothing to check" in r.stdout, (r.stdout + r.stderr)[-2000:]
 
 
 # ------------------------------------------------------------------ needs a GPU

@@ -79,5 +79,7 @@ PYBIND11_MODULE(_C, m) {
 
   bindings::register_constants(m);
   // method codes this core bins (views.h: Method); HEAT and EXTERNAL are CPU-only so far
-  m.attr("METHOD_CODES") = std::vector<int32_t>{MAX_LOGIT, MSP, ENERGY, SML, ENTROPY, GEN, HEAT, EXTERNAL};
+  std::vector<int32_t> codes;  // every method of the table (methods.h)
+  for (const MethodRow& r : METHOD_TABLE) codes.push_back(r.code);
+  m.attr("METHOD_CODES") = codes;
 }

@@ -15,6 +15,7 @@ static py::dict build_info(bool probe) {
   d["cuda_version"] = info.cuda_version;
   d["cuda_archs"] = info.archs;
   d["cuda_fmad"] = info.fmad;
+  d["cuda_fast"] = info.fast;
   d["cuda_hist_aggregation"] = hist_aggregation();
   if (info.probed) {
     d["cuda_runtime_ok"] = info.runtime_ok;
@@ -41,5 +42,14 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("_set_hist_aggregation", &set_hist_aggregation, py::arg("mode"),
         "Benchmarks only: 0 no warp aggregation of histogram atomics, 1 __match_any_sync "
         "(default), 2 runs of equal neighbouring lanes. Results are identical.");
+  m.def("_set_debug_grid", &set_debug_grid, py::arg("blocks"),
+        "Tests / GPU check only: cap the persistent grid at this many blocks (0: no cap), so "
+        "every thread walks many pixels. Results are identical.");
+  m.def("_debug_grid", &debug_grid);
   bindings::register_constants(m);
+  // method codes this core bins (the method table's per-pixel methods; HEAT and EXTERNAL: CPU only)
+  std::vector<int32_t> codes;
+  for (const MethodRow& r : METHOD_TABLE)
+    if (is_per_pixel_method(r.code)) codes.push_back(r.code);
+  m.attr("METHOD_CODES") = codes;
 }

@@ -62,4 +62,23 @@ constexpr bool is_per_pixel_method(int32_t code) {
   return is_method(code) && !(METHOD_TABLE[code].needs & (NEED_HEAT | NEED_EXT));
 }
 
+// Which sums the class loop computes for a list of (checked) method codes: the union of
+// their needs, energy's as S' at T = 1 and S_T otherwise. Both cores call it on the host.
+struct ClassLoopNeeds {
+  bool s1 = false, sT = false, sx = false, gen = false, heat = false;
+};
+
+inline ClassLoopNeeds class_loop_needs(const int32_t* methods, int n_methods, float temperature) {
+  ClassLoopNeeds f;
+  for (int j = 0; j < n_methods; ++j) {
+    const uint32_t n = METHOD_TABLE[methods[j]].needs;
+    f.s1 = f.s1 || (n & NEED_S1) || ((n & NEED_TEMP) && temperature == 1.0f);
+    f.sT = f.sT || ((n & NEED_TEMP) && temperature != 1.0f);
+    f.sx = f.sx || (n & NEED_SX);
+    f.gen = f.gen || (n & NEED_GEN);
+    f.heat = f.heat || (n & NEED_HEAT);
+  }
+  return f;
+}
+
 }  // namespace anomfast

@@ -24,6 +24,7 @@
 // integer arithmetic so that the CPU loops over pixels vectorize without -ffast-math
 // and the CUDA build computes bit-for-bit the same formulas.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -115,6 +116,27 @@ ANOMFAST_HD float fast_exp_nonpos(float x) {
   return x <= -87.33654f ? 0.0f : out;
 }
 
+// fast_exp_nonpos, bit for bit, with the first reduction step x - n * 0.693359375 as one
+// fused multiply-add: n * 0.693359375 is exact in float (|n| <= 126 and 0.693359375 =
+// 355 / 512 has 9 significant bits), so fma(-n, 0.693359375, x) rounds once, like the
+// subtraction of the exact product. One instruction less for a core that does not
+// contract on its own (the CUDA build with -fmad=false); an explicit fmaf is always fused.
+// Checked equal to fast_exp_nonpos on every non-positive float32 (2026-12-02, g++ -mfma
+// -ffp-contract=off; NaN inputs give NaN in both).
+ANOMFAST_HD float fast_exp_nonpos_fma(float x) {
+  float xc = x < -87.33654f ? -87.33654f : x;
+  float t = exp_round(xc);
+  float n = t - EXP_ROUND;
+  float r = fmaf(-n, 0.693359375f, xc);
+  r = r - n * (-2.12194440e-4f);
+  float z = r * r;
+  float p = ((((1.9875691500E-4f * r + 1.3981999507E-3f) * r + 8.3334519073E-3f) * r +
+              4.1665795894E-2f) * r + 1.6666665459E-1f) * r + 5.0000001201E-1f;
+  p = p * z + r + 1.0f;
+  float out = p * u2f((f2u(t) + 127u) << 23);
+  return x <= -87.33654f ? 0.0f : out;
+}
+
 // One class's term e_c (l_c - m) of the entropy sum sx, with e = exp(d), d = l_c - m <= 0.
 // Where e is 0 the term is 0: finite logits further apart than the float32 range give
 // d = -inf, and 0 * -inf would make the entropy NaN (the float64 reference gives 0 there).
@@ -164,6 +186,17 @@ ANOMFAST_HD float gen_term(float d, bool is_k, float s1, float z, float lz, floa
   return one_minus > 0.0f ? term : 0.0f;
 }
 
+// gen_term with e = fast_exp_nonpos(d) passed in, for a core that has it from the S' pass
+// (the CUDA kernel keeps it in registers); its second exp by fast_exp_nonpos_fma. The
+// same operations on the same values as gen_term, so the same bits.
+ANOMFAST_HD float gen_term_e(float d, float e, bool is_k, float s1, float z, float lz, float gamma) {
+  const float one_minus = is_k ? s1 : (z - e);
+  const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;
+  const float a = gamma * ((d - lz) + l1);
+  const float term = fast_exp_nonpos_fma(a < 0.0f ? a : 0.0f);
+  return one_minus > 0.0f ? term : 0.0f;
+}
+
 // Everything a pixel's scores need, accumulated over the class loop.
 struct PixelSums {
   float m;       // max logit
@@ -182,6 +215,15 @@ ANOMFAST_HD float energy_score(float m, float s1, float sT, float temperature) {
 // Entropy of the softmax in nats, clamped at 0 (rounding can dip below for one-hot pixels).
 ANOMFAST_HD float entropy_score(float s1, float sx) {
   float h = fast_log1p(s1) - sx / (1.0f + s1);
+  return h < 0.0f ? 0.0f : h;
+}
+
+// energy_score for T = 1 and entropy_score with log1p(S') = fast_log1p(s1) passed in: the
+// same operations in the same order, so the same bits, for a core that computes log1p(S')
+// once for both methods (the CUDA kernel; the compiler does not merge the two calls).
+ANOMFAST_HD float energy_score_t1(float m, float log1p_s1) { return -(m + log1p_s1); }
+ANOMFAST_HD float entropy_score_l1p(float s1, float sx, float log1p_s1) {
+  float h = log1p_s1 - sx / (1.0f + s1);
   return h < 0.0f ? 0.0f : h;
 }
 

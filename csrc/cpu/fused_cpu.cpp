@@ -827,22 +827,6 @@ struct alignas(64) PrivateHist {  // own cache lines: each thread updates its ow
   }
 };
 
-struct Flags {
-  bool need_s1 = false, need_sT = false, need_sx = false, need_gen = false, heat = false;
-};
-
-inline Flags method_flags(const FusedArgs& a) {  // from the method table (methods.h)
-  Flags f;
-  for (int j = 0; j < a.n_methods; ++j) {
-    const uint32_t n = METHOD_TABLE[a.methods[j]].needs;  // codes checked at entry (checks.h)
-    f.need_s1 |= (n & NEED_S1) || ((n & NEED_TEMP) && a.temperature == 1.0f);
-    f.need_sT |= (n & NEED_TEMP) && a.temperature != 1.0f;
-    f.need_sx |= (n & NEED_SX) != 0;
-    f.need_gen |= (n & NEED_GEN) != 0;
-    f.heat |= (n & NEED_HEAT) != 0;
-  }
-  return f;
-}
 
 template <int DT>
 int fused_impl(const FusedArgs& a) {
@@ -850,7 +834,7 @@ int fused_impl(const FusedArgs& a) {
   const int64_t n_tiles = a.B * a.H * nW;
   const int M = a.n_methods;
   const bool with_hist = a.labels_ptr != 0 && a.hist_ptr != 0;
-  const Flags fl = method_flags(a);
+  const ClassLoopNeeds fl = class_loop_needs(a.methods, a.n_methods, a.temperature);  // methods.h
   const float inv_t = 1.0f / a.temperature;
   const float inv_log_c = C > 1 ? 1.0f / fast_log((float)C) : 0.0f;
   const float* sml_mean = reinterpret_cast<const float*>(a.sml_mean_ptr);
@@ -933,7 +917,7 @@ int fused_impl(const FusedArgs& a) {
       int64_t cs = TILE;
       const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
                                         buf.data(), cs);
-      tile_sums(rows, cs, C, fl.need_s1, fl.need_sT, fl.need_sx, fl.need_gen, inv_t, a.gen_gamma, st);
+      tile_sums(rows, cs, C, fl.s1, fl.sT, fl.sx, fl.gen, inv_t, a.gen_gamma, st);
       const int64_t px = b * plane + h * a.W + w0;  // the tile's offset in (B, H, W) maps
       if (fl.heat) heat_tile<DT>(a, lp, b, h, w0, n, rows, cs, st, heat_m + px, *hb);
 

@@ -7,15 +7,25 @@
 // as one coalesced line (channels-last and other strides work, with more sectors per
 // load). The grid is persistent (as many blocks as fit on the device at once), each
 // block walking the pixels with a grid-sized stride; every thread of a warp runs the
-// same number of iterations, so the warp-wide votes below always see all 32 lanes.
+// same number of iterations, so the warp-wide votes below always see all 32 lanes. A
+// thread's pixel moves by the grid's size each turn: its (h, w) and element offsets are
+// stepped with at most two carries (Walk), so no turn divides; the label is loaded first,
+// so its latency hides behind the score math.
 //
 // The per-pixel math is score_math.h's, called in the same order as the CPU core
 // (class loops from 0 to C - 1, the same accumulators). Built with -fmad=false (the
 // default, ANOMFAST_CUDA_FMAD=OFF) it performs exactly the float operations of the CPU
 // core's baseline build, so both give the same bits (the AVX2+FMA CPU build contracts
-// and differs in the last bits). Pixels with C <= CREG classes keep their logits in
-// registers (fully unrolled class loops, guarded by c < C); larger C re-reads them from
-// global memory in each pass, which then mostly hits L1/L2.
+// and differs in the last bits). ANOMFAST_CUDA_FAST (opt-in) trades that for speed:
+// hardware exp2 and FMA contraction (exp_nonpos below; CMakeLists.txt).
+//
+// Compile-time specialization (with_kernel_config, the one switch): the logit dtype; the
+// class count (C = 19 and 21 exactly, so class loops unroll without guards; any other
+// C <= CREG in registers with c < C guards; larger C re-read from global memory in each
+// pass, which then mostly hits L1/L2); and the method set (max_logit alone and the two
+// common 4-method sets compute only their own sums and coordinates; any other list runs
+// the generic kernel, which checks the requested kinds at run time).
+// bench/sass_budget.py counts the resulting SASS instructions per pixel.
 //
 // ANOMFAST_CUDA_EMULATE compiles this file with a host C++ compiler against
 // emulate/cuda_emulation.h (a thread per CUDA thread), so that CPU-only CI runs these
@@ -40,10 +50,15 @@
 #if defined(ANOMFAST_CUDA_EMULATE)
 #include "emulate/cuda_emulation.h"  // host threads stand in for the GPU: tests only
 #else
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #endif
 
 #include <atomic>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <initializer_list>
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
@@ -62,6 +77,9 @@
 #ifndef ANOMFAST_CUDA_FMAD
 #define ANOMFAST_CUDA_FMAD 0
 #endif
+#ifndef ANOMFAST_CUDA_FAST
+#define ANOMFAST_CUDA_FAST 0
+#endif
 
 namespace anomfast {
 namespace {
@@ -73,6 +91,7 @@ constexpr int FIT_SMEM_C = 256;       // SML fit: per-block shared partials up t
 constexpr unsigned FULL = 0xffffffffu;
 
 std::atomic<int> g_hist_aggregation{1};
+std::atomic<int64_t> g_debug_grid{0};  // tests / gpu_check: cap on the grid's blocks (0: none)
 
 // ------------------------------------------------------------------ device helpers
 
@@ -93,7 +112,13 @@ __device__ __forceinline__ float load_logit<F32>(const void* base, int64_t off) 
 }
 template <>
 __device__ __forceinline__ float load_logit<F16>(const void* base, int64_t off) {
+#if defined(__CUDA_ARCH__)
+  // the hardware conversion is exact (every half is a float), as half_to_float; a NaN
+  // keeps being a NaN (its payload may differ, but a NaN pixel is never binned)
+  return __half2float(__ushort_as_half(__ldg(static_cast<const unsigned short*>(base) + off)));
+#else
   return half_to_float(__ldg(static_cast<const unsigned short*>(base) + off));
+#endif
 }
 template <>
 __device__ __forceinline__ float load_logit<BF16>(const void* base, int64_t off) {
@@ -113,32 +138,97 @@ __device__ __forceinline__ int64_t load_label(const void* yp, int32_t dt, int64_
   }
 }
 
-__device__ __forceinline__ int label_class(const void* yp, int32_t dt, int64_t off, const int8_t* lut,
-                                           int64_t lut_offset, int64_t lut_len) {
+// The label class of raw label value `raw` (split from the load, so that the load can be
+// issued before the score math and its latency hidden behind it).
+__device__ __forceinline__ int lut_class(int64_t raw, const int8_t* lut, int64_t lut_offset, int64_t lut_len) {
   // unsigned: well defined near the int64 limits; a negative difference wraps past lut_len
-  const uint64_t v = (uint64_t)load_label(yp, dt, off) - (uint64_t)lut_offset;
+  const uint64_t v = (uint64_t)raw - (uint64_t)lut_offset;
   return v < (uint64_t)lut_len ? (int)lut[v] : (int)LABEL_INVALID;
 }
 
-// Flat pixel index -> (b, h, w); 32-bit division whenever the index fits.
-__device__ __forceinline__ void split_pixel(int64_t p, int64_t H, int64_t W, bool idx32, int64_t& b, int64_t& h,
-                                            int64_t& w) {
-  if (idx32) {
-    const uint32_t q = (uint32_t)p, W32 = (uint32_t)W, H32 = (uint32_t)H;
-    const uint32_t r = q / W32, b32 = r / H32;
-    w = q - r * W32;
-    h = r - b32 * H32;
-    b = b32;
-  } else {
-    const int64_t r = p / W;
-    w = p - r * W;
-    b = r / H;
-    h = r - b * H;
+// The grid-stride loop's pixel -> element offsets without a division per pixel. A
+// thread's flat index p = (b * H + h) * W + w advances by the grid's size S each turn;
+// with S split once on the host as S = (sb * H + sh) * W + sw, the cursor (h, w and the
+// logits / labels offsets) moves by constants plus at most one carry into h and one
+// into b. All 64-bit, so any B * H * W works; one division per thread, at its start.
+struct Walk {
+  int64_t H, W;
+  int64_t sh, sw;          // S's h and w digits (its b digit only moves the offsets)
+  int64_t dl[4], dy[4];    // offset steps (logits, labels), by carries: [w -> h | (h -> b) << 1]
+  int64_t lb, lh, lw, yb, yh, yw;  // element strides, for the start
+};
+
+struct Cursor {
+  int64_t h, w, lo, yo;  // lo / yo: element offsets of the pixel in the logits / labels
+};
+
+// On the host: the walk for a grid of `stride` threads.
+Walk make_walk(int64_t H, int64_t W, int64_t lb, int64_t lh, int64_t lw, int64_t yb, int64_t yh, int64_t yw,
+               int64_t stride) {
+  Walk k{};
+  k.H = H;
+  k.W = W;
+  k.sw = stride % W;
+  k.sh = (stride / W) % H;
+  const int64_t sb = stride / W / H;
+  k.dl[0] = sb * lb + k.sh * lh + k.sw * lw;
+  k.dy[0] = sb * yb + k.sh * yh + k.sw * yw;
+  for (int i = 1; i < 4; ++i) {
+    k.dl[i] = k.dl[0] + (i & 1 ? lh - W * lw : 0) + (i & 2 ? lb - H * lh : 0);  // a row on, an image on
+    k.dy[i] = k.dy[0] + (i & 1 ? yh - W * yw : 0) + (i & 2 ? yb - H * yh : 0);
+  }
+  k.lb = lb, k.lh = lh, k.lw = lw, k.yb = yb, k.yh = yh, k.yw = yw;
+  return k;
+}
+
+__device__ __forceinline__ Cursor walk_start(const Walk& k, int64_t p) {
+  const int64_t r = p / k.W, b = r / k.H;
+  Cursor c;
+  c.w = p - r * k.W;
+  c.h = r - b * k.H;
+  c.lo = b * k.lb + c.h * k.lh + c.w * k.lw;
+  c.yo = b * k.yb + c.h * k.yh + c.w * k.yw;
+  return c;
+}
+
+// dl / dy: the Walk's offset steps, staged in shared memory by walk_stage (indexed by the
+// carries; indexing the kernel parameters would copy them to local memory).
+__device__ __forceinline__ void walk_stage(const Walk& k, int64_t* s_steps) {
+  if (threadIdx.x < 4) {
+    s_steps[threadIdx.x] = k.dl[threadIdx.x];
+    s_steps[4 + threadIdx.x] = k.dy[threadIdx.x];
   }
 }
 
+__device__ __forceinline__ void walk_step(const Walk& k, const int64_t* s_steps, Cursor& c) {
+  c.w += k.sw;
+  const bool wrap_w = c.w >= k.W;  // sw < W: at most one carry
+  c.w = wrap_w ? c.w - k.W : c.w;
+  c.h += wrap_w ? k.sh + 1 : k.sh;
+  const bool wrap_h = c.h >= k.H;  // sh + 1 <= H: at most one carry
+  c.h = wrap_h ? c.h - k.H : c.h;
+  const int carries = (wrap_w ? 1 : 0) | (wrap_h ? 2 : 0);
+  c.lo += s_steps[carries];
+  c.yo += s_steps[4 + carries];
+}
+
+// exp(x) for x <= 0 (or NaN) in the class loops. Default: fast_exp_nonpos_fma, bit for bit
+// the CPU core's fast_exp_nonpos. ANOMFAST_CUDA_FAST: the hardware ex2.approx.ftz (relative error <= 2^-22
+// for 2^y, plus the rounding of y = x log2(e), |x| 2^-24 relative; results below 2^-126
+// flush to 0 as the CPU's below exp(-87.34)): histograms then differ from the CPU's.
+__device__ __forceinline__ float exp_nonpos(float x) {
+#if ANOMFAST_CUDA_FAST && defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
+#else
+  return fast_exp_nonpos_fma(x);  // = fast_exp_nonpos(x), the CPU core's, bit for bit
+#endif
+}
+
 // Calls f(c) for c = C0 .. C - 1 in order. CR > 0: fully unrolled to CR with a c < C
-// guard, so register arrays indexed by c stay in registers.
+// guard (which folds away when C is the compile-time CR), so register arrays indexed by
+// c stay in registers.
 template <int CR, int C0, class F>
 __device__ __forceinline__ void for_classes(int32_t C, F&& f) {
   if constexpr (CR > 0) {
@@ -156,8 +246,19 @@ struct Needs {
   bool s1, sT, sx, gen;
 };
 
+// Some logit of the pixel is NaN or +-inf (the CPU core's test: x * 0 != 0). Out of line:
+// only pixels whose logit sum is not finite get here.
+template <int DT>
+__device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t ls_c, int32_t C) {
+  bool bad = false;
+  for (int32_t c = 0; c < C; ++c) bad |= load_logit<DT>(lp, base + c * ls_c) * 0.0f != 0.0f;
+  return bad;
+}
+
 // The PixelSums of one pixel, with the CPU core's formulas and accumulation order
-// (fused_cpu.cpp, tile_sums). Returns true when some logit is NaN or +-inf.
+// (fused_cpu.cpp, tile_sums). Returns true when some logit is NaN or +-inf. CR > 0 keeps
+// the logits in registers (C <= CR); C is a compile-time constant where the kernel is
+// specialized for it.
 template <int DT, int CR>
 __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t ls_c, int32_t C, Needs nd,
                                            float inv_t, float gamma, PixelSums& s) {
@@ -172,31 +273,51 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
     else return load_logit<DT>(lp, base + c * ls_c);
   };
   float m = X(0);
-  float chk = m * 0.0f;  // stays 0 unless some logit is NaN or inf (inf * 0 = NaN)
+  // the sum of the logits is finite unless some logit is NaN or inf, or the sum overflows:
+  // one add per class, and only a non-finite sum asks the exact (out-of-line) check
+  float sum = m;
   int32_t k = 0;
   for_classes<CR, 1>(C, [&](int c) {
     const float x = X(c);
     k = x > m ? c : k;     // first maximum
     m = m < x ? x : m;     // std::max(m, x), NaN handling included
-    chk += x * 0.0f;
+    sum += x;
   });
   float s1 = 0.0f, sx = 0.0f, sT = 0.0f, g = 0.0f;
+  float er[CR > 0 ? CR : 1];  // e_c of the S' pass, reused by GEN (registers when CR > 0)
+  // d = l_c - m <= 0 (NaN when a logit is not finite, a pixel that is never binned):
+  // exp_nonpos, as the CPU core. The sums equal the CPU core's bit for bit on finite
+  // pixels: adding 0 for c == k (instead of 0 * e) leaves s1 as it is, and the entropy
+  // term clamps d at -88 instead of zeroing it below -87.34 (where e is 0 either way, so
+  // the term is -0 or +0, and sx, never -0, is unchanged by either).
   if (nd.sx) {
     for_classes<CR, 0>(C, [&](int c) {
       const float d = X(c) - m;
-      const float e = fast_exp(d);
-      s1 += (float)(c != k) * e;
-      sx += entropy_term(e, d);
+      const float e = exp_nonpos(d);
+      if constexpr (CR > 0) er[c] = e;
+      s1 += c != k ? e : 0.0f;
+      sx += e * (d < -88.0f ? -88.0f : d);
     });
   } else if (nd.s1) {
-    for_classes<CR, 0>(C, [&](int c) { s1 += (float)(c != k) * fast_exp(X(c) - m); });
+    for_classes<CR, 0>(C, [&](int c) {
+      const float e = exp_nonpos(X(c) - m);
+      if constexpr (CR > 0) er[c] = e;
+      s1 += c != k ? e : 0.0f;
+    });
   }
   if (nd.sT) {
-    for_classes<CR, 0>(C, [&](int c) { sT += fast_exp((X(c) - m) * inv_t); });
+    for_classes<CR, 0>(C, [&](int c) { sT += exp_nonpos((X(c) - m) * inv_t); });  // T > 0
   }
   if (nd.gen) {
     const float z = 1.0f + s1, lz = fast_log(z);
-    for_classes<CR, 0>(C, [&](int c) { g += gen_term(X(c) - m, c == k, s1, z, lz, gamma); });
+    // GEN implies the S' pass (nd.s1), so er holds every e_c when CR > 0
+    for_classes<CR, 0>(C, [&](int c) {
+      const float d = X(c) - m;
+      float e;
+      if constexpr (CR > 0) e = er[c];
+      else e = exp_nonpos(d);
+      g += gen_term_e(d, e, c == k, s1, z, lz, gamma);
+    });
   }
   s.m = m;
   s.k = k;
@@ -204,13 +325,12 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
   s.sT = sT;
   s.sx = sx;
   s.gen = g;
-  return chk != 0.0f;
+  return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
 }
 
 // OR of x over the lanes of each peer group (lanes with equal keys), valid in the group's
-// lowest lane; reduce_peers' tree with | for +. Called by all 32 lanes. (__reduce_or_sync
-// does this in one instruction from sm_80 on; this also runs on sm_75 and in the
-// emulation.)
+// lowest lane; reduce_peers' tree with | for +. Called by all 32 lanes; when every lane
+// is its own group the loop does not run.
 __device__ __forceinline__ uint32_t or_peers(unsigned peers, uint32_t x) {
   const int lane = lane_id();
   int rank = __popc(peers & ((1u << lane) - 1u));
@@ -243,6 +363,8 @@ __device__ __forceinline__ void hist_add(unsigned long long* hist, unsigned* sig
   const int64_t flat = seg + (int64_t)cls * NBINS + bin;
   if (mode == 1) {
     const unsigned peers = __match_any_sync(FULL, key);
+    // not __reduce_or_sync(peers, w): with a different mask per peer group nvcc runs it
+    // once per group (WARPSYNC.EXCLUSIVE), 32 times when every lane has its own bin
     const uint32_t wg = with_sig ? or_peers(peers, w) : 0u;
     if (valid && lane == __ffs(peers) - 1) {
       atomicAdd(hist + flat, (unsigned long long)__popc(peers));
@@ -322,22 +444,49 @@ __device__ __forceinline__ void flush_counters(const unsigned long long (&cnt)[N
 
 // ------------------------------------------------------------------ kernels
 
+// Method kinds as bits (1 << Method code) of a kernel's compile-time method set MASK.
+// The specialized sets below compute exactly their methods' sums and coordinates; any
+// other list of methods (or one naming a method twice) runs the generic ALL_KINDS kernel,
+// which reads the requested kinds at run time.
+constexpr int ALL_KINDS = (1 << (GEN + 1)) - 1;
+constexpr int KINDS_MAX_LOGIT = 1 << MAX_LOGIT;
+constexpr int KINDS_4 = (1 << MAX_LOGIT) | (1 << MSP) | (1 << ENERGY) | (1 << ENTROPY);
+constexpr int KINDS_4_SML = (1 << MAX_LOGIT) | (1 << MSP) | (1 << ENERGY) | (1 << SML);
+__host__ __device__ constexpr int popcount_c(int x) { return x ? (x & 1) + popcount_c(x >> 1) : 0; }
+__host__ __device__ constexpr bool has_kind(int mask, int m) { return (mask >> m) & 1; }
+static_assert(GEN + 1 <= MAX_METHODS, "one slot per kind fits FusedParams.slot");
+
 struct FusedParams {
   FusedArgs a;
   int64_t n_pix;
   float inv_t, inv_log_c;
   Needs nd;
-  bool with_hist, idx32, lut_shared;
+  bool with_hist, lut_shared;
   int agg;
-  int32_t sig_mask;  // a.sig_mask, 0 without a sig buffer (views.h)
+  int32_t sig_mask;          // a.sig_mask, 0 without a sig buffer (views.h)
+  int32_t kinds;             // OR of 1 << a.methods[j]
+  int32_t slot[MAX_METHODS]; // specialized kernels: output index j of each kind (methods named once)
+  Walk walk;
 };
 
-template <int DT, int CR>
+// Class counts: CK > 0 exactly CK classes (compile-time C; in registers up to CREG);
+// CK == 0 any C <= CREG in registers (run-time C, guarded unrolled loops); CK == -1 any
+// C, re-read from memory in each pass.
+template <int CK>
+__host__ __device__ constexpr int class_regs() {
+  return CK > 0 ? (CK <= CREG ? CK : 0) : (CK == 0 ? CREG : 0);
+}
+
+template <int DT, int CK, int MASK>
 __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
+  constexpr int CR = class_regs<CK>();
+  constexpr bool GENERIC = MASK == ALL_KINDS;
   unsigned char* smem = dynamic_smem();
   __shared__ unsigned long long s_cnt[N_COUNTERS];
+  __shared__ int64_t s_steps[8];
   const FusedArgs& a = P.a;
   if (threadIdx.x < N_COUNTERS) s_cnt[threadIdx.x] = 0;
+  walk_stage(P.walk, s_steps);
   const int8_t* lut = nullptr;
   if (P.with_hist)
     lut = stage_lut(reinterpret_cast<const int8_t*>(a.lut_ptr), a.lut_len, P.lut_shared,
@@ -352,72 +501,106 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   unsigned* sig = reinterpret_cast<unsigned*>(a.sig_ptr);
   unsigned char* occ = reinterpret_cast<unsigned char*>(a.occ_ptr);
   float* maps = reinterpret_cast<float*>(a.maps_ptr);
-  const int32_t C = (int32_t)a.C;
+  const int32_t C = CK > 0 ? CK : (int32_t)a.C;
   const int64_t N = P.n_pix;
-  unsigned long long cnt[N_COUNTERS] = {0, 0, 0, 0};
+  // a kind is computed when the kernel's set may hold it and (generic kernel) it was asked for
+  const int32_t kinds = GENERIC ? P.kinds : MASK;
+  auto want = [&](int m) { return has_kind(MASK, m) && (!GENERIC || has_kind(kinds, m)); };
+  Needs nd = P.nd;
+  nd.s1 = nd.s1 && (has_kind(MASK, MSP) || has_kind(MASK, ENERGY) || has_kind(MASK, ENTROPY) || has_kind(MASK, GEN));
+  nd.sT = nd.sT && has_kind(MASK, ENERGY);
+  nd.sx = nd.sx && has_kind(MASK, ENTROPY);
+  nd.gen = nd.gen && has_kind(MASK, GEN);
+  uint32_t cnt[N_COUNTERS] = {0, 0, 0, 0};  // per thread: < 2^31 pixels each (launch)
 
+  const int64_t stride = (int64_t)gridDim.x * THREADS;
+  Cursor cur = walk_start(P.walk, (int64_t)blockIdx.x * THREADS + threadIdx.x);
   // base is the same for every thread of the block, so whole warps iterate together
-  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += (int64_t)gridDim.x * THREADS) {
+  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += stride, walk_step(P.walk, s_steps, cur)) {
     const int64_t p = base + threadIdx.x;
     const bool active = p < N;
+    // the label first: its load is in flight during the score math
+    const int64_t raw = P.with_hist && active ? load_label(yp, a.label_dtype, cur.yo) : 0;
     PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
     bool valid = false, pix_bad = false;
     int cls = LABEL_VOID;
-    if (active) {
-      int64_t b, h, w;
-      split_pixel(p, a.H, a.W, P.idx32, b, h, w);
-      const bool bad = pixel_sums<DT, CR>(lp, b * a.ls_b + h * a.ls_h + w * a.ls_w, a.ls_c, C, P.nd, P.inv_t,
-                                          a.gen_gamma, s);
-      pix_bad = bad;
-      if (P.with_hist) {
-        cls = label_class(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w * a.ys_w, lut, a.lut_offset, a.lut_len);
-        if (cls == LABEL_VOID) ++cnt[CNT_VOID];
-        else if (cls == LABEL_INVALID) ++cnt[CNT_INVALID];
-        else if (bad) ++cnt[CNT_NONFINITE];
-        else { ++cnt[CNT_BINNED]; valid = true; }
-      }
+    if (active) pix_bad = pixel_sums<DT, CR>(lp, cur.lo, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
+    if (P.with_hist && active) {
+      cls = lut_class(raw, lut, a.lut_offset, a.lut_len);
+      // branch-free: void, invalid, non-finite or binned, in that order of precedence
+      const bool labelled = cls == LABEL_NORMAL || cls == LABEL_ANOMALY;
+      cnt[CNT_VOID] += cls == LABEL_VOID;
+      cnt[CNT_INVALID] += cls == LABEL_INVALID;
+      cnt[CNT_NONFINITE] += labelled && pix_bad;
+      valid = labelled && !pix_bad;
     }
-    // every method's coordinate first: a non-finite one (SML with a zero std, energy past
-    // the float range) makes the pixel skipped and counted for all methods, as on the CPU
-    float tv[MAX_METHODS];
+    // each requested kind's coordinate, once (method_coord with a constant code folds to
+    // that method's formula); a non-finite one (SML with a zero std, energy past the
+    // float range) makes the pixel skipped and counted for all methods, as on the CPU
+    float t[GEN + 1] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     bool coord_bad = false;
+    // energy (T = 1) and entropy both take log1p(S'): once for both (score_math.h: *_l1p)
+    const bool t1 = a.temperature == 1.0f;
+    const float l1p = (want(ENERGY) && t1) || want(ENTROPY) ? fast_log1p(s.s1) : 0.0f;
 #pragma unroll
-    for (int j = 0; j < MAX_METHODS; ++j) {
-      if (j >= a.n_methods) break;
-      const int32_t meth = a.methods[j];
+    for (int m = 0; m <= GEN; ++m) {
+      if (!want(m)) continue;
       float mu = 0.0f, inv = 0.0f;
-      if (meth == SML && active) {
+      if (m == SML && active) {
         mu = __ldg(sml_mean + s.k);
         inv = __ldg(sml_inv + s.k);
       }
-      tv[j] = method_coord(meth, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
-      coord_bad |= nonfinite_bits(f2u(tv[j]));
-      // maps are (M, B, H, W) contiguous; NaN where a logit is not finite (NaN in, NaN out)
-      if (maps && active) maps[(int64_t)j * N + p] = pix_bad ? u2f(0x7fc00000u) : tv[j];
+      if (m == ENERGY) {
+        t[m] = t1 ? energy_score_t1(s.m, l1p) : energy_score(s.m, s.s1, s.sT, a.temperature);
+      } else if (m == ENTROPY) {
+        const float h = entropy_score_l1p(s.s1, s.sx, l1p);
+        t[m] = a.entropy_normalize ? h * P.inv_log_c : h;  // as method_coord
+      } else {
+        t[m] = method_coord(m, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
+      }
+      coord_bad |= nonfinite_bits(f2u(t[m]));
     }
-    if (valid && coord_bad) {
-      valid = false;
-      --cnt[CNT_BINNED];
-      ++cnt[CNT_NONFINITE];
-    }
+    cnt[CNT_NONFINITE] += valid && coord_bad;
+    valid = valid && !coord_bad;
+    cnt[CNT_BINNED] += valid;
     const int cls01 = valid ? cls : 0;
-    for (int j = 0; j < a.n_methods; ++j) {
-      const float t = tv[j];
+    // out: output index j, coordinate tj
+    auto emit = [&](int j, float tj) {
+      // maps are (M, B, H, W) contiguous; NaN where a logit is not finite (NaN in, NaN out)
+      if (maps && active) maps[(int64_t)j * N + p] = pix_bad ? u2f(0x7fc00000u) : tj;
       if (P.with_hist) {
         const bool with_sig = (P.sig_mask >> j) & 1;
-        hist_add(hist, sig, occ, (int64_t)j * 2 * NBINS, valid, cls01, bin_index(t), with_sig,
-                 with_sig ? bin_sig(t) : 0u, P.agg);
+        hist_add(hist, sig, occ, (int64_t)j * 2 * NBINS, valid, cls01, bin_index(tj), with_sig,
+                 with_sig ? bin_sig(tj) : 0u, P.agg);
+      }
+    };
+    if constexpr (GENERIC) {
+      for (int j = 0; j < a.n_methods; ++j) {
+        const int32_t meth = a.methods[j];
+        float tj = t[0];
+#pragma unroll
+        for (int m = 1; m <= GEN; ++m) tj = meth == m ? t[m] : tj;
+        emit(j, tj);
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m <= GEN; ++m) {
+        if (has_kind(MASK, m)) emit(P.slot[m], t[m]);
       }
     }
   }
-  if (P.with_hist) flush_counters(cnt, s_cnt, reinterpret_cast<int64_t*>(a.counters_ptr));
+  if (P.with_hist) {
+    const unsigned long long wide[N_COUNTERS] = {cnt[0], cnt[1], cnt[2], cnt[3]};
+    flush_counters(wide, s_cnt, reinterpret_cast<int64_t*>(a.counters_ptr));
+  }
 }
 
 struct FitParams {
   FitArgs a;
   int64_t n_pix;
-  bool idx32, lut_shared, smem_partials;
+  bool lut_shared, smem_partials;
   int64_t lut_bytes;  // offset of the partials in dynamic shared memory
+  Walk walk;
 };
 
 template <int DT>
@@ -443,6 +626,8 @@ __global__ void __launch_bounds__(THREADS) fit_kernel(const FitParams P) {
     }
   }
   if (threadIdx.x < N_COUNTERS) s_cnt[threadIdx.x] = 0;
+  __shared__ int64_t s_steps[8];
+  walk_stage(P.walk, s_steps);
   const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
   const int8_t* lut = nullptr;
   if (yp)
@@ -454,17 +639,16 @@ __global__ void __launch_bounds__(THREADS) fit_kernel(const FitParams P) {
   const int64_t N = P.n_pix;
   const Needs none{false, false, false, false};
   unsigned long long cnt[N_COUNTERS] = {0, 0, 0, 0};
-  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += (int64_t)gridDim.x * THREADS) {
+  const int64_t stride = (int64_t)gridDim.x * THREADS;
+  Cursor cur = walk_start(P.walk, (int64_t)blockIdx.x * THREADS + threadIdx.x);
+  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += stride, walk_step(P.walk, s_steps, cur)) {
     const int64_t p = base + threadIdx.x;
     bool valid = false;
     PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
     if (p < N) {
-      int64_t b, h, w;
-      split_pixel(p, a.H, a.W, P.idx32, b, h, w);
-      const bool bad = pixel_sums<DT, 0>(lp, b * a.ls_b + h * a.ls_h + w * a.ls_w, a.ls_c, C, none, 1.0f, 0.0f, s);
-      const int cls = yp ? label_class(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w * a.ys_w, lut, a.lut_offset,
-                                       a.lut_len)
-                         : (int)LABEL_NORMAL;
+      const int64_t raw = yp ? load_label(yp, a.label_dtype, cur.yo) : 0;
+      const bool bad = pixel_sums<DT, 0>(lp, cur.lo, a.ls_c, C, none, 1.0f, 0.0f, s);
+      const int cls = yp ? lut_class(raw, lut, a.lut_offset, a.lut_len) : (int)LABEL_NORMAL;
       if (cls == LABEL_INVALID) ++cnt[CNT_INVALID];
       else if (cls != LABEL_NORMAL) ++cnt[CNT_VOID];
       else if (bad) ++cnt[CNT_NONFINITE];
@@ -519,12 +703,81 @@ class DeviceGuard {
   int prev_ = 0;
 };
 
-int device_of(int64_t ptr) {
+// ------------------------------------------------------------------ argument checks
+// Python validates tensors before they get here (views.h); these checks make a wrong call
+// of the compiled entry points (a null or host pointer, a size that overflows, an unknown
+// code) a clear exception instead of a crash or an illegal access on the device.
+
+[[noreturn]] void bad_arg(const std::string& what) { throw std::invalid_argument("anomfast CUDA: " + what); }
+
+// The device of a pointer into device (or managed) memory; throws for null, host or
+// unregistered memory, and for a misaligned element pointer.
+int device_of(int64_t ptr, const char* what, int64_t align) {
+  if (ptr == 0) bad_arg(std::string(what) + " pointer is null");
+  if (ptr % align != 0) bad_arg(std::string(what) + " pointer " + std::to_string(ptr) + " is not aligned to " +
+                                std::to_string(align) + " bytes");
   cudaPointerAttributes attr{};
   check(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)), "cudaPointerGetAttributes");
   if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    throw std::runtime_error("anomfast CUDA: the logits are not in device memory");
+    throw std::runtime_error(std::string("anomfast CUDA: the ") + what + " are not in device memory");
   return attr.device;
+}
+
+// A second buffer: in device memory, on the logits' device.
+void check_on(int dev, int64_t ptr, const char* what, int64_t align) {
+  const int d = device_of(ptr, what, align);
+  if (d != dev)
+    throw std::runtime_error(std::string("anomfast CUDA: the ") + what + " are on device " + std::to_string(d) +
+                             ", the logits on device " + std::to_string(dev));
+}
+
+int64_t logit_size(int32_t dt) {
+  if (dt == F32) return 4;
+  if (dt == F16 || dt == BF16) return 2;
+  bad_arg("unknown logit dtype code " + std::to_string(dt));
+}
+
+int64_t label_size(int32_t dt) {
+  switch (dt) {
+    case U8: case I8: case BOOL: return 1;
+    case I16: case U16: return 2;
+    case I32: case U32: return 4;
+    case I64: return 8;
+    default: bad_arg("unknown label dtype code " + std::to_string(dt));
+  }
+}
+
+// Pixels B * H * W; C in [1, 2^31); every element offset the kernels form (sum of
+// (extent - 1) * |stride| over the dimensions) fits an int64 byte offset.
+int64_t check_geometry(int64_t B, int64_t C, int64_t H, int64_t W, const int64_t (&ls)[4], const int64_t (&ys)[3],
+                       bool labels) {
+  if (B < 0 || C < 0 || H < 0 || W < 0)
+    bad_arg("negative shape (" + std::to_string(B) + ", " + std::to_string(C) + ", " + std::to_string(H) + ", " +
+            std::to_string(W) + ")");
+  int64_t n = 0, bh = 0;
+  if (__builtin_mul_overflow(B, H, &bh) || __builtin_mul_overflow(bh, W, &n)) bad_arg("B * H * W overflows int64");
+  if (n == 0) return 0;
+  if (C < 1 || C > INT32_MAX) bad_arg("class count C = " + std::to_string(C) + " is not in [1, 2^31)");
+  auto span = [](std::initializer_list<std::pair<int64_t, int64_t>> dims) {
+    int64_t total = 0;
+    for (const auto& d : dims) {
+      int64_t t = 0;
+      const int64_t st = d.second < 0 ? -d.second : d.second;
+      if (d.second == INT64_MIN || __builtin_mul_overflow(d.first - 1, st, &t) ||
+          __builtin_add_overflow(total, t, &total) || total > INT64_MAX / 8)
+        return false;
+    }
+    return true;
+  };
+  if (!span({{B, ls[0]}, {C, ls[1]}, {H, ls[2]}, {W, ls[3]}})) bad_arg("the logits' strides overflow int64 offsets");
+  if (labels && !span({{B, ys[0]}, {H, ys[1]}, {W, ys[2]}})) bad_arg("the labels' strides overflow int64 offsets");
+  return n;
+}
+
+void check_labels(int dev, int64_t labels_ptr, int32_t label_dtype, int64_t lut_ptr, int64_t lut_len) {
+  check_on(dev, labels_ptr, "labels", label_size(label_dtype));
+  if (lut_len < 1 || lut_len > INT32_MAX) bad_arg("label table length " + std::to_string(lut_len) + " not in [1, 2^31)");
+  check_on(dev, lut_ptr, "label table", 1);
 }
 
 // Blocks of a persistent grid: as many as can be resident at once (cached per device
@@ -553,29 +806,55 @@ int64_t resident_blocks(Kernel kernel, int dev, size_t smem) {
   return blocks;
 }
 
-// The one switch from run-time choices to template arguments: logit dtype x whether a
-// pixel's logits fit in registers. Usage:
-//   with_kernel_config(a.logit_dtype, a.C, [&](auto dt, auto cr) {
-//     launch(fused_kernel<decltype(dt)::value, decltype(cr)::value>);
+// The one switch from run-time choices to template arguments: logit dtype x class count
+// (specialized for SPECIAL_C, else registers up to CREG, else memory) x method set
+// (specialized for the KINDS_* sets when each method is named once, else generic).
+// Usage:
+//   with_kernel_config(a.logit_dtype, a.C, kinds, [&](auto dt, auto ck, auto mask) {
+//     launch(fused_kernel<decltype(dt)::value, decltype(ck)::value, decltype(mask)::value>, ...);
 //   });
+// The large-C memory path only has the generic method set (its class loops dominate).
+template <int V>
+using Int = std::integral_constant<int, V>;
+
 template <class F>
-void with_kernel_config(int32_t dtype, int64_t C, F&& f) {
+void with_kernel_config(int32_t dtype, int64_t C, int32_t kinds, F&& f) {
+  auto by_mask = [&](auto dt, auto ck) {
+    switch (kinds) {
+      case KINDS_MAX_LOGIT: f(dt, ck, Int<KINDS_MAX_LOGIT>{}); break;
+      case KINDS_4: f(dt, ck, Int<KINDS_4>{}); break;
+      case KINDS_4_SML: f(dt, ck, Int<KINDS_4_SML>{}); break;
+      default: f(dt, ck, Int<ALL_KINDS>{}); break;
+    }
+  };
   auto by_c = [&](auto dt) {
-    if (C <= CREG) f(dt, std::integral_constant<int, CREG>{});
-    else f(dt, std::integral_constant<int, 0>{});
+    switch (C) {  // SPECIAL_C: Cityscapes-style 19 classes, Pascal VOC's 21
+      case 19: by_mask(dt, Int<19>{}); break;
+      case 21: by_mask(dt, Int<21>{}); break;
+      default:
+        if (C <= CREG) by_mask(dt, Int<0>{});
+        else f(dt, Int<-1>{}, Int<ALL_KINDS>{});
+    }
   };
   switch (dtype) {
-    case F16: by_c(std::integral_constant<int, F16>{}); break;
-    case BF16: by_c(std::integral_constant<int, BF16>{}); break;
-    default: by_c(std::integral_constant<int, F32>{}); break;
+    case F16: by_c(Int<F16>{}); break;
+    case BF16: by_c(Int<BF16>{}); break;
+    case F32: by_c(Int<F32>{}); break;
+    default: std::abort();  // checked before (logit_size)
   }
 }
 
 template <class Kernel, class Params>
-void launch(Kernel kernel, const Params& P, int dev, size_t smem, int64_t stream) {
+void launch(Kernel kernel, Params P, int dev, size_t smem, int64_t stream) {
   const int64_t want = (P.n_pix + THREADS - 1) / THREADS;
-  const int64_t cap = resident_blocks(kernel, dev, smem);
+  int64_t cap = resident_blocks(kernel, dev, smem);
+  // a debug cap only while each thread keeps < 2^31 pixels (the fused kernel's 32-bit counters)
+  const int64_t debug = g_debug_grid.load();
+  if (debug > 0 && debug < cap && P.n_pix / (debug * THREADS) < (int64_t(1) << 31)) cap = debug;
+  static_assert(N_COUNTERS == 4, "the fused kernel widens four counters");
   const unsigned grid = (unsigned)(want < cap ? want : cap);
+  P.walk = make_walk(P.a.H, P.a.W, P.a.ls_b, P.a.ls_h, P.a.ls_w, P.a.ys_b, P.a.ys_h, P.a.ys_w,
+                     (int64_t)grid * THREADS);
 #if defined(ANOMFAST_CUDA_EMULATE)
   (void)stream;
   emulate::launch(grid, THREADS, smem, [&] { kernel(P); });
@@ -594,58 +873,90 @@ void set_hist_aggregation(int mode) {
 
 int hist_aggregation() { return g_hist_aggregation.load(); }
 
+void set_debug_grid(int64_t blocks) {
+  if (blocks < 0) throw std::invalid_argument("debug grid must be >= 0 blocks (0: as many as fit)");
+  g_debug_grid.store(blocks);
+}
+
+int64_t debug_grid() { return g_debug_grid.load(); }
+
 void fused_cuda(const FusedArgs& a) {
+  // checks that need no CUDA call first, so that an empty input works without a driver
+  if (a.n_methods < 0 || a.n_methods > MAX_METHODS)
+    bad_arg("n_methods = " + std::to_string(a.n_methods) + " not in [0, " + std::to_string(MAX_METHODS) + "]");
+  int32_t kinds = 0;
   for (int j = 0; j < a.n_methods; ++j) {
+    if (!is_method(a.methods[j]))
+      bad_arg("method code " + std::to_string(a.methods[j]) + " is not in the method table (methods.h)");
     // HEAT (3x3 neighbourhoods) and EXTERNAL coordinate maps exist only in the CPU core
-    if (a.methods[j] < 0 || a.methods[j] > GEN)
-      throw std::invalid_argument("anomfast CUDA: method code " + std::to_string(a.methods[j]) +
-                                  " (heat / external maps) is not implemented on CUDA yet");
+    if (!is_per_pixel_method(a.methods[j]))
+      bad_arg(std::string("method ") + METHOD_TABLE[a.methods[j]].name + " is not implemented on CUDA yet");
+    kinds |= 1 << a.methods[j];
   }
-  const int64_t n = a.B * a.H * a.W;
+  const int64_t lsz = logit_size(a.logit_dtype);
+  const bool labels = a.labels_ptr != 0;
+  if (labels) label_size(a.label_dtype);
+  if (!(a.temperature > 0.0f) || a.temperature == INFINITY)
+    bad_arg("temperature must be a finite number > 0, got " + std::to_string(a.temperature));
+  const int64_t n = check_geometry(a.B, a.C, a.H, a.W, {a.ls_b, a.ls_c, a.ls_h, a.ls_w}, {a.ys_b, a.ys_h, a.ys_w},
+                                   labels);
   if (n == 0) return;
+  // every buffer the kernel reads or writes
+  const int dev = device_of(a.logits_ptr, "logits", lsz);
+  if (labels) {
+    check_labels(dev, a.labels_ptr, a.label_dtype, a.lut_ptr, a.lut_len);
+    check_on(dev, a.hist_ptr, "histograms", 8);
+    check_on(dev, a.occ_ptr, "histogram occupancy map", 1);
+    check_on(dev, a.counters_ptr, "counters", 8);
+    if (a.sig_ptr) check_on(dev, a.sig_ptr, "tie signatures", 4);
+  }
+  if (a.maps_ptr) check_on(dev, a.maps_ptr, "coordinate maps", 4);
+  if (kinds & (1 << SML)) {
+    check_on(dev, a.sml_mean_ptr, "SML means", 4);
+    check_on(dev, a.sml_inv_std_ptr, "SML inverse stds", 4);
+  }
   FusedParams P{};
   P.a = a;
   P.n_pix = n;
-  P.idx32 = n <= (int64_t)UINT32_MAX;
   P.inv_t = 1.0f / a.temperature;
   P.inv_log_c = a.C > 1 ? 1.0f / fast_log((float)a.C) : 0.0f;  // as the CPU core
-  P.nd = Needs{false, false, false, false};
-  for (int j = 0; j < a.n_methods; ++j) {
-    switch (a.methods[j]) {
-      case MSP: P.nd.s1 = true; break;
-      case ENERGY:
-        if (a.temperature == 1.0f) P.nd.s1 = true;
-        else P.nd.sT = true;
-        break;
-      case ENTROPY: P.nd.s1 = P.nd.sx = true; break;
-      case GEN: P.nd.s1 = P.nd.gen = true; break;
-      default: break;
-    }
-  }
-  P.with_hist = a.labels_ptr != 0 && a.hist_ptr != 0;
+  const ClassLoopNeeds cn = class_loop_needs(a.methods, a.n_methods, a.temperature);  // methods.h
+  P.nd = Needs{cn.s1, cn.sT, cn.sx, cn.gen};
+  P.kinds = kinds;
+  for (int j = 0; j < a.n_methods; ++j) P.slot[a.methods[j]] = j;
+  // a method named twice keeps the generic kernel (one slot per kind in the specialized ones)
+  const int32_t set = popcount_c(kinds) == a.n_methods ? kinds : ALL_KINDS;
+  P.with_hist = labels;
   P.lut_shared = P.with_hist && a.lut_len <= LUT_SMEM_MAX;
   P.agg = g_hist_aggregation.load();
   P.sig_mask = (P.with_hist && a.sig_ptr) ? a.sig_mask : 0;
   const size_t smem = P.lut_shared ? (size_t)a.lut_len : 0;
-  const int dev = device_of(a.logits_ptr);
   DeviceGuard guard(dev);
-  with_kernel_config(a.logit_dtype, a.C, [&](auto dt, auto cr) {
-    launch(fused_kernel<decltype(dt)::value, decltype(cr)::value>, P, dev, smem, a.stream);
+  with_kernel_config(a.logit_dtype, a.C, set, [&](auto dt, auto ck, auto mask) {
+    launch(fused_kernel<decltype(dt)::value, decltype(ck)::value, decltype(mask)::value>, P, dev, smem, a.stream);
   });
 }
 
 void fit_sml_cuda(const FitArgs& a) {
-  const int64_t n = a.B * a.H * a.W;
+  const int64_t lsz = logit_size(a.logit_dtype);
+  const bool labels = a.labels_ptr != 0;
+  if (labels) label_size(a.label_dtype);
+  const int64_t n = check_geometry(a.B, a.C, a.H, a.W, {a.ls_b, a.ls_c, a.ls_h, a.ls_w}, {a.ys_b, a.ys_h, a.ys_w},
+                                   labels);
   if (n == 0) return;
+  const int dev = device_of(a.logits_ptr, "logits", lsz);
+  if (labels) check_labels(dev, a.labels_ptr, a.label_dtype, a.lut_ptr, a.lut_len);
+  check_on(dev, a.count_ptr, "per-class counts", 8);
+  check_on(dev, a.sum_ptr, "per-class sums", 8);
+  check_on(dev, a.sumsq_ptr, "per-class sums of squares", 8);
+  check_on(dev, a.counters_ptr, "counters", 8);
   FitParams P{};
   P.a = a;
   P.n_pix = n;
-  P.idx32 = n <= (int64_t)UINT32_MAX;
-  P.lut_shared = a.labels_ptr != 0 && a.lut_len <= LUT_SMEM_MAX;
+  P.lut_shared = labels && a.lut_len <= LUT_SMEM_MAX;
   P.lut_bytes = P.lut_shared ? (a.lut_len + 15) / 16 * 16 : 0;
   P.smem_partials = a.C <= FIT_SMEM_C;
   const size_t smem = (size_t)P.lut_bytes + (P.smem_partials ? (size_t)a.C * 24 : 0);
-  const int dev = device_of(a.logits_ptr);
   DeviceGuard guard(dev);
   // one pass over the classes: nothing to keep in registers
   switch (a.logit_dtype) {
@@ -660,6 +971,7 @@ CudaInfo cuda_info(bool probe) {
   info.cuda_version = CUDART_VERSION;
   info.archs = ANOMFAST_CUDA_ARCHS;
   info.fmad = ANOMFAST_CUDA_FMAD != 0;
+  info.fast = ANOMFAST_CUDA_FAST != 0;
   if (!probe) return info;
   info.probed = true;
   cudaRuntimeGetVersion(&info.runtime_version);

@@ -13,6 +13,7 @@
 // A launch error throws std::runtime_error with CUDA's message. B * H * W == 0 launches
 // nothing.
 #pragma once
+#include <cstdint>
 #include <string>
 
 #include "../common/views.h"
@@ -28,10 +29,18 @@ void fit_sml_cuda(const FitArgs& a);
 void set_hist_aggregation(int mode);
 int hist_aggregation();
 
+// Tests and bench/gpu_check.py: caps the persistent grid at `blocks` blocks (0: as many as
+// are resident at once, the default), so that on a small input every thread walks many
+// pixels and the grid-stride walk takes every carry (fused_cuda.cu: Walk). Results are
+// identical; only the speed differs.
+void set_debug_grid(int64_t blocks);
+int64_t debug_grid();
+
 struct CudaInfo {
   int cuda_version = 0;          // CUDART_VERSION the module was compiled against
   std::string archs;             // CMAKE_CUDA_ARCHITECTURES of the build
   bool fmad = false;             // compiled with FMA contraction (-fmad=true)
+  bool fast = false;             // ANOMFAST_CUDA_FAST: ex2.approx exps, not bit-identical to the CPU core
   bool probed = false;           // the fields below were filled by asking the runtime
   bool runtime_ok = false;       // cudaGetDeviceCount succeeded
   int device_count = 0;
