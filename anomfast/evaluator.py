@@ -37,6 +37,7 @@ carries the component counts with the settings and thresholds they were counted 
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Optional
 
 import torch
@@ -97,7 +98,33 @@ def _mask_dropped(y: torch.Tensor, keep: torch.Tensor, void_ids) -> torch.Tensor
     return torch.where(keep.to(y.device)[:, None, None], y, void)
 
 
+class _Lent:
+    """The pooled CPU state an Evaluator took (HistState.acquire), handed back to the pool
+    when the Evaluator is collected, unless the Evaluator's state was replaced since (a
+    loaded state, the torchmetrics adapter's buffers): those are never pooled."""
+    __slots__ = ("state",)
+
+    def __init__(self):
+        self.state = None
+
+
+def _give_back(lent: _Lent) -> None:
+    if lent.state is not None:
+        lent.state.release(dirty=True)  # cleared when next taken, not at collection time
+        lent.state = None
+
+
 class Evaluator:
+    @property
+    def hist(self) -> Optional[HistState]:
+        return self._hist
+
+    @hist.setter
+    def hist(self, value: Optional[HistState]) -> None:
+        self._hist = value
+        if value is not self._lent.state:
+            self._lent.state = None  # not the pooled state any more: never handed back
+
     def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
                  fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
                  sync_on_compute: bool = True, process_group=None, protocol: str | None = None, components=None,
@@ -115,7 +142,9 @@ class Evaluator:
         self.conventions = dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
         self.sync_on_compute = sync_on_compute
         self.process_group = process_group
-        self.hist: HistState | None = None
+        self._lent = _Lent()
+        weakref.finalize(self, _give_back, self._lent)
+        self.hist = None
         self.counters: torch.Tensor | None = None
         self._consts: dict = {}
         self._loaded_on_cpu = False
@@ -132,7 +161,12 @@ class Evaluator:
 
     def _device_state(self, device: torch.device):
         if self.hist is None:
-            self.hist = _fused.new_histogram(len(self.spec.names), device)
+            # a pooled CPU state (its pages already backed) when one is free: no first touch
+            # (not while torch.compile traces: the pool's lock is no graph operation)
+            compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+            st = (HistState.new if compiling else HistState.acquire)(len(self.spec.names), device)
+            self.hist = st
+            self._lent.state = st if st.device.type == "cpu" else None
             self.counters = _fused.new_counters(device)
         elif self.hist.device != device and self._loaded_on_cpu:
             # a state loaded before any update sits on the CPU: it follows the first batch

@@ -82,15 +82,22 @@ class _BufferPool:
 
     def take_state(self, n_methods: int):
         with self._lock:
-            for i, s in enumerate(self._states):
+            for i, (s, dirty) in enumerate(self._states):
                 if s.n_methods == n_methods:
-                    return self._states.pop(i)
-        return None
+                    self._states.pop(i)
+                    break
+            else:
+                return None
+        if dirty:
+            s.clear_()
+        return s
 
-    def put_state(self, state) -> None:
+    def put_state(self, state, dirty: bool = False) -> None:
+        """dirty: the state still holds counts (an Evaluator's, handed back when it is
+        collected); it is cleared when next taken, not now."""
         with self._lock:
             if len(self._states) < self.max_states:
-                self._states.append(state)
+                self._states.append((state, dirty))
 
     def _take_slab(self, n: int) -> np.ndarray:
         with self._lock:
@@ -163,10 +170,11 @@ class HistState:
                 return s
         return cls.new(n_methods, device)
 
-    def release(self) -> None:
-        """Back to the pool (CPU states only; must be empty: read out with clear=True)."""
+    def release(self, dirty: bool = False) -> None:
+        """Back to the pool (CPU states only): empty (read out with clear=True), or dirty
+        (cleared when next taken)."""
         if self.device.type == "cpu":
-            _POOL.put_state(self)
+            _POOL.put_state(self, dirty)
 
     @property
     def n_methods(self) -> int:
@@ -275,7 +283,15 @@ class HistState:
         return int(sum(int(t[1].sum() + t[2].sum()) for t in self.sparse()))
 
     def clear_(self) -> None:
-        """Zeroes the occupied blocks only (the buffers keep their identity and laziness)."""
+        """Zeroes the occupied blocks only (the buffers keep their identity and laziness):
+        on the CPU by the compiled read-out's clear-only walk, elsewhere by a scatter."""
+        if self.device.type == "cpu":
+            self.check(self.n_methods, "cpu")
+            meta = np.zeros((self.n_methods, 4), np.int64)
+            _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), self.n_methods, 0, 0,
+                              meta.ctypes.data, 1)
+            self.occ.zero_()
+            return
         blocks = self.blocks()
         if blocks.size:
             z = torch.zeros(blocks.size * OCC_BLOCK, dtype=torch.int64, device=self.device)

@@ -332,3 +332,48 @@ def test_readout_checks_buffers():
     with pytest.raises(ValueError, match="tie signatures"):
         state.sparse()
     assert OCC_BLOCK == 1 << int(_C.OCC_SHIFT)
+
+
+def test_evaluator_hands_its_state_back_and_a_reused_state_starts_empty(rng):
+    """A collected Evaluator's CPU state goes back to the pool holding counts; the next
+    Evaluator (or evaluate()) that takes it must see it empty: results equal a fresh state's.
+    A state that replaced the pooled one (load_state_dict) is never pooled."""
+    import gc
+    histogram.release_buffers()
+    methods = ("max_logit", "msp", "energy")
+    x1, y1 = random_logits(rng, 2, 6, 40, 48), random_labels(rng, 2, 40, 48)
+    x2, y2 = random_logits(rng, 1, 6, 40, 48, scale=7.0), random_labels(rng, 1, 40, 48)
+    ev1 = anomfast.Evaluator(methods)
+    ev1.update(x1, y1)
+    st = ev1.hist
+    del ev1
+    gc.collect()
+    assert [s for s, dirty in histogram._POOL._states] == [st]
+    ev2 = anomfast.Evaluator(methods)
+    ev2.update(x2, y2)
+    assert ev2.hist is st
+    got = ev2.compute()
+    histogram.release_buffers()
+    ev3 = anomfast.Evaluator(methods)
+    ev3.update(x2, y2)
+    want = ev3.compute()
+    assert ev3.hist is not st
+    for n in methods:
+        assert got[n].as_dict() == want[n].as_dict() and got.histograms[n] == want.histograms[n], n
+    sd = ev3.state_dict()
+    del ev2, ev3
+    gc.collect()
+    histogram.release_buffers()
+    ev4 = anomfast.Evaluator(methods)
+    ev4.update(x1, y1)
+    ev4.load_state_dict(sd)  # its state is now the loaded one, not the pooled one
+    loaded = ev4.hist
+    del ev4
+    gc.collect()
+    assert all(s is not loaded for s, _ in histogram._POOL._states)
+    # a clear of a CPU state (the compiled clear-only walk) leaves every buffer at zero
+    ev5 = anomfast.Evaluator(methods)
+    ev5.update(x1, y1)
+    ev5.reset()
+    h = ev5.hist
+    assert int(h.hist.abs().sum()) == 0 and int(h.sig.abs().sum()) == 0 and int(h.occ.sum()) == 0

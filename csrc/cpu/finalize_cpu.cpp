@@ -357,8 +357,12 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const uint8_t* occ, int64_t
       sign |= either;
       full |= (uint64_t)(either != 0) << i;
     }
-    if (k + __builtin_popcountll(full) > capacity) return -1;
-    for (; full; full &= full - 1, ++k) {
+    if (!index) {  // clear-only call (HistState.clear_): nothing read out
+      k += __builtin_popcountll(full);
+    } else if (k + __builtin_popcountll(full) > capacity) {
+      return -1;
+    }
+    for (; index && full; full &= full - 1, ++k) {
       const int i = __builtin_ctzll(full);
       const int64_t c0 = h0[i], c1 = h1[i];
       index[k] = b0 + i;
@@ -400,8 +404,8 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
   // they come (dynamic), which balances 4 methods over 2 threads well enough
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
   for (int64_t j = 0; j < n_methods; ++j) {
-    auto out = [&](int k) { return reinterpret_cast<int64_t*>(outputs[4 * j + k]); };
-    status = std::min(status, readout_method(hist, sig, occ, j, capacity[j], clear != 0, out(0), out(1), out(2), out(3),
+    auto out = [&](int k) { return outputs ? reinterpret_cast<int64_t*>(outputs[4 * j + k]) : nullptr; };
+    status = std::min(status, readout_method(hist, sig, occ, j, capacity ? capacity[j] : 0, clear != 0, out(0), out(1), out(2), out(3),
                                              meta + 4 * j));
   }
   return status;

@@ -15,7 +15,8 @@
 //   block it reads (the caller then zeroes occ): the state is empty again, its pages stay
 //   backed, so a pooled state costs no page faults on its next pass. Returns 0, or -1
 //   when a capacity is too small (the outputs are then incomplete; with clear, the state
-//   is then partly cleared and must be dropped).
+//   is then partly cleared and must be dropped). outputs_ptr == 0 with clear: only clears
+//   (capacity is not read; meta[j][0] still counts the non-empty bins).
 //
 // finalize_hist: a group table of n rows, pos / neg int64[n] (non-negative counts summing
 //   to at most 2^62), with per row either tied uint8[n] or sig int64[n] (tied where
