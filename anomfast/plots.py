@@ -40,7 +40,10 @@ def _save(fig, out: Path, stem: str, formats) -> list:
         p = out / f"{stem}.{fmt}"
         # the figures lay themselves out (tight / constrained layout): bbox_inches="tight"
         # would draw every figure once more to measure it (half of the plotting time)
-        fig.savefig(p, dpi=150 if fmt == "png" else None)
+        # PNG: zlib level 1 (the default 6 spent most of the examples figure's time
+        # compressing; the files stay lossless, a little larger)
+        fig.savefig(p, dpi=150 if fmt == "png" else None,
+                    **({"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}))
         paths.append(p)
     return paths
 
@@ -65,7 +68,10 @@ def _thin(x: np.ndarray, y: np.ndarray, log_x: bool = False):
 
 
 def _curves(plt, m: dict, roc_log: bool):
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.3))
+    # fixed margins (inches) instead of tight_layout, which draws the figure once more to measure it
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.3),
+                                 gridspec_kw=dict(left=0.7 / 10, right=1 - 0.2 / 10, bottom=0.6 / 4.3,
+                                                  top=1 - 0.7 / 4.3, wspace=0.25))
     prevalence = None
     floor = 1.0
     for k, r in m["results"].items():
@@ -106,7 +112,6 @@ def _curves(plt, m: dict, roc_log: bool):
         a.grid(True, which="major", lw=0.3, alpha=0.6)
         a.legend(fontsize=7.5, loc=("upper left" if roc_log else "lower right") if a is a1 else "upper right")
     fig.suptitle(m["name"], fontsize=11)
-    fig.tight_layout()
     return fig
 
 
@@ -120,7 +125,11 @@ def _distributions(plt, m: dict):
     ks = list(m["histograms"])
     ncols = min(3, len(ks))
     nrows = -(-len(ks) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 2.9 * nrows), squeeze=False)
+    fw, fh = 3.7 * ncols, 2.9 * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fw, fh), squeeze=False,
+                             gridspec_kw=dict(left=0.55 / fw, right=1 - 0.15 / fw, bottom=0.5 / fh,
+                                              top=1 - 0.75 / fh, wspace=0.6 / 3.7 * ncols / max(ncols - 1, 1) * 0.8,
+                                              hspace=1.1 / 2.9))
     for ax in axes.flat[len(ks):]:
         ax.set_visible(False)
     for ax, k in zip(axes.flat, ks):
@@ -157,7 +166,6 @@ def _distributions(plt, m: dict):
         ax.tick_params(labelsize=7.5)
         ax.legend(fontsize=7)
     fig.suptitle(f"Score distributions - {m['name']}", fontsize=11)
-    fig.tight_layout()
     return fig
 
 
@@ -177,9 +185,15 @@ def _examples(plt, m: dict):
     ncols = len(ks) + 1 + has_image
     H, W = np.asarray(ex[0]["labels"]).shape
     cell_w = 2.5
-    cell_h = cell_w * H / W + 0.45
-    fig, axes = plt.subplots(len(ex), ncols, figsize=(cell_w * ncols + 0.6 * len(ks), cell_h * len(ex)),
-                             squeeze=False, constrained_layout=True)
+    cell_h = cell_w * H / W + 0.15
+    # a fixed layout in inches (no layout engine: constrained layout measured every axis and
+    # tick label twice per save, most of this figure's time): margins for the row labels,
+    # the column titles and suptitle, and a row of colorbars under the method columns
+    left, right, top, bottom = 0.35, 0.1, 0.55, 0.6
+    fw, fh = cell_w * ncols + left + right, cell_h * len(ex) + top + bottom
+    fig, axes = plt.subplots(len(ex), ncols, figsize=(fw, fh), squeeze=False,
+                             gridspec_kw=dict(left=left / fw, right=1 - right / fw, top=1 - top / fh,
+                                              bottom=bottom / fh, wspace=0.08, hspace=0.06))
     gt_cmap = ListedColormap(["#1f1f1f", "#ff7f0e", VOID_GREY])
     ranges = {}
     for k in ks:  # one color range per method over all examples: rows stay comparable
@@ -201,8 +215,9 @@ def _examples(plt, m: dict):
             im = ax.imshow(np.ma.masked_where(cls == 2, np.asarray(e["maps"][k])), cmap=cmap,
                            vmin=ranges[k][0], vmax=ranges[k][1], interpolation="nearest")
             if i == len(ex) - 1:  # one colorbar per method column (its range is shared by the rows)
-                cb = fig.colorbar(im, ax=list(axes[:, c + 1 + j]), location="bottom", fraction=0.05, pad=0.02,
-                                  aspect=25)
+                pos = ax.get_position()
+                cax = fig.add_axes([pos.x0 + 0.05 * pos.width, 0.32 / fh, 0.9 * pos.width, 0.1 / fh])
+                cb = fig.colorbar(im, cax=cax, orientation="horizontal")
                 cb.ax.tick_params(labelsize=6.5)
         for ax in row:
             ax.set_xticks([])
