@@ -21,24 +21,34 @@ namespace bindings {
 
 namespace py = pybind11;
 
+// The fields of InputArgs on a class deriving from it (FusedArgs, FitArgs).
+template <class T>
+void def_input_fields(py::class_<T>& c) {
+  c.def_readwrite("logits_ptr", &T::logits_ptr)
+      .def_readwrite("logit_dtype", &T::logit_dtype)
+      .def_readwrite("B", &T::B).def_readwrite("C", &T::C)
+      .def_readwrite("H", &T::H).def_readwrite("W", &T::W)
+      .def_readwrite("ls_b", &T::ls_b).def_readwrite("ls_c", &T::ls_c)
+      .def_readwrite("ls_h", &T::ls_h).def_readwrite("ls_w", &T::ls_w)
+      .def_readwrite("labels_ptr", &T::labels_ptr)
+      .def_readwrite("label_dtype", &T::label_dtype)
+      .def_readwrite("ys_b", &T::ys_b).def_readwrite("ys_h", &T::ys_h)
+      .def_readwrite("ys_w", &T::ys_w)
+      .def_readwrite("lut_ptr", &T::lut_ptr)
+      .def_readwrite("lut_offset", &T::lut_offset)
+      .def_readwrite("lut_len", &T::lut_len)
+      .def_readwrite("counters_ptr", &T::counters_ptr)
+      .def_readwrite("num_threads", &T::num_threads)
+      .def_readwrite("stream", &T::stream);
+}
+
 // module_local: a second module registering the same C++ types (the CUDA module next to
 // the CPU one) must keep them local, or pybind11 refuses the duplicate at import.
 inline void register_args(py::module_& m, bool module_local) {
-  py::class_<FusedArgs>(m, "FusedArgs", py::module_local(module_local))
-      .def(py::init<>())
-      .def_readwrite("logits_ptr", &FusedArgs::logits_ptr)
-      .def_readwrite("logit_dtype", &FusedArgs::logit_dtype)
-      .def_readwrite("B", &FusedArgs::B).def_readwrite("C", &FusedArgs::C)
-      .def_readwrite("H", &FusedArgs::H).def_readwrite("W", &FusedArgs::W)
-      .def_readwrite("ls_b", &FusedArgs::ls_b).def_readwrite("ls_c", &FusedArgs::ls_c)
-      .def_readwrite("ls_h", &FusedArgs::ls_h).def_readwrite("ls_w", &FusedArgs::ls_w)
-      .def_readwrite("labels_ptr", &FusedArgs::labels_ptr)
-      .def_readwrite("label_dtype", &FusedArgs::label_dtype)
-      .def_readwrite("ys_b", &FusedArgs::ys_b).def_readwrite("ys_h", &FusedArgs::ys_h)
-      .def_readwrite("ys_w", &FusedArgs::ys_w)
-      .def_readwrite("lut_ptr", &FusedArgs::lut_ptr)
-      .def_readwrite("lut_offset", &FusedArgs::lut_offset)
-      .def_readwrite("lut_len", &FusedArgs::lut_len)
+  py::class_<FusedArgs> fused(m, "FusedArgs", py::module_local(module_local));
+  fused.def(py::init<>());
+  def_input_fields(fused);
+  fused
       .def_property(
           "methods",
           [](const FusedArgs& a) { return std::vector<int32_t>(a.methods, a.methods + a.n_methods); },
@@ -62,32 +72,14 @@ inline void register_args(py::module_& m, bool module_local) {
       .def_readwrite("sig_mask", &FusedArgs::sig_mask)
       .def_readwrite("occ_ptr", &FusedArgs::occ_ptr)
       .def_readwrite("maps_ptr", &FusedArgs::maps_ptr)
-      .def_readwrite("counters_ptr", &FusedArgs::counters_ptr)
-      .def_readwrite("num_threads", &FusedArgs::num_threads)
-      .def_readwrite("flush_every", &FusedArgs::flush_every)
-      .def_readwrite("stream", &FusedArgs::stream);
+      .def_readwrite("flush_every", &FusedArgs::flush_every);
 
-  py::class_<FitArgs>(m, "FitArgs", py::module_local(module_local))
-      .def(py::init<>())
-      .def_readwrite("logits_ptr", &FitArgs::logits_ptr)
-      .def_readwrite("logit_dtype", &FitArgs::logit_dtype)
-      .def_readwrite("B", &FitArgs::B).def_readwrite("C", &FitArgs::C)
-      .def_readwrite("H", &FitArgs::H).def_readwrite("W", &FitArgs::W)
-      .def_readwrite("ls_b", &FitArgs::ls_b).def_readwrite("ls_c", &FitArgs::ls_c)
-      .def_readwrite("ls_h", &FitArgs::ls_h).def_readwrite("ls_w", &FitArgs::ls_w)
-      .def_readwrite("labels_ptr", &FitArgs::labels_ptr)
-      .def_readwrite("label_dtype", &FitArgs::label_dtype)
-      .def_readwrite("ys_b", &FitArgs::ys_b).def_readwrite("ys_h", &FitArgs::ys_h)
-      .def_readwrite("ys_w", &FitArgs::ys_w)
-      .def_readwrite("lut_ptr", &FitArgs::lut_ptr)
-      .def_readwrite("lut_offset", &FitArgs::lut_offset)
-      .def_readwrite("lut_len", &FitArgs::lut_len)
-      .def_readwrite("count_ptr", &FitArgs::count_ptr)
+  py::class_<FitArgs> fit(m, "FitArgs", py::module_local(module_local));
+  fit.def(py::init<>());
+  def_input_fields(fit);
+  fit.def_readwrite("count_ptr", &FitArgs::count_ptr)
       .def_readwrite("sum_ptr", &FitArgs::sum_ptr)
-      .def_readwrite("sumsq_ptr", &FitArgs::sumsq_ptr)
-      .def_readwrite("counters_ptr", &FitArgs::counters_ptr)
-      .def_readwrite("num_threads", &FitArgs::num_threads)
-      .def_readwrite("stream", &FitArgs::stream);
+      .def_readwrite("sumsq_ptr", &FitArgs::sumsq_ptr);
 }
 
 // NBINS & co.: the binning scheme and counter layout the module was compiled with.

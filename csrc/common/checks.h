@@ -24,8 +24,7 @@ inline bool is_label_dtype(int32_t d) {
   return d == U8 || d == I8 || d == BOOL || d == I16 || d == I32 || d == I64 || d == U16 || d == U32;
 }
 
-template <class Args>
-inline void check_geometry(const Args& a) {
+inline void check_geometry(const InputArgs& a) {
   arg_check(a.B >= 0 && a.C >= 1 && a.H >= 0 && a.W >= 0, "B, H, W must be >= 0 and C >= 1");
   arg_check(is_logit_dtype(a.logit_dtype), "logit dtype code " + std::to_string(a.logit_dtype) + " is not F32/F16/BF16");
   arg_check(a.B * a.H * a.W == 0 || a.logits_ptr != 0, "logits pointer is null");

@@ -59,18 +59,28 @@ enum Counter : int32_t {
   N_COUNTERS = 4
 };
 
-struct FusedArgs {
+// What both passes read and where they report: the logits, the labels with their lookup
+// table (labels_ptr == 0: no labels, only maps / fitting on every pixel), the pixel
+// counters, and how they run. FusedArgs and FitArgs add their own outputs.
+struct InputArgs {
   // logits
   int64_t logits_ptr = 0;
   int32_t logit_dtype = F32;
   int64_t B = 0, C = 0, H = 0, W = 0;
   int64_t ls_b = 0, ls_c = 0, ls_h = 0, ls_w = 0;
-  // labels (labels_ptr == 0: no labels, only maps / fitting)
+  // labels
   int64_t labels_ptr = 0;
   int32_t label_dtype = U8;
   int64_t ys_b = 0, ys_h = 0, ys_w = 0;
   int64_t lut_ptr = 0;
   int64_t lut_offset = 0, lut_len = 0;
+  int64_t counters_ptr = 0;        // int64[N_COUNTERS], accumulated into
+  // execution
+  int32_t num_threads = 0;         // CPU: 0 = OpenMP default
+  int64_t stream = 0;              // CUDA: cudaStream_t as an integer
+};
+
+struct FusedArgs : InputArgs {
   // methods, in output order
   int32_t n_methods = 0;
   int32_t methods[MAX_METHODS] = {0};
@@ -92,33 +102,18 @@ struct FusedArgs {
   int32_t sig_mask = 0;            // bit j set: method j's signatures are filled (others untouched)
   int64_t occ_ptr = 0;             // uint8 occupancy of hist's 2^OCC_SHIFT-slot blocks (with hist)
   int64_t maps_ptr = 0;            // float32 (n_methods, B, H, W) or 0
-  int64_t counters_ptr = 0;        // int64[N_COUNTERS], accumulated into
   // execution
-  int32_t num_threads = 0;         // CPU: 0 = OpenMP default
   int64_t flush_every = 0;         // CPU: pixels a thread counts privately before adding them to
                                    //   hist (0 = 2^31, so counts cannot overflow); tests lower it
-  int64_t stream = 0;              // CUDA: cudaStream_t as an integer
 };
 
 // SML fitting: per predicted class k = argmax_c l_c, accumulate the count, the sum
 // and the sum of squares of the max logit. Only pixels whose label class is
 // LABEL_NORMAL are used when labels are given; otherwise every pixel.
-struct FitArgs {
-  int64_t logits_ptr = 0;
-  int32_t logit_dtype = F32;
-  int64_t B = 0, C = 0, H = 0, W = 0;
-  int64_t ls_b = 0, ls_c = 0, ls_h = 0, ls_w = 0;
-  int64_t labels_ptr = 0;
-  int32_t label_dtype = U8;
-  int64_t ys_b = 0, ys_h = 0, ys_w = 0;
-  int64_t lut_ptr = 0;
-  int64_t lut_offset = 0, lut_len = 0;
+struct FitArgs : InputArgs {
   int64_t count_ptr = 0;   // int64[C]
   int64_t sum_ptr = 0;     // float64[C]
   int64_t sumsq_ptr = 0;   // float64[C]
-  int64_t counters_ptr = 0;  // int64[N_COUNTERS]
-  int32_t num_threads = 0;
-  int64_t stream = 0;
 };
 
 }  // namespace anomfast
