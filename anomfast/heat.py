@@ -39,14 +39,14 @@ warning); ``missing="error"`` raises instead.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._files import load_npz, save_npz
 
 FORMAT = "anomfast-heat-v1"
 COV_EPS = 1e-4   # added to the diagonal of the tied covariance before inverting
@@ -159,23 +159,15 @@ class HeatStats:
                 "score_mean": self.score_mean, "score_std": self.score_std}
 
     def save(self, path) -> None:
-        meta = json.dumps({"format": FORMAT, "temperature": self.temperature, "score_mean": self.score_mean,
-                           "score_std": self.score_std, "missing": self.missing})
-        with open(Path(path), "wb") as f:
-            np.savez(f, mean=self.mean, cov=self.cov, precision=self.precision, count=self.count,
-                     meta=np.array(meta))
+        save_npz(path, {"format": FORMAT, "temperature": self.temperature, "score_mean": self.score_mean,
+                        "score_std": self.score_std, "missing": self.missing},
+                 mean=self.mean, cov=self.cov, precision=self.precision, count=self.count)
 
     @classmethod
     def load(cls, path) -> "HeatStats":
-        with np.load(Path(path), allow_pickle=False) as z:
-            try:
-                meta = json.loads(str(z["meta"]))
-            except KeyError:
-                raise ValueError(f"{path} is not an anomfast HEAT statistics file (no metadata)") from None
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: unknown HEAT statistics format {meta.get('format')!r}, expected {FORMAT}")
-            return cls(z["mean"], z["cov"], z["precision"], z["count"], meta["temperature"], meta["score_mean"],
-                       meta["score_std"], missing=meta.get("missing", "exclude"))
+        z, meta = load_npz(path, FORMAT, "HEAT statistics")
+        return cls(z["mean"], z["cov"], z["precision"], z["count"], meta["temperature"], meta["score_mean"],
+                   meta["score_std"], missing=meta.get("missing", "exclude"))
 
 
 def as_features(f, logits: torch.Tensor, stats: HeatStats | None = None, name: str = "features") -> torch.Tensor:

@@ -29,13 +29,13 @@ by the core as an external coordinate map, so histograms and metrics work unchan
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._files import load_npz, save_npz
 
 FORMAT = "anomfast-sml-v1"
 CONVENTIONS = ("sml", "ml4cv")
@@ -137,22 +137,14 @@ class SMLStats:
         return d
 
     def save(self, path) -> None:
-        path = Path(path)
-        meta = json.dumps({"format": FORMAT, "missing": self.missing, "convention": self.convention})
-        with open(path, "wb") as f:
-            np.savez(f, count=self.count, sum=self.sum, sumsq=self.sumsq, meta=np.array(meta))
+        save_npz(path, {"format": FORMAT, "missing": self.missing, "convention": self.convention},
+                 count=self.count, sum=self.sum, sumsq=self.sumsq)
 
     @classmethod
     def load(cls, path) -> "SMLStats":
-        with np.load(Path(path), allow_pickle=False) as z:
-            try:
-                meta = json.loads(str(z["meta"]))
-            except KeyError:
-                raise ValueError(f"{path} is not an anomfast SML statistics file (no metadata)") from None
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: unknown SML statistics format {meta.get('format')!r}, expected {FORMAT}")
-            return cls(z["count"], z["sum"], z["sumsq"], missing=meta.get("missing", "global"),
-                       convention=meta.get("convention", "sml"))
+        z, meta = load_npz(path, FORMAT, "SML statistics")
+        return cls(z["count"], z["sum"], z["sumsq"], missing=meta.get("missing", "global"),
+                   convention=meta.get("convention", "sml"))
 
 
 # ------------------------------------------------------------- SML post-processing

@@ -1,0 +1,26 @@
+"""Statistics files (SML, HEAT): arrays plus a JSON metadata record with a format tag, in
+one .npz, never unpickled."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def save_npz(path, meta: dict, **arrays) -> None:
+    with open(Path(path), "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load_npz(path, fmt: str, what: str) -> tuple:
+    """({name: array}, metadata) of a file save_npz wrote with meta["format"] == fmt;
+    what: how errors name the file's kind (e.g. "SML statistics")."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        try:
+            meta = json.loads(str(z["meta"]))
+        except KeyError:
+            raise ValueError(f"{path} is not an anomfast {what} file (no metadata)") from None
+        if meta.get("format") != fmt:
+            raise ValueError(f"{path}: unknown {what} format {meta.get('format')!r}, expected {fmt}")
+        return {k: z[k] for k in z.files if k != "meta"}, meta
