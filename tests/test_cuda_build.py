@@ -75,14 +75,22 @@ def test_same_names_and_constants_as_cpu_module():
 
 @needs_cuda_build
 def test_empty_input_makes_no_cuda_call():
-    """B * H * W == 0 returns before touching the runtime, so it works without a GPU."""
+    """B * H * W == 0 returns before touching the runtime, so it works without a GPU: the
+    same arguments with one pixel reach the pointer checks (which need the runtime) and
+    raise, so the empty call really returned before them."""
     a = cuda_mod.FusedArgs()
     a.B, a.C, a.H, a.W = 0, 19, 4, 4
     a.methods = [0]
-    cuda_mod.fused(a)
+    assert cuda_mod.fused(a) is None
     f = cuda_mod.FitArgs()
     f.B, f.C, f.H, f.W = 2, 19, 0, 4
-    cuda_mod.fit_sml(f)
+    assert cuda_mod.fit_sml(f) is None
+    a.B = 1
+    with pytest.raises(ValueError):
+        cuda_mod.fused(a)  # a null logits pointer for one pixel
+    f.H = 4
+    with pytest.raises(ValueError):
+        cuda_mod.fit_sml(f)
 
 
 @needs_cuda_build
