@@ -6,24 +6,19 @@
     results = ev.compute()                 # all_reduce across ranks, then finalize
     ev.reset()
 
-State: the core's histogram buffers (anomfast.histogram.HistState: int64 counts and
-uint32 tie signatures over the bins of the whole float32 range, lazily backed on the CPU,
-and a byte map of the occupied blocks) and a few int64 counters, on the device of the
-first batch. Counts sum and signatures OR across batches and processes, so distributed
-sync moves only the blocks some rank touched (one all_reduce of the occupancy map, one of
-those blocks' counts, one all_gather of their signatures) and the result is bit-identical
-to one process seeing all data.
-Input checks that need the data (label values outside the label map, NaN/inf logits)
-are counted on the device by the core and raised by compute().
+State: one anomfast.accumulate.Accumulator (the core's HistState and counters, on the
+device of the first batch; its distributed sync moves only the blocks some rank touched
+and is bit-identical to one process seeing all data). Input checks that need the data
+(label values outside the label map, NaN/inf logits) are counted on the device by the
+core and raised by compute().
 
 Distributed samplers pad the last batch with duplicated samples (DistributedSampler
 repeats indices so every rank gets the same count), which would count those pixels
 twice. Pass ``keep`` (bool (B,), e.g. ``dataset_index < len(dataset)``) to update() to
 drop padded samples without a host sync; or use ``drop_last=True`` / an uneven sampler.
 
-The fused update is registered as the custom op ``anomfast::fused_update`` (with a fake
-implementation), so a validation step calling update() compiles with
-``torch.compile(fullgraph=True)``.
+The fused update is the custom op ``anomfast::fused_update`` under torch.compile, so a
+validation step calling update() compiles with ``torch.compile(fullgraph=True)``.
 
 Component metrics (anomfast.components): ``Evaluator(..., components={"thresholds": t})``
 with a score threshold per method also labels each updated image's components at those
@@ -92,21 +87,9 @@ class Evaluator:
         self.components = None if cs is None else accumulator_for(cs, self.spec.names, self.label_map,
                                                                   where="Evaluator(components=...)")
 
-    @property
-    def hist(self) -> HistState | None:
-        return self._acc.state
-
-    @hist.setter
-    def hist(self, value: HistState | None) -> None:
-        self._acc.state = value
-
-    @property
-    def counters(self) -> torch.Tensor | None:
-        return self._acc.counters
-
-    @counters.setter
-    def counters(self, value: torch.Tensor | None) -> None:
-        self._acc.counters = value
+    # the accumulator's buffers, as the torchmetrics adapter and checkpoints see them
+    hist = property(lambda self: self._acc.state, lambda self, v: setattr(self._acc, "state", v))
+    counters = property(lambda self: self._acc.counters, lambda self, v: setattr(self._acc, "counters", v))
 
     @property
     def methods(self) -> tuple:
@@ -195,7 +178,7 @@ class Evaluator:
             self.components.load_state(d.get("components"))
         self._classes = None
         if d.get("hist") is None:
-            self._acc.load(None, None)
+            self.hist = self.counters = None
             return
         c = d.get("counters")
         if not isinstance(c, torch.Tensor) or c.dtype != torch.int64 or tuple(c.shape) != (_core.N_COUNTERS,) \
@@ -203,4 +186,6 @@ class Evaluator:
             raise ValueError(f"state counters must be a non-negative int64 tensor of shape ({_core.N_COUNTERS},)")
         hist = HistState.from_state(d["hist"], len(self.spec.names), "cpu")
         dev = self.hist.device if self.hist is not None else torch.device("cpu")
-        self._acc.load(HistState(hist.hist.to(dev), hist.sig.to(dev), hist.occ.to(dev)), c.to(dev).clone().contiguous())
+        self._acc.follows_batch = self.hist is None
+        self.hist = HistState(hist.hist.to(dev), hist.sig.to(dev), hist.occ.to(dev))
+        self.counters = c.to(dev).clone().contiguous()

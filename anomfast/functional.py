@@ -402,9 +402,7 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
         raise ValueError("evaluate got no batches")
     results = Results()
     results.pixels = acc.check()
-    results.histograms = {}
-    if not need_maps and not per_image:
-        results.histograms = acc.histograms(clear=True)
+    results.histograms = {} if need_maps or per_image else acc.histograms(clear=True)
     acc.release()
     if per_image:
         for n in spec.names:

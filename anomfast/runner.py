@@ -331,6 +331,12 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         _check_classes(model, hists, values, grid.label_map, allow_empty_class, notes)
         entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
                  "images": len(stems)}
+
+        def batches():  # the second passes (refine, components): the same files, the same inputs
+            for _, x, y, _, f in _prefetch(read, my_stems):
+                xb = _fused.as_logits(x.unsqueeze(0).to(device))
+                fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
+                yield xb, _fused.as_labels(y.unsqueeze(0).to(device), xb), fb
         if proto is not None:
             cols = [np.concatenate(k) if k else np.zeros(0, np.float32) for k in kept]
             labs = np.concatenate(kept_labels) if kept_labels else np.zeros(0, bool)
@@ -339,25 +345,20 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             for n, r in entry["results"].items():
                 r.params = spec.params_of(n)
         elif refine:
-            def batches():
-                for _, x, y, _, f in _prefetch(read, my_stems):
-                    xb = _fused.as_logits(x.unsqueeze(0).to(device))
-                    fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
-                    yield xb, _fused.as_labels(y.unsqueeze(0).to(device), xb), fb
             if progress and rank == 0:
                 print(f"{model.name}: refining FPR95 / F1 (second pass)", file=sys.stderr)
             entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}),
                                                  nonfinite, 0)
         if components is not None:
-            entry["components"] = _component_pass(model.name, spec, entry, components, grid.label_map, read,
-                                                  my_stems, device, world, conventions, progress and rank == 0)
+            entry["components"] = _component_pass(model.name, spec, entry, components, grid.label_map, batches,
+                                                  device, world, conventions, progress and rank == 0)
         out.append(entry)
     timings["grid_s"] = time.perf_counter() - t_grid
     timings["images"] = len(my_stems) * len(grid.models)
     return {"models": out, "methods": all_methods, "protocol": proto, "notes": notes, "timings": timings}
 
 
-def _component_pass(name, spec, entry, cs, label_map, read, stems, device, world, conventions, say) -> dict:
+def _component_pass(name, spec, entry, cs, label_map, batches, device, world, conventions, say) -> dict:
     """The component metrics of one model: a second pass over its images with the
     prefetching reader, each method's maps binarized at its pooled best-F1 threshold (taken
     after the histograms' all_reduce, so every rank uses the same one), the integer counts
@@ -367,11 +368,9 @@ def _component_pass(name, spec, entry, cs, label_map, read, stems, device, world
     acc = accumulator_for(cs, spec.names, label_map, best_f1=entry["results"])
     if say:
         print(f"{name}: component metrics (second pass)", file=sys.stderr)
-    for _, x, y, _, f in _prefetch(read, stems):
-        xb = _fused.as_logits(x.unsqueeze(0).to(device))
-        fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
+    for xb, yb, fb in batches():
         _, _, maps = _fused.fused_pass(xb, None, spec, want_maps=True, features=fb)
-        acc.update_maps(maps, y.unsqueeze(0).to(device))
+        acc.update_maps(maps, yb)
     if world > 1:
         acc.all_reduce_(device=device)
     return acc.results()
