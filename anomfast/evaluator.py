@@ -136,17 +136,13 @@ class Evaluator:
                                "last reset()")
         res = acc.results(self.conventions)
         if self.components is not None:
-            res.components = self._component_results(acc.state.device)
+            comp = self.components
+            if acc is not self._acc:  # synced: the component counts too
+                comp = copy.copy(comp)
+                comp.counts = comp.counts.clone()
+                comp.all_reduce_(group=self.process_group, device=acc.state.device)
+            res.components = comp.results()
         return res
-
-    def _component_results(self, device) -> dict:
-        acc = self.components
-        dist = torch.distributed
-        if self.sync_on_compute and dist.is_available() and dist.is_initialized():
-            acc = copy.copy(acc)
-            acc.counts = acc.counts.clone()
-            acc.all_reduce_(group=self.process_group, device=device)
-        return acc.results()
 
     def reset(self) -> None:
         self._classes = None

@@ -368,9 +368,7 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
     kept_labels = []
     reservoir = None  # (keys, scores (M, n), labels)
     rng = np.random.default_rng(seed)
-    n_batches = 0
     for x, yy, f in batches():
-        n_batches += 1
         images = ([(x[i:i + 1], yy[i:i + 1], None if f is None else f[i:i + 1]) for i in range(x.shape[0])]
                   if per_image else [(x, yy, f)])
         for xi, yi, fi in images:
@@ -398,7 +396,7 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
                         sel.sort()
                         keys, sc, lab = keys[sel], sc[:, torch.from_numpy(sel)], lab[torch.from_numpy(sel)]
                     reservoir = (keys, sc, lab)
-    if n_batches == 0:
+    if acc.state is None:  # every batch, even an empty one, takes the state
         raise ValueError("evaluate got no batches")
     results = Results()
     results.pixels = acc.check()
