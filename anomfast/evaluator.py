@@ -6,24 +6,19 @@
     results = ev.compute()                 # all_reduce across ranks, then finalize
     ev.reset()
 
-State: the core's histogram buffers (anomfast.histogram.HistState: int64 counts and
-uint32 tie signatures over the bins of the whole float32 range, lazily backed on the CPU,
-and a byte map of the occupied blocks) and a few int64 counters, on the device of the
-first batch. Counts sum and signatures OR across batches and processes, so distributed
-sync moves only the blocks some rank touched (one all_reduce of the occupancy map, one of
-those blocks' counts, one all_gather of their signatures) and the result is bit-identical
-to one process seeing all data.
-Input checks that need the data (label values outside the label map, NaN/inf logits)
-are counted on the device by the core and raised by compute().
+State: one anomfast.accumulate.Accumulator (the core's HistState and counters, on the
+device of the first batch; its distributed sync moves only the blocks some rank touched
+and is bit-identical to one process seeing all data). Input checks that need the data
+(label values outside the label map, NaN/inf logits) are counted on the device by the
+core and raised by compute().
 
 Distributed samplers pad the last batch with duplicated samples (DistributedSampler
 repeats indices so every rank gets the same count), which would count those pixels
 twice. Pass ``keep`` (bool (B,), e.g. ``dataset_index < len(dataset)``) to update() to
 drop padded samples without a host sync; or use ``drop_last=True`` / an uneven sampler.
 
-The fused update is registered as the custom op ``anomfast::fused_update`` (with a fake
-implementation), so a validation step calling update() compiles with
-``torch.compile(fullgraph=True)``.
+The fused update is the custom op ``anomfast::fused_update`` under torch.compile, so a
+validation step calling update() compiles with ``torch.compile(fullgraph=True)``.
 
 Component metrics (anomfast.components): ``Evaluator(..., components={"thresholds": t})``
 with a score threshold per method also labels each updated image's components at those
@@ -37,50 +32,16 @@ carries the component counts with the settings and thresholds they were counted 
 from __future__ import annotations
 
 import copy
-import weakref
-from typing import Optional
 
 import torch
 
 from . import _core, _fused
+from .accumulate import Accumulator, Results, _is_compiling
 from .components import accumulator_for, as_component_spec
-from .functional import Results
-from .histogram import FORMAT, HistState, check_format, histograms_from_state
+from .histogram import FORMAT, HistState, check_format
 from .labels import as_label_map
 from .methods import resolve
 from .protocols import check_protocol
-
-
-def _fused_update_eager(logits: torch.Tensor, labels: torch.Tensor, hist: torch.Tensor, sig: torch.Tensor,
-                        occ: torch.Tensor, counters: torch.Tensor, lut: torch.Tensor, lut_offset: int, codes: list[int], temperature: float, gen_gamma: float,
-                        entropy_normalize: bool, sml_mean: Optional[torch.Tensor],
-                        sml_inv: Optional[torch.Tensor], heat_m: Optional[torch.Tensor] = None,
-                        heat_params: Optional[list[float]] = None, ext: Optional[torch.Tensor] = None) -> None:
-    """Adds the batch to the HistState buffers (hist, sig, occ) and counters in one fused
-    pass. heat_m: HEAT's Mahalanobis map (B, H, W); heat_params: (T, mean, 1 / std); ext:
-    (n_ext, B, H, W) external coordinates (post-processed SML)."""
-    _fused.launch(logits, labels, HistState(hist, sig, occ), counters, None, codes, temperature, gen_gamma, entropy_normalize,
-                  sml_mean, sml_inv, lut, lut_offset, heat_m=heat_m,
-                  heat_params=heat_params if heat_params is not None else (1.0, 0.0, 1.0), ext=ext)
-
-
-def _is_compiling() -> bool:
-    f = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    if f is None:  # pragma: no cover - older torch
-        from torch._dynamo import is_compiling as f
-    return bool(f())
-
-
-# The custom op wraps the same function: torch.compile traces it as one opaque op; eager
-# calls skip the op dispatch (tens of microseconds per call).
-fused_update = torch.library.custom_op("anomfast::fused_update", mutates_args=("hist", "sig", "occ", "counters"))(
-    _fused_update_eager)
-
-
-@fused_update.register_fake
-def _(logits, labels, hist, sig, occ, counters, lut, lut_offset, codes, temperature, gen_gamma, entropy_normalize,
-      sml_mean, sml_inv, heat_m=None, heat_params=None, ext=None) -> None:
-    return None
 
 
 def _mask_dropped(y: torch.Tensor, keep: torch.Tensor, void_ids) -> torch.Tensor:
@@ -98,32 +59,8 @@ def _mask_dropped(y: torch.Tensor, keep: torch.Tensor, void_ids) -> torch.Tensor
     return torch.where(keep.to(y.device)[:, None, None], y, void)
 
 
-class _Lent:
-    """The pooled CPU state an Evaluator took (HistState.acquire), handed back to the pool
-    when the Evaluator is collected, unless the Evaluator's state was replaced since (a
-    loaded state, the torchmetrics adapter's buffers): those are never pooled."""
-    __slots__ = ("state",)
-
-    def __init__(self):
-        self.state = None
-
-
-def _give_back(lent: _Lent) -> None:
-    if lent.state is not None:
-        lent.state.release(dirty=True)  # cleared when next taken, not at collection time
-        lent.state = None
-
-
 class Evaluator:
-    @property
-    def hist(self) -> Optional[HistState]:
-        return self._hist
-
-    @hist.setter
-    def hist(self, value: Optional[HistState]) -> None:
-        self._hist = value
-        if value is not self._lent.state:
-            self._lent.state = None  # not the pooled state any more: never handed back
+    """A stateful shell over one anomfast.accumulate.Accumulator (see the module docstring)."""
 
     def __init__(self, methods=None, *, label_map=None, ignore_index: int = 255, nonfinite: str = "error",
                  fpr_mode: str = "first", ap_mode: str = "step", tpr_target: float = 0.95,
@@ -142,12 +79,7 @@ class Evaluator:
         self.conventions = dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
         self.sync_on_compute = sync_on_compute
         self.process_group = process_group
-        self._lent = _Lent()
-        weakref.finalize(self, _give_back, self._lent)
-        self.hist = None
-        self.counters: torch.Tensor | None = None
-        self._consts: dict = {}
-        self._loaded_on_cpu = False
+        self._acc = Accumulator(self.spec, self.label_map, nonfinite)
         # C of the updates since construction / reset(), and the counters tensor it goes with
         # (a state swapped in from outside, as the torchmetrics adapter does, starts afresh)
         self._classes: tuple | None = None
@@ -155,32 +87,13 @@ class Evaluator:
         self.components = None if cs is None else accumulator_for(cs, self.spec.names, self.label_map,
                                                                   where="Evaluator(components=...)")
 
+    # the accumulator's buffers, as the torchmetrics adapter and checkpoints see them
+    hist = property(lambda self: self._acc.state, lambda self, v: setattr(self._acc, "state", v))
+    counters = property(lambda self: self._acc.counters, lambda self, v: setattr(self._acc, "counters", v))
+
     @property
     def methods(self) -> tuple:
         return self.spec.names
-
-    def _device_state(self, device: torch.device):
-        if self.hist is None:
-            # a pooled CPU state (its pages already backed) when one is free: no first touch
-            # (not while torch.compile traces: the pool's lock is no graph operation)
-            compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-            st = (HistState.new if compiling else HistState.acquire)(len(self.spec.names), device)
-            self.hist = st
-            self._lent.state = st if st.device.type == "cpu" else None
-            self.counters = _fused.new_counters(device)
-        elif self.hist.device != device and self._loaded_on_cpu:
-            # a state loaded before any update sits on the CPU: it follows the first batch
-            self.hist = HistState(self.hist.hist.to(device), self.hist.sig.to(device), self.hist.occ.to(device))
-            self.counters = self.counters.to(device)
-        elif self.hist.device != device:
-            raise ValueError(f"this evaluator's state is on {self.hist.device} but the batch is on {device}")
-        if device not in self._consts:
-            lut, off = self.label_map.lut()
-            mean = inv = None
-            if "sml" in self.spec.names:
-                mean, inv = self.spec.sml.kernel_arrays(device)
-            self._consts[device] = (lut.to(device), off, mean, inv)
-        return self._consts[device]
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None, *,
                features: torch.Tensor | None = None) -> None:
@@ -193,28 +106,14 @@ class Evaluator:
                              f"or the last reset()) had C = {self._classes[0]}; every batch must have the same "
                              "classes")
         y = _fused.as_labels(labels, x)
-        _fused.check_device_support(self.spec, x.device)
-        heat_m = _fused.heat_input(x, self.spec, features)
-        ext = _fused.external_input(x, self.spec)
-        heat_params = list(self.spec.heat.kernel_constants()) if heat_m is not None else None
-        if self.spec.sml is not None and "sml" in self.spec.names and self.spec.sml.num_classes != x.shape[1]:
-            raise ValueError(f"SML statistics were fitted for {self.spec.sml.num_classes} classes, logits have {x.shape[1]}")
         if keep is not None:
             if not self.label_map.void_ids:
                 raise ValueError("keep= needs a void id in the label map to mask dropped samples")
             if keep.shape != (x.shape[0],) or keep.dtype != torch.bool:
                 raise ValueError(f"keep must be a bool tensor of shape ({x.shape[0]},), got {keep.dtype} {tuple(keep.shape)}")
             y = _mask_dropped(y, keep, self.label_map.void_ids)
-        lut, off, mean, inv = self._device_state(x.device)
-        self._loaded_on_cpu = False
+        self._acc.add(x, y, features)  # no host sync; one opaque op inside torch.compile
         self._classes = (int(x.shape[1]), self.counters)
-        st = self.hist
-        args = (x, y, st.hist, st.sig, st.occ, self.counters, lut, off, self.spec.codes, self.spec.temperature,
-                self.spec.gen_gamma, self.spec.entropy_normalize, mean, inv, heat_m, heat_params, ext)
-        if _is_compiling():
-            torch.ops.anomfast.fused_update(*args)   # traced as one opaque op (see register_fake)
-        else:
-            _fused_update_eager(*args)               # same function, without the op dispatch (~80 us / call)
         if self.components is not None:
             self._update_components(x, y, features)
 
@@ -225,51 +124,29 @@ class Evaluator:
         _, _, maps = _fused.fused_pass(x, None, self.spec, want_maps=True, features=features)
         self.components.update_maps(maps, y)
 
-    def _synced(self):
-        hist, counters = self.hist, self.counters
-        dist = torch.distributed
-        if self.sync_on_compute and dist.is_available() and dist.is_initialized():
-            if hist is None:
-                raise RuntimeError("compute() in a distributed run needs at least one update() on every rank")
-            hist, counters = hist.copy(), counters.clone()
-            hist.all_reduce_(group=self.process_group)
-            dist.all_reduce(counters, group=self.process_group)
-        return hist, counters
-
     def compute(self) -> Results:
         """Per method AUROC, AP, FPR95, best F1 + threshold with certified bounds.
         Raises RuntimeError when no pixel was added: before any update(), and likewise
         after reset() with no update() since (in a distributed run: on no rank)."""
-        hist, counters = self._synced()
-        if hist is None:
+        acc = self._acc.synced(self.process_group) if self.sync_on_compute else self._acc
+        if acc.state is None:
             raise RuntimeError("compute() called before any update()")
-        if not bool(counters.any()):
+        if not bool(acc.counters.any()):
             raise RuntimeError("compute() called with no data: no update() with pixels since construction or the "
                                "last reset()")
-        pixels = _fused.check_counters(counters.cpu(), None, self.label_map, self.nonfinite)
-        res = Results()
-        res.pixels = pixels
-        res.histograms = histograms_from_state(hist, self.spec.names, self.spec.params_of)
-        for n, h in res.histograms.items():
-            res[n] = h.finalize(**self.conventions)
+        res = acc.results(self.conventions)
         if self.components is not None:
-            res.components = self._component_results(hist.device)
+            comp = self.components
+            if acc is not self._acc:  # synced: the component counts too
+                comp = copy.copy(comp)
+                comp.counts = comp.counts.clone()
+                comp.all_reduce_(group=self.process_group, device=acc.state.device)
+            res.components = comp.results()
         return res
-
-    def _component_results(self, device) -> dict:
-        acc = self.components
-        dist = torch.distributed
-        if self.sync_on_compute and dist.is_available() and dist.is_initialized():
-            acc = copy.copy(acc)
-            acc.counts = acc.counts.clone()
-            acc.all_reduce_(group=self.process_group, device=device)
-        return acc.results()
 
     def reset(self) -> None:
         self._classes = None
-        if self.hist is not None:
-            self.hist.clear_()   # only the occupied blocks: the buffers keep their identity
-            self.counters.zero_()
+        self._acc.clear_()   # only the occupied blocks: the buffers keep their identity
         if self.components is not None:
             self.components.reset()
 
@@ -305,6 +182,6 @@ class Evaluator:
             raise ValueError(f"state counters must be a non-negative int64 tensor of shape ({_core.N_COUNTERS},)")
         hist = HistState.from_state(d["hist"], len(self.spec.names), "cpu")
         dev = self.hist.device if self.hist is not None else torch.device("cpu")
-        self._loaded_on_cpu = self.hist is None
+        self._acc.follows_batch = self.hist is None
         self.hist = HistState(hist.hist.to(dev), hist.sig.to(dev), hist.occ.to(dev))
         self.counters = c.to(dev).clone().contiguous()

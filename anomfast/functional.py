@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from . import _fused, binning, protocols
+from .accumulate import Accumulator, Results, finalize
 from .components import accumulator_for, as_component_spec
-from .histogram import Histogram, HistState, finalize_coords, histograms_from_state
+from .histogram import Histogram, finalize_coords
 from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
 from .methods import CODES, EXTERNAL, resolve
 from .fitting import fit_heat, fit_sml  # noqa: F401  (part of the functional API)
 from .heat import as_features
 from .inputs import _batches
-from .tables import results_table
 
 
 def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **method_params) -> dict:
@@ -33,19 +33,6 @@ def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **m
     x = _fused.as_logits(logits)
     _, _, maps = _fused.fused_pass(x, None, spec, want_maps=True, num_threads=num_threads, features=features)
     return {n: maps[j] for j, n in enumerate(spec.names)}
-
-
-class Results(dict):
-    """Mapping method -> MetricResult, plus the histograms and pixel counts behind them."""
-
-    histograms: dict
-    pixels: dict
-
-    def table(self, digits: int = 2) -> str:
-        return results_table(self, digits=digits)
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 def _reiterable(name: str, v, who: str = "refine=True") -> None:
@@ -375,32 +362,20 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
                 f = as_features(f, x, spec.heat)
             yield x, yy, f
 
-    hist = None
-    totals = {"nonfinite": 0, "invalid": 0, "void": 0, "binned": 0}
+    acc = Accumulator(spec, lm, nonfinite)  # one pooled state, emptied as it is read (per image: after each image)
     per_image_results = {n: [] for n in spec.names}
     kept_scores = [[] for _ in range(M)]
     kept_labels = []
     reservoir = None  # (keys, scores (M, n), labels)
     rng = np.random.default_rng(seed)
-    n_batches = 0
     for x, yy, f in batches():
-        n_batches += 1
         images = ([(x[i:i + 1], yy[i:i + 1], None if f is None else f[i:i + 1]) for i in range(x.shape[0])]
                   if per_image else [(x, yy, f)])
         for xi, yi, fi in images:
-            counters = _fused.new_counters(x.device)
-            h = None
-            if not need_maps:  # one pooled state, emptied as it is read (per image: after each image)
-                if hist is None:
-                    hist = HistState.acquire(M, x.device)
-                h = hist
-            h, counters, maps = _fused.fused_pass(xi, yi, spec, label_map=lm, hist=h, counters=counters,
-                                                  want_maps=need_maps, num_threads=num_threads, features=fi)
-            summary = _fused.check_counters(counters, yi, lm, nonfinite)
-            for k in totals:
-                totals[k] += summary[k]
+            maps = acc.add(xi, yi, fi, want_maps=need_maps, num_threads=num_threads)
+            acc.check(yi)
             if per_image:
-                for n, hj in histograms_from_state(h, spec.names, spec.params_of, clear=True).items():
+                for n, hj in acc.histograms(clear=True).items():
                     per_image_results[n].append(hj.finalize(**conventions))
             if need_maps:
                 valid, cls = _valid_mask(lm, yi, xi, maps, spec, nonfinite)
@@ -421,14 +396,13 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
                         sel.sort()
                         keys, sc, lab = keys[sel], sc[:, torch.from_numpy(sel)], lab[torch.from_numpy(sel)]
                     reservoir = (keys, sc, lab)
-    if n_batches == 0:
+    if acc.state is None:  # every batch, even an empty one, takes the state
         raise ValueError("evaluate got no batches")
     results = Results()
-    results.pixels = totals
-    results.histograms = {}
+    results.pixels = acc.check()
+    results.histograms = {} if need_maps or per_image else acc.histograms(clear=True)
+    acc.release()
     if per_image:
-        if hist is not None:
-            hist.release()
         for n in spec.names:
             r = mean_over_images(per_image_results[n])
             r.method, r.params = n, spec.params_of(n)
@@ -457,12 +431,10 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
                 r.definitions["subsample"] = f"{labs.size} valid pixels drawn uniformly without replacement, seed {seed}"
             results[n] = r
         return results
-    results.histograms = histograms_from_state(hist, spec.names, spec.params_of, clear=True)
-    hist.release()
     if refine:
         results.update(refine_histograms(results.histograms, spec, lm, batches, conventions, nonfinite, num_threads))
     else:
-        results.update({n: h.finalize(**conventions) for n, h in results.histograms.items()})
+        results.update(finalize(results.histograms, conventions))
     return results
 
 

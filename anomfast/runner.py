@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from . import _core, _fused, protocols
+from .accumulate import Accumulator, finalize
 from .components import accumulator_for
 from .fitting import fit_heat, fit_sml
 from .functional import refine_histograms
 from .grid import Grid, GridError, load_array
 from .heat import HeatStats, as_features
-from .histogram import histograms_from_state
 from .labels import ANOMALY, NORMAL
 from .methods import resolve
 from .metrics import mean_iou
@@ -229,8 +229,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 raise GridError(f"model {model.name!r}: method 'heat' needs features = ... (per-image feature maps)")
             params["heat"] = fit_model_heat(model)
         spec = resolve(methods, **params)
-        hist = _fused.new_histogram(len(spec.names), device)
-        counters = _fused.new_counters(device)
+        acc = Accumulator(spec, grid.label_map, nonfinite)
+        acc.allocate(device)  # every rank holds a state to all_reduce, images or not
         conf = None
         examples = []
         shared = _shared_counter(f"anomfast/progress/{len(out)}/{model.name}") if world > 1 else None
@@ -282,7 +282,6 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                     v, n = torch.unique(y, return_counts=True)
                 for a, b in zip(v.tolist(), n.tolist()):
                     values[a] = values.get(a, 0) + b
-            nonfinite_before = int(counters[_core.CNT_NONFINITE]) if nonfinite == "error" else 0
             xb = _fused.as_logits(x.unsqueeze(0).to(device))
             yb = _fused.as_labels(y.unsqueeze(0).to(device), xb)
             want_example = len(examples) < n_examples and bool((y != 0).any())
@@ -291,13 +290,12 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             if f is not None:
                 fb = as_features(f.unsqueeze(0).to(device), xb, spec.heat, name=f"features of image {stem!r}")
             t_pass = time.perf_counter()
-            _, _, maps = _fused.fused_pass(xb, yb, spec, label_map=grid.label_map, hist=hist, counters=counters,
-                                           want_maps=want_maps, features=fb)
+            maps = acc.add(xb, yb, fb, want_maps=want_maps)
             if str(device).startswith("cuda"):
                 torch.cuda.synchronize()  # timing only: the pass is asynchronous on CUDA
             timings["fused_pass_s"] += time.perf_counter() - t_pass
             if nonfinite == "error":
-                bad = int(counters[_core.CNT_NONFINITE]) - nonfinite_before
+                bad = int(acc.counters[_core.CNT_NONFINITE])  # this file's: an earlier one would have raised
                 if bad:
                     raise GridError(f"model {model.name!r}: {bad} valid pixel(s) of {model.logits[stem]} have NaN or "
                                     "infinite logits (or a non-finite HEAT / post-processed SML score, e.g. from "
@@ -323,17 +321,22 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                                  "maps": {n: maps[j, 0].cpu().numpy() for j, n in enumerate(spec.names)}})
             pb.update(int(y.numel()))
         pb.close()
-        if world > 1:
-            hist.all_reduce_()
-            torch.distributed.all_reduce(counters)
-            if conf is not None:
-                torch.distributed.all_reduce(conf)
-        pixels = _fused.check_counters(counters, None, grid.label_map, nonfinite)
+        total = acc.synced() if world > 1 else acc
+        if world > 1 and conf is not None:
+            torch.distributed.all_reduce(conf)
+        pixels = total.check()
         miou = None if conf is None else mean_iou(conf.cpu().numpy())[0]
-        hists = histograms_from_state(hist, spec.names, spec.params_of)
+        hists = total.histograms(clear=True)
+        acc.release()
         _check_classes(model, hists, values, grid.label_map, allow_empty_class, notes)
         entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
                  "images": len(stems)}
+
+        def batches():  # the second passes (refine, components): the same files, the same inputs
+            for _, x, y, _, f in _prefetch(read, my_stems):
+                xb = _fused.as_logits(x.unsqueeze(0).to(device))
+                fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
+                yield xb, _fused.as_labels(y.unsqueeze(0).to(device), xb), fb
         if proto is not None:
             cols = [np.concatenate(k) if k else np.zeros(0, np.float32) for k in kept]
             labs = np.concatenate(kept_labels) if kept_labels else np.zeros(0, bool)
@@ -342,39 +345,32 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             for n, r in entry["results"].items():
                 r.params = spec.params_of(n)
         elif refine:
-            def batches():
-                for _, x, y, _, f in _prefetch(read, my_stems):
-                    xb = _fused.as_logits(x.unsqueeze(0).to(device))
-                    fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
-                    yield xb, _fused.as_labels(y.unsqueeze(0).to(device), xb), fb
             if progress and rank == 0:
                 print(f"{model.name}: refining FPR95 / F1 (second pass)", file=sys.stderr)
             entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}),
                                                  nonfinite, 0)
         if components is not None:
-            entry["components"] = _component_pass(model.name, spec, entry, components, grid.label_map, read,
-                                                  my_stems, device, world, conventions, progress and rank == 0)
+            entry["components"] = _component_pass(model.name, spec, entry, components, grid.label_map, batches,
+                                                  device, world, conventions, progress and rank == 0)
         out.append(entry)
     timings["grid_s"] = time.perf_counter() - t_grid
     timings["images"] = len(my_stems) * len(grid.models)
     return {"models": out, "methods": all_methods, "protocol": proto, "notes": notes, "timings": timings}
 
 
-def _component_pass(name, spec, entry, cs, label_map, read, stems, device, world, conventions, say) -> dict:
+def _component_pass(name, spec, entry, cs, label_map, batches, device, world, conventions, say) -> dict:
     """The component metrics of one model: a second pass over its images with the
     prefetching reader, each method's maps binarized at its pooled best-F1 threshold (taken
     after the histograms' all_reduce, so every rank uses the same one), the integer counts
     summed over the ranks."""
     if "results" not in entry:  # write_report then keeps these
-        entry["results"] = {n: h.finalize(**(conventions or {})) for n, h in entry["histograms"].items()}
+        entry["results"] = finalize(entry["histograms"], conventions or {})
     acc = accumulator_for(cs, spec.names, label_map, best_f1=entry["results"])
     if say:
         print(f"{name}: component metrics (second pass)", file=sys.stderr)
-    for _, x, y, _, f in _prefetch(read, stems):
-        xb = _fused.as_logits(x.unsqueeze(0).to(device))
-        fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
+    for xb, yb, fb in batches():
         _, _, maps = _fused.fused_pass(xb, None, spec, want_maps=True, features=fb)
-        acc.update_maps(maps, y.unsqueeze(0).to(device))
+        acc.update_maps(maps, yb)
     if world > 1:
         acc.all_reduce_(device=device)
     return acc.results()
