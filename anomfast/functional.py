@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from . import _fused, binning, protocols
 from .accumulate import Accumulator, Results, finalize
 from .components import accumulator_for, as_component_spec
 from .histogram import Histogram, finalize_coords
-from .labels import ANOMALY, INVALID, NORMAL, LabelMap, as_label_map
+from .labels import ANOMALY, INVALID, NORMAL, as_label_map
 from .methods import CODES, EXTERNAL, resolve
 from .fitting import fit_heat, fit_sml  # noqa: F401  (part of the functional API)
 from .heat import as_features
