@@ -88,9 +88,10 @@ def _tex_escape(t: str) -> str:
 
 
 def tex_tables(models: list, methods: list) -> str:
-    """The same tables as report.md, as LaTeX table environments (booktabs)."""
+    """The same tables as report.md (the component table too, when there is one), as LaTeX
+    table environments (booktabs)."""
     out = ["% anomfast report: needs \\usepackage{booktabs}", ""]
-    for title, blurb, head, rows, _ in _tables(models, methods):
+    for title, blurb, head, rows, _ in _tables(models, methods) + _component_table(models, methods):
         cols = "l" + "c" * len(methods)
         out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex_escape(title)}}}", "\\small",
                 f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
@@ -191,21 +192,25 @@ def _component_cell(c) -> str:
     return " / ".join(_fmt(v, 1) for v in (c.siou_gt, c.ppv, c.mean_f1))
 
 
-def component_tables(models: list, methods: list) -> str:
-    """The component table (models x methods, sIoU / PPV / mean F1 in %), or "" when no
-    model has component metrics."""
+def _component_table(models: list, methods: list) -> list:
+    """[(title, blurb, header, rows, align)] of the component table (models x methods,
+    sIoU / PPV / mean F1 in %), or [] when no model has component metrics."""
     if not any(m.get("components") for m in models):
-        return ""
+        return []
     spec = next(iter(next(m["components"] for m in models if m.get("components")).values())).spec
     rows = [[_row_label(m)] + [_component_cell(m["components"][k]) if k in m.get("components", {}) else "-"
                                for k in methods] for m in models]
     head = ["Model"] + [DISPLAY.get(m, m) for m in methods]
-    return "\n".join([
-        "", "## Component Metrics (SegmentMeIfYouCan)", "",
-        "**Format**: sIoU / PPV / mean F1 (all in %), **higher is better**. Score maps binarized at each method's "
-        f"best pixel-F1 threshold; {spec['track']} track (segments under {spec['thresh_segsize']} px dropped, "
-        f"ground-truth components under {spec['thresh_instsize']} px void), {spec['mode']} mode.", "",
-        _md_table(head, rows, [":--"] * (len(methods) + 1)), ""])
+    blurb = ("**Format**: sIoU / PPV / mean F1 (all in %), **higher is better**. Score maps binarized at each "
+             f"method's best pixel-F1 threshold; {spec['track']} track (segments under {spec['thresh_segsize']} px "
+             f"dropped, ground-truth components under {spec['thresh_instsize']} px void), {spec['mode']} mode.")
+    return [("Component Metrics (SegmentMeIfYouCan)", [blurb], head, rows, [":--"] * (len(methods) + 1))]
+
+
+def component_tables(models: list, methods: list) -> str:
+    """The component table in Markdown, or "" when no model has component metrics."""
+    return "".join("\n".join(["", f"## {title}", "", *blurb, "", _md_table(head, rows, align), ""])
+                   for title, blurb, head, rows, align in _component_table(models, methods))
 
 
 def _component_outputs(doc: dict, models: list, methods: list, out: Path) -> None:

@@ -533,7 +533,8 @@ def test_cli_components_equal_evaluate(tmp_path):
         for k in ("max_logit", "energy"):
             assert json.dumps(got[k]) == json.dumps(want.components[k].as_dict())
             c = want.components[k]
-            assert " / ".join(f"{100 * v:.1f}" for v in (c.siou_gt, c.ppv, c.mean_f1)) in md
+            cell = " / ".join(f"{100 * v:.1f}" for v in (c.siou_gt, c.ppv, c.mean_f1))
+            assert cell in md and cell in (out / "report.tex").read_text()  # the LaTeX table too
     assert main(["eval", "--grid", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "o2"), "--quiet",
                  "--components-mode", "clean"]) == 2
 
