@@ -15,7 +15,9 @@ certified bounds.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +76,6 @@ class _BufferPool:
     empties it. Thread-safe."""
 
     def __init__(self, max_states: int = 2, max_bytes: int = 256 << 20):
-        import threading
         self.max_states, self.max_bytes = max_states, max_bytes
         self._lock = threading.Lock()
         self._states: list = []
@@ -116,17 +117,14 @@ class _BufferPool:
         """n int64 items of a pooled slab, returned to the pool with the last view of it."""
         return np.asarray(_Lease(self, self._take_slab(n)))[:n]
 
+    @contextlib.contextmanager
     def scratch(self, n: int):
-        pool = self
-
-        class _Scratch:
-            def __enter__(self):
-                self.slab = pool._take_slab(n)
-                return self.slab
-
-            def __exit__(self, *exc):
-                pool.give_back(self.slab)
-        return _Scratch()
+        """n int64 items of a pooled slab for the duration of a with block."""
+        slab = self._take_slab(n)
+        try:
+            yield slab
+        finally:
+            self.give_back(slab)
 
     def clear(self) -> None:
         with self._lock:
