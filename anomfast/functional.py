@@ -53,21 +53,41 @@ def _valid_mask(lm, yi, xi, maps, spec, nonfinite: str) -> torch.Tensor:
     return valid, cls
 
 
-REFINE_MAX_PIXELS = 200_000_000  # pixels kept by refine=True: a clear error past it
-REFINE_NEIGHBOURS = 2  # groups on each side of a decisive bin also re-scored exactly
+REFINE_MAX_PIXELS = 200_000_000  # pixels kept by refine=True for FPR95 / F1: a clear error past it
+REFINE_AREA_PIXELS = 16_000_000  # further pixels (all methods together) re-scored to narrow AUROC / AP
+REFINE_NEIGHBOURS = 2  # groups on each side of a refined bin also re-scored exactly
 # methods whose score is a function of the pixel's own logits: refine re-scores their kept
 # pixels in float64 (anomfast.reference, no cancellation); HEAT and post-processed SML need
 # neighbourhoods and keep the core's float32 coordinate
 _PER_PIXEL = ("max_logit", "msp", "energy", "sml", "entropy", "gen")
+# methods whose float32 coordinate ties are ties of the exact score too (max logit: -m is
+# exact in float32); a float32 tie of any other per-pixel method may hold distinct exact scores
+_EXACT_TIES = ("max_logit",)
 
 
-def _decisive_groups(h: Histogram, conventions: dict) -> np.ndarray:
-    """Positions (in h.groups()' descending table) of the groups inside which FPR95 or the
-    best F1 and their thresholds are decided and which are not already exact tie groups:
-    the crossing group of FPR95 and every group whose F1 upper bound reaches the best
-    attained F1. Outside them both metrics are already exact."""
+def _refine_table(table, name: str):
+    """The group table as refine sees it, plus a chain id per row. A method re-scored in
+    float64 (every per-pixel method but max logit) has exact scores a few float32 ulps from
+    the core's: a float32 tie group may hold distinct exact scores (so it is an open group
+    here), and a pixel may cross one bin edge, so rows whose bins are at most 2 apart may
+    interleave (both may cross into the bin between): such rows form one chain. Rows of
+    different chains never interleave. Other methods: each row is its own chain."""
+    pos, neg, lo, hi, tied, idx = table
+    if name in _PER_PIXEL and name not in _EXACT_TIES:
+        tied = np.zeros_like(tied)
+        chain = np.concatenate(([0], np.cumsum(np.abs(np.diff(idx.astype(np.int64))) > 2)))
+    else:
+        chain = np.arange(pos.size)
+    return pos, neg, lo, hi, tied, idx, chain
+
+
+def _decisive_groups(table, conventions: dict) -> np.ndarray:
+    """Positions (in Histogram.groups()' descending table) of the groups inside which FPR95
+    or the best F1 and their thresholds are decided and which are not already exact tie
+    groups: the crossing group of FPR95 and every group whose F1 upper bound reaches the
+    best attained F1. Outside them both metrics are already exact."""
     from .metrics import _min_count_ratio
-    pos, neg, lo, hi, tied, idx = h.groups()
+    pos, neg, lo, hi, tied, idx = table
     P, N = int(pos.sum()), int(neg.sum())
     if P == 0 or pos.size == 0:
         return np.zeros(0, np.int64)
@@ -88,34 +108,65 @@ def _decisive_groups(h: Histogram, conventions: dict) -> np.ndarray:
     return np.flatnonzero(want & ~tied)
 
 
-def _runs(positions: np.ndarray, n: int, pad: int) -> list:
-    """Maximal runs [start, stop) of table positions within `pad` of any given position."""
-    mark = np.zeros(n + 1, bool)
-    for p in positions:
-        mark[max(0, p - pad):min(n, p + pad + 1)] = True
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], mark))))
-    return [(int(edges[k]), int(edges[k + 1])) for k in range(0, len(edges), 2)]
+def _padded(positions: np.ndarray, n: int, pad: int) -> np.ndarray:
+    """Mask of the table positions within `pad` of any given position."""
+    d = np.zeros(n + 1, np.int64)
+    np.add.at(d, np.maximum(positions - pad, 0), 1)
+    np.add.at(d, np.minimum(positions + pad + 1, n), -1)
+    return np.cumsum(d[:n]) > 0
+
+
+def _refine_rows(table, conventions: dict, area_budget: int) -> np.ndarray:
+    """The table positions to re-score: the decisive groups of FPR95 / F1 with their
+    REFINE_NEIGHBOURS neighbours on each side (a pixel crosses at most one bin edge, so
+    nothing further away can reach them), then whole chains (_refine_table), widest first
+    (a chain's width: its AUROC / AP bound width as one open group), as many as fit
+    `area_budget` pixels."""
+    from .metrics import area_widths
+    pos, neg, _, _, tied, idx, chain = table
+    n = pos.size
+    base = _padded(_decisive_groups(table[:6], conventions), n, REFINE_NEIGHBOURS)
+    if n == 0:
+        return np.flatnonzero(base)
+    c_pos, c_neg = np.bincount(chain, weights=pos).astype(np.int64), np.bincount(chain, weights=neg).astype(np.int64)
+    c_tied = np.bincount(chain, weights=~tied) == 0
+    c_w = area_widths(c_pos, c_neg, c_tied, conventions.get("ap_mode", "step"))
+    c_px = np.bincount(chain, weights=np.where(base, 0, pos + neg))
+    order = np.flatnonzero(c_w > 0)
+    order = order[np.argsort(-c_w[order], kind="stable")]
+    take = order[np.cumsum(c_px[order]) <= area_budget]
+    return np.flatnonzero(base | np.isin(chain, take))
+
+
+def _runs(rows: np.ndarray) -> np.ndarray:
+    """Maximal runs of consecutive table positions, as an (R, 2) array of [start, stop)."""
+    if rows.size == 0:
+        return np.zeros((0, 2), np.int64)
+    cut = np.flatnonzero(np.diff(rows) > 1) + 1
+    return np.stack([rows[np.concatenate(([0], cut))], rows[np.concatenate((cut - 1, [rows.size - 1]))] + 1], 1)
 
 
 def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfinite: str, num_threads: int) -> dict:
-    """Second fused pass: keeps the pixels of each method's decisive groups (and their
-    REFINE_NEIGHBOURS neighbours on each side, which pixels rounded across a bin edge can
-    only reach), re-scores them exactly (float64 reference for per-pixel methods, the
-    core's coordinate for HEAT / post-processed SML) and replaces those groups by the exact
-    tie groups: FPR95, best F1 and both thresholds are then scikit-learn's on the exact
-    scores; AUROC and AP keep their certified bounds."""
+    """Second fused pass: keeps the pixels of each method's decisive groups (FPR95, best
+    F1) and of the groups that widen its AUROC / AP bounds most (REFINE_AREA_PIXELS over
+    all methods), with REFINE_NEIGHBOURS neighbours on each side, re-scores them exactly
+    (float64 reference for per-pixel methods, the core's coordinate for HEAT /
+    post-processed SML) and replaces those groups by the exact tie groups: FPR95, best F1
+    and both thresholds are then scikit-learn's on the exact scores, AUROC and AP too when
+    every group that widened their bounds fit the budget (their bounds say what is left)."""
     from . import reference
     names = list(spec.names)
     tables = {n: hists[n].groups() for n in names}
-    runs = {n: _runs(_decisive_groups(hists[n], conventions), tables[n][0].size, REFINE_NEIGHBOURS) for n in names}
-    if not any(runs.values()):
+    budget = REFINE_AREA_PIXELS // max(len(names), 1)
+    rows = {n: _refine_rows(_refine_table(tables[n], n), conventions, budget) for n in names}
+    if not any(r.size for r in rows.values()):
         return {n: _mark_refined(hists[n].finalize(**conventions), 0) for n in names}
     sel = {}
     for n in names:  # the coordinate ranges of the groups to re-score, ascending, with their table position
-        rows = np.array([g for a, b in runs[n] for g in range(a, b)], np.int64)
-        o = np.argsort(tables[n][2][rows]) if rows.size else rows
-        sel[n] = (rows[o], torch.from_numpy(binning.bin_edges(tables[n][5][rows[o]])[0]),
-                  torch.from_numpy(binning.bin_edges(tables[n][5][rows[o]])[1]))
+        r = rows[n]
+        o = np.argsort(tables[n][2][r]) if r.size else r
+        lo_e, hi_e = binning.bin_edges(tables[n][5][r[o]])
+        sel[n] = (r[o], torch.from_numpy(lo_e), torch.from_numpy(hi_e))
     kept = {n: ([], [], []) for n in names}  # exact coordinate, anomaly, table position
     total = 0
     for xi, yi, fi in batches():
@@ -124,15 +175,15 @@ def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfini
         flat = maps.reshape(len(names), -1)
         pix = None
         for j, n in enumerate(names):
-            rows, lo, hi = sel[n]
-            if not rows.size:
+            r, lo, hi = sel[n]
+            if not r.size:
                 continue
             t = flat[j].to(torch.float64)
             k = torch.searchsorted(lo.to(t.device), t, right=True) - 1
             kc = k.clamp(min=0)
             inside = (k >= 0) & (t <= hi.to(t.device)[kc]) & valid
             total += int(inside.sum())
-            if total > REFINE_MAX_PIXELS:
+            if total > REFINE_MAX_PIXELS + REFINE_AREA_PIXELS:
                 raise MemoryError(f"refine=True: the decisive bins hold more than {REFINE_MAX_PIXELS} pixels; "
                                   "such a pile-up of nearly equal scores cannot be refined in bounded memory "
                                   "(the certified bounds of the histogram result still hold)")
@@ -145,8 +196,8 @@ def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfini
                 coord = t[inside]
             kept[n][0].append(coord.cpu().numpy())
             kept[n][1].append((cls[inside] == ANOMALY).cpu().numpy())
-            kept[n][2].append(rows[kc[inside].cpu().numpy()])
-    return {n: _refined_result(hists[n], tables[n], runs[n], kept[n], conventions) if runs[n]
+            kept[n][2].append(r[kc[inside].cpu().numpy()])
+    return {n: _refined_result(hists[n], tables[n], _runs(rows[n]), kept[n], conventions) if rows[n].size
             else _mark_refined(hists[n].finalize(**conventions), 0) for n in names}
 
 
@@ -162,51 +213,83 @@ def _reference_params(spec, name: str) -> dict:
     return {}
 
 
-def _refined_result(h: Histogram, table, runs, kept, conventions):
-    from .metrics import groups_from_scores
+def _refined_result(h: Histogram, table, runs: np.ndarray, kept, conventions):
     pos, neg, lo, hi, tied, idx = table
     t = np.concatenate(kept[0]) if kept[0] else np.zeros(0)
     y = np.concatenate(kept[1]) if kept[1] else np.zeros(0, bool)
     where = np.concatenate(kept[2]) if kept[2] else np.zeros(0, np.int64)
-    rep = np.zeros(pos.size, bool)
-    for a, b in runs:
-        rep[a:b] = True
+    rep = np.zeros(pos.size + 1, np.int64)
+    np.add.at(rep, runs[:, 0], 1)
+    np.add.at(rep, runs[:, 1], -1)
+    rep = np.cumsum(rep[:-1]) > 0
     if not (np.array_equal(np.bincount(where[y], minlength=pos.size)[rep], pos[rep])
             and np.array_equal(np.bincount(where[~y], minlength=pos.size)[rep], neg[rep])):
         raise RuntimeError(f"refine=True: the second pass over the inputs did not reproduce the first pass's "
                            f"counts for {h.method!r}; the inputs must be the same (same order, not reshuffled or "
                            "augmented) in both passes")
-    parts, order_keys = [], []
-    keep_rows = np.flatnonzero(~rep)
-    parts.append((pos[~rep], neg[~rep], lo[~rep], hi[~rep], tied[~rep]))
-    order_keys.append(keep_rows.astype(np.float64))
+    # An exact score may lie a few float32 ulps outside the bins its float32 score fell in;
+    # it is clamped to the range between the rows next to its run (so the table stays
+    # sorted) and such groups are not claimed exact. That only reorders pixels at a run's
+    # outer edges, REFINE_NEIGHBOURS groups away from the groups it was opened for.
     edge_lo, edge_hi = binning.bin_edges(idx)
-    for a, b in runs:
-        m = (where >= a) & (where < b)
-        # An exact score may lie a few float32 ulps outside the bins its float32 score fell
-        # in; it is clamped to the run's bin range (so the table stays sorted) and such
-        # groups are not claimed exact. That only reorders pixels at the run's outer edges,
-        # REFINE_NEIGHBOURS groups away from where FPR95 / F1 are decided.
-        top, bottom = edge_hi[a], edge_lo[b - 1]
-        tv = t[m]
-        out = (tv > top) | (tv < bottom)
-        tv = np.clip(tv, bottom, top)
-        sp, sn, slo, shi = groups_from_scores(tv, y[m])  # descending exact tie groups
-        exact = np.ones(sp.size, bool)
-        if out.any():
-            exact &= ~np.isin(slo, np.unique(tv[out]))
-        parts.append((sp, sn, slo, shi, exact))
-        order_keys.append(a + np.arange(sp.size) / max(sp.size, 1))
-    order = np.argsort(np.concatenate(order_keys), kind="stable")
-    cols = [np.concatenate([p[c] for p in parts])[order] for c in range(5)]
+    run = np.searchsorted(runs[:, 0], where, side="right") - 1
+    above, below = runs[:, 0] - 1, runs[:, 1]
+    lim_hi = np.where(above >= 0, edge_lo[np.maximum(above, 0)], np.inf)
+    lim_lo = np.where(below < pos.size, edge_hi[np.minimum(below, pos.size - 1)], -np.inf)
+    top, bottom = lim_hi[run], lim_lo[run]
+    out = (t > top) | (t < bottom)
+    tv = np.clip(t, bottom, top)
+    o = np.lexsort((-tv, run))  # by run, then descending exact score
+    run, tv, y, out = run[o], tv[o], y[o], out[o]
+    start = np.flatnonzero(np.concatenate(([True], (np.diff(run) != 0) | (np.diff(tv) != 0)))) if tv.size \
+        else np.zeros(0, np.int64)
+    sp = np.add.reduceat(y.astype(np.int64), start) if start.size else np.zeros(0, np.int64)
+    sn = np.diff(np.append(start, tv.size)) - sp
+    sv = tv[start]
+    exact = ~(np.add.reduceat(out.astype(np.int64), start) > 0) if start.size else np.zeros(0, bool)
+    # place the exact groups where their run's rows were: key = run start + rank in the run / size
+    g_run = run[start]
+    first = np.searchsorted(g_run, g_run, side="left")
+    count = np.searchsorted(g_run, g_run, side="right") - first
+    g_key = runs[g_run, 0] + (np.arange(start.size) - first) / np.maximum(count, 1)
+    keep_rows = np.flatnonzero(~rep)
+    order = np.argsort(np.concatenate((keep_rows.astype(np.float64), g_key)), kind="stable")
+    _, _, _, _, tied, _, chain = _refine_table(table, h.method)
+    cols = [np.concatenate(pair)[order] for pair in
+            ((pos[~rep], sp), (neg[~rep], sn), (lo[~rep], sv), (hi[~rep], sv), (tied[~rep], exact))]
     r = finalize_coords(h.method, h.params, *cols, **conventions)
+    # AUROC / AP bounds. Point values order the pixels of rows kept as they were by their
+    # float32 bins; those of one chain may interleave (_refine_table), and so may a run's
+    # top (bottom) bin with the row above (below) it in the same chain. The bounds come from
+    # the same table with such neighbours merged into open groups.
+    n_keep = keep_rows.size
+    a_r, b_r = runs[:, 0], runs[:, 1] - 1  # each run's top and bottom row
+    open_top = (a_r > 0) & (chain[a_r] == chain[np.maximum(a_r - 1, 0)])
+    open_bot = (b_r < pos.size - 1) & (chain[b_r] == chain[np.minimum(b_r + 1, pos.size - 1)])
+    is_top = np.concatenate((np.zeros(n_keep, bool), (sv >= edge_lo[a_r[g_run]]) & open_top[g_run]))[order]
+    is_bot = np.concatenate((np.zeros(n_keep, bool), (sv <= edge_hi[b_r[g_run]]) & open_bot[g_run]))[order]
+    owner = np.concatenate((np.full(n_keep, -1), g_run))[order]  # run id, -1 for a row kept as it was
+    row_chain = np.concatenate((chain[keep_rows], np.full(g_run.size, -1)))[order]
+    prev_run, cur_run = owner[:-1], owner[1:]
+    join = (((prev_run == cur_run) & (cur_run >= 0) & ((is_top[1:] & is_top[:-1]) | (is_bot[1:] & is_bot[:-1])))
+            | ((prev_run >= 0) & (cur_run < 0) & is_bot[:-1])
+            | ((prev_run < 0) & (cur_run >= 0) & is_top[1:])
+            | ((prev_run < 0) & (cur_run < 0) & (row_chain[1:] == row_chain[:-1])))
+    c0 = np.flatnonzero(np.concatenate(([True], ~join)))
+    single = np.diff(np.append(c0, join.size + 1)) == 1
+    ccols = (np.add.reduceat(cols[0], c0), np.add.reduceat(cols[1], c0), np.minimum.reduceat(cols[2], c0),
+             np.maximum.reduceat(cols[3], c0), np.logical_and.reduceat(cols[4], c0) & single)
+    rb = finalize_coords(h.method, h.params, *ccols, **conventions)
+    for k in ("auroc", "ap"):
+        r.bounds[k] = (min(rb.bounds[k][0], getattr(r, k)), max(rb.bounds[k][1], getattr(r, k)))
     return _mark_refined(r, int(y.size))
 
 
 def _mark_refined(r, n_kept: int):
     r.definitions["refine"] = (f"exact: fpr95, f1 and both thresholds re-decided from {n_kept} pixels "
-                               "re-scored exactly (float64) in the bins where they are decided (second fused pass); "
-                               "auroc and ap keep their certified bounds")
+                               "re-scored exactly (float64) in the bins where they are decided and in the bins "
+                               "that widened the auroc / ap bounds most (second fused pass); auroc and ap are "
+                               "exact where their bounds are closed")
     for k in ("fpr95", "f1", "threshold", "fpr95_threshold"):
         v = getattr(r, k)
         r.bounds[k] = (v, v)
@@ -312,9 +395,10 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
     logits): the feature maps HEAT needs, with heat=anomfast.fit_heat(...).
 
     refine=True reads the inputs a second time (they must be re-iterable and identical)
-    and keeps the scores of the pixels in the few bins where FPR95 and the best F1 are
-    decided: FPR95, F1 and both thresholds are then exactly scikit-learn's on the core's
-    float32 scores; AUROC and AP keep their certified bounds.
+    and re-scores in float64 the pixels of the few bins where FPR95 and the best F1 are
+    decided and of the bins that widen the AUROC / AP bounds (up to REFINE_AREA_PIXELS):
+    FPR95, F1 and both thresholds are then exactly scikit-learn's on exact float64 scores,
+    AUROC and AP too when those bins fit (their bounds say what is left).
     exact=True keeps every valid pixel's score and sorts (verification, small data).
     per_image=True averages the metrics over images (images lacking anomaly or normal
     pixels are skipped for the metrics they leave undefined) instead of pooling pixels.

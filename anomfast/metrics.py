@@ -501,32 +501,15 @@ def group_sums(pos, neg, tied, *, exact: bool, fpr_mode: str, ap_mode: str, tpr_
     f = fp - neg
     Pf, Nf = float(P), float(N)
     tpf, fpf, af, ff = (v.astype(np.float64) for v in (tp, fp, a, f))
-    pf, nf = pos.astype(np.float64), neg.astype(np.float64)
+    pf = pos.astype(np.float64)
 
-    # ---- AUROC
+    # ---- AUROC and AP: per-group terms (point, lower, upper), summed
+    au, au_half, ap, ap_lo, ap_hi = _area_terms(pos, neg, tied, ap_mode)
     if N > 0:
-        s.auroc = float(np.sum((nf / Nf) * (af + 0.5 * pf)) / Pf)
-        s.auroc_half = 0.5 * float(np.sum(np.where(tied, 0.0, (pf / Pf) * (nf / Nf))))
-
-    # ---- AP
-    prec = tpf / (tpf + fpf)
-    w = pf / Pf
-    if ap_mode == "step":
-        s.ap = float(np.sum(w * prec))
-        if not exact:
-            s.ap_lower = float(np.sum(np.where(tied, w * prec, _ap_step_lower_terms(a, f, pos, neg) / Pf)))
-            s.ap_upper = float(np.sum(np.where(tied, w * prec,
-                                               w * np.where(pos > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 0.0))))
-    else:
-        prev = np.concatenate(([1.0], prec[:-1]))
-        s.ap = float(np.sum(w * 0.5 * (prev + prec)))
-        if not exact:
-            K = af + ff + nf
-            pmin = np.where(K > 0, af / np.maximum(K, 1.0), 1.0)
-            pmax = np.maximum(np.where(af + ff + pf > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 1.0), prev)
-            exact_seg = 0.5 * (prev + prec)
-            s.ap_lower = float(np.sum(w * np.where(tied, exact_seg, pmin)))
-            s.ap_upper = float(np.sum(w * np.where(tied, exact_seg, pmax)))
+        s.auroc, s.auroc_half = float(np.sum(au)) / Pf, float(np.sum(au_half))
+    s.ap = float(np.sum(ap))
+    if not exact:
+        s.ap_lower, s.ap_upper = float(np.sum(ap_lo)), float(np.sum(ap_hi))
 
     # ---- FPR at tpr_target
     if N > 0:
@@ -559,6 +542,44 @@ def group_sums(pos, neg, tied, *, exact: bool, fpr_mode: str, ap_mode: str, tpr_
     s.f1_upper = float(np.max(np.where(tied, f1, 2.0 * (af + pf) / (Pf + af + pf + ff))))
     s.all_tied = bool(tied.all())
     return s
+
+
+def _area_terms(pos, neg, tied, ap_mode: str):
+    """Per-group terms of AUROC (times P) and AP on a checked table with P > 0: (auroc, auroc_half,
+    ap, ap_lower, ap_upper). Summed, they give the point values and the certified bounds;
+    auroc_half and ap_upper - ap_lower say how much each group widens them (0 for a tie
+    group), which is what refine=True spends its re-scoring budget on."""
+    P, N = int(pos.sum()), int(neg.sum())
+    tp, fp = np.cumsum(pos), np.cumsum(neg)
+    a, f = tp - pos, fp - neg
+    Pf, Nf = float(P), float(max(N, 1))
+    tpf, fpf, af, ff = (v.astype(np.float64) for v in (tp, fp, a, f))
+    pf, nf = pos.astype(np.float64), neg.astype(np.float64)
+    au = (nf / Nf) * (af + 0.5 * pf)  # / P after the sum
+    au_half = 0.5 * np.where(tied, 0.0, (pf / Pf) * (nf / Nf))
+    prec = tpf / (tpf + fpf)
+    w = pf / Pf
+    if ap_mode == "step":
+        ap = w * prec
+        ap_lo = np.where(tied, ap, _ap_step_lower_terms(a, f, pos, neg) / Pf)
+        ap_hi = np.where(tied, ap, w * np.where(pos > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 0.0))
+    else:
+        prev = np.concatenate(([1.0], prec[:-1]))
+        ap = w * 0.5 * (prev + prec)
+        K = af + ff + nf
+        pmin = np.where(K > 0, af / np.maximum(K, 1.0), 1.0)
+        pmax = np.maximum(np.where(af + ff + pf > 0, (af + pf) / np.maximum(af + ff + pf, 1.0), 1.0), prev)
+        ap_lo = np.where(tied, ap, w * pmin)
+        ap_hi = np.where(tied, ap, w * pmax)
+    return au, au_half, ap, ap_lo, ap_hi
+
+
+def area_widths(pos, neg, tied, ap_mode: str = "step") -> np.ndarray:
+    """How much each group of a checked table widens the AUROC and AP bounds together."""
+    if int(pos.sum()) == 0:
+        return np.zeros(pos.size)
+    _, au_half, _, ap_lo, ap_hi = _area_terms(pos, neg, tied, ap_mode)
+    return 2.0 * au_half + (ap_hi - ap_lo)
 
 
 def fpr_inside_bin(P: int, N: int, a: int, f: int, p: int, n: int, tpr_target: float, strict: bool) -> float:

@@ -194,8 +194,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
     raises unless allow_empty_class (then a note in the run's "notes").
     protocol="ml4cv": each model also gets "results" {method: MetricResult} of that preset,
     from every valid pixel's score in image (file name) order (see anomfast/protocols.py).
-    refine=True: each model gets "results" with FPR95 / F1 / thresholds made exact by a
-    second pass over its files (see anomfast.evaluate(refine=True)).
+    refine=True: each model gets "results" with every metric made exact (AUROC / AP within a
+    pixel budget) by a second pass over its files (see anomfast.evaluate(refine=True)).
     components (an anomfast.components.ComponentSpec): each model also gets "components"
     {method: ComponentResult} from one more pass over its files (_component_pass)."""
     methods_by_model = methods
