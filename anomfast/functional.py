@@ -197,7 +197,7 @@ def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfini
             kept[n][0].append(coord.cpu().numpy())
             kept[n][1].append((cls[inside] == ANOMALY).cpu().numpy())
             kept[n][2].append(r[kc[inside].cpu().numpy()])
-    return {n: _refined_result(hists[n], tables[n], _runs(rows[n]), kept[n], conventions) if rows[n].size
+    return {n: _refined_result(hists[n], tables[n], rows[n], kept[n], conventions) if rows[n].size
             else _mark_refined(hists[n].finalize(**conventions), 0) for n in names}
 
 
@@ -213,24 +213,22 @@ def _reference_params(spec, name: str) -> dict:
     return {}
 
 
-def _refined_result(h: Histogram, table, runs: np.ndarray, kept, conventions):
+def _refined_result(h: Histogram, table, rows: np.ndarray, kept, conventions):
     pos, neg, lo, hi, tied, idx = table
     t = np.concatenate(kept[0]) if kept[0] else np.zeros(0)
     y = np.concatenate(kept[1]) if kept[1] else np.zeros(0, bool)
     where = np.concatenate(kept[2]) if kept[2] else np.zeros(0, np.int64)
-    rep = np.zeros(pos.size + 1, np.int64)
-    np.add.at(rep, runs[:, 0], 1)
-    np.add.at(rep, runs[:, 1], -1)
-    rep = np.cumsum(rep[:-1]) > 0
+    runs = _runs(rows)
+    rep = np.zeros(pos.size, bool)  # the rows replaced by exact groups
+    rep[rows] = True
     if not (np.array_equal(np.bincount(where[y], minlength=pos.size)[rep], pos[rep])
             and np.array_equal(np.bincount(where[~y], minlength=pos.size)[rep], neg[rep])):
         raise RuntimeError(f"refine=True: the second pass over the inputs did not reproduce the first pass's "
                            f"counts for {h.method!r}; the inputs must be the same (same order, not reshuffled or "
                            "augmented) in both passes")
     # An exact score may lie a few float32 ulps outside the bins its float32 score fell in;
-    # it is clamped to the range between the rows next to its run (so the table stays
-    # sorted) and such groups are not claimed exact. That only reorders pixels at a run's
-    # outer edges, REFINE_NEIGHBOURS groups away from the groups it was opened for.
+    # past the rows next to its run it is clamped to them (so the table stays sorted) and
+    # its group is not claimed exact (the bounds below merge such run edges anyway).
     edge_lo, edge_hi = binning.bin_edges(idx)
     run = np.searchsorted(runs[:, 0], where, side="right") - 1
     above, below = runs[:, 0] - 1, runs[:, 1]
