@@ -73,9 +73,9 @@ def _(logits, labels, hist, sig, occ, counters, lut, lut_offset, codes, temperat
     return None
 
 
-def _give_back(lent: list) -> None:
+def _give_back(lent: list, dirty: bool = True) -> None:
     if lent[0] is not None:
-        lent[0].release(dirty=True)  # cleared when next taken, not at collection time
+        lent[0].release(dirty=dirty)  # a dirty state is cleared when next taken, not at collection time
         lent[0] = None
 
 
@@ -89,6 +89,7 @@ class Accumulator:
         self._state: HistState | None = None
         self.counters: torch.Tensor | None = None
         self.follows_batch = False  # a state loaded before any batch (on the CPU) moves to its device
+        self._dirty = False  # the state may hold counts (a read-out with clear=True or clear_() empties it)
 
     @property
     def state(self) -> Optional[HistState]:
@@ -124,6 +125,7 @@ class Accumulator:
         (eager), else None. Raises nothing about the data itself: see check()."""
         x, spec = logits, self.spec
         st = self.allocate(x.device)
+        self._dirty = True
         if not _is_compiling():
             return _fused.fused_pass(x, labels, spec, label_map=self.label_map, hist=st, counters=self.counters,
                                      want_maps=want_maps, num_threads=num_threads, features=features)[2]
@@ -162,7 +164,10 @@ class Accumulator:
 
     def histograms(self, clear: bool = False) -> dict:
         """{method: Histogram}; clear=True empties the state as it is read."""
-        return histograms_from_state(self.state, self.spec.names, self.spec.params_of, clear=clear)
+        out = histograms_from_state(self.state, self.spec.names, self.spec.params_of, clear=clear)
+        if clear:
+            self._dirty = False
+        return out
 
     def results(self, conventions: dict) -> Results:
         """Checked pixel counts, histograms and their finalized metrics."""
@@ -177,8 +182,10 @@ class Accumulator:
         if self.state is not None:
             self.state.clear_()
             self.counters.zero_()
+            self._dirty = False
 
     def release(self) -> None:
-        """Hands a pooled state back (cleared when next taken); empties self."""
-        _give_back(self._lent)
+        """Hands a pooled state back (cleared when next taken unless it was read out with
+        clear=True since the last add); empties self."""
+        _give_back(self._lent, self._dirty)
         self._state = self.counters = None

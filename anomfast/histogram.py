@@ -216,44 +216,36 @@ class HistState:
     def _readout(self, clear: bool = False) -> list:
         """sparse()'s arrays plus each method's (total normal, total anomaly), None where
         they were not taken or some count is negative. On the CPU the compiled read-out walks the
-        occupied blocks of both label rows at once (finalize_cpu.h: sparse_readout) into a
-        reused scratch buffer; the arrays returned are exact-size views of one pooled slab
-        (_POOL), so a steady loop of evaluate() calls takes no fresh pages. clear=True
-        leaves the state empty (its pages stay backed: see HistState.acquire)."""
+        occupied blocks of both label rows at once (finalize_cpu.h: sparse_readout) twice:
+        a counting walk, then one that writes straight into exact-size views of one pooled
+        slab (_POOL; a steady loop of evaluate() calls takes no fresh pages, and no
+        scratch copy: the counting walk costs less than the copy did, the second walk reads
+        what the first left in cache). clear=True leaves the state empty (its pages stay
+        backed: see HistState.acquire)."""
         if self.device.type != "cpu":
             out = [t + (None,) for t in self._sparse_host()]
             if clear:
                 self.clear_()
             return out
         self.check(self.n_methods, "cpu")
-        occ, M = self.occ.numpy(), self.n_methods
-        # the blocks holding any slot of method j's two rows bound its non-empty bins
-        first = (2 * np.arange(M) * binning.NBINS) >> binning.OCC_SHIFT
-        last = ((2 * np.arange(M) + 2) * binning.NBINS - 1) >> binning.OCC_SHIFT
-        cap = np.array([np.count_nonzero(occ[a:b + 1]) for a, b in zip(first, last)], np.int64) * OCC_BLOCK
-        offs = np.concatenate([[0], np.cumsum(4 * cap)])
+        M = self.n_methods
         meta = np.zeros((M, 4), np.int64)
-        with _POOL.scratch(int(offs[-1])) as scratch:
-            base = scratch.ctypes.data
-            ptrs = (base + 8 * (offs[:-1, None] + cap[:, None] * np.arange(4)[None, :])).astype(np.int64)
-            status = _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M,
-                                       cap.ctypes.data, ptrs.ctypes.data, meta.ctypes.data, int(clear))
-            if clear:
-                self.occ.zero_()
-            if status != 0:
-                raise RuntimeError("sparse_readout: more non-empty bins than the occupied blocks hold")
-            n = meta[:, 0]
-            slab = _POOL.lend(int(4 * n.sum()))
-            out, at = [], 0
-            for j, (k, n0, n1, negative) in enumerate(meta.tolist()):
-                arrs = []
-                for c in range(4):
-                    src = scratch[offs[j] + c * cap[j]:offs[j] + c * cap[j] + k]
-                    dst = slab[at:at + k]
-                    dst[...] = src
-                    arrs.append(dst)
-                    at += k
-                out.append((*arrs, None if negative else (n0, n1)))
+        ptrs = (self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M)
+        _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, 0)  # counts only
+        cap = meta[:, 0].copy()
+        slab = _POOL.lend(int(4 * cap.sum()))
+        offs = np.concatenate([[0], np.cumsum(4 * cap)])
+        outs = (slab.ctypes.data + 8 * (offs[:-1, None] + cap[:, None] * np.arange(4)[None, :])).astype(np.int64)
+        meta[...] = 0
+        status = _C.sparse_readout(*ptrs, cap.ctypes.data, outs.ctypes.data, meta.ctypes.data, int(clear))
+        if clear:
+            self.occ.zero_()
+        if status != 0:
+            raise RuntimeError("sparse_readout: more non-empty bins than counted")
+        out = []
+        for j, (k, n0, n1, negative) in enumerate(meta.tolist()):
+            o = int(offs[j])
+            out.append((*(slab[o + c * k:o + (c + 1) * k] for c in range(4)), None if negative else (n0, n1)))
         return out
 
     def _sparse_host(self) -> list:

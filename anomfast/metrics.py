@@ -333,12 +333,24 @@ def _harmonic_diff(K, p):
     return out
 
 
+AP_DIRECT_TERMS = 8  # csrc/cpu/finalize_cpu.cpp: groups of at most this many positives sum directly
+
+
 def _ap_step_lower_terms(a, f, p, n):
-    """sum_{j=1..p} (a+j)/(a+f+n+j) per group = p - (f+n) * (H(K+p) - H(K)), K=a+f+n."""
+    """sum_{j=1..p} (a+j)/(a+f+n+j) per group: summed term by term for p <= AP_DIRECT_TERMS
+    (most groups of sparse anomalies), else p - (f+n) * (H(K+p) - H(K)), K=a+f+n."""
     fn = (f + n).astype(np.float64)
     pf = p.astype(np.float64)
     out = pf.copy()
     m = (fn > 0) & (p > 0)
+    direct = m & (p <= AP_DIRECT_TERMS)
+    if direct.any():
+        ad, Kd, pd = a[direct].astype(np.float64), (a + f + n)[direct].astype(np.float64), p[direct]
+        acc = np.zeros(ad.shape, np.float64)
+        for j in range(1, AP_DIRECT_TERMS + 1):
+            acc += np.where(j <= pd, (ad + j) / (Kd + j), 0.0)
+        out[direct] = acc
+    m &= ~direct
     if m.any():
         K = a[m] + f[m] + n[m]
         out[m] = np.maximum(pf[m] - fn[m] * _harmonic_diff(K, p[m]), 0.0)

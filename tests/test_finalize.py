@@ -310,6 +310,25 @@ def test_pooled_buffers_never_change_returned_results(rng):
         assert per[n].auroc == pytest.approx(np.mean([r[n].auroc for r in per_ref]), abs=1e-15), n
 
 
+def test_evaluate_hands_back_read_out_states_clean_and_unread_ones_dirty(rng):
+    """A state read out with clear=True goes back to the pool clean (not cleared a second
+    time when next taken); one that was never read out (exact=True keeps scores instead)
+    goes back dirty, and the next call must still see it empty."""
+    histogram.release_buffers()
+    methods = ("max_logit", "msp", "energy")
+    x1, y1 = random_logits(rng, 2, 6, 40, 48), random_labels(rng, 2, 40, 48)
+    x2, y2 = random_logits(rng, 1, 6, 40, 48, scale=7.0), random_labels(rng, 1, 40, 48)
+    anomfast.evaluate(x1, y1, methods=methods)
+    assert [dirty for _, dirty in histogram._POOL._states] == [False]
+    anomfast.evaluate(x1, y1, methods=methods, exact=True)
+    assert [dirty for _, dirty in histogram._POOL._states] == [True]
+    got = anomfast.evaluate(x2, y2, methods=methods)
+    histogram.release_buffers()
+    want = anomfast.evaluate(x2, y2, methods=methods)
+    for n in methods:
+        assert got[n].as_dict() == want[n].as_dict() and got.histograms[n] == want.histograms[n], n
+
+
 def test_readout_refuses_corrupt_counts():
     state = HistState.new(2, "cpu")
     state.hist[1, 0, 7] = -3

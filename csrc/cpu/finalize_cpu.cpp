@@ -24,17 +24,37 @@ constexpr int64_t OCC_BLOCK = int64_t(1) << OCC_SHIFT;
 static_assert(OCC_BLOCK <= 64, "a chunk's non-empty bins fit one 64-bit mask");
 constexpr int64_t TOTAL_CAP = (int64_t(1) << 62) + 1;  // totals above 2^62 are refused by the caller
 
-// Which 2^OCC_SHIFT-bin chunks of a method's bin range [0, NBINS) may hold counts, per
-// label row (bit 0 normal, bit 1 anomaly): a chunk is marked when an occupied block
-// holds one of its slots. NBINS is not a multiple of the block, so a row's chunks are
-// offset from its blocks and a block can mark two chunks (or straddle two rows).
-std::vector<uint8_t> live_chunks(const uint8_t* occ, int64_t method) {
-  std::vector<uint8_t> live((NBINS + OCC_BLOCK - 1) / OCC_BLOCK, 0);
+// The 2^OCC_SHIFT-bin chunks of a method's bin range [0, NBINS) that may hold counts,
+// ascending, each with its label rows (bit 0 normal, bit 1 anomaly): a chunk is listed
+// when an occupied block holds one of its slots. NBINS is not a multiple of the block, so
+// a row's chunks are offset from its blocks and a block can list two chunks (or straddle
+// two rows). Sparse: data touching a few octaves occupies a few thousand of the ~71k
+// chunks, and walking all of them cost more than reading the occupied ones.
+struct LiveChunk {
+  int64_t chunk;
+  uint8_t rows;
+};
+
+std::vector<LiveChunk> live_chunks(const uint8_t* occ, int64_t method) {
+  std::vector<int64_t> per_row[2];
   for (int lab = 0; lab < 2; ++lab) {
+    std::vector<int64_t>& out = per_row[lab];
     const int64_t base = (2 * method + lab) * NBINS;
     const int64_t first = base >> OCC_SHIFT, last = (base + NBINS - 1) >> OCC_SHIFT;
+    auto push = [&](int64_t c) {
+      if (out.empty() || out.back() != c) out.push_back(c);
+    };
     for (int64_t q = first; q <= last;) {
-      if ((q & 7) == 0 && q + 8 <= last + 1) {  // eight empty blocks at once (most are)
+      if ((q & 63) == 0 && q + 64 <= last + 1) {  // 64 empty blocks at once (most are)
+        uint64_t w[8], any = 0;
+        std::memcpy(w, occ + q, 64);
+        for (int k = 0; k < 8; ++k) any |= w[k];
+        if (any == 0) {
+          q += 64;
+          continue;
+        }
+      }
+      if ((q & 7) == 0 && q + 8 <= last + 1) {
         uint64_t w;
         std::memcpy(&w, occ + q, 8);
         if (w == 0) {
@@ -45,11 +65,23 @@ std::vector<uint8_t> live_chunks(const uint8_t* occ, int64_t method) {
       if (occ[q]) {
         const int64_t lo = std::max<int64_t>(q * OCC_BLOCK - base, 0);
         const int64_t hi = std::min<int64_t>((q + 1) * OCC_BLOCK - base, NBINS) - 1;
-        live[lo >> OCC_SHIFT] |= (uint8_t)(1 << lab);
-        live[hi >> OCC_SHIFT] |= (uint8_t)(1 << lab);
+        push(lo >> OCC_SHIFT);
+        push(hi >> OCC_SHIFT);
       }
       ++q;
     }
+  }
+  // merge the two ascending lists
+  std::vector<LiveChunk> live;
+  live.reserve(per_row[0].size() + per_row[1].size());
+  size_t a = 0, b = 0;
+  while (a < per_row[0].size() || b < per_row[1].size()) {
+    const int64_t ca = a < per_row[0].size() ? per_row[0][a] : INT64_MAX;
+    const int64_t cb = b < per_row[1].size() ? per_row[1][b] : INT64_MAX;
+    const int64_t c = std::min(ca, cb);
+    live.push_back({c, (uint8_t)((ca == c ? 1 : 0) | (cb == c ? 2 : 0))});
+    a += ca == c;
+    b += cb == c;
   }
   return live;
 }
@@ -104,11 +136,18 @@ double harmonic_diff(int64_t K, int64_t p) {
 }
 
 // sum_{j=1..p} (a+j)/(a+f+n+j) (metrics._ap_step_lower_terms, one group).
+constexpr int64_t AP_DIRECT_TERMS = 8;  // metrics.AP_DIRECT_TERMS
 double ap_step_lower_term(int64_t a, int64_t f, int64_t p, int64_t n) {
   if (p == 0) return 0.0;
   const double fn = (double)(f + n);
   const double pf = (double)p;
   if (!(fn > 0)) return pf;
+  if (p <= AP_DIRECT_TERMS) {  // the sum itself: most groups of sparse anomalies hold 1-2
+    const double af = (double)a, K = (double)(a + f + n);  // positives, and a log1p costs more
+    double s = 0.0;
+    for (int64_t j = 1; j <= p; ++j) s += (af + (double)j) / (K + (double)j);
+    return s;
+  }
   return std::max(pf - fn * harmonic_diff(a + f + n, p), 0.0);
 }
 
@@ -328,22 +367,29 @@ BinBounds bin_bounds_cpu(int64_t index, int64_t sig) {
 
 namespace {
 
+// Zeroes n signatures that may hold bits. Most are already zero (only methods whose
+// float32 coordinate is the exact score keep signatures, FusedArgs.sig_mask), and their
+// rows are often never-written zero pages: reading them is free, writing would back them
+// with memory and write them back to it on every clear.
+inline void clear_sigs(uint32_t* g, int64_t n) {
+  uint32_t any = 0;
+  for (int64_t i = 0; i < n; ++i) any |= g[i];
+  if (any) std::memset(g, 0, sizeof(uint32_t) * (size_t)n);
+}
+
 // One method's read-out (see sparse_readout in finalize_cpu.h).
-int64_t readout_method(int64_t* hist, uint32_t* sig, const uint8_t* occ, int64_t method, int64_t capacity,
-                       bool clear, int64_t* index, int64_t* normal, int64_t* anomaly, int64_t* sig_out,
-                       int64_t* meta) {
+int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk>& live, int64_t method,
+                       int64_t capacity, bool clear, int64_t* index, int64_t* normal, int64_t* anomaly,
+                       int64_t* sig_out, int64_t* meta) {
   const int64_t base0 = 2 * method * NBINS, base1 = base0 + NBINS;
-  const std::vector<uint8_t> live = live_chunks(occ, method);
   int64_t k = 0;
   unsigned __int128 t0 = 0, t1 = 0;  // exact totals: int64 counts may sum past 2^63
   int64_t sign = 0;                  // OR of all counts: negative iff some count is
-  const int64_t n_chunks = (int64_t)live.size();
   static const int64_t zero_counts[OCC_BLOCK] = {};  // an unmarked row is not read (its
   static const uint32_t zero_sigs[OCC_BLOCK] = {};   // pages may be unbacked)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const uint8_t rows = live[c];
-    if (!rows) continue;
-    const int64_t b0 = c * OCC_BLOCK;
+  for (const LiveChunk& chunk : live) {
+    const uint8_t rows = chunk.rows;
+    const int64_t b0 = chunk.chunk * OCC_BLOCK;
     const int len = (int)std::min<int64_t>(OCC_BLOCK, NBINS - b0);
     const int64_t* h0 = (rows & 1) ? hist + base0 + b0 : zero_counts;
     const int64_t* h1 = (rows & 2) ? hist + base1 + b0 : zero_counts;
@@ -352,10 +398,26 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const uint8_t* occ, int64_t
     // which bins of the chunk hold a count (no data-dependent branch: empty and full
     // bins interleave), then only those are visited
     uint64_t full = 0;
-    for (int i = 0; i < len; ++i) {
-      const int64_t either = h0[i] | h1[i];
-      sign |= either;
-      full |= (uint64_t)(either != 0) << i;
+    if (len == OCC_BLOCK) {  // flags as bytes (vectorized), packed 8 at a time by a multiply
+      alignas(64) uint8_t nz[OCC_BLOCK];
+      int64_t s = 0;
+      for (int i = 0; i < OCC_BLOCK; ++i) {
+        const int64_t either = h0[i] | h1[i];
+        s |= either;
+        nz[i] = either != 0;
+      }
+      sign |= s;
+      for (int g = 0; g < OCC_BLOCK / 8; ++g) {  // bytes b_0..b_7 in {0, 1} -> bits 0..7
+        uint64_t w;
+        std::memcpy(&w, nz + 8 * g, 8);
+        full |= ((w * 0x0102040810204080ull) >> 56) << (8 * g);
+      }
+    } else {
+      for (int i = 0; i < len; ++i) {
+        const int64_t either = h0[i] | h1[i];
+        sign |= either;
+        full |= (uint64_t)(either != 0) << i;
+      }
     }
     if (!index) {  // clear-only call (HistState.clear_): nothing read out
       k += __builtin_popcountll(full);
@@ -377,7 +439,7 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const uint8_t* occ, int64_t
         if (!(rows & (1 << lab))) continue;
         const int64_t at = (lab ? base1 : base0) + b0;
         std::memset(hist + at, 0, sizeof(int64_t) * len);
-        std::memset(sig + at, 0, sizeof(uint32_t) * len);
+        clear_sigs(sig + at, len);
       }
     }
   }
@@ -399,14 +461,36 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
   const auto* capacity = reinterpret_cast<const int64_t*>(capacity_ptr);
   const auto* outputs = reinterpret_cast<const int64_t*>(outputs_ptr);
   auto* meta = reinterpret_cast<int64_t*>(meta_ptr);
+  if (!outputs && clear) {  // clear only: zero every occupied block, nothing read
+    const int64_t slots = 2 * n_methods * NBINS, n_occ = (slots + OCC_BLOCK - 1) >> OCC_SHIFT;
+#pragma omp parallel for schedule(static)
+    for (int64_t q0 = 0; q0 < n_occ; q0 += 4096) {
+      for (int64_t q = q0; q < std::min(n_occ, q0 + 4096); ++q) {
+        if (!occ[q]) continue;
+        const int64_t at = q * OCC_BLOCK, len = std::min<int64_t>(OCC_BLOCK, slots - at);
+        std::memset(hist + at, 0, sizeof(int64_t) * len);
+        clear_sigs(sig + at, len);
+      }
+    }
+    for (int64_t j = 0; j < n_methods; ++j) std::fill(meta + 4 * j, meta + 4 * j + 4, 0);
+    return 0;
+  }
   int64_t status = 0;
-  // methods are independent (own rows, own outputs): one per thread, largest first as
-  // they come (dynamic), which balances 4 methods over 2 threads well enough
+  // methods are independent (own rows, own outputs): one per thread, the most occupied
+  // chunks first (dynamic): longest-first balances unequal methods over the threads (in
+  // method order, 4 methods of 58k / 207k / 44k / 300k slots split 402k : 207k over two)
+  std::vector<std::vector<LiveChunk>> live((size_t)n_methods);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t j = 0; j < n_methods; ++j) live[(size_t)j] = live_chunks(occ, j);
+  std::vector<std::pair<int64_t, int64_t>> order((size_t)n_methods);
+  for (int64_t j = 0; j < n_methods; ++j) order[(size_t)j] = {-(int64_t)live[(size_t)j].size(), j};
+  std::sort(order.begin(), order.end());
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
-  for (int64_t j = 0; j < n_methods; ++j) {
+  for (int64_t r = 0; r < n_methods; ++r) {
+    const int64_t j = order[(size_t)r].second;
     auto out = [&](int k) { return outputs ? reinterpret_cast<int64_t*>(outputs[4 * j + k]) : nullptr; };
-    status = std::min(status, readout_method(hist, sig, occ, j, capacity ? capacity[j] : 0, clear != 0, out(0), out(1), out(2), out(3),
-                                             meta + 4 * j));
+    status = std::min(status, readout_method(hist, sig, live[(size_t)j], j, capacity ? capacity[j] : 0, clear != 0,
+                                             out(0), out(1), out(2), out(3), meta + 4 * j));
   }
   return status;
 }
@@ -420,10 +504,11 @@ int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t t
   const auto* sig = reinterpret_cast<const int64_t*>(sig_ptr);
   auto* out = reinterpret_cast<double*>(out_ptr);
   auto* iout = reinterpret_cast<int64_t*>(iout_ptr);
-  int64_t P = 0, N = 0;
+  int64_t P = 0, N = 0, pos_rows = 0;
   for (int64_t i = 0; i < n; ++i) {
     P += pos[i];
     N += neg[i];
+    pos_rows += pos[i] > 0;
   }
   Finalizer fin(P, N, fpr_mode, ap_mode, tpr_target);
   if (P > 0) {
@@ -456,18 +541,24 @@ int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t t
       flush();
     };
     // a long table is walked in two halves at once, cut at a row with positives (no
-    // run crosses the cut); the second half starts from the first half's totals
-    int64_t cut = n;
+    // run crosses the cut) where half the work is done: a group with positives costs
+    // about POS_ROW_COST rows without (its AUROC / AP / bound terms, divisions), and
+    // anomalies crowd the top scores, so halves of the rows would not be halves of the
+    // work; the second half starts from the first half's totals
+    constexpr int64_t POS_ROW_COST = 20;
+    int64_t cut = n, tp0 = 0, fp0 = 0;
     if (n >= split_min_rows && n >= 2) {
-      cut = n / 2;
-      while (cut < n && pos[row(cut)] == 0) ++cut;
-    }
-    if (cut < n) {
-      int64_t tp0 = 0, fp0 = 0;
-      for (int64_t j = 0; j < cut; ++j) {
-        tp0 += pos[row(j)];
-        fp0 += neg[row(j)];
+      const int64_t half_work = (n + (POS_ROW_COST - 1) * pos_rows) / 2;
+      int64_t work = 0;
+      for (cut = 0; cut < n; ++cut) {
+        const int64_t i = row(cut);
+        if (work >= half_work && pos[i] > 0) break;
+        work += 1 + (POS_ROW_COST - 1) * (pos[i] > 0);
+        tp0 += pos[i];
+        fp0 += neg[i];
       }
+    }
+    if (cut > 0 && cut < n) {
       Finalizer second(P, N, fpr_mode, ap_mode, tpr_target);
       second.start(tp0, fp0);
 #pragma omp parallel for num_threads(2) schedule(static, 1)

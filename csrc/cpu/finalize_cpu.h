@@ -15,8 +15,9 @@
 //   block it reads (the caller then zeroes occ): the state is empty again, its pages stay
 //   backed, so a pooled state costs no page faults on its next pass. Returns 0, or -1
 //   when a capacity is too small (the outputs are then incomplete; with clear, the state
-//   is then partly cleared and must be dropped). outputs_ptr == 0 with clear: only clears
-//   (capacity is not read; meta[j][0] still counts the non-empty bins).
+//   is then partly cleared and must be dropped). outputs_ptr == 0 with clear: only zeroes the
+//   occupied blocks (capacity is not read, meta is zeroed); outputs_ptr == 0 without
+//   clear: only counts (meta[j][0], the number of non-empty bins; the totals are 0).
 //
 // finalize_hist: a group table of n rows, pos / neg int64[n] (non-negative counts summing
 //   to at most 2^62), with per row either tied uint8[n] or sig int64[n] (tied where
@@ -24,7 +25,7 @@
 //   descending != 0: row 0 is the highest score; else the rows ascend (a Histogram's
 //   sparse arrays, bins as index) and are walked from the last. Runs of rows without
 //   positives are merged and empty groups dropped, as anomfast.histogram.finalize_coords
-//   and metrics_from_groups do. fpr_mode: FinFprMode, ap_mode: FinApMode. A table of at least split_min_rows rows is walked in two halves on two
+//   and metrics_from_groups do. fpr_mode: FinFprMode, ap_mode: FinApMode. A table of at least split_min_rows rows is walked in two halves (of about equal work) on two
 //   OpenMP threads. Outputs (anomfast.metrics.GroupSums, exact=False):
 //     out  double[FIN_NF]: the FinOut fields below (NaN where not computed)
 //     iout int64[FIN_NI]: the FinIOut fields below (rows index the input arrays)
