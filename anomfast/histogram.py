@@ -15,7 +15,6 @@ certified bounds.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from pathlib import Path
@@ -71,7 +70,7 @@ class _BufferPool:
     fresh pages from the OS (on a VM a page fault costs microseconds: the read-out's ~1,700
     fresh pages per call cost more than the read-out itself). Holds histogram states
     (HistState.acquire / release), int64 slabs lent to the arrays of returned Histograms
-    (back to the pool when those die) and a scratch slab for the read-out. Bounded: at most
+    (back to the pool when those die). Bounded: at most
     `max_states` states and `max_bytes` of free slabs are kept; `anomfast.release_buffers()`
     empties it. Thread-safe."""
 
@@ -116,15 +115,6 @@ class _BufferPool:
     def lend(self, n: int) -> np.ndarray:
         """n int64 items of a pooled slab, returned to the pool with the last view of it."""
         return np.asarray(_Lease(self, self._take_slab(n)))[:n]
-
-    @contextlib.contextmanager
-    def scratch(self, n: int):
-        """n int64 items of a pooled slab for the duration of a with block."""
-        slab = self._take_slab(n)
-        try:
-            yield slab
-        finally:
-            self.give_back(slab)
 
     def clear(self) -> None:
         with self._lock:

@@ -34,18 +34,66 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
-def _save(fig, out: Path, stem: str, formats) -> list:
-    paths = []
-    for fmt in formats:
-        p = out / f"{stem}.{fmt}"
-        # the figures lay themselves out (tight / constrained layout): bbox_inches="tight"
-        # would draw every figure once more to measure it (half of the plotting time)
-        # PNG: zlib level 1 (the default 6 spent most of the examples figure's time
-        # compressing; the files stay lossless, a little larger)
-        fig.savefig(p, dpi=150 if fmt == "png" else None,
-                    **({"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}))
-        paths.append(p)
-    return paths
+class _Writer:
+    """Writes figures. PNG: the figure is drawn here at 150 dpi and its pixels are encoded
+    (PIL, zlib level 1) on a background thread while the next figure is built and drawn
+    (the encoder releases the GIL: about 0.1 s of each figure overlaps); other formats
+    through savefig. close() waits for every file and raises the first error."""
+
+    PNG_DPI = 150
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomfast-png")
+        self._pending = []
+
+    def save(self, fig, out: Path, stem: str, formats) -> list:
+        paths = []
+        for fmt in formats:
+            p = out / f"{stem}.{fmt}"
+            if fmt == "png":
+                fig.set_dpi(self.PNG_DPI)
+                fig.canvas.draw()
+                rgba = np.array(fig.canvas.buffer_rgba())  # a copy: the figure is closed next
+                self._pending.append(self._pool.submit(_write_png, rgba, p, self.PNG_DPI))
+            else:
+                # the figures lay themselves out (fixed margins): bbox_inches="tight" would draw
+                # every figure once more to measure it
+                fig.savefig(p)
+            paths.append(p)
+        return paths
+
+    def close(self) -> None:
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _write_png(rgba: np.ndarray, path: Path, dpi: int) -> None:
+    """PNG of an RGBA buffer, zlib level 1 (the default 6 spent most of a figure's time
+    compressing; lossless either way), with the dpi and the software in its metadata."""
+    from PIL import Image, PngImagePlugin
+    import matplotlib
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", f"anomfast (matplotlib {matplotlib.__version__})")
+    Image.fromarray(rgba, "RGBA").save(path, format="png", compress_level=1, dpi=(dpi, dpi), pnginfo=info)
+
+
+def _light_axis(ax, log_x: bool) -> None:
+    """Fewer tick objects to build and draw (tick creation and layout were most of a
+    figure's time): no minor ticks, at most ~5 major ticks, plain-text labels on a log axis
+    (no mathtext parsing)."""
+    from matplotlib.ticker import LogFormatter, LogLocator, MaxNLocator, NullLocator
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_locator(NullLocator())
+    if log_x:
+        ax.xaxis.set_major_locator(LogLocator(numticks=6))
+        ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=True))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
 
 
 def _thin(x: np.ndarray, y: np.ndarray, log_x: bool = False):
@@ -108,6 +156,8 @@ def _curves(plt, m: dict, roc_log: bool):
     if prevalence is not None:
         a2.axhline(prevalence, color="black", ls=":", lw=0.8, label=f"chance (prevalence {100 * prevalence:.1f}%)")
     a2.set(xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    _light_axis(a1, roc_log)
+    _light_axis(a2, False)
     for a in (a1, a2):
         a.grid(True, which="major", lw=0.3, alpha=0.6)
         a.legend(fontsize=7.5, loc=("upper left" if roc_log else "lower right") if a is a1 else "upper right")
@@ -116,9 +166,9 @@ def _curves(plt, m: dict, roc_log: bool):
 
 
 def _wquantile(x: np.ndarray, w: np.ndarray, qs) -> np.ndarray:
-    o = np.argsort(x, kind="stable")
-    cw = np.cumsum(w[o].astype(np.float64))
-    return x[o][np.clip(np.searchsorted(cw, np.asarray(qs) * cw[-1]), 0, x.size - 1)]
+    """Weighted quantiles of x, ascending (a histogram's groups reversed)."""
+    cw = np.cumsum(w.astype(np.float64))
+    return x[np.clip(np.searchsorted(cw, np.asarray(qs) * cw[-1]), 0, x.size - 1)]
 
 
 def _distributions(plt, m: dict):
@@ -127,13 +177,15 @@ def _distributions(plt, m: dict):
     nrows = -(-len(ks) // ncols)
     fw, fh = 3.7 * ncols, 2.9 * nrows
     fig, axes = plt.subplots(nrows, ncols, figsize=(fw, fh), squeeze=False,
-                             gridspec_kw=dict(left=0.55 / fw, right=1 - 0.15 / fw, bottom=0.5 / fh,
+                             gridspec_kw=dict(left=0.7 / fw, right=1 - 0.15 / fw, bottom=0.5 / fh,
                                               top=1 - 0.75 / fh, wspace=0.6 / 3.7 * ncols / max(ncols - 1, 1) * 0.8,
                                               hspace=1.1 / 2.9))
     for ax in axes.flat[len(ks):]:
         ax.set_visible(False)
+    counts = []
     for ax, k in zip(axes.flat, ks):
         pos, neg, lo, hi, *_ = m["histograms"][k].groups()   # bin coordinates; msp's is u = 1 - MSP
+        pos, neg, lo, hi = pos[::-1], neg[::-1], lo[::-1], hi[::-1]  # ascending
         ax.set_title(DISPLAY.get(k, k), fontsize=10)
         if pos.size == 0:
             ax.text(0.5, 0.5, "no pixels", ha="center", va="center", transform=ax.transAxes)
@@ -163,8 +215,17 @@ def _distributions(plt, m: dict):
         ax.set_xlabel(("1 - MSP" if k == "msp" else "score") + (" (log scale)" if log_x else "")
                       + ", higher = more anomalous", fontsize=8)
         ax.set_ylabel("fraction of pixels", fontsize=8)
+        _light_axis(ax, log_x)
         ax.tick_params(labelsize=7.5)
-        ax.legend(fontsize=7)
+        counts.append((int(neg.sum()), int(pos.sum())))
+    shown = [ax for ax in axes.flat[:len(ks)] if ax.get_legend_handles_labels()[0]]
+    if shown and len(set(counts)) == 1:  # every method saw the same pixels: one legend for all panels
+        handles, labels = shown[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2, frameon=False,
+                   bbox_to_anchor=(1 - 0.15 / fw, 1 - 0.05 / fh))
+    else:
+        for ax in shown:
+            ax.legend(fontsize=7)
     fig.suptitle(f"Score distributions - {m['name']}", fontsize=11)
     return fig
 
@@ -177,58 +238,105 @@ def _classes(e: dict) -> np.ndarray:
     return np.where(y == 255, 2, np.where(y != 0, 1, 0))
 
 
+def _cells(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """a (H, W[, C]) resampled to (h, w) by nearest pixel."""
+    a = np.asarray(a)
+    r = np.minimum((np.arange(h) * a.shape[0]) // h, a.shape[0] - 1)
+    c = np.minimum((np.arange(w) * a.shape[1]) // w, a.shape[1] - 1)
+    return a[r[:, None], c[None, :]]
+
+
+def _rgb_image(img: np.ndarray) -> np.ndarray:
+    """An input image as uint8 RGB, as imshow shows it: 2-D arrays on a grey scale spanning
+    their own range, RGB(A) floats in [0, 1] or uint8."""
+    img = np.asarray(img)
+    if img.ndim == 2:
+        v = img.astype(np.float64)
+        lo, hi = (float(np.nanmin(v)), float(np.nanmax(v))) if v.size else (0.0, 1.0)
+        g = np.zeros_like(v) if hi <= lo else (v - lo) / (hi - lo)
+        return np.repeat((np.clip(np.nan_to_num(g), 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    img = img[..., :3]
+    if img.dtype == np.uint8:
+        return img
+    return (np.clip(np.nan_to_num(img.astype(np.float64)), 0, 1) * 255).astype(np.uint8)
+
+
 def _examples(plt, m: dict):
-    from matplotlib.colors import ListedColormap
+    """The examples drawn as one mosaic image (rows: examples; columns: input, ground truth,
+    one map per method), with text titles and a colorbar per method column. Colours are
+    mapped in NumPy with matplotlib's colormaps and the mosaic is built at the PNG's own
+    pixel size (each data pixel an integer block) and placed unresampled (figimage): one
+    image instead of an axes per cell, each with ticks and a frame to lay out, and no
+    resampling pass, cost a fraction of the time."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize, to_rgb
     ex = m["examples"]
     ks = list(ex[0]["maps"])
     has_image = any(e.get("image") is not None for e in ex)
-    ncols = len(ks) + 1 + has_image
+    ncols, nrows = len(ks) + 1 + has_image, len(ex)
     H, W = np.asarray(ex[0]["labels"]).shape
-    cell_w = 2.5
-    cell_h = cell_w * H / W + 0.15
-    # a fixed layout in inches (no layout engine: constrained layout measured every axis and
-    # tick label twice per save, most of this figure's time): margins for the row labels,
-    # the column titles and suptitle, and a row of colorbars under the method columns
-    left, right, top, bottom = 0.35, 0.1, 0.55, 0.6
-    fw, fh = cell_w * ncols + left + right, cell_h * len(ex) + top + bottom
-    fig, axes = plt.subplots(len(ex), ncols, figsize=(fw, fh), squeeze=False,
-                             gridspec_kw=dict(left=left / fw, right=1 - right / fw, top=1 - top / fh,
-                                              bottom=bottom / fh, wspace=0.08, hspace=0.06))
-    gt_cmap = ListedColormap(["#1f1f1f", "#ff7f0e", VOID_GREY])
+    dpi = _Writer.PNG_DPI
+    target = int(2.5 * dpi)  # a cell about 2.5 inches wide
+    # large maps: every step-th pixel (still about what is shown); a cell at most 2.5 inches
+    # wide and 5 high
+    step = max(1, -(-W // target), -(-H // (2 * target)))
+    h, w = -(-H // step), -(-W // step)
+    k = max(1, min(target // w, 2 * target // h))  # display pixels per data pixel
+    ch, cw = h * k, w * k
+    gx, gy = max(1, round(0.08 * cw)), max(1, round(0.1 * ch))
+    mh, mw = nrows * ch + (nrows - 1) * gy, ncols * cw + (ncols - 1) * gx
+    left, right, top, bottom = 0.35, 0.1, 0.7, 0.6
+    fw, fh = mw / dpi + left + right, mh / dpi + top + bottom
+    fig = plt.figure(figsize=(fw, fh), dpi=dpi)
+    grey = (np.array(to_rgb(VOID_GREY)) * 255).astype(np.uint8)
+    gt_lut = (np.array([to_rgb(c) for c in ("#1f1f1f", "#ff7f0e", VOID_GREY)]) * 255).astype(np.uint8)
+    cmap = plt.get_cmap("magma")
     ranges = {}
-    for k in ks:  # one color range per method over all examples: rows stay comparable
-        vals = np.concatenate([np.asarray(e["maps"][k])[_classes(e) != 2].ravel() for e in ex])
+    for key in ks:  # one color range per method over all examples: rows stay comparable
+        vals = np.concatenate([np.asarray(e["maps"][key])[_classes(e) != 2].ravel() for e in ex])
         vals = vals[np.isfinite(vals)]
-        ranges[k] = tuple(np.percentile(vals, [1, 99])) if vals.size else (0.0, 1.0)
-    for i, (row, e) in enumerate(zip(axes, ex)):
-        cls = _classes(e)
+        ranges[key] = tuple(np.percentile(vals, [1, 99])) if vals.size else (0.0, 1.0)
+    mosaic = np.full((mh, mw, 3), 255, np.uint8)
+
+    def put(i, c, rgb):
+        mosaic[i * (ch + gy):i * (ch + gy) + ch, c * (cw + gx):c * (cw + gx) + cw] = \
+            np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
+
+    for i, e in enumerate(ex):
+        cls = _cells(_classes(e), h, w).astype(np.int64)
         c = 0
         if has_image:
-            img = e.get("image")
-            if img is not None:
-                row[0].imshow(np.asarray(img), cmap="gray" if np.asarray(img).ndim == 2 else None)
+            if e.get("image") is not None:
+                put(i, 0, _cells(_rgb_image(e["image"]), h, w))
             c = 1
-        row[c].imshow(cls, cmap=gt_cmap, vmin=0, vmax=2, interpolation="nearest")
-        for j, k in enumerate(ks):
-            ax = row[c + 1 + j]
-            cmap = plt.get_cmap("magma").with_extremes(bad=VOID_GREY)
-            im = ax.imshow(np.ma.masked_where(cls == 2, np.asarray(e["maps"][k])), cmap=cmap,
-                           vmin=ranges[k][0], vmax=ranges[k][1], interpolation="nearest")
-            if i == len(ex) - 1:  # one colorbar per method column (its range is shared by the rows)
-                pos = ax.get_position()
-                cax = fig.add_axes([pos.x0 + 0.05 * pos.width, 0.32 / fh, 0.9 * pos.width, 0.1 / fh])
-                cb = fig.colorbar(im, cax=cax, orientation="horizontal")
-                cb.ax.tick_params(labelsize=6.5)
-        for ax in row:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        row[0].set_ylabel(e["stem"], fontsize=8)
-        if i == 0:
-            titles = (["input"] if has_image else []) + ["ground truth"] + [DISPLAY.get(k, k) for k in ks]
-            for ax, t in zip(row, titles):
-                ax.set_title(t, fontsize=9)
+        put(i, c, gt_lut[np.clip(cls, 0, 2)])
+        for j, key in enumerate(ks):
+            v = _cells(np.asarray(e["maps"][key], np.float64), h, w)
+            lo, hi = ranges[key]
+            with np.errstate(invalid="ignore"):
+                t = np.clip((v - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(v)
+            bad = (cls == 2) | np.isnan(v)
+            rgb = cmap(np.where(bad, 0.0, t), bytes=True)[..., :3]
+            rgb[bad] = grey
+            put(i, c + 1 + j, rgb)
+    fig.figimage(mosaic, xo=round(left * dpi), yo=round(bottom * dpi), origin="upper")
+    ax = fig.add_axes([left / fw, bottom / fh, mw / dpi / fw, mh / dpi / fh])  # for the texts: mosaic pixels
+    ax.set_xlim(0, mw)
+    ax.set_ylim(mh, 0)
+    ax.set_axis_off()
+    titles = (["input"] if has_image else []) + ["ground truth"] + [DISPLAY.get(key, key) for key in ks]
+    for c, t in enumerate(titles):
+        ax.text(c * (cw + gx) + cw / 2, -0.04 * ch, t, ha="center", va="bottom", fontsize=9)
+    for i, e in enumerate(ex):
+        ax.text(-0.3 * gx, i * (ch + gy) + ch / 2, e["stem"], rotation=90, ha="right", va="center", fontsize=8)
+    for j, key in enumerate(ks):  # one colorbar per method column (its range is shared by the rows)
+        x0 = (1 + has_image + j) * (cw + gx) + 0.05 * cw
+        cax = fig.add_axes([(left + x0 / dpi) / fw, 0.32 / fh, 0.9 * cw / dpi / fw, 0.1 / fh])
+        lo, hi = ranges[key]
+        cb = fig.colorbar(ScalarMappable(Normalize(lo, hi), cmap), cax=cax, orientation="horizontal")
+        cb.ax.tick_params(labelsize=6.5)
     fig.suptitle(f"Anomaly maps - {m['name']} (ground truth: orange anomaly, grey void; maps: brighter = "
-                 "more anomalous, void grey)", fontsize=9)
+                 "more anomalous, void grey)", fontsize=9, y=1 - 0.12 / fh, va="top")
     return fig
 
 
@@ -238,14 +346,19 @@ def write_plots(run: dict, out: Path, formats=("png",), roc_log: bool = True, pr
     say = progress or (lambda s: None)
     out = Path(out)
     written = []
-    for m in run["models"]:
-        s = slug(m["name"])
-        say(f"anomfast: plotting {m['name']} ({', '.join(formats)})")
-        for stem, make in (("curves", lambda: _curves(plt, m, roc_log)), ("scores", lambda: _distributions(plt, m)),
-                           ("examples", lambda: _examples(plt, m) if m.get("examples") else None)):
-            fig = make()
-            if fig is None:
-                continue
-            written += _save(fig, out, f"{stem}_{s}", formats)
-            plt.close(fig)
+    writer = _Writer()
+    try:
+        for m in run["models"]:
+            s = slug(m["name"])
+            say(f"anomfast: plotting {m['name']} ({', '.join(formats)})")
+            for stem, make in (("curves", lambda: _curves(plt, m, roc_log)),
+                               ("scores", lambda: _distributions(plt, m)),
+                               ("examples", lambda: _examples(plt, m) if m.get("examples") else None)):
+                fig = make()
+                if fig is None:
+                    continue
+                written += writer.save(fig, out, f"{stem}_{s}", formats)
+                plt.close(fig)
+    finally:
+        writer.close()
     return written

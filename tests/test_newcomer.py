@@ -412,10 +412,14 @@ def test_plots_for_a_paper(rng):
     msp = next(a for a in fig.axes if a.get_title() == "Maximum Softmax Probability")
     assert msp.get_xscale() == "log" and "1 - MSP" in msp.get_xlabel() and msp.get_ylabel()
     plt.close(fig)
-    fig = plots._examples(plt, model)
-    assert [a.get_title() for a in fig.axes[:4]] == ["input", "ground truth", "Maximum Softmax Probability",
-                                                     "Energy Score"]
-    assert len(fig.axes) == 4 + 2   # a colorbar per map
+    fig = plots._examples(plt, model)  # one mosaic image, titles as texts over it
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["input", "ground truth", "Maximum Softmax Probability", "Energy Score", "s0"]
+    assert len(fig.axes) == 1 + 2   # the mosaic's text axes and a colorbar per map
+    (mosaic,) = [np.asarray(im.get_array()) for im in fig.images]
+    colours = {tuple(c) for c in mosaic.reshape(-1, 3)}
+    void = (y[0].numpy() == 255).any()
+    assert (255, 127, 14) in colours and ((200, 200, 200) in colours) == bool(void)  # anomaly orange, void grey
     plt.close(fig)
 
 
