@@ -13,6 +13,16 @@ def save_npz(path, meta: dict, **arrays) -> None:
         np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
 
 
+def savez_fast(path, **arrays) -> None:
+    """np.savez_compressed's file (an .npz np.load reads) at zlib level 1: histograms of
+    millions of bins compress about as well and 3-4x faster than at the default level 6."""
+    import zipfile
+    with zipfile.ZipFile(Path(path), "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name, a in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+
+
 def load_npz(path, fmt: str, what: str) -> tuple:
     """({name: array}, metadata) of a file save_npz wrote with meta["format"] == fmt;
     what: how errors name the file's kind (e.g. "SML statistics")."""

@@ -24,6 +24,7 @@ import torch
 
 from . import binning
 from ._core import _C
+from ._files import savez_fast
 from .methods import EXACT_COORDINATES
 from .metrics import (GroupSums, check_conventions, check_groups, fpr_inside_bin, metrics_from_groups,
                       result_from_sums)
@@ -701,8 +702,7 @@ def save_histograms(path, hists: dict, extra: dict | None = None) -> None:
             arrays[f"h{i}_{k}"] = v
         meta["histograms"].append({"key": key, "method": h.method, "params": h.params})
     arrays["meta"] = np.array(json.dumps(meta))
-    with open(Path(path), "wb") as f:
-        np.savez_compressed(f, **arrays)
+    savez_fast(path, **arrays)
 
 
 def load_histograms(path) -> tuple[dict, dict]:
