@@ -277,7 +277,8 @@ def _eval(args) -> int:
     if args.protocol != "default" and args.refine:
         raise CLIError(f"--protocol {args.protocol} computes its metrics from per-pixel scores; --refine applies to "
                        "the default (histogram) protocol")
-    if not args.no_plots:
+    rank = dist.get_rank() if dist_on else int(os.environ.get("RANK", "0") or 0)  # torchrun sets RANK
+    if not args.no_plots and rank == 0:  # only rank 0 plots
         _import_plotting_in_background()
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
                         distributed=args.distributed, protocol=args.protocol, refine=args.refine,

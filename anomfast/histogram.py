@@ -229,10 +229,13 @@ class HistState:
         outs = (slab.ctypes.data + 8 * (offs[:-1, None] + cap[:, None] * np.arange(4)[None, :])).astype(np.int64)
         meta[...] = 0
         status = _C.sparse_readout(*ptrs, cap.ctypes.data, outs.ctypes.data, meta.ctypes.data, int(clear))
+        if status != 0 or not np.array_equal(meta[:, 0], cap):
+            if clear:  # partly cleared: empty it all (occ still marks every block) before refusing
+                self.clear_()
+            raise RuntimeError("histogram read-out: the state changed between counting and reading its bins "
+                               "(was another thread adding to it?)")
         if clear:
             self.occ.zero_()
-        if status != 0:
-            raise RuntimeError("sparse_readout: more non-empty bins than counted")
         out = []
         for j, (k, n0, n1, negative) in enumerate(meta.tolist()):
             o = int(offs[j])

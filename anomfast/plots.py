@@ -255,10 +255,15 @@ def _rgb_image(img: np.ndarray) -> np.ndarray:
         lo, hi = (float(np.nanmin(v)), float(np.nanmax(v))) if v.size else (0.0, 1.0)
         g = np.zeros_like(v) if hi <= lo else (v - lo) / (hi - lo)
         return np.repeat((np.clip(np.nan_to_num(g), 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-    img = img[..., :3]
     if img.dtype == np.uint8:
-        return img
-    return (np.clip(np.nan_to_num(img.astype(np.float64)), 0, 1) * 255).astype(np.uint8)
+        v = img.astype(np.float64) / 255.0
+    elif np.issubdtype(img.dtype, np.integer):  # imshow takes integer RGB(A) in 0..255
+        v = np.clip(img.astype(np.float64), 0, 255) / 255.0
+    else:
+        v = np.clip(np.nan_to_num(img.astype(np.float64)), 0, 1)
+    if v.shape[-1] == 4:  # over white, as the figure's background
+        v = v[..., :3] * v[..., 3:] + (1.0 - v[..., 3:])
+    return np.round(v[..., :3] * 255).astype(np.uint8)
 
 
 def _examples(plt, m: dict):

@@ -329,6 +329,42 @@ def test_evaluate_hands_back_read_out_states_clean_and_unread_ones_dirty(rng):
         assert got[n].as_dict() == want[n].as_dict() and got.histograms[n] == want.histograms[n], n
 
 
+@pytest.mark.parametrize("change", ["gain", "loss"])
+@pytest.mark.parametrize("clear", [False, True])
+def test_readout_refuses_a_state_changed_between_count_and_read(monkeypatch, change, clear):
+    """The read-out counts the bins, then writes them into arrays of that size: a state that
+    changes in between (another thread adding to it) is refused, never read short or past
+    the arrays; with clear=True it is left empty, not half cleared."""
+    g = np.random.default_rng(5)
+    state = _random_state(g, 2, 2000)
+    calls = []
+
+    class Core:  # the compiled module, with the state changed right after the counting call
+        def __getattr__(self, name):
+            return getattr(_C, name)
+
+        def sparse_readout(self, *args):
+            status = _C.sparse_readout(*args)
+            calls.append(args[4])
+            if len(calls) == 1:
+                h = state.hist[0].numpy()  # method 0's two label rows
+                if change == "gain":  # a new non-empty bin, in an occupied block of the normal row
+                    q = int(np.flatnonzero(state.occ.numpy()[:binning.NBINS >> binning.OCC_SHIFT])[0])
+                    b = next(i for i in range(q << binning.OCC_SHIFT, (q + 1) << binning.OCC_SHIFT)
+                             if h[0, i] == 0 and h[1, i] == 0)
+                    h[0, b] = 3
+                else:  # a bin emptied
+                    b = int(np.flatnonzero((h[0] > 0) & (h[1] == 0))[0])
+                    h[0, b] = 0
+            return status
+
+    monkeypatch.setattr(histogram, "_C", Core())
+    with pytest.raises(RuntimeError, match="changed between counting and reading"):
+        state._readout(clear=clear)
+    if clear:
+        assert int(state.hist.abs().sum()) == 0 and int(state.sig.abs().sum()) == 0 and int(state.occ.sum()) == 0
+
+
 def test_readout_refuses_corrupt_counts():
     state = HistState.new(2, "cpu")
     state.hist[1, 0, 7] = -3
