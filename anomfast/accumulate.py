@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import _fused
-from .histogram import HistState, histograms_from_state
+from .histogram import HistState, finalize_histograms, histograms_from_state
 from .labels import LabelMap
 from .methods import MethodSpec
 from .tables import results_table
@@ -43,8 +43,9 @@ class Results(dict):
 
 
 def finalize(histograms: dict, conventions: dict) -> dict:
-    """{method: MetricResult} of {method: Histogram} under the FPR95 / AP conventions."""
-    return {n: h.finalize(**conventions) for n, h in histograms.items()}
+    """{method: MetricResult} of {method: Histogram} under the FPR95 / AP conventions (all
+    at once: histogram.finalize_histograms)."""
+    return finalize_histograms(histograms, **conventions)
 
 
 def _is_compiling() -> bool:

@@ -528,17 +528,21 @@ class Histogram:
         _finalize_reference run the NumPy spec)."""
         if exact:
             return self._finalize_reference(exact=True, **conventions)
-        index, normal, anomaly, sig = self.index, self.normal, self.anomaly, self.sig
-        if not (index.size == normal.size == anomaly.size == sig.size):
+        # the walk evaluate() and compute() run on all their methods at once: bit for bit the same
+        return finalize_histograms({0: self}, **conventions, stacklevel=7)[0]
+
+    def _walk_columns(self) -> tuple:
+        """(anomaly, normal, sig) as the compiled walk reads them: contiguous int64 of one length."""
+        if not (self.index.size == self.normal.size == self.anomaly.size == self.sig.size):
             raise ValueError(f"histogram of {self.method!r}: index/normal/anomaly/sig differ in length")
+        return tuple(np.ascontiguousarray(a, np.int64) for a in (self.anomaly, self.normal, self.sig))
 
-        def lo_hi(rows):  # the compiled _bin_lo_hi of the two decisive bins
-            return tuple(zip(*(_C.bin_bounds(int(index[r]), int(sig[r])) for r in rows))) or ((), ())
+    def _lo_hi(self, rows):
+        """The compiled _bin_lo_hi of the given (decisive) rows."""
+        return tuple(zip(*(_C.bin_bounds(int(self.index[r]), int(self.sig[r])) for r in rows))) or ((), ())
 
-        table = _Deferred(_bin_table, self.method, index, normal, anomaly, sig, self.exact_values)
-        return _finalize_compiled(self.method, self.params, anomaly, neg=normal, sig=sig,
-                                  exact_values=self.exact_values, descending=False, lo_hi=lo_hi, table=table,
-                                  **conventions)
+    def _deferred_table(self) -> "_Deferred":
+        return _Deferred(_bin_table, self.method, self.index, self.normal, self.anomaly, self.sig, self.exact_values)
 
     def _finalize_reference(self, **conventions):
         """finalize() through anomfast.metrics' NumPy code (the spec the compiled path
@@ -670,6 +674,14 @@ def _finalize_compiled(method: str, params: dict, pos, *, neg, tied=None, sig=No
                         int(bool(descending)), _FPR_CODE[fpr_mode], _AP_CODE[ap_mode], tpr_target,
                         SPLIT_MIN_ROWS, out.ctypes.data, iout.ctypes.data) != 0:
         raise RuntimeError("finalize_hist: a decisive group spans several rows")
+    return _result_from_walk(method, params, out, iout, lo_hi, table, fpr_mode=fpr_mode, ap_mode=ap_mode,
+                             tpr_target=tpr_target, stacklevel=5)
+
+
+def _result_from_walk(method: str, params: dict, out: np.ndarray, iout: np.ndarray, lo_hi, table, *,
+                      fpr_mode: str, ap_mode: str, tpr_target: float, stacklevel: int):
+    """The MetricResult of one compiled walk's outputs (finalize_hist's out / iout);
+    stacklevel: of its warnings (undefined metrics), counted from result_from_sums."""
     P, N = int(iout[_IOUT["P"]]), int(iout[_IOUT["N"]])
     sums = None
     if P > 0:
@@ -685,9 +697,34 @@ def _finalize_compiled(method: str, params: dict, pos, *, neg, tied=None, sig=No
     los, his = lo_hi(np.asarray(rows, np.int64)) if rows else ((), ())
     bounds = {g: (float(x), float(y)) for g, x, y in zip(rows, los, his)}
     r = result_from_sums(P, N, sums, bounds.__getitem__, exact=False, fpr_mode=fpr_mode, ap_mode=ap_mode,
-                         tpr_target=tpr_target, groups=table, stacklevel=5)
+                         tpr_target=tpr_target, groups=table, stacklevel=stacklevel)
     r.method, r.params = method, dict(params)
     return r
+
+
+def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "step",
+                        tpr_target: float = 0.95, stacklevel: int = 6) -> dict:
+    """{key: MetricResult} of {key: Histogram}, as each one's finalize() gives it (the same
+    walk over the same rows), in one compiled call that finalizes the histograms in
+    parallel, one per thread (finalize_cpu.h: finalize_hists): evaluate() and compute()
+    finalize all their methods at once. stacklevel: of the warnings about undefined metrics,
+    counted from result_from_sums (6: the caller of this function's caller)."""
+    tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
+    items = list(hists.items())
+    cols, table = [], np.zeros((len(items), 5), np.int64)
+    for j, (_, h) in enumerate(items):
+        c = h._walk_columns()
+        cols.append(c)
+        table[j] = (c[0].size, c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, int(bool(h.exact_values)))
+    out = np.empty((len(items), _OUT["size"]), np.float64)
+    iout = np.empty((len(items), _IOUT["size"]), np.int64)
+    if items and _C.finalize_hists(len(items), table.ctypes.data, _FPR_CODE[fpr_mode], _AP_CODE[ap_mode], tpr_target,
+                                   out.ctypes.data, iout.ctypes.data) != 0:
+        raise RuntimeError("finalize_hists: a decisive group spans several rows")
+    return {key: _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
+                                   fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
+                                   stacklevel=stacklevel)
+            for j, (key, h) in enumerate(items)}
 
 
 def histograms_from_state(state: HistState, names, params_of, clear: bool = False) -> dict:

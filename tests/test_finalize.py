@@ -80,9 +80,7 @@ def split_at(rows):
 def check_histogram(h: Histogram, conventions=CONVENTIONS):
     for conv in conventions:
         ref = _run(lambda: h._finalize_reference(**conv))
-        for rows in (histogram.SPLIT_MIN_ROWS, 2):  # as shipped; every table cut in two
-            with split_at(rows):
-                assert_same_result(_run(lambda: h.finalize(**conv)), ref)
+        assert_same_result(_run(lambda: h.finalize(**conv)), ref)
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -176,6 +174,24 @@ def test_table_kept_only_when_asked_and_pickles():
     r2 = pickle.loads(pickle.dumps(r))
     assert_same_result((r2, []), (h._finalize_reference(), []))
     assert not callable(r2._groups)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(histograms(), min_size=1, max_size=9), st.sampled_from(CONVENTIONS))
+def test_histograms_finalized_together_equal_each_alone_and_the_spec(hs, conv):
+    """finalize_histograms walks several histograms at once, one per thread (evaluate() and
+    compute() finalize all their methods so): each result is bit for bit the one of that
+    histogram alone, whatever it is finalized with, and the spec's to 1e-12."""
+    together = _run(lambda: histogram.finalize_histograms(dict(enumerate(hs)), **conv))[0]
+    for j, h in enumerate(hs):
+        alone = _run(lambda: h.finalize(**conv))
+        assert together[j].as_dict() == alone[0].as_dict() or all(
+            _same_number(u, v, 0.0) for u, v in zip(_flat(together[j]), _flat(alone[0]))), j
+        assert_same_result((together[j], alone[1]), _run(lambda: h._finalize_reference(**conv)))
+
+
+def _flat(r):
+    return [getattr(r, k) for k in METRIC_NAMES] + [x for k in METRIC_NAMES for x in r.bounds[k]]
 
 
 def test_compiled_conventions_are_the_spec_s():

@@ -52,6 +52,8 @@ PYBIND11_MODULE(_C, m) {
         "Per method the ascending non-empty bins of a histogram state (finalize_cpu.h).");
   m.def("finalize_hist", &finalize_hist_cpu, py::call_guard<py::gil_scoped_release>(),
         "Histogram finalization sums of one group table (finalize_cpu.h).");
+  m.def("finalize_hists", &finalize_hists_cpu, py::call_guard<py::gil_scoped_release>(),
+        "finalize_hist of several histograms, one per thread (finalize_cpu.h).");
   m.def("bin_bounds", &bin_bounds_cpu, "(lo, hi) coordinates of one bin given its tie signature (finalize_cpu.h).");
   // finalize_hist's conventions and output slots, by name (finalize_cpu.h)
   m.attr("FIN_FPR_MODES") = py::dict(py::arg("first") = (int)FIN_FIRST, py::arg("strict") = (int)FIN_STRICT,

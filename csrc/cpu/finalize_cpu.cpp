@@ -578,4 +578,22 @@ int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t t
   return 0;
 }
 
+int64_t finalize_hists_cpu(int64_t n_hists, int64_t table_ptr, int64_t fpr_mode, int64_t ap_mode, double tpr_target,
+                           int64_t out_ptr, int64_t iout_ptr) {
+  const auto* table = reinterpret_cast<const int64_t*>(table_ptr);
+  std::vector<std::pair<int64_t, int64_t>> order((size_t)n_hists);  // longest first
+  for (int64_t j = 0; j < n_hists; ++j) order[(size_t)j] = {-table[5 * j], j};
+  std::sort(order.begin(), order.end());
+  int64_t status = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
+  for (int64_t r = 0; r < n_hists; ++r) {
+    const int64_t j = order[(size_t)r].second;
+    const int64_t* t = table + 5 * j;
+    status = std::min(status, finalize_hist_cpu(t[0], t[1], t[2], 0, t[3], t[4], 0, fpr_mode, ap_mode, tpr_target,
+                                                std::numeric_limits<int64_t>::max(), out_ptr + 8 * FIN_NF * j,
+                                                iout_ptr + 8 * FIN_NI * j));
+  }
+  return status;
+}
+
 }  // namespace anomfast

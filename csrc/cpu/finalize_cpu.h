@@ -62,6 +62,14 @@ BinBounds bin_bounds_cpu(int64_t index, int64_t sig);
 int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
                            int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear);
 
+// finalize_hists: finalize_hist of several histograms' sparse arrays at once, one method
+//   per thread (OpenMP, longest first; each walked whole, not in halves): table int64[n_hists
+//   x 5] = (n rows, anomaly ptr, normal ptr, sig ptr, exact_values) per histogram, rows
+//   ascending (descending = 0); out double[n_hists x FIN_NF], iout int64[n_hists x FIN_NI].
+//   Returns 0, or -1 when some histogram's finalize_hist does.
+int64_t finalize_hists_cpu(int64_t n_hists, int64_t table_ptr, int64_t fpr_mode, int64_t ap_mode, double tpr_target,
+                           int64_t out_ptr, int64_t iout_ptr);
+
 int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t tied_ptr, int64_t sig_ptr,
                           int64_t exact_values, int64_t descending, int64_t fpr_mode, int64_t ap_mode,
                           double tpr_target, int64_t split_min_rows, int64_t out_ptr, int64_t iout_ptr);
