@@ -9,13 +9,14 @@
 //   outputs[j][0..3]; sig the uint32 OR of both rows' signatures), and meta[j] (int64[4]):
 //   the number of bins, the total normal and anomaly counts (exact, saturated at
 //   2^62 + 1: larger totals are refused by the caller), and 1 if some count is negative
-//   (a corrupt state) else 0. capacity[j]: at least the occupied blocks of method j's
-//   two rows * 2^OCC_SHIFT (each non-empty bin has a slot in one). Methods run in
-//   parallel (OpenMP). clear != 0 zeroes the counts and signatures of every occupied
-//   block it reads (the caller then zeroes occ): the state is empty again, its pages stay
-//   backed, so a pooled state costs no page faults on its next pass. Returns 0, or -1
-//   when a capacity is too small (the outputs are then incomplete; with clear, the state
-//   is then partly cleared and must be dropped). outputs_ptr == 0 with clear: only zeroes the
+//   (a corrupt state) else 0. capacity[j]: room for at least method j's non-empty bins
+//   (a counting call, below, gives their number; the occupied blocks of its two rows *
+//   2^OCC_SHIFT bound it). Methods run in parallel (OpenMP, longest first). clear != 0
+//   zeroes the counts and signatures of every occupied block it reads (the caller then
+//   zeroes occ): the state is empty again, its pages stay backed, so a pooled state costs
+//   no page faults on its next pass. Returns 0, or -1 when a capacity is too small (the
+//   outputs are then incomplete; with clear, the state is then partly cleared: the caller
+//   clears the rest, occ still marking it). outputs_ptr == 0 with clear: only zeroes the
 //   occupied blocks (capacity is not read, meta is zeroed); outputs_ptr == 0 without
 //   clear: only counts (meta[j][0], the number of non-empty bins; the totals are 0).
 //
