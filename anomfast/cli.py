@@ -277,9 +277,6 @@ def _eval(args) -> int:
     if args.protocol != "default" and args.refine:
         raise CLIError(f"--protocol {args.protocol} computes its metrics from per-pixel scores; --refine applies to "
                        "the default (histogram) protocol")
-    rank = dist.get_rank() if dist_on else int(os.environ.get("RANK", "0") or 0)  # torchrun sets RANK
-    if not args.no_plots and rank == 0:  # only rank 0 plots
-        _import_plotting_in_background()
     run = evaluate_grid(grid, methods, device=args.device, progress=not args.quiet,
                         distributed=args.distributed, protocol=args.protocol, refine=args.refine,
                         conventions=_conventions(args), nonfinite=args.nonfinite,
@@ -293,22 +290,6 @@ def _eval(args) -> int:
     say(f"anomfast: wrote {out}/report.md, results.json, results.csv, report.tex, histograms.npz"
         + ("" if args.no_plots else f" and plots ({', '.join(formats)})"), args.quiet)
     return 0
-
-
-def _import_plotting_in_background() -> None:
-    """Imports matplotlib (0.5-2 s) on a thread while the grid runs: the main thread spends
-    that time in the compiled pass and in reading files, both without the GIL. An import
-    that fails here fails again, with its message, where the plots are drawn."""
-    import threading
-
-    def load():
-        try:
-            from .plots import _plt
-            _plt()
-        except Exception:  # noqa: BLE001 - reported by the real import later
-            pass
-
-    threading.Thread(target=load, name="anomfast-import-matplotlib", daemon=True).start()
 
 
 def _write_report_timed(run: dict, out: Path, args, formats) -> None:

@@ -44,6 +44,11 @@ class _Writer:
 
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
+
+        # imported here, on the calling thread: an import on the writer thread would parse
+        # source while other threads may be parsing too (np.load's header), and CPython 3.11's
+        # AST constructor is not safe for that ("recursion depth mismatch", seen in CI)
+        from PIL import Image, PngImagePlugin  # noqa: F401
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomfast-png")
         self._pending = []
 
