@@ -529,7 +529,7 @@ class Histogram:
         if exact:
             return self._finalize_reference(exact=True, **conventions)
         # the walk evaluate() and compute() run on all their methods at once: bit for bit the same
-        return finalize_histograms({0: self}, **conventions, stacklevel=7)[0]
+        return finalize_histograms({0: self}, **conventions, stacklevel=7)[0]  # warnings: the caller's line
 
     def _walk_columns(self) -> tuple:
         """(anomaly, normal, sig) as the compiled walk reads them: contiguous int64 of one length."""
@@ -620,9 +620,7 @@ def finalize_coords(method: str, params: dict, pos, neg, lo, hi, tied, exact: bo
     if exact:
         return _finalize_coords_reference(method, params, pos, neg, lo, hi, tied, exact=True, **conventions)
     pos, neg, lo, hi, tied = check_groups(*_merge_negative_runs(*_checked_table(pos, neg, lo, hi, tied)))
-    return _finalize_compiled(method, params, pos, neg=neg, tied=tied.astype(np.uint8), descending=True,
-                              lo_hi=lambda rows: (lo[rows], hi[rows]),
-                              table=(pos, neg, lo, hi), **conventions)
+    return _finalize_coords_compiled(method, params, pos, neg, tied, lo, hi, **conventions)
 
 
 def _checked_table(pos, neg, lo, hi, tied):
@@ -652,36 +650,34 @@ _OUT, _IOUT = dict(_C.FIN_OUT), dict(_C.FIN_IOUT)
 SPLIT_MIN_ROWS = 1 << 14
 
 
-def _finalize_compiled(method: str, params: dict, pos, *, neg, tied=None, sig=None, exact_values: bool = False,
-                       descending: bool, lo_hi, table, fpr_mode: str = "first", ap_mode: str = "step",
-                       tpr_target: float = 0.95):
-    """A histogram's (exact=False) MetricResult from one compiled pass over its rows
-    (finalize_cpu.h: finalize_hist), assembled by metrics.result_from_sums as the spec
-    assembles it. pos / neg: int64 counts per row, non-negative, summing to <= 2^62 (a
-    Histogram's invariants; finalize_coords checks its table); tied (uint8 per row) or
-    sig (with exact_values) give the tie groups; lo_hi(rows) -> (lo, hi) arrays of those
-    rows in coordinates; table: the group table for the curves (or a _Deferred)."""
+def _finalize_coords_compiled(method: str, params: dict, pos, neg, tied, lo, hi, fpr_mode: str = "first",
+                              ap_mode: str = "step", tpr_target: float = 0.95):
+    """A checked group table's (exact=False) MetricResult from one compiled pass over its
+    rows, highest first (finalize_cpu.h: finalize_hist; a table of SPLIT_MIN_ROWS rows or
+    more is walked in two halves), assembled by metrics.result_from_sums as the spec
+    assembles it. pos / neg: int64 counts per row, non-negative, summing to <= 2^62; tied:
+    the tie groups (uint8 per row); lo / hi: the rows' coordinates. Histograms go through
+    finalize_histograms instead."""
     tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
-    cols = [np.ascontiguousarray(pos, np.int64), np.ascontiguousarray(neg, np.int64)]
-    for extra, dtype in ((tied, np.uint8), (sig, np.int64)):
-        cols.append(None if extra is None else np.ascontiguousarray(extra, dtype))
+    cols = [np.ascontiguousarray(c, dt) for c, dt in ((pos, np.int64), (neg, np.int64), (tied, np.uint8))]
     n = cols[0].size
-    if any(c is not None and (c.ndim != 1 or c.size != n) for c in cols):
+    if any(c.ndim != 1 or c.size != n for c in cols):
         raise ValueError("group columns differ in length")
     out = np.empty(_OUT["size"], np.float64)
     iout = np.empty(_IOUT["size"], np.int64)
-    if _C.finalize_hist(n, *(0 if c is None else c.ctypes.data for c in cols), int(bool(exact_values)),
-                        int(bool(descending)), _FPR_CODE[fpr_mode], _AP_CODE[ap_mode], tpr_target,
-                        SPLIT_MIN_ROWS, out.ctypes.data, iout.ctypes.data) != 0:
+    if _C.finalize_hist(n, *(c.ctypes.data for c in cols), 0, 0, 1, _FPR_CODE[fpr_mode], _AP_CODE[ap_mode],
+                        tpr_target, SPLIT_MIN_ROWS, out.ctypes.data, iout.ctypes.data) != 0:
         raise RuntimeError("finalize_hist: a decisive group spans several rows")
-    return _result_from_walk(method, params, out, iout, lo_hi, table, fpr_mode=fpr_mode, ap_mode=ap_mode,
-                             tpr_target=tpr_target, stacklevel=5)
+    return _result_from_walk(method, params, out, iout, lambda rows: (lo[rows], hi[rows]), (pos, neg, lo, hi),
+                             fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
+                             stacklevel=6)  # warnings: finalize_coords' caller
 
 
 def _result_from_walk(method: str, params: dict, out: np.ndarray, iout: np.ndarray, lo_hi, table, *,
                       fpr_mode: str, ap_mode: str, tpr_target: float, stacklevel: int):
     """The MetricResult of one compiled walk's outputs (finalize_hist's out / iout);
-    stacklevel: of its warnings (undefined metrics), counted from result_from_sums."""
+    stacklevel: of its warnings (undefined metrics), counted from the warning's helper inside
+    result_from_sums (4: this function's caller)."""
     P, N = int(iout[_IOUT["P"]]), int(iout[_IOUT["N"]])
     sums = None
     if P > 0:
@@ -708,7 +704,7 @@ def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "st
     walk over the same rows), in one compiled call that finalizes the histograms in
     parallel, one per thread (finalize_cpu.h: finalize_hists): evaluate() and compute()
     finalize all their methods at once. stacklevel: of the warnings about undefined metrics,
-    counted from result_from_sums (6: the caller of this function's caller)."""
+    counted as _result_from_walk counts it (6: this function's caller, 7: its caller)."""
     tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
     items = list(hists.items())
     cols, table = [], np.zeros((len(items), 5), np.int64)

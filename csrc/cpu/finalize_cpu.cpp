@@ -367,6 +367,16 @@ BinBounds bin_bounds_cpu(int64_t index, int64_t sig) {
 
 namespace {
 
+// 0 .. n-1 by descending work(j) (ties in index order): the order in which a dynamic
+// OpenMP schedule balances unequal items over the threads.
+template <class Work>
+std::vector<int64_t> longest_first(int64_t n, Work work) {
+  std::vector<int64_t> order((size_t)n);
+  for (int64_t j = 0; j < n; ++j) order[(size_t)j] = j;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work(a) > work(b); });
+  return order;
+}
+
 // Zeroes n signatures that may hold bits. Most are already zero (only methods whose
 // float32 coordinate is the exact score keep signatures, FusedArgs.sig_mask), and their
 // rows are often never-written zero pages: reading them is free, writing would back them
@@ -398,26 +408,18 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
     // which bins of the chunk hold a count (no data-dependent branch: empty and full
     // bins interleave), then only those are visited
     uint64_t full = 0;
-    if (len == OCC_BLOCK) {  // flags as bytes (vectorized), packed 8 at a time by a multiply
-      alignas(64) uint8_t nz[OCC_BLOCK];
-      int64_t s = 0;
-      for (int i = 0; i < OCC_BLOCK; ++i) {
-        const int64_t either = h0[i] | h1[i];
-        s |= either;
-        nz[i] = either != 0;
-      }
-      sign |= s;
-      for (int g = 0; g < OCC_BLOCK / 8; ++g) {  // bytes b_0..b_7 in {0, 1} -> bits 0..7
-        uint64_t w;
-        std::memcpy(&w, nz + 8 * g, 8);
-        full |= ((w * 0x0102040810204080ull) >> 56) << (8 * g);
-      }
-    } else {
-      for (int i = 0; i < len; ++i) {
-        const int64_t either = h0[i] | h1[i];
-        sign |= either;
-        full |= (uint64_t)(either != 0) << i;
-      }
+    alignas(64) uint8_t nz[OCC_BLOCK] = {};  // flags as bytes (vectorized), packed 8 at a time by a multiply
+    int64_t s = 0;
+    for (int i = 0; i < len; ++i) {
+      const int64_t either = h0[i] | h1[i];
+      s |= either;
+      nz[i] = either != 0;
+    }
+    sign |= s;
+    for (int g = 0; g < OCC_BLOCK / 8; ++g) {  // bytes b_0..b_7 in {0, 1} -> bits 0..7
+      uint64_t w;
+      std::memcpy(&w, nz + 8 * g, 8);
+      full |= ((w * 0x0102040810204080ull) >> 56) << (8 * g);
     }
     if (!index) {  // clear-only call (HistState.clear_): nothing read out
       k += __builtin_popcountll(full);
@@ -482,12 +484,10 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
   std::vector<std::vector<LiveChunk>> live((size_t)n_methods);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t j = 0; j < n_methods; ++j) live[(size_t)j] = live_chunks(occ, j);
-  std::vector<std::pair<int64_t, int64_t>> order((size_t)n_methods);
-  for (int64_t j = 0; j < n_methods; ++j) order[(size_t)j] = {-(int64_t)live[(size_t)j].size(), j};
-  std::sort(order.begin(), order.end());
+  const std::vector<int64_t> order = longest_first(n_methods, [&](int64_t j) { return (int64_t)live[(size_t)j].size(); });
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
   for (int64_t r = 0; r < n_methods; ++r) {
-    const int64_t j = order[(size_t)r].second;
+    const int64_t j = order[(size_t)r];
     auto out = [&](int k) { return outputs ? reinterpret_cast<int64_t*>(outputs[4 * j + k]) : nullptr; };
     status = std::min(status, readout_method(hist, sig, live[(size_t)j], j, capacity ? capacity[j] : 0, clear != 0,
                                              out(0), out(1), out(2), out(3), meta + 4 * j));
@@ -581,13 +581,11 @@ int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t t
 int64_t finalize_hists_cpu(int64_t n_hists, int64_t table_ptr, int64_t fpr_mode, int64_t ap_mode, double tpr_target,
                            int64_t out_ptr, int64_t iout_ptr) {
   const auto* table = reinterpret_cast<const int64_t*>(table_ptr);
-  std::vector<std::pair<int64_t, int64_t>> order((size_t)n_hists);  // longest first
-  for (int64_t j = 0; j < n_hists; ++j) order[(size_t)j] = {-table[5 * j], j};
-  std::sort(order.begin(), order.end());
+  const std::vector<int64_t> order = longest_first(n_hists, [&](int64_t j) { return table[5 * j]; });
   int64_t status = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
   for (int64_t r = 0; r < n_hists; ++r) {
-    const int64_t j = order[(size_t)r].second;
+    const int64_t j = order[(size_t)r];
     const int64_t* t = table + 5 * j;
     status = std::min(status, finalize_hist_cpu(t[0], t[1], t[2], 0, t[3], t[4], 0, fpr_mode, ap_mode, tpr_target,
                                                 std::numeric_limits<int64_t>::max(), out_ptr + 8 * FIN_NF * j,
