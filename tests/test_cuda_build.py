@@ -81,9 +81,11 @@ def test_empty_input_makes_no_cuda_call():
     a = cuda_mod.FusedArgs()
     a.B, a.C, a.H, a.W = 0, 19, 4, 4
     a.methods = [0]
+    a.counters_ptr = 8  # never dereferenced: the checks of both cores want it non-null (checks.h)
     assert cuda_mod.fused(a) is None
     f = cuda_mod.FitArgs()
     f.B, f.C, f.H, f.W = 2, 19, 0, 4
+    f.counters_ptr = f.count_ptr = f.sum_ptr = f.sumsq_ptr = 8
     assert cuda_mod.fit_sml(f) is None
     a.B = 1
     with pytest.raises(ValueError):
@@ -100,6 +102,8 @@ def test_host_pointer_raises_instead_of_crashing():
     a.logits_ptr = x.data_ptr()
     a.B, a.C, a.H, a.W = 1, 3, 2, 2
     a.ls_b, a.ls_c, a.ls_h, a.ls_w = x.stride()
+    counters = torch.zeros(4, dtype=torch.int64)
+    a.counters_ptr = counters.data_ptr()
     a.methods = [0]
     with pytest.raises(RuntimeError, match="anomfast CUDA"):
         cuda_mod.fused(a)
@@ -196,6 +200,7 @@ def emulation_checks(so_path):
     import numpy as np
 
     from anomfast import _fused
+    from anomfast.histogram import HistState
     from anomfast.labels import LabelMap
     from anomfast.methods import resolve
     from test_scores import assert_state_equals_binning, exact_mask, masked_pass, same_state
@@ -348,13 +353,21 @@ def emulation_checks(so_path):
     a.ys_b, a.ys_h, a.ys_w = ya.stride()
     table = torch.zeros(256, dtype=torch.int8)
     a.lut_ptr, a.lut_len = table.data_ptr(), 256
-    for field, value, msg in (("hist_ptr", 0, "histograms pointer is null"), ("logit_dtype", 7, "logit dtype"),
-                              ("label_dtype", 99, "label dtype"), ("B", -1, "negative shape"),
-                              ("logits_ptr", xa.data_ptr() + 1, "not aligned"), ("C", 0, "class count"),
-                              ("temperature", 0.0, "temperature")):
+    st = HistState.new(1, "cpu")
+    cnt = torch.zeros(4, dtype=torch.int64)
+    a.hist_ptr, a.occ_ptr, a.counters_ptr = st.hist.data_ptr(), st.occ.data_ptr(), cnt.data_ptr()
+    emu.fused(a)  # the base call is accepted
+    assert int(cnt.sum()) == 4 * 32
+    # the checks of both cores (checks.h), then the CUDA core's own (alignment, device)
+    for field, value, msg in (("hist_ptr", 0, "no histogram buffers"), ("logit_dtype", 7, "logit dtype"),
+                              ("label_dtype", 99, "label dtype"), ("B", -1, "B, H, W must be >= 0"),
+                              ("logits_ptr", xa.data_ptr() + 1, "not aligned"), ("C", 0, "C >= 1"),
+                              ("temperature", 0.0, "temperature"), ("counters_ptr", 0, "counters pointer"),
+                              ("methods", [6], "heat needs"), ("ls_c", 2 ** 62, "strides overflow")):
         bad = emu.FusedArgs()
         for k in ("logits_ptr", "logit_dtype", "B", "C", "H", "W", "ls_b", "ls_c", "ls_h", "ls_w", "methods",
-                  "labels_ptr", "label_dtype", "ys_b", "ys_h", "ys_w", "lut_ptr", "lut_len"):
+                  "labels_ptr", "label_dtype", "ys_b", "ys_h", "ys_w", "lut_ptr", "lut_len", "hist_ptr", "occ_ptr",
+                  "counters_ptr"):
             setattr(bad, k, getattr(a, k))
         setattr(bad, field, value)
         try:

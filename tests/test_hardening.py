@@ -342,7 +342,12 @@ def test_core_refuses_unknown_method_codes_and_bad_arguments():
                     ({"methods": [7]}, "external method needs"), ({"methods": [3]}, "sml needs"),
                     ({"sig_mask": 2}, "sig_mask"), ({"logits_ptr": 0}, "logits pointer"),
                     ({"counters_ptr": 0}, "counters pointer"), ({"temperature": 0.0}, "temperatures"),
-                    ({"labels_ptr": x.data_ptr(), "label_dtype": 99}, "label dtype")]:
+                    ({"labels_ptr": x.data_ptr(), "label_dtype": 99}, "label dtype"),
+                    ({"temperature": float("inf")}, "temperatures"), ({"C": 0}, "C >= 1"),
+                    ({"B": 2 ** 40, "H": 2 ** 40}, "overflows int64"),
+                    ({"ls_c": 2 ** 62}, "logits' strides overflow"),
+                    ({"labels_ptr": x.data_ptr(), "label_dtype": 10, "lut_ptr": x.data_ptr(), "lut_len": 4,
+                      "ys_w": -(2 ** 63)}, "labels' strides overflow")]:
         with pytest.raises(ValueError, match=msg):
             _C.fused(args(**kw))
     assert set(_C.METHODS) >= set(anomfast.METHODS) and int(_C.METHODS["external"]) == len(_C.METHODS) - 1

@@ -88,10 +88,13 @@ ANOMFAST_HD float exp_reduced(float x, float n) {
   return p * z + r + 1.0f;
 }
 
+// Below this exp gives 0 (exp(-87.33654) is about FLT_MIN: 2^n stays a normal float).
+constexpr float EXP_ZERO_BELOW = -87.33654f;
+
 // exp(x). Inputs below -87.3 give 0 (they only appear as e_c = exp(l_c - m) of
 // negligible classes), above 88.7 are clamped.
 ANOMFAST_HD float fast_exp(float x) {
-  x = x < -87.33654f ? -87.33654f : x;
+  x = x < EXP_ZERO_BELOW ? EXP_ZERO_BELOW : x;
   x = x > 88.72283f ? 88.72283f : x;
   float n = exp_round(x) - EXP_ROUND;
   float p = exp_reduced(x, n);
@@ -100,7 +103,7 @@ ANOMFAST_HD float fast_exp(float x) {
   int32_t n1 = ni >> 1, n2 = ni - n1;
   float s1 = u2f((uint32_t)(n1 + 127) << 23), s2 = u2f((uint32_t)(n2 + 127) << 23);
   float out = p * s1 * s2;
-  return x <= -87.33654f ? 0.0f : out;
+  return x <= EXP_ZERO_BELOW ? 0.0f : out;
 }
 
 // fast_exp(x) for x <= 0 (and NaN), bit for bit (checked on every such float32, with
@@ -109,11 +112,11 @@ ANOMFAST_HD float fast_exp(float x) {
 // conversion, no upper clamp), and p * 2^n rounds once like p * s1 * s2 (p * s1 is
 // exact). The CPU msp pass got ~15% faster with it.
 ANOMFAST_HD float fast_exp_nonpos(float x) {
-  float xc = x < -87.33654f ? -87.33654f : x;  // keeps n >= -126; such x give 0 below
+  float xc = x < EXP_ZERO_BELOW ? EXP_ZERO_BELOW : x;  // keeps n >= -126; such x give 0 below
   float t = exp_round(xc);
   float p = exp_reduced(xc, t - EXP_ROUND);
   float out = p * u2f((f2u(t) + 127u) << 23);  // (n + 127) << 23: the bits above 9 shift out
-  return x <= -87.33654f ? 0.0f : out;
+  return x <= EXP_ZERO_BELOW ? 0.0f : out;
 }
 
 // fast_exp_nonpos, bit for bit, with the first reduction step x - n * 0.693359375 as one
@@ -124,7 +127,7 @@ ANOMFAST_HD float fast_exp_nonpos(float x) {
 // Checked equal to fast_exp_nonpos on every non-positive float32 (2026-12-02, g++ -mfma
 // -ffp-contract=off; NaN inputs give NaN in both).
 ANOMFAST_HD float fast_exp_nonpos_fma(float x) {
-  float xc = x < -87.33654f ? -87.33654f : x;
+  float xc = x < EXP_ZERO_BELOW ? EXP_ZERO_BELOW : x;
   float t = exp_round(xc);
   float n = t - EXP_ROUND;
   float r = fmaf(-n, 0.693359375f, xc);
@@ -134,13 +137,38 @@ ANOMFAST_HD float fast_exp_nonpos_fma(float x) {
               4.1665795894E-2f) * r + 1.6666665459E-1f) * r + 5.0000001201E-1f;
   p = p * z + r + 1.0f;
   float out = p * u2f((f2u(t) + 127u) << 23);
-  return x <= -87.33654f ? 0.0f : out;
+  return x <= EXP_ZERO_BELOW ? 0.0f : out;
 }
 
-// One class's term e_c (l_c - m) of the entropy sum sx, with e = exp(d), d = l_c - m <= 0.
-// Where e is 0 the term is 0: finite logits further apart than the float32 range give
-// d = -inf, and 0 * -inf would make the entropy NaN (the float64 reference gives 0 there).
-ANOMFAST_HD float entropy_term(float e, float d) { return e * (d < -87.33654f ? 0.0f : d); }
+// The per-class terms of the class loops, with e = fast_exp_nonpos(d), d = l_c - m <= 0
+// (NaN when a logit is not finite: such pixels are never binned, their maps hold NaN).
+// Both cores add them in class order 0 .. C - 1. On the device each takes a form one
+// instruction cheaper with the same value wherever the pixel is finite (on the host the
+// form the CPU core has always computed: GCC contracts the neighbouring sums of its
+// vectorized loops differently with another form, which changes their last bits).
+//
+// S' = sum_{c != k} e_c: class c's term, 0 for the argmax k (whose e is 1). 0 * e and a
+// select of 0 are both +0 for e >= 0.
+ANOMFAST_HD float s1_term(float e, bool is_k) {
+#if defined(__CUDA_ARCH__)
+  return is_k ? 0.0f : e;
+#else
+  return (float)!is_k * e;
+#endif
+}
+
+// The entropy sum sx = sum_c e_c (l_c - m): class c's term. Where e is 0 the term is 0:
+// finite logits further apart than the float32 range give d = -inf, and 0 * -inf would
+// make the entropy NaN (the float64 reference gives 0 there). The device clamps d at -88
+// instead (one max): below EXP_ZERO_BELOW e is 0, so the term is -0 or +0 either way, and
+// sx (never -0) is unchanged by both.
+ANOMFAST_HD float entropy_term(float e, float d) {
+#if defined(__CUDA_ARCH__)
+  return e * (d < -88.0f ? -88.0f : d);
+#else
+  return e * (d < EXP_ZERO_BELOW ? 0.0f : d);
+#endif
+}
 
 // log(x) for finite x > 0 (normal range).
 ANOMFAST_HD float fast_log(float x) {

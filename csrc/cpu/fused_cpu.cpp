@@ -71,6 +71,7 @@
 #endif
 
 #include "../common/binning.h"
+#include "../common/pixel.h"
 #include "../common/score_math.h"
 #include "../common/views.h"
 
@@ -159,18 +160,8 @@ inline TilePos tile_pos(int64_t t, int64_t nW, int64_t H, int64_t W) {
 }
 
 template <int DT>
-inline float load_logit(const void* base, int64_t off);
-template <>
-inline float load_logit<F32>(const void* base, int64_t off) {
-  return static_cast<const float*>(base)[off];
-}
-template <>
-inline float load_logit<F16>(const void* base, int64_t off) {
-  return half_to_float(static_cast<const uint16_t*>(base)[off]);
-}
-template <>
-inline float load_logit<BF16>(const void* base, int64_t off) {
-  return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
+inline float load_logit(const void* base, int64_t off) {
+  return Logit<DT>::to_float(static_cast<const typename Logit<DT>::T*>(base)[off]);
 }
 
 // buf[c * TILE + i] = logit (b, c, h, w0 + i) as float32; past n zero-filled.
@@ -210,36 +201,39 @@ inline const float* tile_rows(const void* lp, int64_t C, int64_t base, int64_t l
   return buf;
 }
 
-// Label values -> LabelClass through the LUT; one loop per label dtype, so the
+// Label values -> LabelClass through the LUT (pixel.h); one loop per label dtype, so the
 // per-pixel work is a load, a range check and the LUT read.
-template <typename T>
-inline void label_tile_t(const T* y, int64_t ys_w, int n, const int8_t* lut, int64_t lut_offset, int64_t lut_len,
-                         int8_t* cls) {
-  for (int i = 0; i < n; ++i) {
-    // unsigned: well defined for labels near the int64 limits; a negative difference wraps
-    // to a huge value, so one comparison checks both ends
-    const uint64_t v = (uint64_t)(int64_t)y[i * ys_w] - (uint64_t)lut_offset;
-    cls[i] = v < (uint64_t)lut_len ? lut[v] : (int8_t)LABEL_INVALID;
-  }
-}
-
 inline void label_tile(const void* yp, int32_t dt, int64_t base, int64_t ys_w, int n,
                        const int8_t* lut, int64_t lut_offset, int64_t lut_len, int8_t* cls) {
-  switch (dt) {
-    case U8: return label_tile_t(static_cast<const uint8_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
-    case I8: return label_tile_t(static_cast<const int8_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
-    case BOOL: {  // any nonzero byte is true
-      int8_t v[TILE];
-      const uint8_t* y = static_cast<const uint8_t*>(yp) + base;
-      for (int i = 0; i < n; ++i) v[i] = y[i * ys_w] ? 1 : 0;
-      return label_tile_t(v, 1, n, lut, lut_offset, lut_len, cls);
-    }
-    case I16: return label_tile_t(static_cast<const int16_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
-    case I32: return label_tile_t(static_cast<const int32_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
-    case U16: return label_tile_t(static_cast<const uint16_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
-    case U32: return label_tile_t(static_cast<const uint32_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
-    default: return label_tile_t(static_cast<const int64_t*>(yp) + base, ys_w, n, lut, lut_offset, lut_len, cls);
+  with_label_type(dt, [&](auto tag, auto is_bool) {
+    const auto* y = static_cast<const decltype(tag)*>(yp) + base;
+    for (int i = 0; i < n; ++i)
+      cls[i] = (int8_t)label_class(label_raw<decltype(is_bool)::value>(y[i * ys_w]), lut, lut_offset, lut_len);
+  });
+}
+
+// The scoring and the fit passes walk tiles alike: a tile's class rows (no copy for full
+// float32 rows, else converted into buf; cs: their class stride) and its label classes.
+struct TileRows {
+  const float* rows;
+  int64_t cs;
+};
+template <int DT>
+inline TileRows read_tile(const InputArgs& a, const TilePos& tp, float* buf) {
+  TileRows r{nullptr, TILE};
+  r.rows = tile_rows<DT>(reinterpret_cast<const void*>(a.logits_ptr), a.C,
+                         tp.b * a.ls_b + tp.h * a.ls_h + tp.w0 * a.ls_w, a.ls_c, a.ls_w, tp.n, buf, r.cs);
+  return r;
+}
+
+// Without labels every pixel is LABEL_NORMAL (the fit on unlabelled in-distribution data).
+inline void tile_labels(const InputArgs& a, const TilePos& tp, int8_t* cls) {
+  if (!a.labels_ptr) {
+    for (int i = 0; i < tp.n; ++i) cls[i] = LABEL_NORMAL;
+    return;
   }
+  label_tile(reinterpret_cast<const void*>(a.labels_ptr), a.label_dtype, tp.b * a.ys_b + tp.h * a.ys_h + tp.w0 * a.ys_w,
+             a.ys_w, tp.n, reinterpret_cast<const int8_t*>(a.lut_ptr), a.lut_offset, a.lut_len, cls);
 }
 
 struct TileState {
@@ -305,12 +299,12 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
           for (int i = 0; i < V; ++i) {
             const float d = row[i] - mv[i];
             const float e = fast_exp_nonpos(d);
-            s1[i] += (float)(c != kv[i]) * e;
+            s1[i] += s1_term(e, c == kv[i]);
             sx[i] += entropy_term(e, d);
           }
         } else {
 #pragma omp simd
-          for (int i = 0; i < V; ++i) s1[i] += (float)(c != kv[i]) * fast_exp_nonpos(row[i] - mv[i]);
+          for (int i = 0; i < V; ++i) s1[i] += s1_term(fast_exp_nonpos(row[i] - mv[i]), c == kv[i]);
         }
       }
 #pragma omp simd
@@ -418,8 +412,6 @@ int fused_impl(const FusedArgs& a) {
   const float* sml_mean = reinterpret_cast<const float*>(a.sml_mean_ptr);
   const float* sml_inv = reinterpret_cast<const float*>(a.sml_inv_std_ptr);
   const void* lp = reinterpret_cast<const void*>(a.logits_ptr);
-  const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
-  const int8_t* lut = reinterpret_cast<const int8_t*>(a.lut_ptr);
   int64_t* hist = reinterpret_cast<int64_t*>(a.hist_ptr);
   uint32_t* sig = reinterpret_cast<uint32_t*>(a.sig_ptr);
   uint8_t* occ = reinterpret_cast<uint8_t*>(a.occ_ptr);
@@ -492,9 +484,9 @@ int fused_impl(const FusedArgs& a) {
       const TilePos tp = fl.heat ? heat_tile_pos(t, nW, a.H, a.W) : tile_pos(t, nW, a.H, a.W);
       const int64_t b = tp.b, h = tp.h, w0 = tp.w0;
       const int n = tp.n;
-      int64_t cs = TILE;
-      const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
-                                        buf.data(), cs);
+      const TileRows tr = read_tile<DT>(a, tp, buf.data());
+      const float* rows = tr.rows;
+      const int64_t cs = tr.cs;
       tile_sums(rows, cs, C, fl.s1, fl.sT, fl.sx, fl.gen, inv_t, a.gen_gamma, st);
       const int64_t px = b * plane + h * a.W + w0;  // the tile's offset in (B, H, W) maps
       if (fl.heat) heat_tile<DT>(a, lp, b, h, w0, n, rows, cs, st, heat_m + px, *hb);
@@ -521,19 +513,17 @@ int fused_impl(const FusedArgs& a) {
       }
       if (!with_hist) continue;
 
-      label_tile(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w0 * a.ys_w, a.ys_w, n, lut, a.lut_offset,
-                 a.lut_len, cls);
+      tile_labels(a, tp, cls);
       // where each pixel's count goes: its label's row of method 0, or -1 (skipped)
       int32_t row[TILE];
       int32_t n_void = 0, n_invalid = 0, n_nonfinite = 0;
       for (int i = 0; i < n; ++i) {
-        // bitwise, not &&: no branches, so the loop vectorizes (integer sums: no pragma needed)
-        const int32_t c = cls[i], bad = st.bad[i];
-        const int32_t labelled = (int32_t)(c == LABEL_NORMAL) | (int32_t)(c == LABEL_ANOMALY);
-        n_void += (int32_t)(c == LABEL_VOID);
-        n_invalid += (int32_t)(c == LABEL_INVALID);
-        n_nonfinite += labelled & bad;
-        row[i] = (labelled & (bad ^ 1)) ? c * (int32_t)NBINS : -1;
+        // pixel_fate is branch-free, so the loop vectorizes (integer sums: no pragma needed)
+        const PixelFate f = pixel_fate(cls[i], st.bad[i]);
+        n_void += f.is_void;
+        n_invalid += f.invalid;
+        n_nonfinite += f.nonfinite;
+        row[i] = f.binned ? cls[i] * (int32_t)NBINS : -1;
       }
       cnt[CNT_VOID] += n_void;
       cnt[CNT_INVALID] += n_invalid;
@@ -600,9 +590,6 @@ template <int DT>
 void fit_impl(const FitArgs& a) {
   const int64_t C = a.C, nW = (a.W + TILE - 1) / TILE;
   const int64_t n_tiles = a.B * a.H * nW;
-  const void* lp = reinterpret_cast<const void*>(a.logits_ptr);
-  const void* yp = reinterpret_cast<const void*>(a.labels_ptr);
-  const int8_t* lut = reinterpret_cast<const int8_t*>(a.lut_ptr);
   int64_t* count = reinterpret_cast<int64_t*>(a.count_ptr);
   double* sum = reinterpret_cast<double*>(a.sum_ptr);
   double* sumsq = reinterpret_cast<double*>(a.sumsq_ptr);
@@ -633,28 +620,18 @@ void fit_impl(const FitArgs& a) {
       double* lq = gsq.data() + g * C;
       for (int64_t t = g * FIT_GROUP; t < std::min(n_tiles, (g + 1) * FIT_GROUP); ++t) {
         const TilePos tp = tile_pos(t, nW, a.H, a.W);
-        const int64_t b = tp.b, h = tp.h, w0 = tp.w0;
-        const int n = tp.n;
-        int64_t cs = TILE;
-        const float* rows = tile_rows<DT>(lp, C, b * a.ls_b + h * a.ls_h + w0 * a.ls_w, a.ls_c, a.ls_w, n,
-                                          buf.data(), cs);
-        tile_sums(rows, cs, C, false, false, false, false, 1.0f, 0.0f, st);
-        if (yp) {
-          label_tile(yp, a.label_dtype, b * a.ys_b + h * a.ys_h + w0 * a.ys_w, a.ys_w, n, lut, a.lut_offset,
-                     a.lut_len, cls);
-        } else {
-          for (int i = 0; i < n; ++i) cls[i] = LABEL_NORMAL;
-        }
-        for (int i = 0; i < n; ++i) {
-          if (cls[i] == LABEL_INVALID) { ++cnt[CNT_INVALID]; continue; }
-          if (cls[i] != LABEL_NORMAL) { ++cnt[CNT_VOID]; continue; }
-          if (st.bad[i]) { ++cnt[CNT_NONFINITE]; continue; }
+        const TileRows tr = read_tile<DT>(a, tp, buf.data());
+        tile_sums(tr.rows, tr.cs, C, false, false, false, false, 1.0f, 0.0f, st);
+        tile_labels(a, tp, cls);
+        for (int i = 0; i < tp.n; ++i) {
+          const PixelFate f = fit_fate(cls[i], st.bad[i]);
+          count_fate(cnt, f);
+          if (!f.binned) continue;
           const int32_t k = st.k[i];
           const double m = st.m[i];
           lc[k] += 1;
           ls[k] += m;
           lq[k] += m * m;
-          ++cnt[CNT_BINNED];
         }
       }
     }
@@ -677,19 +654,13 @@ void fit_impl(const FitArgs& a) {
 }  // namespace
 
 int fused(const FusedArgs& a) {
-  switch (a.logit_dtype) {
-    case F16: return fused_impl<F16>(a);
-    case BF16: return fused_impl<BF16>(a);
-    default: return fused_impl<F32>(a);
-  }
+  int status = FUSED_OK;
+  with_logit_dtype(a.logit_dtype, [&](auto dt) { status = fused_impl<decltype(dt)::value>(a); });
+  return status;
 }
 
 void fit_sml(const FitArgs& a) {
-  switch (a.logit_dtype) {
-    case F16: fit_impl<F16>(a); break;
-    case BF16: fit_impl<BF16>(a); break;
-    default: fit_impl<F32>(a); break;
-  }
+  with_logit_dtype(a.logit_dtype, [&](auto dt) { fit_impl<decltype(dt)::value>(a); });
 }
 
 }  // namespace ANOMFAST_ISA_NS

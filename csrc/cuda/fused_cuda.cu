@@ -67,6 +67,8 @@
 #include <utility>
 
 #include "../common/binning.h"
+#include "../common/checks.h"
+#include "../common/pixel.h"
 #include "../common/score_math.h"
 #include "../common/views.h"
 #include "fused_cuda.h"
@@ -105,45 +107,18 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 __device__ __forceinline__ int lane_id() { return (int)(threadIdx.x & 31u); }
 
 template <int DT>
-__device__ __forceinline__ float load_logit(const void* base, int64_t off);
-template <>
-__device__ __forceinline__ float load_logit<F32>(const void* base, int64_t off) {
-  return __ldg(static_cast<const float*>(base) + off);
-}
-template <>
-__device__ __forceinline__ float load_logit<F16>(const void* base, int64_t off) {
-#if defined(__CUDA_ARCH__)
-  // the hardware conversion is exact (every half is a float), as half_to_float; a NaN
-  // keeps being a NaN (its payload may differ, but a NaN pixel is never binned)
-  return __half2float(__ushort_as_half(__ldg(static_cast<const unsigned short*>(base) + off)));
-#else
-  return half_to_float(__ldg(static_cast<const unsigned short*>(base) + off));
-#endif
-}
-template <>
-__device__ __forceinline__ float load_logit<BF16>(const void* base, int64_t off) {
-  return bf16_to_float(__ldg(static_cast<const unsigned short*>(base) + off));
+__device__ __forceinline__ float load_logit(const void* base, int64_t off) {
+  return Logit<DT>::to_float(__ldg(static_cast<const typename Logit<DT>::T*>(base) + off));
 }
 
+// The raw value of the label at element offset off (pixel.h: the dtype switch).
 __device__ __forceinline__ int64_t load_label(const void* yp, int32_t dt, int64_t off) {
-  switch (dt) {
-    case U8: return __ldg(static_cast<const unsigned char*>(yp) + off);
-    case I8: return __ldg(static_cast<const signed char*>(yp) + off);
-    case BOOL: return __ldg(static_cast<const unsigned char*>(yp) + off) ? 1 : 0;
-    case I16: return __ldg(static_cast<const short*>(yp) + off);
-    case I32: return __ldg(static_cast<const int*>(yp) + off);
-    case U16: return __ldg(static_cast<const unsigned short*>(yp) + off);
-    case U32: return __ldg(static_cast<const unsigned int*>(yp) + off);
-    default: return __ldg(static_cast<const long long*>(yp) + off);
-  }
-}
-
-// The label class of raw label value `raw` (split from the load, so that the load can be
-// issued before the score math and its latency hidden behind it).
-__device__ __forceinline__ int lut_class(int64_t raw, const int8_t* lut, int64_t lut_offset, int64_t lut_len) {
-  // unsigned: well defined near the int64 limits; a negative difference wraps past lut_len
-  const uint64_t v = (uint64_t)raw - (uint64_t)lut_offset;
-  return v < (uint64_t)lut_len ? (int)lut[v] : (int)LABEL_INVALID;
+  return with_label_type(dt, [&](auto tag, auto is_bool) -> int64_t {
+    using T = decltype(tag);
+    const T* y = static_cast<const T*>(yp) + off;
+    if constexpr (sizeof(T) == 8) return __ldg(reinterpret_cast<const long long*>(y));  // __ldg has no int64_t
+    else return label_raw<decltype(is_bool)::value>(__ldg(y));
+  });
 }
 
 // The grid-stride loop's pixel -> element offsets without a division per pixel. A
@@ -295,14 +270,14 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
       const float d = X(c) - m;
       const float e = exp_nonpos(d);
       if constexpr (CR > 0) er[c] = e;
-      s1 += c != k ? e : 0.0f;
-      sx += e * (d < -88.0f ? -88.0f : d);
+      s1 += s1_term(e, c == k);
+      sx += entropy_term(e, d);
     });
   } else if (nd.s1) {
     for_classes<CR, 0>(C, [&](int c) {
       const float e = exp_nonpos(X(c) - m);
       if constexpr (CR > 0) er[c] = e;
-      s1 += c != k ? e : 0.0f;
+      s1 += s1_term(e, c == k);
     });
   }
   if (nd.sT) {
@@ -522,18 +497,8 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
     // the label first: its load is in flight during the score math
     const int64_t raw = P.with_hist && active ? load_label(yp, a.label_dtype, cur.yo) : 0;
     PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
-    bool valid = false, pix_bad = false;
-    int cls = LABEL_VOID;
+    bool pix_bad = false;
     if (active) pix_bad = pixel_sums<DT, CR>(lp, cur.lo, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
-    if (P.with_hist && active) {
-      cls = lut_class(raw, lut, a.lut_offset, a.lut_len);
-      // branch-free: void, invalid, non-finite or binned, in that order of precedence
-      const bool labelled = cls == LABEL_NORMAL || cls == LABEL_ANOMALY;
-      cnt[CNT_VOID] += cls == LABEL_VOID;
-      cnt[CNT_INVALID] += cls == LABEL_INVALID;
-      cnt[CNT_NONFINITE] += labelled && pix_bad;
-      valid = labelled && !pix_bad;
-    }
     // each requested kind's coordinate, once (method_coord with a constant code folds to
     // that method's formula); a non-finite one (SML with a zero std, energy past the
     // float range) makes the pixel skipped and counted for all methods, as on the CPU
@@ -560,9 +525,15 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
       }
       coord_bad |= nonfinite_bits(f2u(t[m]));
     }
-    cnt[CNT_NONFINITE] += valid && coord_bad;
-    valid = valid && !coord_bad;
-    cnt[CNT_BINNED] += valid;
+    // the pixel's one counter (pixel.h), as on the CPU
+    bool valid = false;
+    int cls = LABEL_VOID;
+    if (P.with_hist && active) {
+      cls = label_class(raw, lut, a.lut_offset, a.lut_len);
+      const PixelFate f = pixel_fate(cls, (int32_t)(pix_bad | coord_bad));
+      count_fate(cnt, f);
+      valid = f.binned;
+    }
     const int cls01 = valid ? cls : 0;
     // out: output index j, coordinate tj
     auto emit = [&](int j, float tj) {
@@ -648,11 +619,10 @@ __global__ void __launch_bounds__(THREADS) fit_kernel(const FitParams P) {
     if (p < N) {
       const int64_t raw = yp ? load_label(yp, a.label_dtype, cur.yo) : 0;
       const bool bad = pixel_sums<DT, 0>(lp, cur.lo, a.ls_c, C, none, 1.0f, 0.0f, s);
-      const int cls = yp ? lut_class(raw, lut, a.lut_offset, a.lut_len) : (int)LABEL_NORMAL;
-      if (cls == LABEL_INVALID) ++cnt[CNT_INVALID];
-      else if (cls != LABEL_NORMAL) ++cnt[CNT_VOID];
-      else if (bad) ++cnt[CNT_NONFINITE];
-      else { ++cnt[CNT_BINNED]; valid = true; }
+      const int32_t cls = yp ? label_class(raw, lut, a.lut_offset, a.lut_len) : (int32_t)LABEL_NORMAL;
+      const PixelFate f = fit_fate(cls, (int32_t)bad);  // pixel.h, as on the CPU
+      count_fate(cnt, f);
+      valid = f.binned;
     }
     const double m = valid ? (double)s.m : 0.0;
     const unsigned peers = __match_any_sync(FULL, valid ? (uint32_t)s.k : 0xffffffffu);
@@ -747,36 +717,8 @@ int64_t label_size(int32_t dt) {
   }
 }
 
-// Pixels B * H * W; C in [1, 2^31); every element offset the kernels form (sum of
-// (extent - 1) * |stride| over the dimensions) fits an int64 byte offset.
-int64_t check_geometry(int64_t B, int64_t C, int64_t H, int64_t W, const int64_t (&ls)[4], const int64_t (&ys)[3],
-                       bool labels) {
-  if (B < 0 || C < 0 || H < 0 || W < 0)
-    bad_arg("negative shape (" + std::to_string(B) + ", " + std::to_string(C) + ", " + std::to_string(H) + ", " +
-            std::to_string(W) + ")");
-  int64_t n = 0, bh = 0;
-  if (__builtin_mul_overflow(B, H, &bh) || __builtin_mul_overflow(bh, W, &n)) bad_arg("B * H * W overflows int64");
-  if (n == 0) return 0;
-  if (C < 1 || C > INT32_MAX) bad_arg("class count C = " + std::to_string(C) + " is not in [1, 2^31)");
-  auto span = [](std::initializer_list<std::pair<int64_t, int64_t>> dims) {
-    int64_t total = 0;
-    for (const auto& d : dims) {
-      int64_t t = 0;
-      const int64_t st = d.second < 0 ? -d.second : d.second;
-      if (d.second == INT64_MIN || __builtin_mul_overflow(d.first - 1, st, &t) ||
-          __builtin_add_overflow(total, t, &total) || total > INT64_MAX / 8)
-        return false;
-    }
-    return true;
-  };
-  if (!span({{B, ls[0]}, {C, ls[1]}, {H, ls[2]}, {W, ls[3]}})) bad_arg("the logits' strides overflow int64 offsets");
-  if (labels && !span({{B, ys[0]}, {H, ys[1]}, {W, ys[2]}})) bad_arg("the labels' strides overflow int64 offsets");
-  return n;
-}
-
-void check_labels(int dev, int64_t labels_ptr, int32_t label_dtype, int64_t lut_ptr, int64_t lut_len) {
+void check_labels(int dev, int64_t labels_ptr, int32_t label_dtype, int64_t lut_ptr) {
   check_on(dev, labels_ptr, "labels", label_size(label_dtype));
-  if (lut_len < 1 || lut_len > INT32_MAX) bad_arg("label table length " + std::to_string(lut_len) + " not in [1, 2^31)");
   check_on(dev, lut_ptr, "label table", 1);
 }
 
@@ -836,12 +778,7 @@ void with_kernel_config(int32_t dtype, int64_t C, int32_t kinds, F&& f) {
         else f(dt, Int<-1>{}, Int<ALL_KINDS>{});
     }
   };
-  switch (dtype) {
-    case F16: by_c(Int<F16>{}); break;
-    case BF16: by_c(Int<BF16>{}); break;
-    case F32: by_c(Int<F32>{}); break;
-    default: std::abort();  // checked before (logit_size)
-  }
+  with_logit_dtype(dtype, by_c);  // pixel.h; the code was checked before (logit_size)
 }
 
 template <class Kernel, class Params>
@@ -881,13 +818,11 @@ void set_debug_grid(int64_t blocks) {
 int64_t debug_grid() { return g_debug_grid.load(); }
 
 void fused_cuda(const FusedArgs& a) {
-  // checks that need no CUDA call first, so that an empty input works without a driver
-  if (a.n_methods < 0 || a.n_methods > MAX_METHODS)
-    bad_arg("n_methods = " + std::to_string(a.n_methods) + " not in [0, " + std::to_string(MAX_METHODS) + "]");
+  // the checks of both cores (codes, counts, sizes, offsets; checks.h) first: they need no
+  // CUDA call, so that an empty input works without a driver
+  const int64_t n = check_fused_args(a);
   int32_t kinds = 0;
   for (int j = 0; j < a.n_methods; ++j) {
-    if (!is_method(a.methods[j]))
-      bad_arg("method code " + std::to_string(a.methods[j]) + " is not in the method table (methods.h)");
     // HEAT (3x3 neighbourhoods) and EXTERNAL coordinate maps exist only in the CPU core
     if (!is_per_pixel_method(a.methods[j]))
       bad_arg(std::string("method ") + METHOD_TABLE[a.methods[j]].name + " is not implemented on CUDA yet");
@@ -895,16 +830,11 @@ void fused_cuda(const FusedArgs& a) {
   }
   const int64_t lsz = logit_size(a.logit_dtype);
   const bool labels = a.labels_ptr != 0;
-  if (labels) label_size(a.label_dtype);
-  if (!(a.temperature > 0.0f) || a.temperature == INFINITY)
-    bad_arg("temperature must be a finite number > 0, got " + std::to_string(a.temperature));
-  const int64_t n = check_geometry(a.B, a.C, a.H, a.W, {a.ls_b, a.ls_c, a.ls_h, a.ls_w}, {a.ys_b, a.ys_h, a.ys_w},
-                                   labels);
   if (n == 0) return;
   // every buffer the kernel reads or writes
   const int dev = device_of(a.logits_ptr, "logits", lsz);
   if (labels) {
-    check_labels(dev, a.labels_ptr, a.label_dtype, a.lut_ptr, a.lut_len);
+    check_labels(dev, a.labels_ptr, a.label_dtype, a.lut_ptr);
     check_on(dev, a.hist_ptr, "histograms", 8);
     check_on(dev, a.occ_ptr, "histogram occupancy map", 1);
     check_on(dev, a.counters_ptr, "counters", 8);
@@ -938,14 +868,12 @@ void fused_cuda(const FusedArgs& a) {
 }
 
 void fit_sml_cuda(const FitArgs& a) {
+  const int64_t n = check_fit_args(a);  // checks.h, as the CPU core
   const int64_t lsz = logit_size(a.logit_dtype);
   const bool labels = a.labels_ptr != 0;
-  if (labels) label_size(a.label_dtype);
-  const int64_t n = check_geometry(a.B, a.C, a.H, a.W, {a.ls_b, a.ls_c, a.ls_h, a.ls_w}, {a.ys_b, a.ys_h, a.ys_w},
-                                   labels);
   if (n == 0) return;
   const int dev = device_of(a.logits_ptr, "logits", lsz);
-  if (labels) check_labels(dev, a.labels_ptr, a.label_dtype, a.lut_ptr, a.lut_len);
+  if (labels) check_labels(dev, a.labels_ptr, a.label_dtype, a.lut_ptr);
   check_on(dev, a.count_ptr, "per-class counts", 8);
   check_on(dev, a.sum_ptr, "per-class sums", 8);
   check_on(dev, a.sumsq_ptr, "per-class sums of squares", 8);
@@ -959,11 +887,7 @@ void fit_sml_cuda(const FitArgs& a) {
   const size_t smem = (size_t)P.lut_bytes + (P.smem_partials ? (size_t)a.C * 24 : 0);
   DeviceGuard guard(dev);
   // one pass over the classes: nothing to keep in registers
-  switch (a.logit_dtype) {
-    case F16: launch(fit_kernel<F16>, P, dev, smem, a.stream); break;
-    case BF16: launch(fit_kernel<BF16>, P, dev, smem, a.stream); break;
-    default: launch(fit_kernel<F32>, P, dev, smem, a.stream); break;
-  }
+  with_logit_dtype(a.logit_dtype, [&](auto dt) { launch(fit_kernel<decltype(dt)::value>, P, dev, smem, a.stream); });
 }
 
 CudaInfo cuda_info(bool probe) {
