@@ -153,7 +153,7 @@ ANOMFAST_HD float s1_term(float e, bool is_k) {
 #if defined(__CUDA_ARCH__)
   return is_k ? 0.0f : e;
 #else
-  return (float)!is_k * e;
+  return (float)(int32_t)!is_k * e;  // via int32: GCC vectorizes a signed conversion, not a bool one
 #endif
 }
 
