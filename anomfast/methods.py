@@ -110,21 +110,22 @@ def resolve(methods=None, **params) -> MethodSpec:
     unknown = set(params) - PARAMS
     if unknown:
         raise TypeError(f"unknown method parameter(s) {sorted(unknown)}; known: {sorted(PARAMS)}")
+    # methods that need fitted statistics: (keyword, its type, where it comes from)
+    for name, kind, a_kind, source in (
+            ("sml", SMLStats, "an SMLStats", "anomfast.fit_sml(in_distribution_logits)"),
+            ("heat", HeatStats, "a HeatStats", "anomfast.fit_heat(logits, features, semantic_labels)")):
+        stats = params.get(name, params.get(f"{name}_stats"))
+        if name not in names:
+            continue
+        if stats is None:
+            extra = ", and features= with the data" if name == "heat" else ""
+            raise ValueError(f"method {name!r} needs statistics: pass {name}={source} "
+                             f"(or {kind.__name__}.load(path)){extra}")
+        if not isinstance(stats, kind):
+            raise TypeError(f"{name} must be {a_kind} (from {source.split('(')[0]} or "
+                            f"{kind.__name__}.load), got {type(stats).__name__}")
     sml = params.get("sml", params.get("sml_stats"))
-    if "sml" in names:
-        if sml is None:
-            raise ValueError("method 'sml' needs statistics: pass sml=anomfast.fit_sml(in_distribution_logits) "
-                             "(or SMLStats.load(path))")
-        if not isinstance(sml, SMLStats):
-            raise TypeError(f"sml must be an SMLStats (from anomfast.fit_sml or SMLStats.load), got {type(sml).__name__}")
     heat = params.get("heat", params.get("heat_stats"))
-    if "heat" in names:
-        if heat is None:
-            raise ValueError("method 'heat' needs statistics: pass heat=anomfast.fit_heat(logits, features, "
-                             "semantic_labels) (or HeatStats.load(path)), and features= with the data")
-        if not isinstance(heat, HeatStats):
-            raise TypeError(f"heat must be a HeatStats (from anomfast.fit_heat or HeatStats.load), got "
-                            f"{type(heat).__name__}")
     full = bool(params.get("sml_full", False))
     bs = bool(params.get("sml_boundary_suppression", full))
     sm = bool(params.get("sml_smoothing", full))

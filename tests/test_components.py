@@ -26,24 +26,29 @@ TAUS = np.linspace(0.25, 0.75, 11, endpoint=True)
 # ---------------------------------------------------------------- the references
 
 
+def _adjusted(a, b, i):
+    """The benchmark's loop body for component i of map a against map b (the same code
+    with the roles of ground truth and prediction swapped): intersection with the
+    components of b touching it, and the union less the parts of those lying on other
+    components of a."""
+    tp_loc = b[a == i]
+    ind = np.unique(tp_loc[tp_loc != 0])
+    intersection = len(tp_loc[np.isin(tp_loc, ind)])
+    adjustment = len(b[np.logical_and(~np.isin(a, [0, i]), np.isin(b, ind))])
+    union = int(np.sum(np.isin(b, ind)) + np.sum(a == i) - intersection - adjustment)
+    return intersection, union
+
+
 def _segment_metrics(inst, seg, taus, clean):
     """segment_metrics on the flattened region of interest (inst / seg: component ids, 0 =
     none), loop for loop; also returns the integer numerators / denominators."""
     out = {"siou_gt": [], "siou_pred": [], "prec": [], "gt_int": [], "pred_int": []}
     for i in np.unique(inst[inst > 0]):
-        tp_loc = seg[inst == i]
-        seg_ind = np.unique(tp_loc[tp_loc != 0])
-        intersection = len(tp_loc[np.isin(tp_loc, seg_ind)])
-        adjustment = len(seg[np.logical_and(~np.isin(inst, [0, i]), np.isin(seg, seg_ind))])
-        union = int(np.sum(np.isin(seg, seg_ind)) + np.sum(inst == i) - intersection - adjustment)
+        intersection, union = _adjusted(inst, seg, i)
         out["siou_gt"].append(intersection / union)
         out["gt_int"].append((intersection, union))
     for i in np.unique(seg[seg > 0]):
-        tp_loc = inst[seg == i]
-        seg_ind = np.unique(tp_loc[tp_loc != 0])
-        intersection = len(tp_loc[np.isin(tp_loc, seg_ind)])
-        adjustment = len(inst[np.logical_and(~np.isin(seg, [0, i]), np.isin(inst, seg_ind))])
-        union = int(np.sum(np.isin(inst, seg_ind)) + np.sum(seg == i) - intersection - adjustment)
+        intersection, union = _adjusted(seg, inst, i)
         size = int(np.sum(seg == i))
         out["siou_pred"].append(intersection / union)
         out["prec"].append(intersection / size)

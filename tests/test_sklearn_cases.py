@@ -64,25 +64,19 @@ def assert_curves(ours, sklearn_live, known):
 
 
 @pytest.mark.parametrize("exact", MODES)
-@pytest.mark.parametrize("case", ROC_CASES)
-def test_roc_toydata(case, exact):
-    y, s, fpr, tpr, auc = case
+@pytest.mark.parametrize("kind,case", [("roc", c) for c in ROC_CASES] + [("pr", c) for c in PR_CASES])
+def test_curve_toydata(kind, case, exact):
+    y, s, c1, c2, area = case  # (fpr, tpr) or (precision, recall), then the area
     r = run(y, s, exact)
-    assert r.auroc == auc
-    f, t, thr = r.roc_curve()
-    sf, st, sthr = sk.roc_curve(y, s, drop_intermediate=False)
-    # sklearn's first threshold is inf (>= 1.3); these small cases have no intermediate point to drop
-    assert_curves((f, t, thr[1:]), (sf, st, sthr[1:]), (fpr, tpr))
-
-
-@pytest.mark.parametrize("exact", MODES)
-@pytest.mark.parametrize("case", PR_CASES)
-def test_pr_toydata(case, exact):
-    y, s, precision, recall, ap = case
-    r = run(y, s, exact)
-    assert r.ap == ap
-    p, rc, thr = r.pr_curve()
-    assert_curves((p, rc, thr), sk.precision_recall_curve(y, s), (precision, recall))
+    if kind == "roc":
+        assert r.auroc == area
+        f, t, thr = r.roc_curve()
+        sf, st, sthr = sk.roc_curve(y, s, drop_intermediate=False)
+        # sklearn's first threshold is inf (>= 1.3); these small cases have no intermediate point to drop
+        assert_curves((f, t, thr[1:]), (sf, st, sthr[1:]), (c1, c2))
+    else:
+        assert r.ap == area
+        assert_curves(r.pr_curve(), sk.precision_recall_curve(y, s), (c1, c2))
 
 
 @pytest.mark.parametrize("exact", MODES)
