@@ -212,23 +212,12 @@ def exact_sig_mask(codes) -> int:
     return sum(1 << j for j, c in enumerate(codes) if c in exact)
 
 
-def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, entropy_normalize,
-           sml_mean, sml_inv, lut, lut_offset, num_threads=0, *, heat_m=None, heat_params=(1.0, 0.0, 1.0),
-           ext=None, flush_every=0, sig_mask=None) -> None:
-    """Fills the core's argument struct from already validated tensors and runs it (on
-    the CUDA core and the caller's current stream for CUDA tensors). heat_m: (B, H, W)
-    float32 contiguous M map; heat_params: (temperature, mean, 1 / std); ext: (n_ext, B,
-    H, W) float32 contiguous external coordinates. flush_every (CPU, for tests): pixels a
-    thread counts privately before adding them to `hist` (0: the core's 2^31). sig_mask:
-    bit j fills method j's tie signatures (default: the methods whose coordinate is the
-    exact score, EXACT_COORDINATES, the only ones Python reads them for; tests set others)."""
-    B, C, H, W = logits.shape
-    if B * H * W == 0:
-        return
-    dev = logits.device
-    g = _geometry(logits, labels, fold=CODES["heat"] not in codes)
-    core = _core.cuda_core() if dev.type == "cuda" else _core._C
-    a = core.FusedArgs()
+def _input_args(core_args, logits, labels, lut, lut_offset, counters, num_threads, fold=True):
+    """A new core argument struct (core_args: FusedArgs or FitArgs of the CPU or CUDA
+    core) with the fields both passes share (views.h: InputArgs) filled from validated
+    tensors: logits, labels with their lookup table, counters, threads, stream."""
+    g = _geometry(logits, labels, fold=fold)
+    a = core_args()
     a.logits_ptr = logits.data_ptr()
     a.logit_dtype = _LOGIT_DTYPES[logits.dtype]
     a.B, a.C, a.H, a.W = g["B"], g["C"], g["H"], g["W"]
@@ -238,6 +227,36 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
         a.label_dtype = _LABEL_DTYPES[labels.dtype]
         a.ys_b, a.ys_h, a.ys_w = g["ys"]
         a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), int(lut_offset), lut.numel()
+    a.counters_ptr = counters.data_ptr()
+    a.num_threads = int(num_threads)
+    if logits.device.type == "cuda":
+        a.stream = torch.cuda.current_stream(logits.device).cuda_stream
+    return a
+
+
+def fused_args(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, entropy_normalize,
+               sml_mean, sml_inv, lut, lut_offset, num_threads=0, *, heat_m=None, heat_params=(1.0, 0.0, 1.0),
+               ext=None, flush_every=0, sig_mask=None, core=None):
+    """The core (CPU, or CUDA for CUDA tensors; `core`: another build of the compiled
+    module, which bench/gpu_check.py times) and its FusedArgs filled from already
+    validated tensors, for launch().
+    heat_m: (B, H, W) float32 contiguous M map; heat_params: (temperature, mean, 1 / std);
+    ext: (n_ext, B, H, W) float32 contiguous external coordinates. flush_every (CPU, for
+    tests): pixels a thread counts privately before adding them to `hist` (0: the core's
+    2^31). sig_mask: bit j fills method j's tie signatures (default: the methods whose
+    coordinate is the exact score, EXACT_COORDINATES, the only ones Python reads them
+    for; tests set others)."""
+    dev = logits.device
+    if core is None:
+        core = _core.cuda_core() if dev.type == "cuda" else _core._C
+    check_buffer(counters, "counters", (_core.N_COUNTERS,), torch.int64, dev)
+    for t, what in ((logits, "logits"), (labels, "labels")):
+        if t is not None and _misaligned(t):  # as_logits / as_labels copy these, except inside a compiled graph
+            raise ValueError(f"{what} start at a misaligned address ({t.data_ptr()} is not a multiple of "
+                             f"{t.element_size()}); pass a contiguous copy (.clone())")
+    a = _input_args(core.FusedArgs, logits, labels, lut, lut_offset, counters, num_threads,
+                    fold=CODES["heat"] not in codes)
+    if labels is not None:
         hist.check(len(codes), dev)  # every buffer the core writes, on every path (loaded states too)
         a.hist_ptr, a.sig_ptr, a.occ_ptr = hist.hist.data_ptr(), hist.sig.data_ptr(), hist.occ.data_ptr()
         a.sig_mask = exact_sig_mask(codes) if sig_mask is None else int(sig_mask)
@@ -254,17 +273,18 @@ def launch(logits, labels, hist, counters, maps, codes, temperature, gen_gamma, 
         a.ext_ptr = ext.data_ptr()
     if maps is not None:
         a.maps_ptr = maps.data_ptr()
-    check_buffer(counters, "counters", (_core.N_COUNTERS,), torch.int64, dev)
-    for t, what in ((logits, "logits"), (labels, "labels")):
-        if t is not None and _misaligned(t):  # as_logits / as_labels copy these, except inside a compiled graph
-            raise ValueError(f"{what} start at a misaligned address ({t.data_ptr()} is not a multiple of "
-                             f"{t.element_size()}); pass a contiguous copy (.clone())")
-    a.counters_ptr = counters.data_ptr()
-    a.num_threads = int(num_threads)
     if flush_every:
         a.flush_every = int(flush_every)
-    if dev.type == "cuda":
-        a.stream = torch.cuda.current_stream(dev).cuda_stream
+    return core, a
+
+
+def launch(logits, labels, *args, **kwargs) -> None:
+    """Runs the fused pass on already validated tensors (fused_args' arguments), on the
+    CUDA core and the caller's current stream for CUDA tensors."""
+    B, _, H, W = logits.shape
+    if B * H * W == 0:
+        return
+    core, a = fused_args(logits, labels, *args, **kwargs)
     if core.fused(a):  # the CPU core's FusedStatus (views.h); the CUDA core raises instead
         raise MemoryError("anomfast: could not allocate the per-thread histogram scratch memory")
 
@@ -275,27 +295,12 @@ def fit_pass(logits: torch.Tensor, labels: torch.Tensor | None, label_map: Label
     B, C, H, W = logits.shape
     if B * H * W == 0:
         return
-    g = _geometry(logits, labels)
     core = _core.cuda_core() if logits.device.type == "cuda" else _core._C
-    a = core.FitArgs()
-    a.logits_ptr = logits.data_ptr()
-    a.logit_dtype = _LOGIT_DTYPES[logits.dtype]
-    a.B, a.C, a.H, a.W = g["B"], g["C"], g["H"], g["W"]
-    a.ls_b, a.ls_c, a.ls_h, a.ls_w = g["ls"]
-    keep = []
-    if labels is not None:
-        lut, off = (label_map or LabelMap.default()).lut()
+    lut, off = (label_map or LabelMap.default()).lut() if labels is not None else (None, 0)
+    if lut is not None:
         lut = _device_table(lut, logits.device)
-        keep.append(lut)
-        a.labels_ptr = labels.data_ptr()
-        a.label_dtype = _LABEL_DTYPES[labels.dtype]
-        a.ys_b, a.ys_h, a.ys_w = g["ys"]
-        a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), off, lut.numel()
+    a = _input_args(core.FitArgs, logits, labels, lut, off, counters, num_threads)
     a.count_ptr, a.sum_ptr, a.sumsq_ptr = count.data_ptr(), total.data_ptr(), totsq.data_ptr()
-    a.counters_ptr = counters.data_ptr()
-    a.num_threads = int(num_threads)
-    if logits.device.type == "cuda":
-        a.stream = torch.cuda.current_stream(logits.device).cuda_stream
     core.fit_sml(a)
 
 

@@ -526,36 +526,17 @@ _KEEP = []
 
 
 def _prepared_args(x, y, spec, hist, maps=None, core=None):
-    """FusedArgs filled once (as _fused.fused_pass does) to time the kernel without the
-    per-call Python work."""
-    cuda = core or _core._C_cuda
-    g = _fused._geometry(x, y)
-    a = cuda.FusedArgs()
-    a.logits_ptr = x.data_ptr()
-    a.logit_dtype = _fused._LOGIT_DTYPES[x.dtype]
-    a.B, a.C, a.H, a.W = g["B"], g["C"], g["H"], g["W"]
-    a.ls_b, a.ls_c, a.ls_h, a.ls_w = g["ls"]
+    """FusedArgs filled once by _fused.fused_args (as fused_pass does) to time the kernel
+    without the per-call Python work; core: another build of the CUDA module (fmad=true)."""
     lut, off = LabelMap.default().lut()
     lut = lut.to(x.device)
     cnt = _fused.new_counters(x.device)
-    _KEEP.extend([lut, cnt])
-    a.labels_ptr = y.data_ptr()
-    a.label_dtype = _fused._LABEL_DTYPES[y.dtype]
-    a.ys_b, a.ys_h, a.ys_w = g["ys"]
-    a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), off, lut.numel()
-    a.hist_ptr, a.sig_ptr, a.occ_ptr = hist.hist.data_ptr(), hist.sig.data_ptr(), hist.occ.data_ptr()
-    a.methods = spec.codes
-    a.temperature = spec.temperature
-    a.gen_gamma = spec.gen_gamma
-    a.entropy_normalize = int(spec.entropy_normalize)
+    mean = inv = None
     if "sml" in spec.names:
         mean, inv = spec.sml.kernel_arrays(x.device)
-        _KEEP.extend([mean, inv])
-        a.sml_mean_ptr, a.sml_inv_std_ptr = mean.data_ptr(), inv.data_ptr()
-    if maps is not None:
-        a.maps_ptr = maps.data_ptr()
-    a.counters_ptr = cnt.data_ptr()
-    a.stream = torch.cuda.current_stream().cuda_stream
+    _KEEP.extend([lut, cnt, mean, inv])  # alive as long as the struct's pointers are used
+    _, a = _fused.fused_args(x, y, hist, cnt, maps, spec.codes, spec.temperature, spec.gen_gamma,
+                             spec.entropy_normalize, mean, inv, lut, off, core=core or _core._C_cuda)
     return a
 
 

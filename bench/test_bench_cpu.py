@@ -4,9 +4,7 @@
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 import anomfast
 from anomfast import _fused
