@@ -361,7 +361,7 @@ def test_help_texts():
     r = cli("eval", "--help", cwd="/")
     assert r.returncode == 0
     assert ".py" not in r.stdout
-    import anomfast.cli as c  # every option has a help text
+    import anomfast.cli.app as c  # every option has a help text
     for action in c.build_parser()._subparsers._group_actions[0].choices["eval"]._actions:
         assert action.help, action.option_strings
 
@@ -391,7 +391,7 @@ def test_plots_for_a_paper(rng):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from anomfast import plots
+    from anomfast.cli import plots
     x, y = random_logits(rng, 2, 5, 24, 48), random_labels(rng, 2, 24, 48, p_anomaly=0.2)
     res = anomfast.evaluate(x, y, methods=["msp", "energy"])
     maps = anomfast.score_maps(x, methods=["msp", "energy"])

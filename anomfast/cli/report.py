@@ -7,9 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from .methods import DISPLAY
-from .protocols import ML4CV_DEFINITIONS, seed_note
-from .tables import _pct, _thr, bound_width, results_table  # noqa: F401  (results_table: re-exported)
+from ..methods import DISPLAY
+from ..protocols import ML4CV_DEFINITIONS, seed_note
+from ..tables import _pct, _thr, bound_width, results_table  # noqa: F401  (results_table: re-exported)
 
 DEFINITIONS = {
     "FPR95": "FPR at the first threshold (descending) where TPR >= 0.95 (Fishyscapes / SMIYC convention)",
@@ -114,7 +114,7 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
                  formats=("png",), progress=None, roc_log: bool = True) -> dict:
     """Writes report.md, results.csv, results.json, report.tex, histograms.npz and plots.
     progress: a callable taking one status line (e.g. print to stderr), or None."""
-    from .histogram import save_histograms
+    from ..histogram import save_histograms
     say = progress or (lambda s: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
