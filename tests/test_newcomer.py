@@ -425,10 +425,10 @@ def test_plots_for_a_paper(rng):
 
 def test_help_and_missing_inputs_come_before_torch(tmp_path):
     """`anomfast --help`, `anomfast eval --help` and a missing input path need neither torch
-    nor the compiled core (torch made unimportable here): they answer at once instead of
-    after ~2 s of imports; `import anomfast` is lazy too."""
+    nor the compiled core (torch made unimportable here; matplotlib too for the help texts):
+    they answer at once instead of after ~2 s of imports; `import anomfast` is lazy too."""
     for args in (["--help"], ["eval", "--help"]):
-        r = cli(*args, cwd=tmp_path, block=("torch",))
+        r = cli(*args, cwd=tmp_path, block=("torch", "matplotlib"))
         assert r.returncode == 0 and "eval" in r.stdout, r.stderr[-2000:]
     r = cli("eval", "--logits", tmp_path / "none", "--labels", tmp_path / "none2", "--out", tmp_path / "o",
             cwd=tmp_path, block=("torch",))
