@@ -1,5 +1,5 @@
 """The results table of the library (Results.table): one Markdown row per method. The
-CLI's reports (anomfast/report.py) build their grid tables from the same cells."""
+CLI's reports (anomfast/cli/report.py) build their grid tables from the same cells."""
 from __future__ import annotations
 
 import math

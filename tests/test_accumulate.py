@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import anomfast
-from anomfast.grid import load_grid
-from anomfast.runner import evaluate_grid
+from anomfast.cli.grid import load_grid
+from anomfast.cli.runner import evaluate_grid
 
 from test_cli import make_grid
 

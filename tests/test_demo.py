@@ -1,4 +1,4 @@
-"""The built-in demo data (anomfast.demo): layout, label values, determinism, cache reuse,
+"""The built-in demo data (anomfast.cli.demo): layout, label values, determinism, cache reuse,
 and that a max-logit score separates real anomalies (digits 5-9) from normal pixels."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 pytestmark = pytest.mark.slow  # builds demo caches (training the small networks)
 
 try:
-    import anomfast.demo as demo
+    import anomfast.cli.demo as demo
 except Exception:  # the package may not be importable (e.g. core not built): load the file
-    _path = pathlib.Path(__file__).resolve().parents[1] / "anomfast" / "demo.py"
+    _path = pathlib.Path(__file__).resolve().parents[1] / "anomfast" / "cli" / "demo.py"
     _spec = importlib.util.spec_from_file_location("anomfast_demo_standalone", _path)
     demo = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(demo)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .methods import DISPLAY
+from ..methods import DISPLAY
 
 MAX_POINTS = 3000          # curve points kept per line (vector files stay small)
 VOID_GREY = "#c8c8c8"

@@ -420,7 +420,7 @@ def _miou(logits: np.ndarray, sem: np.ndarray):
     keep = sem != 255
     cm = np.bincount(sem[keep].astype(np.int64) * NUM_CLASSES + pred[keep],
                      minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
-    from .metrics import mean_iou  # the one mIoU definition (the CLI's report uses it too)
+    from ..metrics import mean_iou  # the one mIoU definition (the CLI's report uses it too)
     return mean_iou(cm)
 
 
@@ -696,11 +696,11 @@ def load_demo(cache_dir=None, *, build: bool = False, **build_kwargs) -> dict:
     done = _read_done(root)
     if done is None:
         raise FileNotFoundError(f"no complete anomfast demo (version {DEMO_VERSION}) in {root}; "
-                                "build it with anomfast.demo.build_demo()")
+                                "build it with anomfast.cli.demo.build_demo()")
     damaged = damaged_file(root, done)
     if damaged is not None:
         raise OSError(f"the anomfast demo in {root} is damaged: {damaged}; rebuild it with "
-                      f"anomfast.demo.build_demo() or delete {root}")
+                      f"anomfast.cli.demo.build_demo() or delete {root}")
     models = []
     for m in done["models"]:
         base = root / "models" / m["slug"]

@@ -7,9 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from .methods import DISPLAY
-from .protocols import ML4CV_DEFINITIONS, seed_note
-from .tables import _pct, _thr, bound_width, results_table  # noqa: F401  (results_table: re-exported)
+from ..methods import DISPLAY
+from ..protocols import ML4CV_DEFINITIONS, seed_note
+from ..tables import _pct, _thr, bound_width, results_table  # noqa: F401  (results_table: re-exported)
 
 DEFINITIONS = {
     "FPR95": "FPR at the first threshold (descending) where TPR >= 0.95 (Fishyscapes / SMIYC convention)",
@@ -114,7 +114,7 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
                  formats=("png",), progress=None, roc_log: bool = True) -> dict:
     """Writes report.md, results.csv, results.json, report.tex, histograms.npz and plots.
     progress: a callable taking one status line (e.g. print to stderr), or None."""
-    from .histogram import save_histograms
+    from ..histogram import finalize_histograms, save_histograms
     say = progress or (lambda s: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,9 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     if todo:
         say(f"anomfast: finalizing metrics of {sum(len(m['histograms']) for m in todo)} histograms")
     for m in todo:  # a protocol's results and --refine's come computed by the runner
-        m["results"] = {k: h.finalize(**conventions) for k, h in m["histograms"].items()}
+        # the library's finalization, all of a model's methods in one call (as evaluate() and
+        # Evaluator.compute() do): the same numbers as each Histogram.finalize()
+        m["results"] = finalize_histograms(m["histograms"], **conventions)
     md = seed_tables(run["models"], methods)
     md += component_tables(run["models"], methods)
     widths = [bound_width(r) for m in run["models"] for r in m["results"].values() if r.n_pos and r.n_neg]

@@ -91,7 +91,7 @@ def check_writable(path, kind: str = "folder", what: str = "--out") -> Path:
 
 
 def _cmd_info(args) -> int:
-    from . import build_info
+    from .. import build_info
     info = build_info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -184,7 +184,7 @@ def _label_config(args) -> dict:
 def _model_methods(grid, args, notes: list) -> dict:
     """{model name: methods}: --methods for every model, else the grid's per-model
     methods = [...], else what each model supports (saying what was left out and why)."""
-    from .methods import resolve
+    from ..methods import resolve
     given = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     out = {}
     for m in grid.models:
@@ -309,7 +309,7 @@ def _write_report_timed(run: dict, out: Path, args, formats) -> None:
 
 def _component_spec(args):
     """--components [--components-track T] [--components-mode M] -> a ComponentSpec, or None."""
-    from .components import ComponentSpec
+    from ..components import ComponentSpec
     if not args.components:
         if args.components_track != "anomaly" or args.components_mode != "benchmark":
             raise CLIError("--components-track / --components-mode need --components")
@@ -335,7 +335,7 @@ def _cmd_fit(args) -> int:
     files = _files(args.logits, Path.cwd(), LOGIT_EXT, "fit logits")
     stems = sorted(files)
     if args.method == "sml":
-        from .fitting import fit_sml
+        from ..fitting import fit_sml
         stats = fit_sml(_Reader(files, stems, "logits"))
         stats.save(args.out)
         print(f"anomfast: SML statistics for {stats.num_classes} classes from {int(stats.count.sum())} pixels "
@@ -346,7 +346,7 @@ def _cmd_fit(args) -> int:
     if not (args.features and args.labels):
         raise CLIError("anomfast fit --method heat needs --features DIR (D, h, w per image) and --labels DIR "
                          "(semantic class-id maps, --ignore-index ignored) matching --logits by file name")
-    from .fitting import fit_heat
+    from ..fitting import fit_heat
     feats = _files(args.features, Path.cwd(), LOGIT_EXT, "fit features")
     labels = _files(args.labels, Path.cwd(), LABEL_EXT, "fit semantic labels")
     _match("fit", files, feats, kind="features", other="logits file")
@@ -368,8 +368,8 @@ def read_histogram_file(path) -> dict:
     one model named after the file (keys 'model::method' group into models)."""
     import zipfile
 
-    from .histogram import load_histograms
-    from .methods import CODES
+    from ..histogram import load_histograms
+    from ..methods import CODES
     p = Path(path)
     if not p.is_file():
         raise CLIError(f"--histograms {p} does not exist" if not p.exists() else f"--histograms {p} is a folder")
@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="read the inputs a second time and re-score in float64 the pixels of the bins where "
                          "FPR95 and the best F1 are decided and of those that widen the AUROC / AP bounds (up to "
                          "16M pixels): every metric and both thresholds become exact (scikit-learn's)")
-    from .protocols import PROTOCOLS
+    from ..protocols import PROTOCOLS
     pe.add_argument("--protocol", default="default", choices=PROTOCOLS,
                     help="ml4cv: the ml4cv-assignment scripts' evaluation (float16 scores, seeded 1M-pixel "
                          "subsample, their FPR95 / F1 / SML rules; see the README)")

@@ -9,17 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import _core, _fused, protocols
-from .accumulate import Accumulator, finalize
-from .components import accumulator_for
-from .fitting import fit_heat, fit_sml
-from .functional import refine_histograms
+from .. import _core, _fused, protocols
+from ..accumulate import Accumulator, finalize
+from ..components import accumulator_for
+from ..fitting import fit_heat, fit_sml
+from ..functional import refine_histograms
 from .grid import Grid, GridError, load_array
-from .heat import HeatStats, as_features
-from .labels import ANOMALY, NORMAL
-from .methods import resolve
-from .metrics import mean_iou
-from .sml import SMLStats
+from ..heat import HeatStats, as_features
+from ..labels import ANOMALY, NORMAL
+from ..methods import resolve
+from ..metrics import mean_iou
+from ..sml import SMLStats
 
 
 class Progress:

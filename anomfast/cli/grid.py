@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .labels import LabelMap
+from ..labels import LabelMap
 
 LOGIT_EXT = (".npy", ".npz", ".pt", ".safetensors")
 LABEL_EXT = (".png", ".npy", ".npz", ".pt")
