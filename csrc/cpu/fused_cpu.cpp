@@ -345,15 +345,22 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
   }
 }
 
-// One method's coordinate and bin for every pixel of a tile; METH is a compile-time
-// constant so method_coord's switch folds away and the loop vectorizes.
-// The tie signature word of each coordinate (binning.h), next to its bin index.
-inline void sig_loop(const float* v, int n, uint32_t* out_sig) {
+// The coordinates' bin indices and tie signature words (binning.h), each where asked
+// for (null: not computed; score-only calls compute neither).
+inline void bin_loops(const float* v, int n, int32_t* out_idx, uint32_t* out_sig) {
+  if (out_idx) {
 #pragma omp simd
-  for (int i = 0; i < n; ++i) out_sig[i] = bin_sig(v[i]);
+    for (int i = 0; i < n; ++i) out_idx[i] = bin_index(v[i]);
+  }
+  if (out_sig) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) out_sig[i] = bin_sig(v[i]);
+  }
 }
 
-// out_sig: the pixels' tie signatures, or null (no histograms: not computed).
+// One method's coordinate for every pixel of a tile, then its bins / signatures / map
+// where asked for; METH is a compile-time constant so method_coord's switch folds away
+// and the loop vectorizes.
 template <int METH>
 inline void coord_loop(TileState& st, int n, const FusedArgs& a, const float* sml_mean,
                        const float* sml_inv, float inv_log_c, int32_t* out_idx, uint32_t* out_sig,
@@ -368,12 +375,11 @@ inline void coord_loop(TileState& st, int n, const FusedArgs& a, const float* sm
       inv = sml_inv[st.k[i]];
     }
     v[i] = method_coord(METH, ps, a.temperature, mu, inv, inv_log_c, a.entropy_normalize);
-    out_idx[i] = bin_index(v[i]);
     // a non-finite coordinate (SML with a zero std, energy past the float range) is not a
     // score: the pixel is skipped for every method and counted, like a NaN logit
     st.bad[i] = (uint8_t)(st.bad[i] | (uint8_t)nonfinite_bits(f2u(v[i])));
   }
-  if (out_sig) sig_loop(v, n, out_sig);
+  bin_loops(v, n, out_idx, out_sig);
   if (out_map) write_map(v, st.bad_in, n, out_map);
 }
 
@@ -382,15 +388,10 @@ inline void coord_loop(TileState& st, int n, const FusedArgs& a, const float* sm
 // counted, exactly like a pixel with a NaN/inf logit, so all methods see the same pixels.
 inline void given_coord_loop(const float* src, int n, TileState& st, int32_t* out_idx, uint32_t* out_sig,
                              float* out_map) {
-  float v[TILE];
 #pragma omp simd
-  for (int i = 0; i < n; ++i) {
-    v[i] = src[i];
-    out_idx[i] = bin_index(v[i]);
-    st.bad[i] = (uint8_t)(st.bad[i] | (uint8_t)nonfinite_bits(f2u(v[i])));
-  }
-  if (out_sig) sig_loop(v, n, out_sig);
-  if (out_map) write_map(v, st.bad_in, n, out_map);
+  for (int i = 0; i < n; ++i) st.bad[i] = (uint8_t)(st.bad[i] | (uint8_t)nonfinite_bits(f2u(src[i])));
+  bin_loops(src, n, out_idx, out_sig);
+  if (out_map) write_map(src, st.bad_in, n, out_map);
 }
 
 // HEAT's tiles: 3x3 neighbourhoods of the softmax (heat_tile.inc)
@@ -493,7 +494,7 @@ int fused_impl(const FusedArgs& a) {
 
       for (int j = 0; j < M; ++j) {
         float* out_map = maps ? maps + j * map_stride + px : nullptr;
-        int32_t* out_idx = qbuf.get() + (size_t)j * QCAP + nq;
+        int32_t* out_idx = with_hist ? qbuf.get() + (size_t)j * QCAP + nq : nullptr;
         uint32_t* out_sig = ((sig_mask >> j) & 1) ? wbuf.get() + (size_t)j * QCAP + nq : nullptr;
         switch (a.methods[j]) {
           case HEAT: given_coord_loop(hb->val, n, st, out_idx, out_sig, out_map); break;
