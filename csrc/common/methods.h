@@ -62,6 +62,27 @@ constexpr bool is_per_pixel_method(int32_t code) {
   return is_method(code) && !(METHOD_TABLE[code].needs & (NEED_HEAT | NEED_EXT));
 }
 
+// The per-pixel methods come first in the table (codes 0 .. N_PER_PIXEL - 1): the CUDA
+// kernel's coordinate arrays and compile-time method sets are indexed by their codes.
+constexpr int32_t count_per_pixel(int32_t i = 0) {
+  return i < N_METHOD_KINDS && is_per_pixel_method(i) ? 1 + count_per_pixel(i + 1) : 0;
+}
+constexpr int32_t N_PER_PIXEL = count_per_pixel();
+constexpr bool none_per_pixel_from(int32_t i) {
+  return i == N_METHOD_KINDS || (!is_per_pixel_method(i) && none_per_pixel_from(i + 1));
+}
+static_assert(none_per_pixel_from(N_PER_PIXEL), "per-pixel methods must come before HEAT / EXTERNAL-like rows");
+
+// The union of the needs of a set of methods given as bits (1 << code).
+constexpr uint32_t needs_of_kinds(int32_t kinds, int32_t i = 0) {
+  return i == N_METHOD_KINDS ? 0u : (((kinds >> i) & 1) ? METHOD_TABLE[i].needs : 0u) | needs_of_kinds(kinds, i + 1);
+}
+
+template <int32_t KINDS>
+struct KindsNeeds {  // needs_of_kinds as a compile-time constant (usable in device code)
+  static constexpr uint32_t value = needs_of_kinds(KINDS);
+};
+
 // Which sums the class loop computes for a list of (checked) method codes: the union of
 // their needs, energy's as S' at T = 1 and S_T otherwise. Both cores call it on the host.
 struct ClassLoopNeeds {

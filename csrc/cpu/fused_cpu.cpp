@@ -383,6 +383,16 @@ inline void coord_loop(TileState& st, int n, const FusedArgs& a, const float* sm
   if (out_map) write_map(v, st.bad_in, n, out_map);
 }
 
+// coord_loop<METH> of every per-pixel method in the table (methods.h) by code; null for
+// the others (HEAT, EXTERNAL: their coordinates come from elsewhere).
+using CoordLoop = void (*)(TileState&, int, const FusedArgs&, const float*, const float*, float, int32_t*, uint32_t*,
+                           float*);
+constexpr CoordLoop COORD_LOOPS[N_METHOD_KINDS] = {
+#define AF_COORD_LOOP(E, code, name, needs) (code < N_PER_PIXEL ? &coord_loop<(code < N_PER_PIXEL ? code : 0)> : nullptr),
+    ANOMFAST_METHOD_TABLE(AF_COORD_LOOP)
+#undef AF_COORD_LOOP
+};
+
 // A precomputed coordinate (HEAT's tile values, an EXTERNAL map row) -> bins. A
 // non-finite coordinate marks the pixel bad: it is then skipped for every method and
 // counted, exactly like a pixel with a NaN/inf logit, so all methods see the same pixels.
@@ -496,20 +506,14 @@ int fused_impl(const FusedArgs& a) {
         float* out_map = maps ? maps + j * map_stride + px : nullptr;
         int32_t* out_idx = with_hist ? qbuf.get() + (size_t)j * QCAP + nq : nullptr;
         uint32_t* out_sig = ((sig_mask >> j) & 1) ? wbuf.get() + (size_t)j * QCAP + nq : nullptr;
-        switch (a.methods[j]) {
-          case HEAT: given_coord_loop(hb->val, n, st, out_idx, out_sig, out_map); break;
-          case EXTERNAL:
-            given_coord_loop(ext + ext_slot[j] * map_stride + px, n, st, out_idx, out_sig, out_map);
-            break;
-#define AF_COORD(METH) coord_loop<METH>(st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_sig, out_map)
-          case MAX_LOGIT: AF_COORD(MAX_LOGIT); break;
-          case MSP: AF_COORD(MSP); break;
-          case ENERGY: AF_COORD(ENERGY); break;
-          case SML: AF_COORD(SML); break;
-          case ENTROPY: AF_COORD(ENTROPY); break;
-          case GEN: AF_COORD(GEN); break;
-#undef AF_COORD
-          default: std::abort();  // unreachable: codes are checked at entry (checks.h)
+        const int32_t code = a.methods[j];  // checked at entry (checks.h)
+        if (code == HEAT) {
+          given_coord_loop(hb->val, n, st, out_idx, out_sig, out_map);
+        } else if (code == EXTERNAL) {
+          given_coord_loop(ext + ext_slot[j] * map_stride + px, n, st, out_idx, out_sig, out_map);
+        } else {
+          if (!COORD_LOOPS[code]) std::abort();  // a new non-per-pixel row needs its own branch here
+          COORD_LOOPS[code](st, n, a, sml_mean, sml_inv, inv_log_c, out_idx, out_sig, out_map);
         }
       }
       if (!with_hist) continue;

@@ -423,13 +423,13 @@ __device__ __forceinline__ void flush_counters(const unsigned long long (&cnt)[N
 // The specialized sets below compute exactly their methods' sums and coordinates; any
 // other list of methods (or one naming a method twice) runs the generic ALL_KINDS kernel,
 // which reads the requested kinds at run time.
-constexpr int ALL_KINDS = (1 << (GEN + 1)) - 1;
+constexpr int ALL_KINDS = (1 << N_PER_PIXEL) - 1;  // every per-pixel method (methods.h)
 constexpr int KINDS_MAX_LOGIT = 1 << MAX_LOGIT;
 constexpr int KINDS_4 = (1 << MAX_LOGIT) | (1 << MSP) | (1 << ENERGY) | (1 << ENTROPY);
 constexpr int KINDS_4_SML = (1 << MAX_LOGIT) | (1 << MSP) | (1 << ENERGY) | (1 << SML);
 __host__ __device__ constexpr int popcount_c(int x) { return x ? (x & 1) + popcount_c(x >> 1) : 0; }
 __host__ __device__ constexpr bool has_kind(int mask, int m) { return (mask >> m) & 1; }
-static_assert(GEN + 1 <= MAX_METHODS, "one slot per kind fits FusedParams.slot");
+static_assert(N_PER_PIXEL <= MAX_METHODS, "one slot per kind fits FusedParams.slot");
 
 struct FusedParams {
   FusedArgs a;
@@ -482,10 +482,13 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   const int32_t kinds = GENERIC ? P.kinds : MASK;
   auto want = [&](int m) { return has_kind(MASK, m) && (!GENERIC || has_kind(kinds, m)); };
   Needs nd = P.nd;
-  nd.s1 = nd.s1 && (has_kind(MASK, MSP) || has_kind(MASK, ENERGY) || has_kind(MASK, ENTROPY) || has_kind(MASK, GEN));
-  nd.sT = nd.sT && has_kind(MASK, ENERGY);
-  nd.sx = nd.sx && has_kind(MASK, ENTROPY);
-  nd.gen = nd.gen && has_kind(MASK, GEN);
+  // the sums the kernel's set can need at all (the table's needs; methods.h), so that a
+  // specialized kernel compiles no other class loop
+  constexpr uint32_t SET_NEEDS = KindsNeeds<MASK>::value;
+  nd.s1 = nd.s1 && (SET_NEEDS & (NEED_S1 | NEED_TEMP));
+  nd.sT = nd.sT && (SET_NEEDS & NEED_TEMP);
+  nd.sx = nd.sx && (SET_NEEDS & NEED_SX);
+  nd.gen = nd.gen && (SET_NEEDS & NEED_GEN);
   uint32_t cnt[N_COUNTERS] = {0, 0, 0, 0};  // per thread: < 2^31 pixels each (launch)
 
   const int64_t stride = (int64_t)gridDim.x * THREADS;
@@ -502,13 +505,13 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
     // each requested kind's coordinate, once (method_coord with a constant code folds to
     // that method's formula); a non-finite one (SML with a zero std, energy past the
     // float range) makes the pixel skipped and counted for all methods, as on the CPU
-    float t[GEN + 1] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    float t[N_PER_PIXEL] = {};
     bool coord_bad = false;
     // energy (T = 1) and entropy both take log1p(S'): once for both (score_math.h: *_l1p)
     const bool t1 = a.temperature == 1.0f;
     const float l1p = (want(ENERGY) && t1) || want(ENTROPY) ? fast_log1p(s.s1) : 0.0f;
 #pragma unroll
-    for (int m = 0; m <= GEN; ++m) {
+    for (int m = 0; m < N_PER_PIXEL; ++m) {
       if (!want(m)) continue;
       float mu = 0.0f, inv = 0.0f;
       if (m == SML && active) {
@@ -550,12 +553,12 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
         const int32_t meth = a.methods[j];
         float tj = t[0];
 #pragma unroll
-        for (int m = 1; m <= GEN; ++m) tj = meth == m ? t[m] : tj;
+        for (int m = 1; m < N_PER_PIXEL; ++m) tj = meth == m ? t[m] : tj;
         emit(j, tj);
       }
     } else {
 #pragma unroll
-      for (int m = 0; m <= GEN; ++m) {
+      for (int m = 0; m < N_PER_PIXEL; ++m) {
         if (has_kind(MASK, m)) emit(P.slot[m], t[m]);
       }
     }
