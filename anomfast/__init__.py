@@ -25,7 +25,7 @@ def _use_installed_copy(exc: ImportError):
     not here. Hand the import over to that copy, or say in one line what to do."""
     import importlib.util
     here = _Path(__file__).resolve().parent
-    if any(here.glob("_C.*")) or "_C" not in str(exc):
+    if _core_findable() or "_C" not in str(exc):
         raise exc  # a compiled core is here but does not load (ABI, ISA cap...): the real error
     where = _installed_copy()
     if where is None:
@@ -46,9 +46,21 @@ def _use_installed_copy(exc: ImportError):
     return mod
 
 
-# A source checkout has no compiled core: hand over to the installed copy at once (a glob,
-# no import), so that the lazy names below come from the copy that can run.
-if not any(_Path(__file__).resolve().parent.glob("_C.*")):
+def _core_findable() -> bool:
+    """A compiled core this package can import: a _C file in this folder, or one an
+    import hook maps here (an editable install keeps it in its build folder)."""
+    if any(_Path(__file__).resolve().parent.glob("_C.*")):
+        return True
+    import importlib.util
+    try:
+        return importlib.util.find_spec(__name__ + "._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# A source checkout has no compiled core: hand over to the installed copy at once (no
+# import of the core), so that the lazy names below come from the copy that can run.
+if not _core_findable():
     _use_installed_copy(ImportError("no compiled core (_C) in this folder"))
 
 # Public names load on first use (PEP 562): `import anomfast` and `anomfast --help` do not

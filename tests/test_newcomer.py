@@ -86,6 +86,32 @@ def test_source_checkout_without_any_build_says_what_to_do(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("ImportError: anomfast:")
 
 
+def test_editable_install_layout_imports_its_own_source(tmp_path):
+    """`pip install -e .` (scikit-build-core's redirect mode): the package is the source
+    folder, without a _C file, and an import hook maps anomfast._C to the built core.
+    Imitated here with a meta path finder: the source copy must import and run, not hand
+    over to another installed copy or stop with 'source checkout without the compiled core'
+    (which it did while the check was a glob for _C files in the folder)."""
+    src = tmp_path / "src"
+    shutil.copytree(pathlib.Path(anomfast.__file__).parent, src / "anomfast",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    core = str(next(pathlib.Path(anomfast.__file__).parent.glob("_C.*")))
+    code = f"""
+import importlib.abc, importlib.util, sys
+class Redirect(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_file_location(name, {core!r}) if name == "anomfast._C" else None
+sys.meta_path.insert(0, Redirect())
+sys.path.insert(0, {str(src)!r})
+import anomfast, torch
+assert anomfast.__file__.startswith({str(src)!r}), anomfast.__file__
+r = anomfast.evaluate(torch.randn(1, 3, 8, 8), (torch.rand(1, 8, 8) < 0.3).to(torch.uint8))
+print("ok", r["max_logit"].auroc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
 # ------------------------------------------------------------------ optional dependencies, outputs
 
 def test_demo_without_scikit_learn_stops_at_once(tmp_path):
