@@ -526,8 +526,10 @@ _KEEP = []
 
 
 def _prepared_args(x, y, spec, hist, maps=None, core=None):
-    """FusedArgs filled once by _fused.fused_args (as fused_pass does) to time the kernel
-    without the per-call Python work; core: another build of the CUDA module (fmad=true)."""
+    """FusedArgs filled once by _fused.fused_args (as fused_pass does, tie signatures of
+    the exact methods included: the times are those of the kernel fused_pass runs) to time
+    the kernel without the per-call Python work; core: another build of the CUDA module
+    (fmad=true)."""
     lut, off = LabelMap.default().lut()
     lut = lut.to(x.device)
     cnt = _fused.new_counters(x.device)

@@ -351,3 +351,37 @@ def test_core_refuses_unknown_method_codes_and_bad_arguments():
         with pytest.raises(ValueError, match=msg):
             _C.fused(args(**kw))
     assert set(_C.METHODS) >= set(anomfast.METHODS) and int(_C.METHODS["external"]) == len(_C.METHODS) - 1
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_a_label_class_outside_the_label_classes_counts_as_invalid(fit):
+    """A hand-filled lookup table may hold a class the cores do not define (LabelMap.lut
+    writes only 0 .. 3): such pixels are counted invalid, once (pixel.h: exactly one
+    counter per pixel), never binned, in the scoring and in the fit pass alike."""
+    from anomfast._core import _C
+    from anomfast.histogram import HistState
+    x = torch.randn(1, 3, 4, 5)
+    y = torch.tensor([0, 1, 2, 3, 4] * 4, dtype=torch.uint8).reshape(1, 4, 5)
+    lut = torch.tensor([0, 1, 2, 3, 5], dtype=torch.int8)  # label 4 -> class 5
+    counters = torch.zeros(int(_C.N_COUNTERS), dtype=torch.int64)
+    a = _C.FitArgs() if fit else _C.FusedArgs()
+    a.logits_ptr, a.B, a.C, a.H, a.W = x.data_ptr(), 1, 3, 4, 5
+    a.ls_b, a.ls_c, a.ls_h, a.ls_w = x.stride()
+    a.labels_ptr, a.label_dtype, a.lut_ptr, a.lut_offset, a.lut_len = y.data_ptr(), 10, lut.data_ptr(), 0, 5
+    a.ys_b, a.ys_h, a.ys_w = y.stride()
+    a.counters_ptr = counters.data_ptr()
+    if fit:
+        count, total, totsq = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        a.count_ptr, a.sum_ptr, a.sumsq_ptr = count.data_ptr(), total.data_ptr(), totsq.data_ptr()
+        _C.fit_sml(a)
+        want = {"void": 8, "invalid": 8, "nonfinite": 0, "binned": 4}  # anomaly pixels are void for the fit
+        assert int(count.sum()) == 4
+    else:
+        st = HistState.new(1, "cpu")
+        a.hist_ptr, a.sig_ptr, a.occ_ptr = st.hist.data_ptr(), st.sig.data_ptr(), st.occ.data_ptr()
+        a.methods = [0]
+        _C.fused(a)
+        want = {"void": 4, "invalid": 8, "nonfinite": 0, "binned": 8}
+        assert int(st.hist.sum()) == 8
+    got = {k: int(counters[int(v)]) for k, v in _C.COUNTERS.items()}
+    assert got == want, got

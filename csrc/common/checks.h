@@ -35,8 +35,9 @@ inline int64_t max_offset(std::initializer_list<std::pair<int64_t, int64_t>> dim
   for (const auto& d : dims) {
     int64_t t = 0;
     if (d.first == 0) return 0;  // empty: nothing is read
+    if (d.second == INT64_MIN) return -1;  // before negating it (UB)
     const int64_t st = d.second < 0 ? -d.second : d.second;
-    if (d.second == INT64_MIN || __builtin_mul_overflow(d.first - 1, st, &t) ||
+    if (__builtin_mul_overflow(d.first - 1, st, &t) ||
         __builtin_add_overflow(total, t, &total) || total > INT64_MAX / 8)
       return -1;
   }

@@ -94,7 +94,8 @@ ANOMFAST_HD int32_t label_class(int64_t raw, const int8_t* lut, int64_t lut_offs
 
 // The one counter a pixel goes to, as 0 / 1 flags (exactly one set), branch-free so that
 // the CPU's loops over pixels vectorize. `bad`: some logit of the pixel, or some
-// method's coordinate, is not finite.
+// method's coordinate, is not finite. A class the label classes do not define (only a
+// hand-filled table holds one: LabelMap.lut writes 0 .. 3) counts as invalid.
 struct PixelFate {
   int32_t is_void, invalid, nonfinite, binned;
 };
@@ -103,16 +104,17 @@ struct PixelFate {
 // pixels alike).
 ANOMFAST_HD PixelFate pixel_fate(int32_t cls, int32_t bad) {
   const int32_t labelled = (int32_t)(cls == LABEL_NORMAL) | (int32_t)(cls == LABEL_ANOMALY);
-  return PixelFate{(int32_t)(cls == LABEL_VOID), (int32_t)(cls == LABEL_INVALID), labelled & bad,
-                   labelled & (bad ^ 1)};
+  const int32_t is_void = (int32_t)(cls == LABEL_VOID);
+  return PixelFate{is_void, (labelled | is_void) ^ 1, labelled & bad, labelled & (bad ^ 1)};
 }
 
 // The SML fit: only normal pixels are in-distribution data; anomaly pixels count as
 // void (not used), invalid labels as invalid, normal pixels with a non-finite logit as
 // non-finite.
 ANOMFAST_HD PixelFate fit_fate(int32_t cls, int32_t bad) {
-  const int32_t normal = (int32_t)(cls == LABEL_NORMAL), invalid = (int32_t)(cls == LABEL_INVALID);
-  return PixelFate{(normal | invalid) ^ 1, invalid, normal & bad, normal & (bad ^ 1)};
+  const int32_t normal = (int32_t)(cls == LABEL_NORMAL);
+  const int32_t is_void = (int32_t)(cls == LABEL_ANOMALY) | (int32_t)(cls == LABEL_VOID);
+  return PixelFate{is_void, (normal | is_void) ^ 1, normal & bad, normal & (bad ^ 1)};
 }
 
 // Adds a pixel's fate to per-thread counters indexed by Counter.

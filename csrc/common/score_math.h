@@ -140,6 +140,14 @@ ANOMFAST_HD float fast_exp_nonpos_fma(float x) {
   return x <= EXP_ZERO_BELOW ? 0.0f : out;
 }
 
+// The device forms below: on the GPU, and in the host emulation of the CUDA kernels
+// (csrc/cuda/emulate), whose bit-identity test with the CPU core then checks them.
+#if defined(__CUDA_ARCH__) || defined(ANOMFAST_CUDA_EMULATE)
+#define ANOMFAST_DEVICE_FORMS 1
+#else
+#define ANOMFAST_DEVICE_FORMS 0
+#endif
+
 // The per-class terms of the class loops, with e = fast_exp_nonpos(d), d = l_c - m <= 0
 // (NaN when a logit is not finite: such pixels are never binned, their maps hold NaN).
 // Both cores add them in class order 0 .. C - 1. On the device each takes a form one
@@ -150,7 +158,7 @@ ANOMFAST_HD float fast_exp_nonpos_fma(float x) {
 // S' = sum_{c != k} e_c: class c's term, 0 for the argmax k (whose e is 1). 0 * e and a
 // select of 0 are both +0 for e >= 0.
 ANOMFAST_HD float s1_term(float e, bool is_k) {
-#if defined(__CUDA_ARCH__)
+#if ANOMFAST_DEVICE_FORMS
   return is_k ? 0.0f : e;
 #else
   return (float)(int32_t)!is_k * e;  // via int32: GCC vectorizes a signed conversion, not a bool one
@@ -163,7 +171,7 @@ ANOMFAST_HD float s1_term(float e, bool is_k) {
 // instead (one max): below EXP_ZERO_BELOW e is 0, so the term is -0 or +0 either way, and
 // sx (never -0) is unchanged by both.
 ANOMFAST_HD float entropy_term(float e, float d) {
-#if defined(__CUDA_ARCH__)
+#if ANOMFAST_DEVICE_FORMS
   return e * (d < -88.0f ? -88.0f : d);
 #else
   return e * (d < EXP_ZERO_BELOW ? 0.0f : d);
