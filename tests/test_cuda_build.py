@@ -308,6 +308,7 @@ def emulation_checks(so_path):
     x = logits(3, 19, 5, 33)
     y = labels(3, 5, 33)
     sp = resolve(["max_logit", "msp"])
+    compare(x, y, resolve(["max_logit"]), name="max_logit alone: its kernel keeps no argmax")
     for dt in (torch.int64, torch.int32, torch.int16):
         compare(x, y.to(dt), sp, name=str(dt))
     compare(x, y == 1, sp, name="bool labels")

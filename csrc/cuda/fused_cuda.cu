@@ -233,8 +233,11 @@ __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t
 // The PixelSums of one pixel, with the CPU core's formulas and accumulation order
 // (fused_cpu.cpp, tile_sums). Returns true when some logit is NaN or +-inf. CR > 0 keeps
 // the logits in registers (C <= CR); C is a compile-time constant where the kernel is
-// specialized for it.
-template <int DT, int CR>
+// specialized for it. NEED_K: some method needs the argmax k (S' leaves it out, SML
+// indexes its statistics by it); without it the max is one max instruction instead of a
+// compare and a select (they differ only for NaN, whose pixel is never binned and maps
+// to NaN, and in the sign of a zero maximum, whose two values share one bin).
+template <int DT, int CR, bool NEED_K = true>
 __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t ls_c, int32_t C, Needs nd,
                                            float inv_t, float gamma, PixelSums& s) {
   float xr[CR > 0 ? CR : 1];
@@ -254,8 +257,12 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
   int32_t k = 0;
   for_classes<CR, 1>(C, [&](int c) {
     const float x = X(c);
-    k = x > m ? c : k;     // first maximum
-    m = m < x ? x : m;     // std::max(m, x), NaN handling included
+    if constexpr (NEED_K) {
+      k = x > m ? c : k;  // first maximum
+      m = m < x ? x : m;  // std::max(m, x), NaN handling included
+    } else {
+      m = fmaxf(m, x);
+    }
     sum += x;
   });
   float s1 = 0.0f, sx = 0.0f, sT = 0.0f, g = 0.0f;
@@ -485,6 +492,7 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   // the sums the kernel's set can need at all (the table's needs; methods.h), so that a
   // specialized kernel compiles no other class loop
   constexpr uint32_t SET_NEEDS = KindsNeeds<MASK>::value;
+  constexpr bool NEED_K = (SET_NEEDS & (NEED_S1 | NEED_TEMP | NEED_SX | NEED_GEN)) || has_kind(MASK, SML);
   nd.s1 = nd.s1 && (SET_NEEDS & (NEED_S1 | NEED_TEMP));
   nd.sT = nd.sT && (SET_NEEDS & NEED_TEMP);
   nd.sx = nd.sx && (SET_NEEDS & NEED_SX);
@@ -501,7 +509,7 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
     const int64_t raw = P.with_hist && active ? load_label(yp, a.label_dtype, cur.yo) : 0;
     PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
     bool pix_bad = false;
-    if (active) pix_bad = pixel_sums<DT, CR>(lp, cur.lo, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
+    if (active) pix_bad = pixel_sums<DT, CR, NEED_K>(lp, cur.lo, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
     // each requested kind's coordinate, once (method_coord with a constant code folds to
     // that method's formula); a non-finite one (SML with a zero std, energy past the
     // float range) makes the pixel skipped and counted for all methods, as on the CPU
