@@ -7,12 +7,12 @@
 // out-of-range access.
 #pragma once
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
-#include <utility>
-#include <cmath>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "methods.h"
 #include "views.h"

@@ -1,6 +1,7 @@
 // What happens to a pixel, written once for the CPU and CUDA cores: the logit and label
-// dtype switches and conversions, the label rule (raw value -> LabelClass through the lookup table) and the
-// classification of a pixel into exactly one counter (views.h: Counter).
+// dtype switches and conversions, the label rule (raw value -> LabelClass through the
+// lookup table) and the classification of a pixel into exactly one counter (views.h:
+// Counter).
 #pragma once
 #include <cstdint>
 #include <type_traits>

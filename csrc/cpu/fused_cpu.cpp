@@ -387,8 +387,13 @@ inline void coord_loop(TileState& st, int n, const FusedArgs& a, const float* sm
 // the others (HEAT, EXTERNAL: their coordinates come from elsewhere).
 using CoordLoop = void (*)(TileState&, int, const FusedArgs&, const float*, const float*, float, int32_t*, uint32_t*,
                            float*);
+template <int CODE>
+constexpr CoordLoop coord_loop_of() {
+  if constexpr (CODE < N_PER_PIXEL) return &coord_loop<CODE>;
+  else return nullptr;
+}
 constexpr CoordLoop COORD_LOOPS[N_METHOD_KINDS] = {
-#define AF_COORD_LOOP(E, code, name, needs) (code < N_PER_PIXEL ? &coord_loop<(code < N_PER_PIXEL ? code : 0)> : nullptr),
+#define AF_COORD_LOOP(E, code, name, needs) coord_loop_of<code>(),
     ANOMFAST_METHOD_TABLE(AF_COORD_LOOP)
 #undef AF_COORD_LOOP
 };

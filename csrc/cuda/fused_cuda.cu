@@ -712,20 +712,15 @@ void check_on(int dev, int64_t ptr, const char* what, int64_t align) {
                              ", the logits on device " + std::to_string(dev));
 }
 
+// Element sizes, from pixel.h's dtype switches (the codes were checked by checks.h).
 int64_t logit_size(int32_t dt) {
-  if (dt == F32) return 4;
-  if (dt == F16 || dt == BF16) return 2;
-  bad_arg("unknown logit dtype code " + std::to_string(dt));
+  int64_t size = 0;
+  with_logit_dtype(dt, [&](auto d) { size = sizeof(typename Logit<decltype(d)::value>::T); });
+  return size;
 }
 
 int64_t label_size(int32_t dt) {
-  switch (dt) {
-    case U8: case I8: case BOOL: return 1;
-    case I16: case U16: return 2;
-    case I32: case U32: return 4;
-    case I64: return 8;
-    default: bad_arg("unknown label dtype code " + std::to_string(dt));
-  }
+  return with_label_type(dt, [](auto tag, auto) -> int64_t { return sizeof(tag); });
 }
 
 void check_labels(int dev, int64_t labels_ptr, int32_t label_dtype, int64_t lut_ptr) {
@@ -789,7 +784,7 @@ void with_kernel_config(int32_t dtype, int64_t C, int32_t kinds, F&& f) {
         else f(dt, Int<-1>{}, Int<ALL_KINDS>{});
     }
   };
-  with_logit_dtype(dtype, by_c);  // pixel.h; the code was checked before (logit_size)
+  with_logit_dtype(dtype, by_c);  // pixel.h; the code was checked before (checks.h)
 }
 
 template <class Kernel, class Params>
