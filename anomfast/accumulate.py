@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import _fused
-from .histogram import HistState, finalize_histograms, histograms_from_state
+from .histogram import HistState, finalize_histograms, histograms_from_state, read_and_finalize
 from .labels import LabelMap
 from .methods import MethodSpec
 from .tables import results_table
@@ -170,12 +170,21 @@ class Accumulator:
             self._dirty = False
         return out
 
+    def histograms_and_results(self, conventions: dict, clear: bool = False) -> tuple[dict, dict]:
+        """({method: Histogram}, {method: MetricResult}): histograms() and finalize() of
+        them, in one compiled call on the CPU (histogram.read_and_finalize)."""
+        out = read_and_finalize(self.state, self.spec.names, self.spec.params_of, conventions, clear=clear,
+                                stacklevel=9)  # warnings: evaluate()'s or compute()'s caller
+        if clear:
+            self._dirty = False
+        return out
+
     def results(self, conventions: dict) -> Results:
         """Checked pixel counts, histograms and their finalized metrics."""
         res = Results()
         res.pixels = self.check()
-        res.histograms = self.histograms()
-        res.update(finalize(res.histograms, conventions))
+        res.histograms, fin = self.histograms_and_results(conventions)
+        res.update(fin)
         return res
 
     def clear_(self) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _fused, binning, protocols
-from .accumulate import Accumulator, Results, finalize
+from .accumulate import Accumulator, Results
 from .components import accumulator_for, as_component_spec
 from .histogram import Histogram, finalize_coords
 from .labels import ANOMALY, INVALID, NORMAL, as_label_map
@@ -481,7 +481,13 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
         raise ValueError("evaluate got no batches")
     results = Results()
     results.pixels = acc.check()
-    results.histograms = {} if need_maps or per_image else acc.histograms(clear=True)
+    finalized = None
+    if need_maps or per_image:
+        results.histograms = {}
+    elif refine:
+        results.histograms = acc.histograms(clear=True)
+    else:  # read out and finalized in one compiled call
+        results.histograms, finalized = acc.histograms_and_results(conventions, clear=True)
     acc.release()
     if per_image:
         for n in spec.names:
@@ -515,7 +521,7 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
     if refine:
         results.update(refine_histograms(results.histograms, spec, lm, batches, conventions, nonfinite, num_threads))
     else:
-        results.update(finalize(results.histograms, conventions))
+        results.update(finalized)
     return results
 
 

@@ -51,6 +51,11 @@ def _zeros(shape, dtype: np.dtype, device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype, device=device)
 
 
+def _exact_values(method: str, params: dict) -> bool:
+    """Histogram.exact_values of a method and its parameters."""
+    return method in EXACT_COORDINATES or bool(params.get("float32_exact", False))
+
+
 class _Lease:
     """A pooled slab lent out: numpy keeps this object as the base of every array viewing
     it, so when the last of them is gone the slab goes back to the pool."""
@@ -204,15 +209,19 @@ class HistState:
         ascending bin index. Reads only the occupied blocks."""
         return [t[:4] for t in self._readout()]
 
-    def _readout(self, clear: bool = False) -> list:
+    def _readout(self, clear: bool = False, fin=None) -> list:
         """sparse()'s arrays plus each method's (total normal, total anomaly), None where
-        they were not taken or some count is negative. On the CPU the compiled read-out walks the
-        occupied blocks of both label rows at once (finalize_cpu.h: sparse_readout) twice:
-        a counting walk, then one that writes straight into exact-size views of one pooled
-        slab (_POOL; a steady loop of evaluate() calls takes no fresh pages, and no
-        scratch copy: the counting walk costs less than the copy did, the second walk reads
-        what the first left in cache). clear=True leaves the state empty (its pages stay
-        backed: see HistState.acquire)."""
+        they were not taken or some count is negative. On the CPU two compiled calls
+        (finalize_cpu.h: sparse_readout): the first bounds each method's bins by its
+        occupied chunks (the occupancy map only), the second walks the occupied blocks of
+        both label rows at once and writes straight into views of one pooled slab (_POOL:
+        a steady loop of evaluate() calls takes no fresh pages, and no scratch copy), the
+        signatures into zero pages of their own, written where not 0 (only methods with
+        exact float32 values keep signatures: the others' stay unbacked).
+        clear=True leaves the state empty (its pages stay backed: see HistState.acquire).
+        fin = (exact_values per method, fpr code, ap code, tpr_target): each method is also
+        finalized on its thread right after its read-out; the list then ends with (out,
+        iout, status) as finalize_hists writes them (status per method: 0 done, else not)."""
         if self.device.type != "cpu":
             out = [t + (None,) for t in self._sparse_host()]
             if clear:
@@ -220,26 +229,39 @@ class HistState:
             return out
         self.check(self.n_methods, "cpu")
         M = self.n_methods
-        meta = np.zeros((M, 4), np.int64)
+        meta = np.zeros((M, _C.READOUT_META), np.int64)
         ptrs = (self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M)
-        _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, 0)  # counts only
+        _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, 0, 0, 0, 0, 0.0, 0, 0)  # capacities
         cap = meta[:, 0].copy()
-        slab = _POOL.lend(int(4 * cap.sum()))
-        offs = np.concatenate([[0], np.cumsum(4 * cap)])
-        outs = (slab.ctypes.data + 8 * (offs[:-1, None] + cap[:, None] * np.arange(4)[None, :])).astype(np.int64)
-        meta[...] = 0
-        status = _C.sparse_readout(*ptrs, cap.ctypes.data, outs.ctypes.data, meta.ctypes.data, int(clear))
-        if status != 0 or not np.array_equal(meta[:, 0], cap):
+        starts = np.concatenate(([0], np.cumsum(cap)))
+        # index, normal, anomaly of method j in a pooled slab (3 cap[j] items from 3 starts[j]);
+        # signatures in fresh zero pages, written only where not 0 (most methods keep none)
+        slab, sigs = _POOL.lend(int(3 * starts[-1])), np.zeros(int(starts[-1]), np.int64)
+        outs = np.empty((M, 4), np.int64)
+        outs[:, :3] = slab.ctypes.data + 8 * (3 * starts[:-1, None] + cap[:, None] * np.arange(3)[None, :])
+        outs[:, 3] = sigs.ctypes.data + 8 * starts[:-1]
+        fin_args = (0, 0, 0, 0.0, 0, 0)
+        if fin is not None:
+            exact, fpr_code, ap_code, tpr_target = fin
+            exact = np.asarray(exact, np.uint8)
+            fout = np.empty((M, _OUT["size"]), np.float64)
+            fiout = np.empty((M, _IOUT["size"]), np.int64)
+            fin_args = (exact.ctypes.data, fpr_code, ap_code, float(tpr_target), fout.ctypes.data, fiout.ctypes.data)
+        status = _C.sparse_readout(*ptrs, cap.ctypes.data, outs.ctypes.data, meta.ctypes.data, int(clear), *fin_args)
+        if status != 0:
             if clear:  # partly cleared: empty it all (occ still marks every block) before refusing
                 self.clear_()
-            raise RuntimeError("histogram read-out: the state changed between counting and reading its bins "
+            raise RuntimeError("histogram read-out: the state changed between bounding and reading its bins "
                                "(was another thread adding to it?)")
         if clear:
             self.occ.zero_()
         out = []
-        for j, (k, n0, n1, negative) in enumerate(meta.tolist()):
-            o = int(offs[j])
-            out.append((*(slab[o + c * k:o + (c + 1) * k] for c in range(4)), None if negative else (n0, n1)))
+        for j, (k, n0, n1, negative, _) in enumerate(meta.tolist()):
+            o, c = 3 * int(starts[j]), int(cap[j])
+            out.append((*(slab[o + i * c:o + i * c + k] for i in range(3)), sigs[int(starts[j]):int(starts[j]) + k],
+                        None if negative else (n0, n1)))
+        if fin is not None:
+            out.append((fout, fiout, meta[:, 4].copy()))
         return out
 
     def _sparse_host(self) -> list:
@@ -271,9 +293,9 @@ class HistState:
         on the CPU by the compiled read-out's clear-only walk, elsewhere by a scatter."""
         if self.device.type == "cpu":
             self.check(self.n_methods, "cpu")
-            meta = np.zeros((self.n_methods, 4), np.int64)
+            meta = np.zeros((self.n_methods, _C.READOUT_META), np.int64)
             _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), self.n_methods, 0, 0,
-                              meta.ctypes.data, 1)
+                              meta.ctypes.data, 1, 0, 0, 0, 0.0, 0, 0)
             self.occ.zero_()
             return
         blocks = self.blocks()
@@ -451,7 +473,7 @@ class Histogram:
     def exact_values(self) -> bool:
         """Whether the binned float32 values are the exact scores (max_logit; external
         scores that were float32-exact): only then a one-value bin is a real tie."""
-        return self.method in EXACT_COORDINATES or bool(self.params.get("float32_exact", False))
+        return _exact_values(self.method, self.params)
 
     @classmethod
     def from_scores(cls, method: str, coords, anomaly, params=None) -> "Histogram":
@@ -721,6 +743,30 @@ def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "st
                                    fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
                                    stacklevel=stacklevel)
             for j, (key, h) in enumerate(items)}
+
+
+def read_and_finalize(state: HistState, names, params_of, conventions: dict, clear: bool = False,
+                      stacklevel: int = 6) -> tuple[dict, dict]:
+    """(histograms_from_state(...), finalize_histograms(those, **conventions)) with the
+    same values, in one compiled call on the CPU: each method is finalized on its thread
+    right after its read-out (finalize_cpu.h: sparse_readout with fin_exact), not in a
+    second parallel call after Python has built the histograms. stacklevel: as
+    finalize_histograms'."""
+    if state.device.type != "cpu":
+        hists = histograms_from_state(state, names, params_of, clear=clear)
+        return hists, finalize_histograms(hists, **conventions, stacklevel=stacklevel + 1)
+    fpr_mode, ap_mode = conventions.get("fpr_mode", "first"), conventions.get("ap_mode", "step")
+    tpr_target = check_conventions(fpr_mode, ap_mode, conventions.get("tpr_target", 0.95))
+    params = [params_of(n) for n in names]
+    exact = [_exact_values(n, p) for n, p in zip(names, params)]
+    *rows, (out, iout, status) = state._readout(clear, (exact, _FPR_CODE[fpr_mode], _AP_CODE[ap_mode], tpr_target))
+    hists = {n: Histogram._from_readout(n, *t, p) for n, t, p in zip(names, rows, params)}  # refuses corrupt counts
+    if (status != 0).any():  # every histogram was built: their counts fit, so the walk ran
+        raise RuntimeError("finalize_hists: a decisive group spans several rows")
+    return hists, {n: _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
+                                        fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
+                                        stacklevel=stacklevel)
+                   for j, (n, h) in enumerate(hists.items())}
 
 
 def histograms_from_state(state: HistState, names, params_of, clear: bool = False) -> dict:

@@ -275,6 +275,60 @@ def test_readout_matches_host_split(n_methods, big):
         assert t[4] == (int(t[1].sum()), int(t[2].sum()))
 
 
+_NAMES = ("max_logit", "msp", "energy", "ext3", "sml", "gen", "entropy", "ext7")
+
+
+@pytest.mark.parametrize("n_methods", [1, 3, 8])
+@pytest.mark.parametrize("clear", [False, True])
+@pytest.mark.parametrize("conventions", [{}, {"fpr_mode": "strict", "ap_mode": "trapezoid"},
+                                         {"fpr_mode": "interp", "tpr_target": 0.8}])
+def test_read_and_finalize_equals_readout_then_finalize(n_methods, clear, conventions):
+    """The one-call read-out + finalization (what evaluate() and compute() use) gives the
+    histograms of histograms_from_state and, bit for bit, the results of
+    finalize_histograms on them: random states with counts around the rows' edges, random
+    signatures (tie groups where the method's values are exact: max_logit, and an
+    external score declared float32-exact), and a method without counts."""
+    g = np.random.default_rng(100 + n_methods)
+    state = _random_state(g, n_methods, 3000, big=n_methods == 3)
+    if n_methods == 8:
+        state.hist[5].zero_()  # occupied blocks, no counts
+    names = _NAMES[:n_methods]
+
+    def params_of(n):
+        return {"float32_exact": True} if n == "ext3" else {}
+
+    ref_state = state.copy()
+    want_h = histogram.histograms_from_state(ref_state, names, params_of)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the method without counts
+        want = histogram.finalize_histograms(want_h, **conventions)
+        got_h, got = histogram.read_and_finalize(state, names, params_of, conventions, clear=clear)
+    assert list(got) == list(names) == list(got_h)
+    for n in names:
+        assert got_h[n] == want_h[n], n
+        assert str(got[n].as_dict()) == str(want[n].as_dict()), n  # repr: bit for bit, NaN included
+        assert got[n].definitions == want[n].definitions
+    if clear:
+        assert int(state.hist.abs().sum()) == 0 and int(state.occ.sum()) == 0
+    else:
+        assert state == ref_state
+
+
+def test_read_and_finalize_refuses_corrupt_counts():
+    state = HistState.new(2, "cpu")
+    state.hist[1, 0, 7] = -3
+    state.occ[(2 * binning.NBINS + 7) >> binning.OCC_SHIFT] = 1
+    with pytest.raises(ValueError, match="negative counts"):
+        histogram.read_and_finalize(state, ["a", "b"], lambda n: {}, {})
+    state = HistState.new(1, "cpu")
+    state.hist[0, 0, 7] = 2 ** 62
+    state.hist[0, 1, 9] = 2 ** 62
+    state.occ[7 >> binning.OCC_SHIFT] = 1
+    state.occ[(binning.NBINS + 9) >> binning.OCC_SHIFT] = 1
+    with pytest.raises(ValueError, match="more than 2\\^62"):
+        histogram.read_and_finalize(state, ["a"], lambda n: {}, {})
+
+
 def test_readout_of_a_pass_and_empty_state(rng):
     x = random_logits(rng, 1, 5, 40, 56)
     y = random_labels(rng, 1, 40, 56)
@@ -345,17 +399,18 @@ def test_evaluate_hands_back_read_out_states_clean_and_unread_ones_dirty(rng):
         assert got[n].as_dict() == want[n].as_dict() and got.histograms[n] == want.histograms[n], n
 
 
-@pytest.mark.parametrize("change", ["gain", "loss"])
+@pytest.mark.parametrize("change", ["new block", "gain", "loss"])
 @pytest.mark.parametrize("clear", [False, True])
-def test_readout_refuses_a_state_changed_between_count_and_read(monkeypatch, change, clear):
-    """The read-out counts the bins, then writes them into arrays of that size: a state that
-    changes in between (another thread adding to it) is refused, never read short or past
-    the arrays; with clear=True it is left empty, not half cleared."""
+def test_readout_of_a_state_changed_between_bounding_and_reading(monkeypatch, change, clear):
+    """The read-out bounds each method's bins by its occupied chunks, then writes them into
+    arrays of that size. A state that gains an occupied chunk in between (another thread
+    adding to it) is refused, never read past the arrays, and with clear=True left empty,
+    not half cleared; a change inside the occupied chunks is read as it is when read."""
     g = np.random.default_rng(5)
     state = _random_state(g, 2, 2000)
     calls = []
 
-    class Core:  # the compiled module, with the state changed right after the counting call
+    class Core:  # the compiled module, with the state changed right after the bounding call
         def __getattr__(self, name):
             return getattr(_C, name)
 
@@ -364,19 +419,33 @@ def test_readout_refuses_a_state_changed_between_count_and_read(monkeypatch, cha
             calls.append(args[4])
             if len(calls) == 1:
                 h = state.hist[0].numpy()  # method 0's two label rows
-                if change == "gain":  # a new non-empty bin, in an occupied block of the normal row
-                    q = int(np.flatnonzero(state.occ.numpy()[:binning.NBINS >> binning.OCC_SHIFT])[0])
+                occ = state.occ.numpy()
+                if change == "new block":  # a count in a block no chunk of method 0 touched
+                    q = next(q for q in range(2, binning.NBINS >> binning.OCC_SHIFT)
+                             if not occ[q - 2:q + 3].any())
+                    h[0, q << binning.OCC_SHIFT] = 3
+                    occ[q] = 1
+                elif change == "gain":  # a new non-empty bin, in an occupied block of the normal row
+                    q = int(np.flatnonzero(occ[:binning.NBINS >> binning.OCC_SHIFT])[0])
                     b = next(i for i in range(q << binning.OCC_SHIFT, (q + 1) << binning.OCC_SHIFT)
                              if h[0, i] == 0 and h[1, i] == 0)
                     h[0, b] = 3
                 else:  # a bin emptied
                     b = int(np.flatnonzero((h[0] > 0) & (h[1] == 0))[0])
                     h[0, b] = 0
+                want.extend(state._sparse_host())
             return status
 
+    want = []
     monkeypatch.setattr(histogram, "_C", Core())
-    with pytest.raises(RuntimeError, match="changed between counting and reading"):
-        state._readout(clear=clear)
+    if change == "new block":
+        with pytest.raises(RuntimeError, match="changed between bounding and reading"):
+            state._readout(clear=clear)
+    else:
+        got = state._readout(clear=clear)
+        for a, b in zip(got, want):
+            for u, v in zip(a[:4], b):
+                np.testing.assert_array_equal(u, v)
     if clear:
         assert int(state.hist.abs().sum()) == 0 and int(state.sig.abs().sum()) == 0 and int(state.occ.sum()) == 0
 

@@ -49,7 +49,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("fit_sml", &fit_sml_cpu, py::arg("args"), py::call_guard<py::gil_scoped_release>(),
         "SML fitting pass: per predicted class count / sum / sum of squares of the max logit.");
   m.def("sparse_readout", &sparse_readout_cpu, py::call_guard<py::gil_scoped_release>(),
-        "Per method the ascending non-empty bins of a histogram state (finalize_cpu.h).");
+        "Per method the ascending non-empty bins of a histogram state, optionally finalized (finalize_cpu.h).");
+  m.attr("READOUT_META") = (int)READOUT_META;
+  m.attr("READOUT_NOT_FINALIZED") = (int)READOUT_NOT_FINALIZED;
   m.def("finalize_hist", &finalize_hist_cpu, py::call_guard<py::gil_scoped_release>(),
         "Histogram finalization sums of one group table (finalize_cpu.h).");
   m.def("finalize_hists", &finalize_hists_cpu, py::call_guard<py::gil_scoped_release>(),

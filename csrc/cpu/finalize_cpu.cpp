@@ -392,6 +392,7 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
                        int64_t capacity, bool clear, int64_t* index, int64_t* normal, int64_t* anomaly,
                        int64_t* sig_out, int64_t* meta) {
   const int64_t base0 = 2 * method * NBINS, base1 = base0 + NBINS;
+  if (index && capacity != OCC_BLOCK * (int64_t)live.size()) return -1;  // the state changed since the bound
   int64_t k = 0;
   unsigned __int128 t0 = 0, t1 = 0;  // exact totals: int64 counts may sum past 2^63
   int64_t sign = 0;                  // OR of all counts: negative iff some count is
@@ -423,8 +424,8 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
     }
     if (!index) {  // clear-only call (HistState.clear_): nothing read out
       k += __builtin_popcountll(full);
-    } else if (k + __builtin_popcountll(full) > capacity) {
-      return -1;
+    } else if (k + __builtin_popcountll(full) > capacity) {  // cannot happen: capacity is checked
+      return -1;                                             // against the chunks above
     }
     for (; index && full; full &= full - 1, ++k) {
       const int i = __builtin_ctzll(full);
@@ -432,8 +433,9 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
       index[k] = b0 + i;
       normal[k] = c0;
       anomaly[k] = c1;
-      sig_out[k] = (int64_t)((g0[i] & (0u - (uint32_t)(c0 != 0))) | (g1[i] & (0u - (uint32_t)(c1 != 0))));
-      t0 += (uint64_t)c0;
+      const uint32_t s = (g0[i] & (0u - (uint32_t)(c0 != 0))) | (g1[i] & (0u - (uint32_t)(c1 != 0)));
+      if (s) sig_out[k] = (int64_t)s;  // sig_out arrives zeroed: most methods keep no
+      t0 += (uint64_t)c0;              // signatures, and their zero pages stay unwritten
       t1 += (uint64_t)c1;
     }
     if (clear) {  // the chunk's marked rows back to zero while they are in cache (only
@@ -450,19 +452,27 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
   meta[1] = (int64_t)std::min<unsigned __int128>(t0, TOTAL_CAP);
   meta[2] = (int64_t)std::min<unsigned __int128>(t1, TOTAL_CAP);
   meta[3] = negative;
+  meta[4] = (!negative && t0 + t1 <= (unsigned __int128)(TOTAL_CAP - 1)) ? READOUT_FINALIZABLE : READOUT_NOT_FINALIZED;
   return 0;
 }
 
 }  // namespace
 
 int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
-                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear) {
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear,
+                           int64_t fin_exact_ptr, int64_t fpr_mode, int64_t ap_mode, double tpr_target,
+                           int64_t out_ptr, int64_t iout_ptr) {
   auto* hist = reinterpret_cast<int64_t*>(hist_ptr);
   auto* sig = reinterpret_cast<uint32_t*>(sig_ptr);
   const auto* occ = reinterpret_cast<const uint8_t*>(occ_ptr);
   const auto* capacity = reinterpret_cast<const int64_t*>(capacity_ptr);
   const auto* outputs = reinterpret_cast<const int64_t*>(outputs_ptr);
+  const auto* fin_exact = reinterpret_cast<const uint8_t*>(fin_exact_ptr);
   auto* meta = reinterpret_cast<int64_t*>(meta_ptr);
+  for (int64_t j = 0; j < n_methods; ++j) {
+    std::fill(meta + READOUT_META * j, meta + READOUT_META * (j + 1), 0);
+    meta[READOUT_META * j + 4] = READOUT_NOT_FINALIZED;
+  }
   if (!outputs && clear) {  // clear only: zero every occupied block, nothing read
     const int64_t slots = 2 * n_methods * NBINS, n_occ = (slots + OCC_BLOCK - 1) >> OCC_SHIFT;
 #pragma omp parallel for schedule(static)
@@ -474,23 +484,37 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
         clear_sigs(sig + at, len);
       }
     }
-    for (int64_t j = 0; j < n_methods; ++j) std::fill(meta + 4 * j, meta + 4 * j + 4, 0);
+    return 0;
+  }
+  std::vector<std::vector<LiveChunk>> live((size_t)n_methods);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t j = 0; j < n_methods; ++j) live[(size_t)j] = live_chunks(occ, j);
+  if (!outputs) {  // the capacities: room for every bin of every chunk that may hold counts
+    for (int64_t j = 0; j < n_methods; ++j) meta[READOUT_META * j] = OCC_BLOCK * (int64_t)live[(size_t)j].size();
     return 0;
   }
   int64_t status = 0;
   // methods are independent (own rows, own outputs): one per thread, the most occupied
   // chunks first (dynamic): longest-first balances unequal methods over the threads (in
-  // method order, 4 methods of 58k / 207k / 44k / 300k slots split 402k : 207k over two)
-  std::vector<std::vector<LiveChunk>> live((size_t)n_methods);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t j = 0; j < n_methods; ++j) live[(size_t)j] = live_chunks(occ, j);
+  // method order, 4 methods of 58k / 207k / 44k / 300k slots split 402k : 207k over two);
+  // a method's finalization follows its read-out on the same thread, while its arrays
+  // are still in cache
   const std::vector<int64_t> order = longest_first(n_methods, [&](int64_t j) { return (int64_t)live[(size_t)j].size(); });
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
   for (int64_t r = 0; r < n_methods; ++r) {
     const int64_t j = order[(size_t)r];
-    auto out = [&](int k) { return outputs ? reinterpret_cast<int64_t*>(outputs[4 * j + k]) : nullptr; };
-    status = std::min(status, readout_method(hist, sig, live[(size_t)j], j, capacity ? capacity[j] : 0, clear != 0,
-                                             out(0), out(1), out(2), out(3), meta + 4 * j));
+    auto out = [&](int k) { return reinterpret_cast<int64_t*>(outputs[4 * j + k]); };
+    int64_t* m = meta + READOUT_META * j;
+    const int64_t st = readout_method(hist, sig, live[(size_t)j], j, capacity[j], clear != 0, out(0), out(1), out(2),
+                                      out(3), m);
+    status = std::min(status, st);
+    if (st != 0 || !fin_exact || m[4] != READOUT_FINALIZABLE) {
+      m[4] = READOUT_NOT_FINALIZED;
+      continue;
+    }
+    m[4] = finalize_hist_cpu(m[0], (int64_t)out(2), (int64_t)out(1), 0, (int64_t)out(3), fin_exact[j], 0, fpr_mode,
+                             ap_mode, tpr_target, std::numeric_limits<int64_t>::max(), out_ptr + 8 * FIN_NF * j,
+                             iout_ptr + 8 * FIN_NI * j);
   }
   return status;
 }

@@ -6,19 +6,26 @@
 // sparse_readout: hist int64 (M, 2, NBINS), sig uint32 (M, 2, NBINS), occ uint8 [n_occ]
 //   (views.h: FusedArgs) -> per method j < M the ascending bins with a count in either
 //   label row: index, normal, anomaly, sig (int64[capacity[j]] each, at the addresses
-//   outputs[j][0..3]; sig the uint32 OR of both rows' signatures), and meta[j] (int64[4]):
+//   outputs[j][0..3]; sig the uint32 OR of both rows' signatures, written only where it
+//   is not 0: the caller passes zeroed sig outputs) and meta[j] (int64[READOUT_META]):
 //   the number of bins, the total normal and anomaly counts (exact, saturated at
-//   2^62 + 1: larger totals are refused by the caller), and 1 if some count is negative
-//   (a corrupt state) else 0. capacity[j]: room for at least method j's non-empty bins
-//   (a counting call, below, gives their number; the occupied blocks of its two rows *
-//   2^OCC_SHIFT bound it). Methods run in parallel (OpenMP, longest first). clear != 0
-//   zeroes the counts and signatures of every occupied block it reads (the caller then
-//   zeroes occ): the state is empty again, its pages stay backed, so a pooled state costs
-//   no page faults on its next pass. Returns 0, or -1 when a capacity is too small (the
-//   outputs are then incomplete; with clear, the state is then partly cleared: the caller
-//   clears the rest, occ still marking it). outputs_ptr == 0 with clear: only zeroes the
-//   occupied blocks (capacity is not read, meta is zeroed); outputs_ptr == 0 without
-//   clear: only counts (meta[j][0], the number of non-empty bins; the totals are 0).
+//   2^62 + 1: larger totals are refused by the caller), 1 if some count is negative
+//   (a corrupt state) else 0, and the finalization status (below). capacity[j] must be
+//   what a bounds call (outputs_ptr == 0, clear == 0) wrote in meta[j][0]: 2^OCC_SHIFT
+//   times the chunks that may hold method j's counts (one read of the occupancy map, not
+//   of the counts). Methods run in parallel (OpenMP, longest first). clear != 0 zeroes the
+//   counts and signatures of every occupied block it reads (the caller then zeroes occ):
+//   the state is empty again, its pages stay backed, so a pooled state costs no page
+//   faults on its next pass. Returns 0, or -1 when the occupied chunks differ from the
+//   bounds call's (the state changed in between: outputs incomplete; with clear, the
+//   state is partly cleared: the caller clears the rest, occ still marking it).
+//   outputs_ptr == 0 with clear: only zeroes the occupied blocks (meta zeroed).
+//   fin_exact_ptr != 0 (uint8[M], method j's exact_values): each method is then finalized
+//   on its thread right after its read-out, as finalize_hists does with these arrays
+//   (conventions fpr_mode / ap_mode / tpr_target, out double[M x FIN_NF], iout int64[M x
+//   FIN_NI]); meta[j][4] = 0 done, -1 where finalize_hist returns -1, READOUT_NOT_FINALIZED
+//   where not asked or not finalizable (negative counts, totals above 2^62: the caller
+//   refuses those histograms).
 //
 // finalize_hist: a group table of n rows, pos / neg int64[n] (non-negative counts summing
 //   to at most 2^62), with per row either tied uint8[n] or sig int64[n] (tied where
@@ -60,8 +67,13 @@ enum FinIOut : int32_t {
 using BinBounds = std::pair<double, double>;
 BinBounds bin_bounds_cpu(int64_t index, int64_t sig);
 
+constexpr int64_t READOUT_META = 5;            // sparse_readout's meta columns per method
+constexpr int64_t READOUT_NOT_FINALIZED = 1;    // meta[j][4]: no finalization done
+constexpr int64_t READOUT_FINALIZABLE = 2;      // (internal: read out, counts fit the finalization)
 int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
-                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear);
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear,
+                           int64_t fin_exact_ptr, int64_t fpr_mode, int64_t ap_mode, double tpr_target,
+                           int64_t out_ptr, int64_t iout_ptr);
 
 // finalize_hists: finalize_hist of several histograms' sparse arrays at once, one method
 //   per thread (OpenMP, longest first; each walked whole, not in halves): table int64[n_hists
