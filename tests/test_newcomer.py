@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 
 import numpy as np
@@ -442,10 +443,24 @@ def test_plots_for_a_paper(rng):
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts == ["input", "ground truth", "Maximum Softmax Probability", "Energy Score", "s0"]
     assert len(fig.axes) == 1 + 2   # the mosaic's text axes and a colorbar per map
-    (mosaic,) = [np.asarray(im.get_array()) for im in fig.images]
+    mosaic, xo, yo = fig.anomfast_mosaic  # placed by the writer
     colours = {tuple(c) for c in mosaic.reshape(-1, 3)}
     void = (y[0].numpy() == 255).any()
     assert (255, 127, 14) in colours and ((200, 200, 200) in colours) == bool(void)  # anomaly orange, void grey
+    # the PNG writer pastes the mosaic where figimage places it, pixel for pixel
+    out = pathlib.Path(tempfile.mkdtemp())
+    w = plots._Writer()
+    w.save(fig, out, "ex", ("png", "svg"))
+    w.close()
+    from PIL import Image
+    pasted = np.asarray(Image.open(out / "ex.png"))
+    assert not fig.images  # the vector format's figimage was taken out again
+    fig.figimage(mosaic, xo=xo, yo=yo, origin="upper")
+    fig.set_dpi(plots._Writer.PNG_DPI)
+    fig.canvas.draw()
+    drawn = np.asarray(fig.canvas.buffer_rgba())
+    assert pasted.shape == drawn.shape and (pasted == drawn).all()
+    assert b"<image" in (out / "ex.svg").read_bytes()
     plt.close(fig)
 
 
