@@ -16,7 +16,7 @@ from ..fitting import fit_heat, fit_sml
 from ..functional import refine_histograms
 from .grid import Grid, GridError, load_array
 from ..heat import HeatStats, as_features
-from ..labels import ANOMALY, NORMAL
+from ..labels import ANOMALY, INVALID, NORMAL
 from ..methods import resolve
 from ..metrics import mean_iou
 from ..sml import SMLStats
@@ -118,6 +118,17 @@ def _label_summary(values: dict, lm) -> str:
     seen = ", ".join(f"{v}: {n} px" for v, n in sorted(values.items())[:8]) + (", ..." if len(values) > 8 else "")
     return (f"label mapping anomaly_ids {d['anomaly_ids']}, void_ids {d['void_ids']}, normal_ids {d['normal_ids']}; "
             f"label values seen: {seen or 'none'}")
+
+
+def _value_counts(y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct raw label values, int64, ascending; their pixel counts) of a label map: a
+    bincount for 8-bit maps (1 ms for 512 x 1024; torch.unique sorts, 8 ms), else a sort."""
+    if y.dtype in (torch.uint8, torch.bool):
+        n = torch.bincount(y.reshape(-1).to(torch.uint8), minlength=256).numpy()
+        v = np.flatnonzero(n)
+        return v.astype(np.int64), n[v].astype(np.int64)
+    v, n = torch.unique(y, return_counts=True)
+    return v.to(torch.int64).numpy(), n.to(torch.int64).numpy()
 
 
 def _check_classes(model, hists, values: dict, lm, allow: bool, notes: list) -> None:
@@ -246,7 +257,12 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 raise GridError(f"model {model.name!r}: logits {model.logits[stem]} have shape {tuple(x.shape)}, "
                                 f"expected (C, {y.shape[0]}, {y.shape[1]}) to match label map "
                                 f"{grid.labels[stem].name}" + channel_last_hint(x.shape, y.shape))
-            bad = grid.label_map.first_invalid_value(y)  # here, on the reading thread, to name the file
+            # here, on the reading thread: the raw label values and their pixel counts (for the
+            # empty-class message), and a value outside the label map, to name the file
+            counts = _value_counts(y)
+            bad = None
+            if (grid.label_map.classify(torch.from_numpy(counts[0])) == INVALID).any():
+                bad = grid.label_map.first_invalid_value(y)  # the first in raster order
             if bad is not None:
                 d = grid.label_map.describe()
                 raise GridError(f"label map {grid.labels[stem].name}: value {bad} is in none of [labels]' "
@@ -255,9 +271,9 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                                 '(normal_ids = "rest" / --normal-ids rest counts every other value as normal)')
             sem = torch.from_numpy(np.array(load_array(grid.semantic[stem]))) if stem in grid.semantic else None
             f = _as_chw(load_array(model.features[stem]), model.features[stem], "features") if need_feats else None
-            return stem, x, y, sem, f
+            return stem, x, y, sem, f, counts
 
-        for stem, x, y, sem, f in _timed(_prefetch(read, my_stems), timings, "read_wait_s"):
+        for stem, x, y, sem, f, counts in _timed(_prefetch(read, my_stems), timings, "read_wait_s"):
             if tuple(y.shape) != tuple(x.shape[1:]):
                 raise GridError(f"image {stem!r}: label map {tuple(y.shape)} vs logits {tuple(x.shape)} of model {model.name!r}")
             C = int(x.shape[0])
@@ -274,13 +290,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                                 f"{first['path'].name} (the model's first image) has {first['C']}; every image "
                                 "of a model must have the same classes")
             if not out:  # the label values, once (every model reads the same label maps)
-                if y.dtype == torch.uint8:  # a bincount: 0.3 ms where torch.unique sorts (8 ms a 512 x 1024 map)
-                    n = np.bincount(y.numpy().ravel(), minlength=256)
-                    v = np.flatnonzero(n)
-                    n = n[v]
-                else:
-                    v, n = torch.unique(y, return_counts=True)
-                for a, b in zip(v.tolist(), n.tolist()):
+                for a, b in zip(counts[0].tolist(), counts[1].tolist()):
                     values[a] = values.get(a, 0) + b
             xb = _fused.as_logits(x.unsqueeze(0).to(device))
             yb = _fused.as_labels(y.unsqueeze(0).to(device), xb)
@@ -333,7 +343,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                  "images": len(stems)}
 
         def batches():  # the second passes (refine, components): the same files, the same inputs
-            for _, x, y, _, f in _prefetch(read, my_stems):
+            for _, x, y, _, f, _ in _prefetch(read, my_stems):
                 xb = _fused.as_logits(x.unsqueeze(0).to(device))
                 fb = None if f is None else as_features(f.unsqueeze(0).to(device), xb, spec.heat)
                 yield xb, _fused.as_labels(y.unsqueeze(0).to(device), xb), fb
