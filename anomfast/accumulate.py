@@ -174,7 +174,7 @@ class Accumulator:
         """({method: Histogram}, {method: MetricResult}): histograms() and finalize() of
         them, in one compiled call on the CPU (histogram.read_and_finalize)."""
         out = read_and_finalize(self.state, self.spec.names, self.spec.params_of, conventions, clear=clear,
-                                stacklevel=9)  # warnings: evaluate()'s or compute()'s caller
+                                stacklevel=8)  # warnings: evaluate()'s or compute()'s caller
         if clear:
             self._dirty = False
         return out

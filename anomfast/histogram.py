@@ -129,6 +129,10 @@ class _BufferPool:
 
 
 _POOL = _BufferPool()
+_READOUT = dict(_C.READOUT_MODES)
+# HistState._readout: a bound above this many items (64 per occupied chunk, summed over the
+# methods; 96 MiB of slab) is replaced by the exact count of bins before allocating
+EXACT_COUNT_ABOVE = 1 << 22
 
 
 def release_buffers() -> None:
@@ -211,17 +215,21 @@ class HistState:
 
     def _readout(self, clear: bool = False, fin=None) -> list:
         """sparse()'s arrays plus each method's (total normal, total anomaly), None where
-        they were not taken or some count is negative. On the CPU two compiled calls
-        (finalize_cpu.h: sparse_readout): the first bounds each method's bins by its
-        occupied chunks (the occupancy map only), the second walks the occupied blocks of
-        both label rows at once and writes straight into views of one pooled slab (_POOL:
-        a steady loop of evaluate() calls takes no fresh pages, and no scratch copy), the
-        signatures into zero pages of their own, written where not 0 (only methods with
-        exact float32 values keep signatures: the others' stay unbacked).
-        clear=True leaves the state empty (its pages stay backed: see HistState.acquire).
-        fin = (exact_values per method, fpr code, ap code, tpr_target): each method is also
-        finalized on its thread right after its read-out; the list then ends with (out,
-        iout, status) as finalize_hists writes them (status per method: 0 done, else not)."""
+        they were not taken or some count is negative. On the CPU (finalize_cpu.h:
+        sparse_readout) a first call bounds each method's bins from the occupancy map
+        alone (64 per occupied chunk); a second walks the occupied blocks of both label rows
+        at once and writes the bins straight into views of one pooled slab (_POOL: a steady
+        loop of evaluate() calls takes no fresh pages) and the signatures into zero pages
+        of their own, written where not 0 (only methods with exact float32 values keep
+        signatures: the others' stay unbacked). A bound above EXACT_COUNT_ABOVE items (a
+        sparse state spread over many chunks) is replaced by the exact count (a walk over
+        the counts) before anything is allocated; a read-out that fills less than half its
+        bound is copied into exact-size arrays, so returned histograms do not hold the
+        slack. clear=True leaves the state empty (its pages stay backed: see
+        HistState.acquire). fin = (exact_values per method, fpr code, ap code, tpr_target):
+        each method is also finalized on its thread right after its read-out; the list
+        then ends with (out, iout, status) as finalize_hists writes them (status per
+        method: 0 done, else not)."""
         if self.device.type != "cpu":
             out = [t + (None,) for t in self._sparse_host()]
             if clear:
@@ -231,8 +239,15 @@ class HistState:
         M = self.n_methods
         meta = np.zeros((M, _C.READOUT_META), np.int64)
         ptrs = (self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M)
-        _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, 0, 0, 0, 0, 0.0, 0, 0)  # capacities
-        cap = meta[:, 0].copy()
+        no_fin = (0, 0, 0, 0.0, 0, 0)
+        _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, _READOUT["bounds"], *no_fin)
+        bound = meta[:, 5].copy()
+        counted = int(bound.sum()) > EXACT_COUNT_ABOVE
+        if counted:
+            _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, _READOUT["count"], *no_fin)
+            cap = meta[:, 0].copy()
+        else:
+            cap = bound
         starts = np.concatenate(([0], np.cumsum(cap)))
         # index, normal, anomaly of method j in a pooled slab (3 cap[j] items from 3 starts[j]);
         # signatures in fresh zero pages, written only where not 0 (most methods keep none)
@@ -240,26 +255,37 @@ class HistState:
         outs = np.empty((M, 4), np.int64)
         outs[:, :3] = slab.ctypes.data + 8 * (3 * starts[:-1, None] + cap[:, None] * np.arange(3)[None, :])
         outs[:, 3] = sigs.ctypes.data + 8 * starts[:-1]
-        fin_args = (0, 0, 0, 0.0, 0, 0)
+        fin_args = no_fin
         if fin is not None:
             exact, fpr_code, ap_code, tpr_target = fin
             exact = np.asarray(exact, np.uint8)
             fout = np.empty((M, _OUT["size"]), np.float64)
             fiout = np.empty((M, _IOUT["size"]), np.int64)
             fin_args = (exact.ctypes.data, fpr_code, ap_code, float(tpr_target), fout.ctypes.data, fiout.ctypes.data)
-        status = _C.sparse_readout(*ptrs, cap.ctypes.data, outs.ctypes.data, meta.ctypes.data, int(clear), *fin_args)
-        if status != 0:
+        status = _C.sparse_readout(*ptrs, cap.ctypes.data, outs.ctypes.data, meta.ctypes.data,
+                                   _READOUT["read_clear" if clear else "read"], *fin_args)
+        if status != 0 or not np.array_equal(meta[:, 5], bound) or (counted and not np.array_equal(meta[:, 0], cap)):
             if clear:  # partly cleared: empty it all (occ still marks every block) before refusing
                 self.clear_()
             raise RuntimeError("histogram read-out: the state changed between bounding and reading its bins "
                                "(was another thread adding to it?)")
         if clear:
             self.occ.zero_()
-        out = []
-        for j, (k, n0, n1, negative, _) in enumerate(meta.tolist()):
-            o, c = 3 * int(starts[j]), int(cap[j])
-            out.append((*(slab[o + i * c:o + i * c + k] for i in range(3)), sigs[int(starts[j]):int(starts[j]) + k],
-                        None if negative else (n0, n1)))
+        ks = meta[:, 0].copy()
+
+        def cols(j):  # method j's four arrays in (slab, sigs, starts, cap)
+            o, c, k = 3 * int(starts[j]), int(cap[j]), int(ks[j])
+            return (*(slab[o + i * c:o + i * c + k] for i in range(3)), sigs[int(starts[j]):int(starts[j]) + k])
+
+        if 2 * int(ks.sum()) < int(cap.sum()):  # mostly slack: exact-size copies
+            arrays = [cols(j) for j in range(M)]
+            starts, cap = np.concatenate(([0], np.cumsum(ks))), ks
+            slab, sigs = _POOL.lend(int(3 * starts[-1])), np.zeros(int(starts[-1]), np.int64)
+            for j, a in enumerate(arrays):
+                for dst, src in zip(cols(j), a):
+                    dst[...] = src
+            del arrays
+        out = [(*cols(j), None if meta[j, 3] else (int(meta[j, 1]), int(meta[j, 2]))) for j in range(M)]
         if fin is not None:
             out.append((fout, fiout, meta[:, 4].copy()))
         return out
@@ -295,7 +321,7 @@ class HistState:
             self.check(self.n_methods, "cpu")
             meta = np.zeros((self.n_methods, _C.READOUT_META), np.int64)
             _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), self.n_methods, 0, 0,
-                              meta.ctypes.data, 1, 0, 0, 0, 0.0, 0, 0)
+                              meta.ctypes.data, _READOUT["clear"], 0, 0, 0, 0.0, 0, 0)
             self.occ.zero_()
             return
         blocks = self.blocks()
@@ -551,7 +577,7 @@ class Histogram:
         if exact:
             return self._finalize_reference(exact=True, **conventions)
         # the walk evaluate() and compute() run on all their methods at once: bit for bit the same
-        return finalize_histograms({0: self}, **conventions, stacklevel=7)[0]  # warnings: the caller's line
+        return finalize_histograms({0: self}, **conventions, stacklevel=6)[0]  # warnings: the caller's line
 
     def _walk_columns(self) -> tuple:
         """(anomaly, normal, sig) as the compiled walk reads them: contiguous int64 of one length."""
@@ -721,12 +747,13 @@ def _result_from_walk(method: str, params: dict, out: np.ndarray, iout: np.ndarr
 
 
 def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "step",
-                        tpr_target: float = 0.95, stacklevel: int = 6) -> dict:
+                        tpr_target: float = 0.95, stacklevel: int = 5) -> dict:
     """{key: MetricResult} of {key: Histogram}, as each one's finalize() gives it (the same
     walk over the same rows), in one compiled call that finalizes the histograms in
-    parallel, one per thread (finalize_cpu.h: finalize_hists): evaluate() and compute()
-    finalize all their methods at once. stacklevel: of the warnings about undefined metrics,
-    counted as _result_from_walk counts it (6: this function's caller, 7: its caller)."""
+    parallel, one per thread (finalize_cpu.h: finalize_hists). stacklevel: of the warnings
+    about undefined metrics, counted as _result_from_walk counts it (5: this function's
+    caller, 6: its caller; plain loops here, not comprehensions, whose frames Python 3.12
+    inlines)."""
     tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
     items = list(hists.items())
     cols, table = [], np.zeros((len(items), 5), np.int64)
@@ -739,14 +766,16 @@ def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "st
     if items and _C.finalize_hists(len(items), table.ctypes.data, _FPR_CODE[fpr_mode], _AP_CODE[ap_mode], tpr_target,
                                    out.ctypes.data, iout.ctypes.data) != 0:
         raise RuntimeError("finalize_hists: a decisive group spans several rows")
-    return {key: _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
-                                   fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
-                                   stacklevel=stacklevel)
-            for j, (key, h) in enumerate(items)}
+    results = {}
+    for j, (key, h) in enumerate(items):
+        results[key] = _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
+                                         fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
+                                         stacklevel=stacklevel)
+    return results
 
 
 def read_and_finalize(state: HistState, names, params_of, conventions: dict, clear: bool = False,
-                      stacklevel: int = 6) -> tuple[dict, dict]:
+                      stacklevel: int = 5) -> tuple[dict, dict]:
     """(histograms_from_state(...), finalize_histograms(those, **conventions)) with the
     same values, in one compiled call on the CPU: each method is finalized on its thread
     right after its read-out (finalize_cpu.h: sparse_readout with fin_exact), not in a
@@ -763,10 +792,13 @@ def read_and_finalize(state: HistState, names, params_of, conventions: dict, cle
     hists = {n: Histogram._from_readout(n, *t, p) for n, t, p in zip(names, rows, params)}  # refuses corrupt counts
     if (status != 0).any():  # every histogram was built: their counts fit, so the walk ran
         raise RuntimeError("finalize_hists: a decisive group spans several rows")
-    return hists, {n: _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
-                                        fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
-                                        stacklevel=stacklevel)
-                   for j, (n, h) in enumerate(hists.items())}
+    results = {}
+    for j, n in enumerate(names):
+        h = hists[n]
+        results[n] = _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
+                                       fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
+                                       stacklevel=stacklevel)
+    return hists, results
 
 
 def histograms_from_state(state: HistState, names, params_of, clear: bool = False) -> dict:

@@ -399,25 +399,34 @@ def test_evaluate_hands_back_read_out_states_clean_and_unread_ones_dirty(rng):
         assert got[n].as_dict() == want[n].as_dict() and got.histograms[n] == want.histograms[n], n
 
 
-@pytest.mark.parametrize("change", ["new block", "gain", "loss"])
+@pytest.mark.parametrize("counted", [False, True])
+@pytest.mark.parametrize("change", ["new block", "gain", "loss", "gain after the count"])
 @pytest.mark.parametrize("clear", [False, True])
-def test_readout_of_a_state_changed_between_bounding_and_reading(monkeypatch, change, clear):
-    """The read-out bounds each method's bins by its occupied chunks, then writes them into
-    arrays of that size. A state that gains an occupied chunk in between (another thread
-    adding to it) is refused, never read past the arrays, and with clear=True left empty,
-    not half cleared; a change inside the occupied chunks is read as it is when read."""
+def test_readout_of_a_state_changed_between_its_calls(monkeypatch, change, clear, counted):
+    """The read-out bounds each method's bins by its occupied chunks (and, counted: counts
+    them exactly), then writes them into arrays of that size. A state that gains an
+    occupied chunk in between (another thread adding to it), or, counted, a bin after the
+    count, is refused, never read past the arrays, and with clear=True left empty, not
+    half cleared; a change inside the occupied chunks before the sizes are taken is read as
+    it is when read."""
+    if change == "gain after the count" and not counted:
+        pytest.skip("no count without counted")
+    if counted:
+        monkeypatch.setattr(histogram, "EXACT_COUNT_ABOVE", 0)
     g = np.random.default_rng(5)
     state = _random_state(g, 2, 2000)
     calls = []
+    modes = dict(_C.READOUT_MODES)
+    when = modes["count"] if change == "gain after the count" else modes["bounds"]
 
-    class Core:  # the compiled module, with the state changed right after the bounding call
+    class Core:  # the compiled module, with the state changed right after one call
         def __getattr__(self, name):
             return getattr(_C, name)
 
         def sparse_readout(self, *args):
             status = _C.sparse_readout(*args)
-            calls.append(args[4])
-            if len(calls) == 1:
+            calls.append(args[7])
+            if args[7] == when:
                 h = state.hist[0].numpy()  # method 0's two label rows
                 occ = state.occ.numpy()
                 if change == "new block":  # a count in a block no chunk of method 0 touched
@@ -425,7 +434,7 @@ def test_readout_of_a_state_changed_between_bounding_and_reading(monkeypatch, ch
                              if not occ[q - 2:q + 3].any())
                     h[0, q << binning.OCC_SHIFT] = 3
                     occ[q] = 1
-                elif change == "gain":  # a new non-empty bin, in an occupied block of the normal row
+                elif change.startswith("gain"):  # a new non-empty bin, in an occupied block of the normal row
                     q = int(np.flatnonzero(occ[:binning.NBINS >> binning.OCC_SHIFT])[0])
                     b = next(i for i in range(q << binning.OCC_SHIFT, (q + 1) << binning.OCC_SHIFT)
                              if h[0, i] == 0 and h[1, i] == 0)
@@ -438,7 +447,7 @@ def test_readout_of_a_state_changed_between_bounding_and_reading(monkeypatch, ch
 
     want = []
     monkeypatch.setattr(histogram, "_C", Core())
-    if change == "new block":
+    if change in ("new block", "gain after the count"):
         with pytest.raises(RuntimeError, match="changed between bounding and reading"):
             state._readout(clear=clear)
     else:
@@ -446,8 +455,35 @@ def test_readout_of_a_state_changed_between_bounding_and_reading(monkeypatch, ch
         for a, b in zip(got, want):
             for u, v in zip(a[:4], b):
                 np.testing.assert_array_equal(u, v)
+    assert calls[0] == modes["bounds"] and (calls[1] == modes["count"]) == counted
     if clear:
         assert int(state.hist.abs().sum()) == 0 and int(state.sig.abs().sum()) == 0 and int(state.occ.sum()) == 0
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_readout_arrays_are_exact_size_when_the_bound_is_loose(monkeypatch, counted):
+    """64 slots per occupied chunk bound a method's bins: a sparse state (one bin per
+    chunk) would leave returned histograms holding 64 times the memory they need, so such
+    a read-out is copied into exact-size arrays (or, above EXACT_COUNT_ABOVE, counted
+    exactly before anything is allocated); the values are the same."""
+    if counted:
+        monkeypatch.setattr(histogram, "EXACT_COUNT_ABOVE", 0)
+    state = HistState.new(2, "cpu")
+    idx = np.arange(0, binning.NBINS, 400)  # one bin in about every sixth chunk (bound: 1-2M slots)
+    for j in range(2):
+        state.hist[j, j, torch.from_numpy(idx)] = 1 + j
+        state.occ[torch.from_numpy(np.unique((j * 2 * binning.NBINS + j * binning.NBINS + idx) >> binning.OCC_SHIFT))] = 1
+    want = state._sparse_host()
+    lent = []
+    real = histogram._POOL.lend
+    monkeypatch.setattr(histogram._POOL, "lend", lambda n: lent.append(n) or real(n))
+    got = state._readout()
+    for a, b in zip(got, want):
+        for u, v in zip(a[:4], b):
+            np.testing.assert_array_equal(u, v)
+    k = sum(t[0].size for t in got)
+    assert k == 2 * idx.size and lent[-1] == 3 * k, (k, lent)
+    assert all(t[3].base is None or t[3].base.size == k for t in got)
 
 
 def test_readout_refuses_corrupt_counts():
@@ -517,3 +553,23 @@ def test_evaluator_hands_its_state_back_and_a_reused_state_starts_empty(rng):
     ev5.reset()
     h = ev5.hist
     assert int(h.hist.abs().sum()) == 0 and int(h.sig.abs().sum()) == 0 and int(h.occ.sum()) == 0
+
+
+def test_undefined_metric_warnings_point_at_the_callers_line(rng):
+    """The warnings about metrics left undefined (no anomaly pixels) name the line that
+    called evaluate(), Evaluator.compute(), Histogram.finalize() or finalize_histograms(),
+    not a line inside anomfast (plain loops there: Python 3.12 inlines comprehensions, which
+    would shift a stack level counted through one)."""
+    x = random_logits(rng, 1, 4, 8, 8)
+    y = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = anomfast.evaluate(x, y, methods=["msp", "energy"])
+        e = anomfast.Evaluator(["msp"])
+        e.update(x, y)
+        e.compute()
+        r.histograms["msp"].finalize()
+        histogram.finalize_histograms(r.histograms)
+    mine = [ww for ww in w if "no anomaly" in str(ww.message)]
+    assert len(mine) == 2 + 1 + 1 + 2
+    assert all(ww.filename == __file__ for ww in mine), [(ww.filename, ww.lineno) for ww in mine]

@@ -76,11 +76,11 @@ class _Writer:
                 if mosaic is not None:
                     fig.set_dpi(self.PNG_DPI)  # figimage places it in pixels at the figure's dpi
                     im = fig.figimage(mosaic[0], xo=mosaic[1], yo=mosaic[2], origin="upper", zorder=-1)
-                # the figures lay themselves out (fixed margins): bbox_inches="tight" would draw
-                # every figure once more to measure it
-                fig.savefig(p)
-                if im is not None:
-                    im.remove()
+                try:  # the figures lay themselves out (fixed margins): bbox_inches="tight"
+                    fig.savefig(p)  # would draw every figure once more to measure it
+                finally:
+                    if im is not None:
+                        im.remove()
             paths.append(p)
         return paths
 

@@ -121,12 +121,13 @@ def _label_summary(values: dict, lm) -> str:
 
 
 def _value_counts(y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct raw label values, int64, ascending; their pixel counts) of a label map: a
-    bincount for 8-bit maps (1 ms for 512 x 1024; torch.unique sorts, 8 ms), else a sort."""
+    """(distinct raw label values, ascending: int64, bool for a bool map; their pixel counts)
+    of a label map: a bincount for 8-bit maps (1 ms for 512 x 1024; torch.unique sorts, 8
+    ms), else a sort."""
     if y.dtype in (torch.uint8, torch.bool):
         n = torch.bincount(y.reshape(-1).to(torch.uint8), minlength=256).numpy()
         v = np.flatnonzero(n)
-        return v.astype(np.int64), n[v].astype(np.int64)
+        return v.astype(bool if y.dtype == torch.bool else np.int64), n[v].astype(np.int64)
     v, n = torch.unique(y, return_counts=True)
     return v.to(torch.int64).numpy(), n.to(torch.int64).numpy()
 

@@ -51,6 +51,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse_readout", &sparse_readout_cpu, py::call_guard<py::gil_scoped_release>(),
         "Per method the ascending non-empty bins of a histogram state, optionally finalized (finalize_cpu.h).");
   m.attr("READOUT_META") = (int)READOUT_META;
+  m.attr("READOUT_MODES") = py::dict(py::arg("bounds") = (int)READOUT_BOUNDS, py::arg("count") = (int)READOUT_COUNT,
+                                     py::arg("read") = (int)READOUT_READ,
+                                     py::arg("read_clear") = (int)READOUT_READ_CLEAR,
+                                     py::arg("clear") = (int)READOUT_CLEAR);
   m.attr("READOUT_NOT_FINALIZED") = (int)READOUT_NOT_FINALIZED;
   m.def("finalize_hist", &finalize_hist_cpu, py::call_guard<py::gil_scoped_release>(),
         "Histogram finalization sums of one group table (finalize_cpu.h).");

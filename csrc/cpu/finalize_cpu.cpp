@@ -392,7 +392,6 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
                        int64_t capacity, bool clear, int64_t* index, int64_t* normal, int64_t* anomaly,
                        int64_t* sig_out, int64_t* meta) {
   const int64_t base0 = 2 * method * NBINS, base1 = base0 + NBINS;
-  if (index && capacity != OCC_BLOCK * (int64_t)live.size()) return -1;  // the state changed since the bound
   int64_t k = 0;
   unsigned __int128 t0 = 0, t1 = 0;  // exact totals: int64 counts may sum past 2^63
   int64_t sign = 0;                  // OR of all counts: negative iff some count is
@@ -422,10 +421,10 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
       std::memcpy(&w, nz + 8 * g, 8);
       full |= ((w * 0x0102040810204080ull) >> 56) << (8 * g);
     }
-    if (!index) {  // clear-only call (HistState.clear_): nothing read out
+    if (!index) {  // counting call: nothing read out
       k += __builtin_popcountll(full);
-    } else if (k + __builtin_popcountll(full) > capacity) {  // cannot happen: capacity is checked
-      return -1;                                             // against the chunks above
+    } else if (k + __builtin_popcountll(full) > capacity) {  // the state gained bins since the
+      return -1;                                             // capacity was taken
     }
     for (; index && full; full &= full - 1, ++k) {
       const int i = __builtin_ctzll(full);
@@ -459,7 +458,7 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
 }  // namespace
 
 int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
-                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear,
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t mode,
                            int64_t fin_exact_ptr, int64_t fpr_mode, int64_t ap_mode, double tpr_target,
                            int64_t out_ptr, int64_t iout_ptr) {
   auto* hist = reinterpret_cast<int64_t*>(hist_ptr);
@@ -473,7 +472,7 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
     std::fill(meta + READOUT_META * j, meta + READOUT_META * (j + 1), 0);
     meta[READOUT_META * j + 4] = READOUT_NOT_FINALIZED;
   }
-  if (!outputs && clear) {  // clear only: zero every occupied block, nothing read
+  if (mode == READOUT_CLEAR) {  // zero every occupied block, nothing read
     const int64_t slots = 2 * n_methods * NBINS, n_occ = (slots + OCC_BLOCK - 1) >> OCC_SHIFT;
 #pragma omp parallel for schedule(static)
     for (int64_t q0 = 0; q0 < n_occ; q0 += 4096) {
@@ -486,11 +485,14 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
     }
     return 0;
   }
+  const bool read = mode == READOUT_READ || mode == READOUT_READ_CLEAR;
+  if (mode != READOUT_BOUNDS && mode != READOUT_COUNT && !read) return -2;
   std::vector<std::vector<LiveChunk>> live((size_t)n_methods);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t j = 0; j < n_methods; ++j) live[(size_t)j] = live_chunks(occ, j);
-  if (!outputs) {  // the capacities: room for every bin of every chunk that may hold counts
-    for (int64_t j = 0; j < n_methods; ++j) meta[READOUT_META * j] = OCC_BLOCK * (int64_t)live[(size_t)j].size();
+  for (int64_t j = 0; j < n_methods; ++j) meta[READOUT_META * j + 5] = OCC_BLOCK * (int64_t)live[(size_t)j].size();
+  if (mode == READOUT_BOUNDS) {  // the bound: room for every bin of every chunk that may hold counts
+    for (int64_t j = 0; j < n_methods; ++j) meta[READOUT_META * j] = meta[READOUT_META * j + 5];
     return 0;
   }
   int64_t status = 0;
@@ -503,12 +505,12 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
   for (int64_t r = 0; r < n_methods; ++r) {
     const int64_t j = order[(size_t)r];
-    auto out = [&](int k) { return reinterpret_cast<int64_t*>(outputs[4 * j + k]); };
+    auto out = [&](int k) { return read ? reinterpret_cast<int64_t*>(outputs[4 * j + k]) : nullptr; };
     int64_t* m = meta + READOUT_META * j;
-    const int64_t st = readout_method(hist, sig, live[(size_t)j], j, capacity[j], clear != 0, out(0), out(1), out(2),
-                                      out(3), m);
+    const int64_t st = readout_method(hist, sig, live[(size_t)j], j, read ? capacity[j] : 0,
+                                      mode == READOUT_READ_CLEAR, out(0), out(1), out(2), out(3), m);
     status = std::min(status, st);
-    if (st != 0 || !fin_exact || m[4] != READOUT_FINALIZABLE) {
+    if (st != 0 || !read || !fin_exact || m[4] != READOUT_FINALIZABLE) {
       m[4] = READOUT_NOT_FINALIZED;
       continue;
     }

@@ -4,28 +4,32 @@
 // (anomfast/histogram.py) checks every buffer and passes pointers as integers.
 //
 // sparse_readout: hist int64 (M, 2, NBINS), sig uint32 (M, 2, NBINS), occ uint8 [n_occ]
-//   (views.h: FusedArgs) -> per method j < M the ascending bins with a count in either
-//   label row: index, normal, anomaly, sig (int64[capacity[j]] each, at the addresses
-//   outputs[j][0..3]; sig the uint32 OR of both rows' signatures, written only where it
-//   is not 0: the caller passes zeroed sig outputs) and meta[j] (int64[READOUT_META]):
-//   the number of bins, the total normal and anomaly counts (exact, saturated at
-//   2^62 + 1: larger totals are refused by the caller), 1 if some count is negative
-//   (a corrupt state) else 0, and the finalization status (below). capacity[j] must be
-//   what a bounds call (outputs_ptr == 0, clear == 0) wrote in meta[j][0]: 2^OCC_SHIFT
-//   times the chunks that may hold method j's counts (one read of the occupancy map, not
-//   of the counts). Methods run in parallel (OpenMP, longest first). clear != 0 zeroes the
-//   counts and signatures of every occupied block it reads (the caller then zeroes occ):
-//   the state is empty again, its pages stay backed, so a pooled state costs no page
-//   faults on its next pass. Returns 0, or -1 when the occupied chunks differ from the
-//   bounds call's (the state changed in between: outputs incomplete; with clear, the
-//   state is partly cleared: the caller clears the rest, occ still marking it).
-//   outputs_ptr == 0 with clear: only zeroes the occupied blocks (meta zeroed).
-//   fin_exact_ptr != 0 (uint8[M], method j's exact_values): each method is then finalized
-//   on its thread right after its read-out, as finalize_hists does with these arrays
-//   (conventions fpr_mode / ap_mode / tpr_target, out double[M x FIN_NF], iout int64[M x
-//   FIN_NI]); meta[j][4] = 0 done, -1 where finalize_hist returns -1, READOUT_NOT_FINALIZED
-//   where not asked or not finalizable (negative counts, totals above 2^62: the caller
-//   refuses those histograms).
+//   (views.h: FusedArgs); meta int64[M x READOUT_META], per method j: the number of bins,
+//   the total normal and anomaly counts (exact, saturated at 2^62 + 1: larger totals are
+//   refused by the caller), 1 if some count is negative (a corrupt state) else 0, the
+//   finalization status (below), and 2^OCC_SHIFT times the chunks that may hold method j's
+//   counts (the bound, from the occupancy map). By mode (ReadoutMode):
+//   READOUT_BOUNDS: only the bound (also in meta[j][0]); reads the occupancy map alone.
+//   READOUT_COUNT: the exact number of bins in meta[j][0] (a walk over the counts).
+//   READOUT_READ / READOUT_READ_CLEAR: per method the ascending bins with a count in either
+//     label row: index, normal, anomaly, sig (int64[capacity[j]] each, at the addresses
+//     outputs[j][0..3]; sig the uint32 OR of both rows' signatures, written only where it
+//     is not 0: the caller passes zeroed sig outputs). READ_CLEAR also zeroes the counts
+//     and signatures of every occupied block it reads (the caller then zeroes occ): the
+//     state is empty again, its pages stay backed, so a pooled state costs no page faults
+//     on its next pass. The caller compares the bound (and, after a COUNT call, the
+//     number of bins) with its earlier call's: a difference means the state changed in
+//     between (another thread adding to it).
+//   READOUT_CLEAR: only zeroes the occupied blocks.
+//   Methods run in parallel (OpenMP, longest first). Returns 0; -1 when some method has
+//   more bins than its capacity (the state changed: its outputs are incomplete, and with
+//   READ_CLEAR the state is partly cleared: the caller clears the rest, occ still marking
+//   it); -2 for an unknown mode. fin_exact_ptr != 0 (uint8[M], method j's exact_values)
+//   with a READ mode: each method is finalized on its thread right after its read-out,
+//   as finalize_hists does with these arrays (conventions fpr_mode / ap_mode /
+//   tpr_target, out double[M x FIN_NF], iout int64[M x FIN_NI]); meta[j][4] = 0 done, -1
+//   where finalize_hist returns -1, READOUT_NOT_FINALIZED where not asked or not
+//   finalizable (negative counts, totals above 2^62: the caller refuses those histograms).
 //
 // finalize_hist: a group table of n rows, pos / neg int64[n] (non-negative counts summing
 //   to at most 2^62), with per row either tied uint8[n] or sig int64[n] (tied where
@@ -67,11 +71,12 @@ enum FinIOut : int32_t {
 using BinBounds = std::pair<double, double>;
 BinBounds bin_bounds_cpu(int64_t index, int64_t sig);
 
-constexpr int64_t READOUT_META = 5;            // sparse_readout's meta columns per method
+enum ReadoutMode : int32_t { READOUT_BOUNDS = 0, READOUT_COUNT, READOUT_READ, READOUT_READ_CLEAR, READOUT_CLEAR };
+constexpr int64_t READOUT_META = 6;            // sparse_readout's meta columns per method
 constexpr int64_t READOUT_NOT_FINALIZED = 1;    // meta[j][4]: no finalization done
 constexpr int64_t READOUT_FINALIZABLE = 2;      // (internal: read out, counts fit the finalization)
 int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, int64_t n_methods,
-                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t clear,
+                           int64_t capacity_ptr, int64_t outputs_ptr, int64_t meta_ptr, int64_t mode,
                            int64_t fin_exact_ptr, int64_t fpr_mode, int64_t ap_mode, double tpr_target,
                            int64_t out_ptr, int64_t iout_ptr);
 
