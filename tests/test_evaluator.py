@@ -1,8 +1,6 @@
 """Evaluator: distributed equality, torch.compile, opcheck, state, errors at compute()."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,6 @@ import torch.multiprocessing as mp
 
 import anomfast
 from anomfast import _fused
-from anomfast.methods import resolve
 
 from conftest import random_labels, random_logits
 

@@ -21,8 +21,6 @@ import torch
 sklearn = pytest.importorskip("sklearn.metrics")
 
 import anomfast  # noqa: E402
-from anomfast import _fused  # noqa: E402
-from anomfast.methods import resolve  # noqa: E402
 
 METHODS = ("max_logit", "msp", "energy", "entropy")
 H, W = 1000, 1000  # 1M pixels

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import sys
-import warnings
 from fractions import Fraction
 from pathlib import Path
 
