@@ -130,6 +130,7 @@ class _BufferPool:
 
 _POOL = _BufferPool()
 _READOUT = dict(_C.READOUT_MODES)
+_NO_FIN = (0, 0, 0, 0.0, 0, 0)  # sparse_readout's finalization arguments when none is asked
 # HistState._readout: a bound above this many items (64 per occupied chunk, summed over the
 # methods; 96 MiB of slab) is replaced by the exact count of bins before allocating
 EXACT_COUNT_ABOVE = 1 << 22
@@ -239,12 +240,11 @@ class HistState:
         M = self.n_methods
         meta = np.zeros((M, _C.READOUT_META), np.int64)
         ptrs = (self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), M)
-        no_fin = (0, 0, 0, 0.0, 0, 0)
-        _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, _READOUT["bounds"], *no_fin)
+        _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, _READOUT["bounds"], *_NO_FIN)
         bound = meta[:, 5].copy()
         counted = int(bound.sum()) > EXACT_COUNT_ABOVE
         if counted:
-            _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, _READOUT["count"], *no_fin)
+            _C.sparse_readout(*ptrs, 0, 0, meta.ctypes.data, _READOUT["count"], *_NO_FIN)
             cap = meta[:, 0].copy()
         else:
             cap = bound
@@ -255,7 +255,7 @@ class HistState:
         outs = np.empty((M, 4), np.int64)
         outs[:, :3] = slab.ctypes.data + 8 * (3 * starts[:-1, None] + cap[:, None] * np.arange(3)[None, :])
         outs[:, 3] = sigs.ctypes.data + 8 * starts[:-1]
-        fin_args = no_fin
+        fin_args = _NO_FIN
         if fin is not None:
             exact, fpr_code, ap_code, tpr_target = fin
             exact = np.asarray(exact, np.uint8)
@@ -321,7 +321,7 @@ class HistState:
             self.check(self.n_methods, "cpu")
             meta = np.zeros((self.n_methods, _C.READOUT_META), np.int64)
             _C.sparse_readout(self.hist.data_ptr(), self.sig.data_ptr(), self.occ.data_ptr(), self.n_methods, 0, 0,
-                              meta.ctypes.data, _READOUT["clear"], 0, 0, 0, 0.0, 0, 0)
+                              meta.ctypes.data, _READOUT["clear"], *_NO_FIN)
             self.occ.zero_()
             return
         blocks = self.blocks()
@@ -746,14 +746,26 @@ def _result_from_walk(method: str, params: dict, out: np.ndarray, iout: np.ndarr
     return r
 
 
+def _results_of_walks(items, out: np.ndarray, iout: np.ndarray, fpr_mode: str, ap_mode: str, tpr_target: float,
+                      stacklevel: int) -> dict:
+    """{key: MetricResult} of [(key, Histogram)] whose compiled walks wrote row j of out /
+    iout (finalize_hists, or sparse_readout's finalization); stacklevel as _result_from_walk
+    counts it. A plain loop: Python 3.12 inlines comprehensions, which would shift it."""
+    results = {}
+    for j, (key, h) in enumerate(items):
+        results[key] = _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
+                                         fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
+                                         stacklevel=stacklevel)
+    return results
+
+
 def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "step",
                         tpr_target: float = 0.95, stacklevel: int = 5) -> dict:
     """{key: MetricResult} of {key: Histogram}, as each one's finalize() gives it (the same
     walk over the same rows), in one compiled call that finalizes the histograms in
     parallel, one per thread (finalize_cpu.h: finalize_hists). stacklevel: of the warnings
     about undefined metrics, counted as _result_from_walk counts it (5: this function's
-    caller, 6: its caller; plain loops here, not comprehensions, whose frames Python 3.12
-    inlines)."""
+    caller, 6: its caller)."""
     tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
     items = list(hists.items())
     cols, table = [], np.zeros((len(items), 5), np.int64)
@@ -766,12 +778,7 @@ def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "st
     if items and _C.finalize_hists(len(items), table.ctypes.data, _FPR_CODE[fpr_mode], _AP_CODE[ap_mode], tpr_target,
                                    out.ctypes.data, iout.ctypes.data) != 0:
         raise RuntimeError("finalize_hists: a decisive group spans several rows")
-    results = {}
-    for j, (key, h) in enumerate(items):
-        results[key] = _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
-                                         fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
-                                         stacklevel=stacklevel)
-    return results
+    return _results_of_walks(items, out, iout, fpr_mode, ap_mode, tpr_target, stacklevel + 1)
 
 
 def read_and_finalize(state: HistState, names, params_of, conventions: dict, clear: bool = False,
@@ -792,13 +799,8 @@ def read_and_finalize(state: HistState, names, params_of, conventions: dict, cle
     hists = {n: Histogram._from_readout(n, *t, p) for n, t, p in zip(names, rows, params)}  # refuses corrupt counts
     if (status != 0).any():  # every histogram was built: their counts fit, so the walk ran
         raise RuntimeError("finalize_hists: a decisive group spans several rows")
-    results = {}
-    for j, n in enumerate(names):
-        h = hists[n]
-        results[n] = _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
-                                       fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
-                                       stacklevel=stacklevel)
-    return hists, results
+    return hists, _results_of_walks([(n, hists[n]) for n in names], out, iout, fpr_mode, ap_mode, tpr_target,
+                                    stacklevel + 1)
 
 
 def histograms_from_state(state: HistState, names, params_of, clear: bool = False) -> dict:

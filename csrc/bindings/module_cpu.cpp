@@ -55,7 +55,6 @@ PYBIND11_MODULE(_C, m) {
                                      py::arg("read") = (int)READOUT_READ,
                                      py::arg("read_clear") = (int)READOUT_READ_CLEAR,
                                      py::arg("clear") = (int)READOUT_CLEAR);
-  m.attr("READOUT_NOT_FINALIZED") = (int)READOUT_NOT_FINALIZED;
   m.def("finalize_hist", &finalize_hist_cpu, py::call_guard<py::gil_scoped_release>(),
         "Histogram finalization sums of one group table (finalize_cpu.h).");
   m.def("finalize_hists", &finalize_hists_cpu, py::call_guard<py::gil_scoped_release>(),

@@ -491,10 +491,7 @@ int64_t sparse_readout_cpu(int64_t hist_ptr, int64_t sig_ptr, int64_t occ_ptr, i
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t j = 0; j < n_methods; ++j) live[(size_t)j] = live_chunks(occ, j);
   for (int64_t j = 0; j < n_methods; ++j) meta[READOUT_META * j + 5] = OCC_BLOCK * (int64_t)live[(size_t)j].size();
-  if (mode == READOUT_BOUNDS) {  // the bound: room for every bin of every chunk that may hold counts
-    for (int64_t j = 0; j < n_methods; ++j) meta[READOUT_META * j] = meta[READOUT_META * j + 5];
-    return 0;
-  }
+  if (mode == READOUT_BOUNDS) return 0;  // the bound alone: room for every bin of every chunk that may hold counts
   int64_t status = 0;
   // methods are independent (own rows, own outputs): one per thread, the most occupied
   // chunks first (dynamic): longest-first balances unequal methods over the threads (in

@@ -9,7 +9,7 @@
 //   refused by the caller), 1 if some count is negative (a corrupt state) else 0, the
 //   finalization status (below), and 2^OCC_SHIFT times the chunks that may hold method j's
 //   counts (the bound, from the occupancy map). By mode (ReadoutMode):
-//   READOUT_BOUNDS: only the bound (also in meta[j][0]); reads the occupancy map alone.
+//   READOUT_BOUNDS: only the bound; reads the occupancy map alone.
 //   READOUT_COUNT: the exact number of bins in meta[j][0] (a walk over the counts).
 //   READOUT_READ / READOUT_READ_CLEAR: per method the ascending bins with a count in either
 //     label row: index, normal, anomaly, sig (int64[capacity[j]] each, at the addresses
