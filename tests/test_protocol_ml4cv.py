@@ -296,7 +296,9 @@ def test_protocol_refused_where_it_cannot_apply(rng):
             anomfast.evaluate(x, y, protocol="ml4cv", **kw)
     a = anomfast.evaluate(x, y, protocol="default")
     b = anomfast.evaluate(x, y)
-    assert all(getattr(a[k], m) == getattr(b[k], m) for k in a for m in ("auroc", "ap", "fpr95", "f1"))
+    # NaN where the 64 random pixels hold no anomaly (about one run in seven): equal too
+    assert all(np.array_equal(getattr(a[k], m), getattr(b[k], m), equal_nan=True)
+               for k in a for m in ("auroc", "ap", "fpr95", "f1"))
 
 
 def test_cli_protocol_ml4cv(tmp_path, rng):
