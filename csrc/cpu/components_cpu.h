@@ -24,15 +24,9 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/components.h"  // COMP_* classes and modes, components_capacity
+
 namespace anomfast {
-
-// label classes, as anomfast/labels.py numbers them (components.py checks at import)
-enum CompClass : int8_t { COMP_NORMAL = 0, COMP_ANOMALY = 1, COMP_VOID = 2 };
-enum CompMode : int32_t { COMP_BENCHMARK = 0, COMP_CLEAN = 1 };
-
-// Each aligned 2 x 2 block holds the first pixel (raster order) of at most one component:
-// any two pixels of a 2 x 2 block are 8-neighbours.
-inline int64_t components_capacity(int64_t H, int64_t W) { return ((H + 1) / 2) * ((W + 1) / 2); }
 
 int64_t components_cpu(int64_t pred_ptr, int64_t cls_ptr, int64_t H, int64_t W, int64_t thresh_segsize,
                        int64_t thresh_instsize, int64_t mode, int64_t work_ptr, int64_t gt_out_ptr,
