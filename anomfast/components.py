@@ -53,10 +53,13 @@ The means are the exactly rounded means of the per-component float64 quotients (
 sums are kept in 84-bit fixed point, exact and independent of the batching and of the
 number of processes); the benchmark's float sums differ from them in the last bits.
 
-Labeling runs in the compiled CPU core (csrc/cpu/components_cpu.cpp: union-find over
-pixels, per image). For CUDA inputs the binarization runs on the device; the binarized
-map and the labels are copied to the host (one byte per pixel each), where the label
-classes are looked up and the components labeled. There is no CUDA labeling kernel.
+Labeling runs in a compiled core, per image: on the CPU csrc/cpu/components_cpu.cpp
+(union-find over pixels in two raster passes); for score maps on a CUDA device
+csrc/cuda/components_cuda.cu, which binarizes, looks up the label classes, labels
+(parallel union-find with atomicMin) and counts on the device, so only the per-component
+rows (a few integers per component) come back to the host. Both give the same integer
+counts (tests/test_components.py checks the CUDA kernels under the host emulation and,
+with a GPU, on the device).
 """
 from __future__ import annotations
 
@@ -240,6 +243,65 @@ def image_counts(pred, classes, thresh_segsize: int, thresh_instsize: int, mode:
     return ws.gt[:n_gt].copy(), ws.pred[:n_pred].copy()
 
 
+class _DeviceWorkspace:
+    """Buffers of the CUDA labeling core (components_cuda.h), reused while the image size
+    and the device stay the same."""
+
+    ROW_BYTES = 64 << 20  # images per call: their output rows within this many bytes
+
+    def __init__(self):
+        self.key = None
+
+    def get(self, core, H: int, W: int, device):
+        if self.key != (H, W, device):
+            n32, n64, cap = (int(v) for v in core.components_workspace(H, W))
+            self.images = max(1, self.ROW_BYTES // (40 * cap))
+            self.work = torch.empty(n32, dtype=torch.int32, device=device)
+            self.table = torch.empty(n64, dtype=torch.int64, device=device)
+            self.gt = torch.empty((self.images, cap, 2), dtype=torch.int64, device=device)
+            self.pred = torch.empty((self.images, cap, 3), dtype=torch.int64, device=device)
+            self.counts = torch.empty((self.images, 2), dtype=torch.int64, device=device)
+            self.cap, self.key = cap, (H, W, device)
+        return self
+
+
+def device_counts(pred: torch.Tensor, classes: torch.Tensor, thresh_segsize: int, thresh_instsize: int,
+                  mode: str = "benchmark", workspace: _DeviceWorkspace | None = None, core=None) -> list:
+    """image_counts of B images whose maps stay on the device: pred uint8 (B, H, W) 0 / 1,
+    classes int8 (B, H, W) (NORMAL / ANOMALY / VOID), both contiguous on one CUDA device
+    (core: the CUDA core, by default anomfast's; tests pass the host emulation with CPU
+    tensors). Labeling and counting run there; one host sync per chunk of images copies
+    back the rows. Returns [(gt, pred)] per image, rows in an unspecified order."""
+    core = core if core is not None else _core.cuda_core()
+    for t, dt, name in ((pred, torch.uint8, "pred"), (classes, torch.int8, "classes")):
+        if not isinstance(t, torch.Tensor) or t.dtype != dt or t.dim() != 3 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dt} tensor (B, H, W), got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if pred.shape != classes.shape or pred.device != classes.device:
+        raise ValueError(f"pred {tuple(pred.shape)} on {pred.device} and classes {tuple(classes.shape)} on "
+                         f"{classes.device} must have the same shape and device")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    B, H, W = pred.shape
+    if B == 0 or H * W == 0:
+        return [(np.zeros((0, 2), np.int64), np.zeros((0, 3), np.int64)) for _ in range(B)]
+    if H * W >= _MAX_PIXELS:
+        raise ValueError(f"an image of {H} x {W} pixels has 2^31 or more pixels; the labeling core counts in int32")
+    ws = (workspace or _DeviceWorkspace()).get(core, H, W, pred.device)
+    stream = torch.cuda.current_stream(pred.device).cuda_stream if pred.is_cuda else 0
+    out = []
+    for b0 in range(0, B, ws.images):
+        n = min(ws.images, B - b0)
+        core.components(pred[b0].data_ptr(), classes[b0].data_ptr(), n, H, W, int(thresh_segsize),
+                        int(thresh_instsize), MODES[mode], ws.work.data_ptr(), ws.work.numel(), ws.table.data_ptr(),
+                        ws.table.numel(), ws.gt.data_ptr(), ws.pred.data_ptr(), ws.cap, ws.counts.data_ptr(), stream)
+        counts = ws.counts[:n].cpu().numpy()  # waits for the kernels (stream order)
+        for b in range(n):
+            ng, npr = int(counts[b, 0]), int(counts[b, 1])
+            out.append((ws.gt[b, :ng].cpu().numpy(), ws.pred[b, :npr].cpu().numpy()))
+    return out
+
+
 def image_row(gt: np.ndarray, pred: np.ndarray, mode: str = "benchmark") -> np.ndarray:
     """One image's contribution to the accumulator (int64 (N_SLOTS,))."""
     row = np.zeros(N_SLOTS, np.int64)
@@ -326,10 +388,19 @@ class ComponentAccumulator:
         self.label_map = as_label_map(label_map)
         self.counts = torch.zeros((len(self.names), N_SLOTS), dtype=torch.int64)
         self._ws = _Workspace()
+        self._dws = _DeviceWorkspace()
 
     def classes(self, labels: torch.Tensor) -> torch.Tensor:
-        """int8 (B, H, W) label classes on the host (a table lookup in NumPy, one byte per
-        pixel; labels on a GPU are copied over first); label values outside the map raise."""
+        """int8 (B, H, W) label classes, one byte per pixel: for CPU labels a table lookup
+        in NumPy, for CUDA labels the label map's lookup on the device; label values
+        outside the map raise."""
+        if labels.is_cuda:
+            cls = self.label_map.classify(labels).contiguous()
+            if bool((cls > VOID).any()):
+                x = int(labels[cls > VOID].flatten()[0])
+                raise ValueError(f"label value {x} is neither normal, anomaly nor void in the label map "
+                                 f"{self.label_map}")
+            return cls
         table, lo = self.label_map.lut()
         y = labels.cpu().numpy()
         if y.dtype == np.bool_:
@@ -355,12 +426,16 @@ class ComponentAccumulator:
             raise ValueError(f"scores {tuple(scores.shape)} and classes {tuple(classes.shape)} must be (B, H, W)")
         t = self.thresholds[self.names[j]]
         s = scores.to(torch.float64)
-        pred = ((s > t) if self.spec.mode == "benchmark" else (s >= t)).to(torch.uint8).cpu().contiguous()
-        pn, cn = pred.numpy(), classes.numpy()
+        pred = ((s > t) if self.spec.mode == "benchmark" else (s >= t)).to(torch.uint8).contiguous()
         acc = np.zeros(N_SLOTS, np.int64)
-        for b in range(pn.shape[0]):
-            gt, pr = image_counts(pn[b], cn[b], self.spec.thresh_segsize, self.spec.thresh_instsize,
-                                  self.spec.mode, self._ws)
+        if pred.is_cuda:  # labeled and counted on the device (components_cuda.cu)
+            rows = device_counts(pred, classes.to(pred.device).contiguous(), self.spec.thresh_segsize,
+                                 self.spec.thresh_instsize, self.spec.mode, self._dws)
+        else:
+            pn, cn = pred.numpy(), classes.cpu().numpy()
+            rows = (image_counts(pn[b], cn[b], self.spec.thresh_segsize, self.spec.thresh_instsize, self.spec.mode,
+                                 self._ws) for b in range(pn.shape[0]))
+        for gt, pr in rows:
             acc += image_row(gt, pr, self.spec.mode)
         self.counts[j] += torch.from_numpy(acc)
 

@@ -4,7 +4,8 @@ it can poison this process), then correctness (float64 reference, the CPU core, 
 histograms, bit identity with the baseline CPU build in a child with
 ANOMFAST_CPU_ISA=baseline, the grid-stride walk with a one-block debug grid, a cropped
 non-flattenable input, certified metric bounds, fp16/bf16, SML fit, stream semantics,
-Evaluator.update under torch.compile(fullgraph) and CUDA graph capture, PyTorch's
+component labeling and counts on the device against the CPU core (and its time per
+1024 x 2048 image), Evaluator.update under torch.compile(fullgraph) and CUDA graph capture, PyTorch's
 expandable-segments allocator), then timing (GB/s of logits read as a % of a read-only
 baseline over the same tensor, torch.sum, and of the nominal 4.8 TB/s of an H200;
 scores-only vs histogram rows; the pure-PyTorch float32 and float64 baselines), a
@@ -57,6 +58,7 @@ import torch
 
 import anomfast
 from anomfast import _core, _fused, reference
+from anomfast import components as comp
 from anomfast.labels import LabelMap
 from anomfast.methods import resolve
 
@@ -525,6 +527,77 @@ def section_compile_and_graph(g):
 _KEEP = []
 
 
+def _blob_scene(g, B, H, W, device="cuda"):
+    """(pred uint8, classes int8) (B, H, W): rectangles of anomaly (some touching, some
+    crossing the border), void bands, a prediction that covers most of the anomalies,
+    spills over and adds speckle (many small segments)."""
+    cls = torch.zeros(B, H, W, dtype=torch.int8, device=device)
+    pred = (torch.rand(B, H, W, generator=g, device=device) < 0.02).to(torch.uint8)
+    r = torch.randint(0, 1 << 30, (B, 40, 4), generator=g, device=device).cpu()
+    for b in range(B):
+        for k in range(40):
+            y0, x0 = int(r[b, k, 0]) % H, int(r[b, k, 1]) % W
+            h, w = 1 + int(r[b, k, 2]) % max(1, H // 6), 1 + int(r[b, k, 3]) % max(1, W // 6)
+            if k % 8 == 7:
+                cls[b, y0:y0 + max(1, h // 4), :] = comp.VOID
+            else:
+                cls[b, y0:y0 + h, x0:x0 + w] = comp.ANOMALY
+                pred[b, max(0, y0 - 2):y0 + h - 1, x0 + 1:x0 + w + 3] = 1
+    return pred.contiguous(), cls.contiguous()
+
+
+def section_components(g, device="cuda"):
+    """Component labeling and counting on the device (components_cuda.cu) against the CPU
+    core, image by image (rows compared as sets: the device writes them in thread order),
+    both modes, on scenes and random masks of every density; evaluate(components=True) on
+    CUDA equals the CPU; then the time per 1024 x 2048 image: the device path (labeling +
+    counting + the row copies, as ComponentAccumulator runs it) vs the CPU core."""
+    def rows(a):
+        return sorted(map(tuple, np.asarray(a).tolist()))
+
+    n_rows = 0
+    cases = [("scenes", *_blob_scene(g, 3, 256, 384, device))]
+    for d in (0.1, 0.45, 0.6, 0.9):
+        m = torch.rand(2, 2, 128, 200, generator=g, device=device) < d
+        cases.append((f"density {d}", m[0].to(torch.uint8).contiguous(),
+                      (m[1].to(torch.int8) * comp.ANOMALY).contiguous()))
+    for what, pred, cls in cases:
+        for mode, seg, inst in (("benchmark", 0, 0), ("benchmark", 50, 10), ("clean", 500, 100)):
+            got = comp.device_counts(pred, cls, seg, inst, mode)
+            pc, cc = pred.cpu().numpy(), cls.cpu().numpy()
+            for b in range(pc.shape[0]):
+                gt, pr = comp.image_counts(pc[b], cc[b], seg, inst, mode)
+                assert rows(got[b][0]) == rows(gt), (what, mode, seg, inst, b, "ground-truth rows differ")
+                assert rows(got[b][1]) == rows(pr), (what, mode, seg, inst, b, "segment rows differ")
+                n_rows += len(gt) + len(pr)
+    assert n_rows > 1000, n_rows
+    x, y = random_logits(g, 2, 19, 96, 160), random_labels(g, 2, 96, 160, p_anomaly=0.0)
+    y[:, 20:50, 30:90] = 1
+    y[1, 60:70, 100:150] = 1
+    kw = dict(methods=["max_logit", "msp", "energy"], components={"thresh_segsize": 20, "thresh_instsize": 10})
+    rg, rc = anomfast.evaluate(x, y, **kw), anomfast.evaluate(x.cpu(), y.cpu(), **kw)
+    for m in kw["methods"]:
+        a, b = rg.components[m].as_dict(), rc.components[m].as_dict()
+        assert a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a), (m, a, b)
+    # timing: one 1024 x 2048 image
+    pred, cls = _blob_scene(g, 1, 1024, 2048)
+    ws = comp._DeviceWorkspace()
+    comp.device_counts(pred, cls, 500, 100, "benchmark", ws)
+    t = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        comp.device_counts(pred, cls, 500, 100, "benchmark", ws)
+    dev_ms = (time.perf_counter() - t) / reps * 1e3
+    pc, cc = pred[0].cpu().numpy(), cls[0].cpu().numpy()
+    t = time.perf_counter()
+    for _ in range(3):
+        comp.image_counts(pc, cc, 500, 100, "benchmark")
+    cpu_ms = (time.perf_counter() - t) / 3 * 1e3
+    log(f"components, 1024 x 2048: device {dev_ms:.2f} ms per image (wall, rows copied back), "
+        f"CPU core {cpu_ms:.1f} ms ({cpu_ms / dev_ms:.0f}x)")
+    return {"rows_compared": n_rows, "device_ms_per_image": round(dev_ms, 3), "cpu_core_ms_per_image": round(cpu_ms, 2)}
+
+
 def _prepared_args(x, y, spec, hist, maps=None, core=None):
     """FusedArgs filled once by _fused.fused_args (as fused_pass does, tie signatures of
     the exact methods included: the times are those of the kernel fused_pass runs) to time
@@ -855,6 +928,8 @@ def tiny(seed):
     _fused.fused_pass(x, yl, resolve(["max_logit", "msp"]), label_map=big)
     anomfast.fit_sml(x, yl, label_map=big, missing="global")
     anomfast.score_maps(random_logits(g, 300, 5, 1, 1), methods=["msp"])
+    for mode in ("benchmark", "clean"):  # the labeling kernels (union-find atomics, pair hash set)
+        comp.device_counts(*_blob_scene(g, 2, 37, 61), 5, 3, mode)
     torch.cuda.synchronize()
     print("TINY OK", flush=True)
 
@@ -906,6 +981,7 @@ def plan(args):
         ("(d) fp16/bf16 error <= 2x PyTorch's", section_half, (g,), 10),
         ("SML fit GPU vs CPU", section_fit, (g,), 15),
         ("stream semantics, no host sync", section_streams, (g,), 5),
+        ("component labeling and counts on the device vs the CPU core", section_components, (g,), 30),
         ("Evaluator.update under torch.compile(fullgraph) and CUDA graph capture", section_compile_and_graph, (g,), 60),
         ("expandable-segments allocator (child)", section_expandable_segments, (args,), 25),
     ]

@@ -503,6 +503,47 @@ def test_core_wrapper_checks_every_buffer():
     assert comp._C.components_capacity(4, 5) == 6
 
 
+def test_device_wrapper_checks_every_buffer():
+    """device_counts (the CUDA core's wrapper) refuses wrong buffers before any launch (the
+    kernels themselves: tests/test_cuda_build.py under the host emulation)."""
+    p, c = torch.zeros(2, 4, 5, dtype=torch.uint8), torch.zeros(2, 4, 5, dtype=torch.int8)
+
+    class NoCore:  # any use of the core would fail loudly
+        pass
+
+    cases = [((p.to(torch.int64), c), "pred must be a contiguous torch.uint8"),
+             ((p, c.to(torch.uint8)), "classes must be a contiguous torch.int8"),
+             ((p[0], c[0]), "pred must be a contiguous torch.uint8 tensor \\(B, H, W\\)"),
+             ((p.transpose(1, 2), c.transpose(1, 2)), "pred must be a contiguous"),
+             ((p, torch.zeros(2, 4, 6, dtype=torch.int8)), "same shape and device"),
+             ((p.numpy(), c), "pred must be a contiguous")]
+    for (a, b), msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            comp.device_counts(a, b, 0, 0, core=NoCore())
+    with pytest.raises(ValueError, match="mode must be one of"):
+        comp.device_counts(p, c, 0, 0, mode="strict", core=NoCore())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or anomfast._core._C_cuda is None, reason="needs a CUDA GPU")
+def test_cuda_labeling_equals_cpu(nrng):  # pragma: no cover - needs a GPU
+    """On a GPU: the device labeling gives the CPU core's rows, and evaluate(components=...)
+    on CUDA logits equals the CPU."""
+    for mode, seg, inst in (("benchmark", 6, 4), ("clean", 25, 12)):
+        scores, labels = _batch(nrng, 8, 48, 64)
+        binar = (scores > 0.5) if mode == "benchmark" else (scores >= 0.5)
+        cls = np.where(labels == 1, comp.ANOMALY, np.where(labels == 255, comp.VOID, comp.NORMAL)).astype(np.int8)
+        got = comp.device_counts(torch.from_numpy(binar.astype(np.uint8)).cuda(), torch.from_numpy(cls).cuda(),
+                                 seg, inst, mode)
+        for b in range(len(scores)):
+            gt, pr = comp.image_counts(binar[b].astype(np.uint8), cls[b], seg, inst, mode)
+            assert sorted(map(tuple, got[b][0].tolist())) == sorted(map(tuple, gt.tolist()))
+            assert sorted(map(tuple, got[b][1].tolist())) == sorted(map(tuple, pr.tolist()))
+    x, y = _logit_scenes(3)
+    kw = dict(methods=METHODS, components=SIZES)
+    rg, rc = anomfast.evaluate(x.cuda(), y.cuda(), **kw), anomfast.evaluate(x, y, **kw)
+    assert _same(rg.components, rc.components)
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -153,7 +153,8 @@ def _cxx():
 
 @pytest.fixture(scope="module")
 def emulated_module(tmp_path_factory):
-    """fused_cuda.cu + module_cuda.cpp compiled for the host with ANOMFAST_CUDA_EMULATE."""
+    """fused_cuda.cu + components_cuda.cu + module_cuda.cpp compiled for the host with
+    ANOMFAST_CUDA_EMULATE."""
     if os.environ.get("ANOMFAST_SKIP_EMULATION") == "1":
         pytest.skip("ANOMFAST_SKIP_EMULATION=1")
     src = ROOT / "csrc" / "cuda" / "fused_cuda.cu"
@@ -174,6 +175,7 @@ def emulated_module(tmp_path_factory):
            "-DANOMFAST_CUDA_EMULATE", "-DANOMFAST_VERSION=" + str(_core._C.VERSION),
            '-DANOMFAST_CUDA_ARCHS="host-emulation"', "-I" + pybind11.get_include(),
            "-I" + sysconfig.get_paths()["include"], "-x", "c++", str(src),
+           str(ROOT / "csrc" / "cuda" / "components_cuda.cu"),
            str(ROOT / "csrc" / "bindings" / "module_cuda.cpp"), "-o", str(so), "-lpthread"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -191,6 +193,91 @@ def test_cuda_kernels_under_host_emulation(emulated_module):
     env = dict(os.environ, ANOMFAST_CPU_ISA="baseline")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env)
     assert r.returncode == 0 and "EMULATION OK" in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
+def test_components_kernels_under_host_emulation(emulated_module):
+    """The CUDA labeling and counting kernels (components_cuda.cu: union-find with
+    atomicMin raced by 256 host threads per block, warp-aggregated counts, the pair hash
+    set) give the CPU core's rows, image by image, on scenes with touching, nested, border
+    and void-crossing components, both modes and several size filters, on random masks of
+    every density and on 1 x 1, 1 x W and H x 1 images."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_cuda_build as t; t.components_emulation_checks({str(emulated_module)!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0 and "COMPONENTS OK" in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
+def components_emulation_checks(so_path):
+    """Runs in a child process (a kernel bug may hang a warp barrier there)."""
+    import importlib.util
+
+    import numpy as np
+
+    from anomfast import components as comp
+    from test_components import scene
+
+    spec = importlib.util.spec_from_file_location("_C_cuda", so_path)
+    emu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu)
+    assert dict(emu.COMP_CLASSES) == dict(comp._C.COMP_CLASSES) and dict(emu.COMP_MODES) == comp.MODES
+    rng = np.random.default_rng(20261202)
+
+    def rows(a):
+        return sorted(map(tuple, a.tolist()))
+
+    def compare(pred, cls, seg, inst, mode, what):
+        got = comp.device_counts(torch.from_numpy(pred), torch.from_numpy(cls), seg, inst, mode, core=emu)
+        assert len(got) == pred.shape[0]
+        n = 0
+        for b in range(pred.shape[0]):
+            g, p = comp.image_counts(pred[b], cls[b], seg, inst, mode)
+            assert rows(got[b][0]) == rows(g), (what, b, got[b][0].tolist(), g.tolist())
+            assert rows(got[b][1]) == rows(p), (what, b, got[b][1].tolist(), p.tolist())
+            n += len(g) + len(p)
+        return n
+
+    def classes(y):
+        return np.where(y == 1, comp.ANOMALY, np.where(y == 255, comp.VOID, comp.NORMAL)).astype(np.int8)
+
+    n_rows = 0
+    for mode, (seg, inst) in (("benchmark", (6, 4)), ("clean", (25, 12)), ("benchmark", (0, 0))):
+        kinds = ["mixed"] * 5 + (["empty", "all_void", "all_anomaly"] if seg == 6 else [])
+        sc, lb = zip(*(scene(rng, 48, 64, k) for k in kinds))
+        s, y = np.stack(sc), np.stack(lb)
+        pred = ((s > 0.5) if mode == "benchmark" else (s >= 0.5)).astype(np.uint8)
+        n_rows += compare(pred, classes(y), seg, inst, mode, f"scenes {mode} {seg}/{inst}")
+    for density in (0.05, 0.45, 0.6, 0.9):  # random masks: long chains, many merges
+        fg = rng.random((1, 37, 53)) < density
+        pred = (rng.random((1, 37, 53)) < density).astype(np.uint8)
+        n_rows += compare(pred, fg.astype(np.int8) * comp.ANOMALY, 0, 0, "benchmark", f"density {density}")
+    for H, W in ((1, 1), (1, 37), (29, 1)):
+        fg = rng.random((2, H, W)) < 0.5
+        y = np.where(fg, 1, np.where(rng.random((2, H, W)) < 0.2, 255, 0))
+        n_rows += compare(fg.astype(np.uint8), classes(y), 0, 2, "clean", f"{H} x {W}")
+        n_rows += compare(fg.astype(np.uint8), classes(y), 0, 2, "benchmark", f"{H} x {W}")
+    assert n_rows > 300, n_rows  # many components: not a vacuous comparison
+    # thresholds beyond the image (clamped in the core) and B = 0
+    pred = (rng.random((1, 20, 30)) < 0.5).astype(np.uint8)
+    cls = (rng.random((1, 20, 30)) < 0.5).astype(np.int8)
+    compare(pred, cls, 10**12, 10**12, "benchmark", "huge thresholds")
+    compare(pred, cls, -5, -5, "clean", "negative thresholds")
+    assert comp.device_counts(torch.zeros(0, 4, 5, dtype=torch.uint8), torch.zeros(0, 4, 5, dtype=torch.int8), 0, 0,
+                              core=emu) == []
+    # the core's own checks: nothing launched on a workspace too small or an unknown mode
+    n32, n64, cap = emu.components_workspace(20, 30)
+    work, table = torch.empty(n32, dtype=torch.int32), torch.empty(n64, dtype=torch.int64)
+    gt, pr, counts = (torch.full((1, cap, k), -7, dtype=torch.int64) for k in (2, 3, 1))
+    args = [pred.ctypes.data, cls.ctypes.data, 1, 20, 30, 0, 0, 0, work.data_ptr(), n32, table.data_ptr(), n64,
+            gt.data_ptr(), pr.data_ptr(), cap, counts.data_ptr(), 0]
+    for k, v, msg in ((9, n32 - 1, "workspace too small"), (11, n64 - 1, "workspace too small"),
+                      (14, cap - 1, "workspace too small"), (7, 2, "unknown mode"), (3, 0, "1 <= H \\* W"),
+                      (0, 0, "prediction maps pointer is null"), (1, 0, "label classes pointer is null")):
+        bad = list(args)
+        bad[k] = v
+        with pytest.raises(ValueError, match=msg):
+            emu.components(*bad)
+    assert bool((gt == -7).all()) and bool((counts == -7).all())
+    print("COMPONENTS OK", n_rows)
 
 
 def emulation_checks(so_path):

@@ -82,6 +82,18 @@ inline std::mutex atomic_mutex, launch_mutex;
 
 inline int lane() { return (int)(threadIdx.x & 31u); }
 
+// Gives the processor away on about every other call: called before the emulated
+// read-modify-write atomics that lock-free algorithms retry on (atomicMin, atomicCAS), so
+// that the host threads interleave there as often as a GPU's warps would, not once in
+// thousands of calls.
+inline void maybe_yield() {
+  thread_local uint32_t x = 2463534242u ^ (uint32_t)(uintptr_t)&x;
+  x ^= x << 13;
+  x ^= x >> 17;
+  x ^= x << 5;
+  if (x & 1u) std::this_thread::yield();
+}
+
 // Every lane publishes v; returns after all 32 have, with everyone's values in out.
 inline void exchange(uint64_t v, uint64_t (&out)[32]) {
   Warp& w = *warps[threadIdx.x / 32];
@@ -180,6 +192,26 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
   std::lock_guard<std::mutex> lock(emulate::atomic_mutex);
   const unsigned long long old = *p;
   *p = old + v;
+  return old;
+}
+inline int atomicAdd(int* p, int v) {
+  std::lock_guard<std::mutex> lock(emulate::atomic_mutex);
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+inline int atomicMin(int* p, int v) {
+  emulate::maybe_yield();  // widens the window in which another thread moves *p first
+  std::lock_guard<std::mutex> lock(emulate::atomic_mutex);
+  const int old = *p;
+  if (v < old) *p = v;
+  return old;
+}
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long expected, unsigned long long v) {
+  emulate::maybe_yield();
+  std::lock_guard<std::mutex> lock(emulate::atomic_mutex);
+  const unsigned long long old = *p;
+  if (old == expected) *p = v;
   return old;
 }
 inline unsigned atomicOr(unsigned* p, unsigned v) {
