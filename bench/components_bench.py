@@ -90,6 +90,21 @@ def main():
     print(f"| anomfast per image (label classes, float64 binarization, core, accumulation; best of 5) | "
           f"{1e3 * t_api:.1f} | {t_ref / t_api:.0f}x |")
     print(f"| anomfast core alone (labeling + counts, best of 5) | {1e3 * t_core:.1f} | {t_ref / t_core:.0f}x |")
+    if torch.cuda.is_available() and comp._core._C_cuda is not None:  # the device path, same image
+        sd, yd = s.cuda(), y.cuda()
+        one = [comp.ComponentAccumulator(["bench"], comp.ComponentSpec(track="anomaly"), {"bench": THRESHOLD})
+               for _ in range(2)]
+        for a, (si, yi) in zip(one, ((s, y), (sd, yd))):
+            a.update_scores(0, si[None], a.classes(yi[None]))
+        assert torch.equal(one[0].counts, one[1].counts), "CUDA component counts differ from the CPU's"
+        accd = one[1]
+
+        def on_device():
+            accd.update_scores(0, sd[None], accd.classes(yd[None]))
+            torch.cuda.synchronize()
+        t_dev = best_of(on_device, 20)
+        print(f"| anomfast on {torch.cuda.get_device_name()} (label classes, binarization, labeling + counts on "
+              f"the device, rows copied back; best of 20) | {1e3 * t_dev:.2f} | {t_ref / t_dev:.0f}x |")
 
 
 if __name__ == "__main__":
