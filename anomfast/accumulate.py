@@ -173,8 +173,7 @@ class Accumulator:
     def histograms_and_results(self, conventions: dict, clear: bool = False) -> tuple[dict, dict]:
         """({method: Histogram}, {method: MetricResult}): histograms() and finalize() of
         them, in one compiled call on the CPU (histogram.read_and_finalize)."""
-        out = read_and_finalize(self.state, self.spec.names, self.spec.params_of, conventions, clear=clear,
-                                stacklevel=8)  # warnings: evaluate()'s or compute()'s caller
+        out = read_and_finalize(self.state, self.spec.names, self.spec.params_of, conventions, clear=clear)
         if clear:
             self._dirty = False
         return out

@@ -119,7 +119,8 @@ class Evaluator:
 
     def _update_components(self, x, y, features) -> None:
         if _is_compiling():
-            raise RuntimeError("Evaluator(components=...) labels components on the host; call update() outside "
+            raise RuntimeError("Evaluator(components=...) waits for each batch's component rows (a host sync, and "
+                               "CPU labeling for CPU tensors); call update() outside "
                                "torch.compile (or evaluate the components in a separate, eager Evaluator)")
         _, _, maps = _fused.fused_pass(x, None, self.spec, want_maps=True, features=features)
         self.components.update_maps(maps, y)

@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -22,6 +20,7 @@ from .labels import ANOMALY, INVALID, NORMAL, as_label_map
 from .methods import CODES, EXTERNAL, resolve
 from .fitting import fit_heat, fit_sml  # noqa: F401  (part of the functional API)
 from .heat import as_features
+from ._warn import warn
 from .inputs import _batches
 
 
@@ -506,8 +505,8 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
                 return results
         else:
             if subsample is not None and reservoir is not None and reservoir[2].numel() < subsample:
-                warnings.warn(f"subsample={subsample} but only {reservoir[2].numel()} valid pixels exist; "
-                              "all of them are used", RuntimeWarning, stacklevel=2)
+                warn(f"subsample={subsample} but only {reservoir[2].numel()} valid pixels exist; "
+                     "all of them are used")
             labs = reservoir[2].numpy() if reservoir is not None else np.zeros(0, bool)
             cols = [reservoir[1][j].numpy() if reservoir is not None else np.zeros(0, np.float32) for j in range(M)]
         for j, n in enumerate(spec.names):

@@ -39,7 +39,6 @@ warning); ``missing="error"`` raises instead.
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ._files import load_npz, save_npz
+from ._warn import warn
 
 FORMAT = "anomfast-heat-v1"
 COV_EPS = 1e-4   # added to the diagonal of the tied covariance before inverting
@@ -103,8 +103,8 @@ class HeatStats:
                 raise ValueError(f"HEAT: classes {self.missing_classes} have no fitting pixels (no class mean); "
                                  "fit on more data or pass missing='exclude' to leave them out of the "
                                  "Mahalanobis min")
-            warnings.warn(f"HEAT: classes {self.missing_classes} have no fitting pixels; they are left out of "
-                          "the Mahalanobis min", RuntimeWarning, stacklevel=3)
+            warn(f"HEAT: classes {self.missing_classes} have no fitting pixels; they are left out of "
+                 "the Mahalanobis min")
         self._present = present
         self._cache: dict = {}
 

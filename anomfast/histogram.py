@@ -577,7 +577,7 @@ class Histogram:
         if exact:
             return self._finalize_reference(exact=True, **conventions)
         # the walk evaluate() and compute() run on all their methods at once: bit for bit the same
-        return finalize_histograms({0: self}, **conventions, stacklevel=6)[0]  # warnings: the caller's line
+        return finalize_histograms({0: self}, **conventions)[0]
 
     def _walk_columns(self) -> tuple:
         """(anomaly, normal, sig) as the compiled walk reads them: contiguous int64 of one length."""
@@ -717,15 +717,12 @@ def _finalize_coords_compiled(method: str, params: dict, pos, neg, tied, lo, hi,
                         tpr_target, SPLIT_MIN_ROWS, out.ctypes.data, iout.ctypes.data) != 0:
         raise RuntimeError("finalize_hist: a decisive group spans several rows")
     return _result_from_walk(method, params, out, iout, lambda rows: (lo[rows], hi[rows]), (pos, neg, lo, hi),
-                             fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
-                             stacklevel=6)  # warnings: finalize_coords' caller
+                             fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
 
 
 def _result_from_walk(method: str, params: dict, out: np.ndarray, iout: np.ndarray, lo_hi, table, *,
-                      fpr_mode: str, ap_mode: str, tpr_target: float, stacklevel: int):
-    """The MetricResult of one compiled walk's outputs (finalize_hist's out / iout);
-    stacklevel: of its warnings (undefined metrics), counted from the warning's helper inside
-    result_from_sums (4: this function's caller)."""
+                      fpr_mode: str, ap_mode: str, tpr_target: float):
+    """The MetricResult of one compiled walk's outputs (finalize_hist's out / iout)."""
     P, N = int(iout[_IOUT["P"]]), int(iout[_IOUT["N"]])
     sums = None
     if P > 0:
@@ -741,31 +738,25 @@ def _result_from_walk(method: str, params: dict, out: np.ndarray, iout: np.ndarr
     los, his = lo_hi(np.asarray(rows, np.int64)) if rows else ((), ())
     bounds = {g: (float(x), float(y)) for g, x, y in zip(rows, los, his)}
     r = result_from_sums(P, N, sums, bounds.__getitem__, exact=False, fpr_mode=fpr_mode, ap_mode=ap_mode,
-                         tpr_target=tpr_target, groups=table, stacklevel=stacklevel)
+                         tpr_target=tpr_target, groups=table)
     r.method, r.params = method, dict(params)
     return r
 
 
-def _results_of_walks(items, out: np.ndarray, iout: np.ndarray, fpr_mode: str, ap_mode: str, tpr_target: float,
-                      stacklevel: int) -> dict:
+def _results_of_walks(items, out: np.ndarray, iout: np.ndarray, fpr_mode: str, ap_mode: str,
+                      tpr_target: float) -> dict:
     """{key: MetricResult} of [(key, Histogram)] whose compiled walks wrote row j of out /
-    iout (finalize_hists, or sparse_readout's finalization); stacklevel as _result_from_walk
-    counts it. A plain loop: Python 3.12 inlines comprehensions, which would shift it."""
-    results = {}
-    for j, (key, h) in enumerate(items):
-        results[key] = _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
-                                         fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target,
-                                         stacklevel=stacklevel)
-    return results
+    iout (finalize_hists, or sparse_readout's finalization)."""
+    return {key: _result_from_walk(h.method, h.params, out[j], iout[j], h._lo_hi, h._deferred_table(),
+                                   fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
+            for j, (key, h) in enumerate(items)}
 
 
 def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "step",
-                        tpr_target: float = 0.95, stacklevel: int = 5) -> dict:
+                        tpr_target: float = 0.95) -> dict:
     """{key: MetricResult} of {key: Histogram}, as each one's finalize() gives it (the same
     walk over the same rows), in one compiled call that finalizes the histograms in
-    parallel, one per thread (finalize_cpu.h: finalize_hists). stacklevel: of the warnings
-    about undefined metrics, counted as _result_from_walk counts it (5: this function's
-    caller, 6: its caller)."""
+    parallel, one per thread (finalize_cpu.h: finalize_hists)."""
     tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
     items = list(hists.items())
     cols, table = [], np.zeros((len(items), 5), np.int64)
@@ -778,19 +769,17 @@ def finalize_histograms(hists: dict, fpr_mode: str = "first", ap_mode: str = "st
     if items and _C.finalize_hists(len(items), table.ctypes.data, _FPR_CODE[fpr_mode], _AP_CODE[ap_mode], tpr_target,
                                    out.ctypes.data, iout.ctypes.data) != 0:
         raise RuntimeError("finalize_hists: a decisive group spans several rows")
-    return _results_of_walks(items, out, iout, fpr_mode, ap_mode, tpr_target, stacklevel + 1)
+    return _results_of_walks(items, out, iout, fpr_mode, ap_mode, tpr_target)
 
 
-def read_and_finalize(state: HistState, names, params_of, conventions: dict, clear: bool = False,
-                      stacklevel: int = 5) -> tuple[dict, dict]:
+def read_and_finalize(state: HistState, names, params_of, conventions: dict, clear: bool = False) -> tuple[dict, dict]:
     """(histograms_from_state(...), finalize_histograms(those, **conventions)) with the
     same values, in one compiled call on the CPU: each method is finalized on its thread
     right after its read-out (finalize_cpu.h: sparse_readout with fin_exact), not in a
-    second parallel call after Python has built the histograms. stacklevel: as
-    finalize_histograms'."""
+    second parallel call after Python has built the histograms."""
     if state.device.type != "cpu":
         hists = histograms_from_state(state, names, params_of, clear=clear)
-        return hists, finalize_histograms(hists, **conventions, stacklevel=stacklevel + 1)
+        return hists, finalize_histograms(hists, **conventions)
     fpr_mode, ap_mode = conventions.get("fpr_mode", "first"), conventions.get("ap_mode", "step")
     tpr_target = check_conventions(fpr_mode, ap_mode, conventions.get("tpr_target", 0.95))
     params = [params_of(n) for n in names]
@@ -799,8 +788,7 @@ def read_and_finalize(state: HistState, names, params_of, conventions: dict, cle
     hists = {n: Histogram._from_readout(n, *t, p) for n, t, p in zip(names, rows, params)}  # refuses corrupt counts
     if (status != 0).any():  # every histogram was built: their counts fit, so the walk ran
         raise RuntimeError("finalize_hists: a decisive group spans several rows")
-    return hists, _results_of_walks([(n, hists[n]) for n in names], out, iout, fpr_mode, ap_mode, tpr_target,
-                                    stacklevel + 1)
+    return hists, _results_of_walks([(n, hists[n]) for n in names], out, iout, fpr_mode, ap_mode, tpr_target)
 
 
 def histograms_from_state(state: HistState, names, params_of, clear: bool = False) -> dict:

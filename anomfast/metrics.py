@@ -125,10 +125,11 @@ from __future__ import annotations
 
 import json
 import math
-import warnings as _warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ._warn import warn
 
 __all__ = ["MetricResult", "groups_from_scores", "metrics_from_groups", "mean_over_images",
            "METRIC_NAMES", "FPR_MODES", "AP_MODES"]
@@ -603,7 +604,7 @@ def fpr_inside_bin(P: int, N: int, a: int, f: int, p: int, n: int, tpr_target: f
 
 
 def result_from_sums(P: int, N: int, s: GroupSums | None, lo_hi, *, exact: bool, fpr_mode: str, ap_mode: str,
-                     tpr_target: float, groups=None, stacklevel: int = 4) -> MetricResult:
+                     tpr_target: float, groups=None) -> MetricResult:
     """The MetricResult of a table's sums (None when P == 0): clipping, intervals, the
     degenerate cases and their warnings. lo_hi(g) -> (thr_lo, thr_hi) of group g;
     groups: the table kept for the curves (or a callable returning it, computed on
@@ -614,7 +615,7 @@ def result_from_sums(P: int, N: int, s: GroupSums | None, lo_hi, *, exact: bool,
 
     def undefined(msg, names):
         res.warnings.append(msg)
-        _warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+        warn(msg)
         for k in names:
             setattr(res, k, _NAN)
             res.bounds[k] = nanb
@@ -700,7 +701,7 @@ def mean_over_images(results) -> MetricResult:
         if not use:
             msg = f"{k}: undefined for every image (NaN)"
             out.warnings.append(msg)
-            _warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            warn(msg)
             setattr(out, k, _NAN)
             out.bounds[k] = (_NAN, _NAN)
             continue

@@ -60,10 +60,9 @@ scores to cast, draw from and sort); use ``anomfast.evaluate(..., protocol="ml4c
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
+from ._warn import warn
 from .metrics import METRIC_NAMES, MetricResult, groups_from_scores, metrics_from_groups
 
 PROTOCOLS = ("default", "ml4cv")
@@ -138,11 +137,10 @@ def ml4cv_indices(total: int, n: int = ML4CV_SAMPLE, seed: int = ML4CV_SEED,
         return None
     limit = EXACT_DRAW_LIMIT if exact_limit is None else int(exact_limit)
     if total > limit:
-        warnings.warn(f"protocol ml4cv: {total} pixels exceed the exact-draw limit of {limit} (np.random.choice "
-                      f"without replacement builds an {8 * total / 2**30:.1f} GiB permutation); drawing a "
-                      f"same-size uniform sample with np.random.default_rng({seed}) instead: same distribution, "
-                      "not the scripts' pixels (raise anomfast.protocols.EXACT_DRAW_LIMIT to draw exactly)",
-                      RuntimeWarning, stacklevel=3)
+        warn(f"protocol ml4cv: {total} pixels exceed the exact-draw limit of {limit} (np.random.choice "
+             f"without replacement builds an {8 * total / 2**30:.1f} GiB permutation); drawing a "
+             f"same-size uniform sample with np.random.default_rng({seed}) instead: same distribution, "
+             "not the scripts' pixels (raise anomfast.protocols.EXACT_DRAW_LIMIT to draw exactly)")
         return np.random.default_rng(seed).choice(total, n, replace=False)
     return np.random.RandomState(seed).choice(total, n, replace=False)
 

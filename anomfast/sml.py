@@ -29,13 +29,13 @@ by the core as an external coordinate map, so histograms and metrics work unchan
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ._files import load_npz, save_npz
+from ._warn import warn
 
 FORMAT = "anomfast-sml-v1"
 CONVENTIONS = ("sml", "ml4cv")
@@ -87,9 +87,8 @@ class SMLStats:
                     f"SML: classes {self.fallback_classes} were predicted fewer than 2 times (or with zero "
                     "spread) during fitting, so they have no mean/std; fit on more data or pass "
                     "missing='global' to use the pooled statistics for them")
-            warnings.warn(f"SML: classes {self.fallback_classes} have no usable statistics (predicted < 2 "
-                          "times or zero spread during fitting); using the pooled mean/std for them",
-                          RuntimeWarning, stacklevel=3)
+            warn(f"SML: classes {self.fallback_classes} have no usable statistics (predicted < 2 "
+                 "times or zero spread during fitting); using the pooled mean/std for them")
         self.mean = np.where(bad, gmean, mean)
         self.std = np.where(bad, gstd, std)
         self.global_mean, self.global_std = float(gmean), gstd
