@@ -26,7 +26,8 @@ thresholds and adds ``results.components`` (integer counts, summed by one all_re
 The best pixel-F1 threshold is known only after all the data, so the usual use is two
 phases: ``r = ev.compute()`` after a first pass, then ``Evaluator(..., components=
 {"thresholds": r})`` over the same data. That update() scores the batch a second time
-for the maps and labels on the host: it is not traced by torch.compile. state_dict()
+for the maps and labels them (on the CPU, or on the device for CUDA tensors), then waits for
+the per-component rows: it is not traced by torch.compile. state_dict()
 carries the component counts with the settings and thresholds they were counted at.
 """
 from __future__ import annotations
