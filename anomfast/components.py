@@ -253,7 +253,7 @@ class _DeviceWorkspace:
         self.key = None
 
     def get(self, core, H: int, W: int, device):
-        if self.key != (H, W, device):
+        if self.key != (H, W, device, id(core)):
             n32, n64, cap = (int(v) for v in core.components_workspace(H, W))
             self.images = max(1, self.ROW_BYTES // (40 * cap))
             self.work = torch.empty(n32, dtype=torch.int32, device=device)
@@ -261,7 +261,7 @@ class _DeviceWorkspace:
             self.gt = torch.empty((self.images, cap, 2), dtype=torch.int64, device=device)
             self.pred = torch.empty((self.images, cap, 3), dtype=torch.int64, device=device)
             self.counts = torch.empty((self.images, 2), dtype=torch.int64, device=device)
-            self.cap, self.key = cap, (H, W, device)
+            self.cap, self.key = cap, (H, W, device, id(core))
         return self
 
 
@@ -296,9 +296,9 @@ def device_counts(pred: torch.Tensor, classes: torch.Tensor, thresh_segsize: int
                         int(thresh_instsize), MODES[mode], ws.work.data_ptr(), ws.work.numel(), ws.table.data_ptr(),
                         ws.table.numel(), ws.gt.data_ptr(), ws.pred.data_ptr(), ws.cap, ws.counts.data_ptr(), stream)
         counts = ws.counts[:n].cpu().numpy()  # waits for the kernels (stream order)
-        for b in range(n):
-            ng, npr = int(counts[b, 0]), int(counts[b, 1])
-            out.append((ws.gt[b, :ng].cpu().numpy(), ws.pred[b, :npr].cpu().numpy()))
+        gt = ws.gt[:n, :int(counts[:, 0].max())].cpu().numpy()  # the rows in use, one copy each
+        pr = ws.pred[:n, :int(counts[:, 1].max())].cpu().numpy()
+        out += [(gt[b, :counts[b, 0]], pr[b, :counts[b, 1]]) for b in range(n)]
     return out
 
 

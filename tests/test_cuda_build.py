@@ -246,6 +246,13 @@ def components_emulation_checks(so_path):
         s, y = np.stack(sc), np.stack(lb)
         pred = ((s > 0.5) if mode == "benchmark" else (s >= 0.5)).astype(np.uint8)
         n_rows += compare(pred, classes(y), seg, inst, mode, f"scenes {mode} {seg}/{inst}")
+    snake = np.zeros((1, 64, 64), bool)  # one path through the whole image: deep trees, long finds
+    snake[0, ::2, :] = True
+    snake[0, 1::4, -1] = snake[0, 3::4, 0] = True
+    for mode, seg, inst in (("benchmark", 0, 0), ("clean", 3, 3)) * 3:
+        n_rows += compare(snake.astype(np.uint8), snake.astype(np.int8) * comp.ANOMALY, seg, inst, mode, "snake")
+        n_rows += compare((~snake).astype(np.uint8), snake.astype(np.int8) * comp.ANOMALY, seg, inst, mode,
+                          "snake complement")
     for density in (0.05, 0.45, 0.6, 0.9):  # random masks: long chains, many merges
         fg = rng.random((1, 37, 53)) < density
         pred = (rng.random((1, 37, 53)) < density).astype(np.uint8)

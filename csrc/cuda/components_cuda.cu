@@ -12,9 +12,12 @@
 // links the larger root under the smaller with atomicMin and retries when another thread
 // moved that root first, so every root ends as its component's smallest pixel index (its
 // first pixel in raster order) however the threads interleave. A pass of full finds then
-// writes each pixel's root. Finds halve the paths they walk (plain stores, see
-// find_root). Stale reads of a parent only slow a find down: a parent is always a
-// smaller pixel index of the same set, so no walk can cycle or leave its set.
+// writes each pixel's root. The merge's finds halve the paths they walk (plain stores,
+// see find_root); stale reads of a parent only slow a find down there: a parent is always
+// a smaller pixel index of the same set, so no walk can cycle or leave its set. The
+// compress pass only reads while it walks (each thread then is the one writer of its own
+// pixel's entry): a halving store there could overwrite a pixel's final root with a
+// grandparent read before that root was written.
 //
 // Counting, per image, all on the device: component sizes (warp-aggregated atomics on
 // the root's slot), the region of interest (void and small components out), per kept
@@ -56,18 +59,25 @@ struct CompParams {
   const uint8_t* pred;
   const int8_t* cls;
   int32_t H, W, HW;
-  int32_t seg_min, inst_min;  // kept: size >= these (clamped to [0, HW + 1])
+  int64_t seg_min, inst_min;  // kept: size >= these (clamped to [0, HW + 1])
   int32_t mode;
   int32_t* w[N_WORK];
   unsigned long long* table;  // table_size entries, CC_EMPTY when free
   uint32_t table_mask;
-  unsigned long long* list;   // the distinct pairs found, at most cap
+  unsigned long long* list;   // the distinct pairs found, at most list_cap
+  int32_t list_cap;
   int32_t* scalars;           // [0] anomaly pixels, [1] distinct pairs
   long long* gt_out;
   long long* pred_out;
   unsigned long long* counts;
   int32_t which;  // for the labeling kernels: 0 ground truth, 1 prediction
 };
+
+#if defined(ANOMFAST_CUDA_EMULATE)
+#define CC_RACE_WINDOW() emulate::race_window()  // host threads: widen the window a GPU's warps hit
+#else
+#define CC_RACE_WINDOW() ((void)0)
+#endif
 
 __device__ __forceinline__ int32_t ld(const int32_t* p) { return *(const volatile int32_t*)p; }
 
@@ -83,6 +93,7 @@ __device__ __forceinline__ int32_t find_root(int32_t* L, int32_t x) {
     if (p == x) return x;
     const int32_t gp = ld(L + p);
     if (gp == p) return p;
+    CC_RACE_WINDOW();
     *(volatile int32_t*)(L + x) = gp;
     x = gp;
   }
@@ -171,6 +182,16 @@ __global__ void __launch_bounds__(CC_THREADS) k_merge(const CompParams P) {
   }
 }
 
+// The root of x's set without writing (the merges are done; see the file's comment).
+__device__ __forceinline__ int32_t root_of(const int32_t* L, int32_t x) {
+  int32_t p = ld(L + x);
+  while (p != x) {
+    x = p;
+    p = ld(L + x);
+  }
+  return x;
+}
+
 // Each pixel's root; component sizes; for the ground truth, the anomaly pixels.
 __global__ void __launch_bounds__(CC_THREADS) k_compress(const CompParams P) {
   int32_t* L = P.w[P.which == 0 ? GL : PL];
@@ -181,8 +202,8 @@ __global__ void __launch_bounds__(CC_THREADS) k_compress(const CompParams P) {
     const bool in = k < P.HW;
     const int32_t i = in ? (int32_t)k : 0;
     const bool fg = in && ld(L + i) >= 0;
-    const int32_t root = fg ? find_root(L, i) : -1;
-    if (fg) L[i] = root;
+    const int32_t root = fg ? root_of(L, i) : -1;
+    if (fg) *(volatile int32_t*)(L + i) = root;  // only this thread writes L[i] here
     warp_add(size, root, fg);
     if (P.which == 0) {
       const unsigned n = __ballot_sync(CC_FULL, fg);
@@ -220,11 +241,14 @@ __global__ void __launch_bounds__(CC_THREADS) k_count(const CompParams P) {
     // a left neighbour with the same component and segment is in the region of interest
     if (act && g >= 0 && !(i % P.W > 0 && pl[i - 1] == s && gl[i - 1] == g)) {
       const unsigned long long key = ((unsigned long long)(uint32_t)g << 32) | (uint32_t)s;
+      // at most list_cap distinct pairs (components_capacity) in a table of twice that:
+      // the guards below only keep a broken invariant from writing out of bounds
       uint32_t h = pair_hash(key) & P.table_mask;
-      for (;;) {
+      for (uint32_t probes = 0; probes <= P.table_mask; ++probes) {
         const unsigned long long prev = atomicCAS(P.table + h, CC_EMPTY, key);
         if (prev == CC_EMPTY) {
-          P.list[atomicAdd(P.scalars + 1, 1)] = key;
+          const int32_t idx = atomicAdd(P.scalars + 1, 1);
+          if (idx < P.list_cap) P.list[idx] = key;
           break;
         }
         if (prev == key) break;
@@ -237,7 +261,8 @@ __global__ void __launch_bounds__(CC_THREADS) k_count(const CompParams P) {
 // Adjusted unions: a component gains the off-component pixels of every segment touching
 // it, a segment the uncovered pixels of every component it touches.
 __global__ void __launch_bounds__(CC_THREADS) k_pairs(const CompParams P) {
-  const int32_t n = ld(P.scalars + 1);
+  const int32_t found = ld(P.scalars + 1);
+  const int32_t n = found < P.list_cap ? found : P.list_cap;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += stride) {
     const unsigned long long key = P.list[k];
@@ -291,7 +316,18 @@ void run(Kernel kernel, const CompParams& P, int64_t n, int64_t max_blocks, int6
 
 }  // namespace
 
+namespace {
+
+void check_size(int64_t B, int64_t H, int64_t W) {
+  if (B < 0 || H < 1 || W < 1 || H >= (int64_t(1) << 31) || W >= (int64_t(1) << 31) || H * W >= (int64_t(1) << 31))
+    bad_arg("components: need B >= 0 images of H x W pixels, 1 <= H * W < 2^31; got B = " + std::to_string(B) +
+            ", H = " + std::to_string(H) + ", W = " + std::to_string(W));
+}
+
+}  // namespace
+
 ComponentsWorkspace components_cuda_workspace(int64_t H, int64_t W) {
+  check_size(0, H, W);
   const int64_t cap = components_capacity(H, W);
   return ComponentsWorkspace{(int64_t)N_WORK * H * W, table_size(H, W) + cap + 1, cap};
 }
@@ -300,9 +336,7 @@ void components_cuda(int64_t pred_ptr, int64_t cls_ptr, int64_t B, int64_t H, in
                      int64_t thresh_instsize, int64_t mode, int64_t work_ptr, int64_t work_len, int64_t table_ptr,
                      int64_t table_len, int64_t gt_out_ptr, int64_t pred_out_ptr, int64_t capacity,
                      int64_t counts_ptr, int64_t stream) {
-  if (B < 0 || H < 1 || W < 1 || H * W >= (int64_t(1) << 31))
-    bad_arg("components: need B >= 0 images of H x W pixels, 1 <= H * W < 2^31; got B = " + std::to_string(B) +
-            ", H = " + std::to_string(H) + ", W = " + std::to_string(W));
+  check_size(B, H, W);
   if (mode != COMP_BENCHMARK && mode != COMP_CLEAN) bad_arg("components: unknown mode " + std::to_string(mode));
   const ComponentsWorkspace ws = components_cuda_workspace(H, W);
   if (work_len < ws.work_int32 || table_len < ws.table_uint64 || capacity < ws.capacity)
@@ -317,7 +351,7 @@ void components_cuda(int64_t pred_ptr, int64_t cls_ptr, int64_t B, int64_t H, in
   check_on(dev, pred_out_ptr, "predicted segment rows", 8, "prediction maps");
   check_on(dev, counts_ptr, "component counts", 8, "prediction maps");
   const int64_t HW = H * W;
-  const auto clamp = [HW](int64_t t) { return (int32_t)(t < 0 ? 0 : t > HW + 1 ? HW + 1 : t); };
+  const auto clamp = [HW](int64_t t) { return t < 0 ? 0 : t > HW + 1 ? HW + 1 : t; };
   CompParams P{};
   P.H = (int32_t)H;
   P.W = (int32_t)W;
@@ -331,6 +365,7 @@ void components_cuda(int64_t pred_ptr, int64_t cls_ptr, int64_t B, int64_t H, in
   P.table = reinterpret_cast<unsigned long long*>(table_ptr);
   P.table_mask = (uint32_t)(tsize - 1);
   P.list = P.table + tsize;
+  P.list_cap = (int32_t)ws.capacity;
   P.scalars = reinterpret_cast<int32_t*>(P.list + ws.capacity);  // 2 int32 in the last uint64 word
   DeviceGuard guard(dev);
   int sms = 0;

@@ -11,6 +11,7 @@
 // take several turns.
 #pragma once
 #include <barrier>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -92,6 +93,17 @@ inline void maybe_yield() {
   x ^= x >> 17;
   x ^= x << 5;
   if (x & 1u) std::this_thread::yield();
+}
+
+// Sleeps 200 us on about one call in eight: called between a read and a dependent plain
+// store of a lock-free algorithm (the path halving of components_cuda.cu's finds), so that
+// other host threads act inside that window as warps on a GPU would.
+inline void race_window() {
+  thread_local uint32_t x = 88675123u ^ (uint32_t)(uintptr_t)&x;
+  x ^= x << 13;
+  x ^= x >> 17;
+  x ^= x << 5;
+  if ((x & 7u) == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
 }
 
 // Every lane publishes v; returns after all 32 have, with everyone's values in out.
