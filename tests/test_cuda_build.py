@@ -284,6 +284,9 @@ def components_emulation_checks(so_path):
         with pytest.raises(ValueError, match=msg):
             emu.components(*bad)
     assert bool((gt == -7).all()) and bool((counts == -7).all())
+    for H, W in ((0, 5), (1 << 31, 1), (1 << 16, 1 << 15), (1 << 62, 1 << 62)):  # no overflow, no endless loop
+        with pytest.raises(ValueError, match="1 <= H \\* W < 2\\^31"):
+            emu.components_workspace(H, W)
     print("COMPONENTS OK", n_rows)
 
 
