@@ -57,8 +57,8 @@ Labeling runs in a compiled core, per image: on the CPU csrc/cpu/components_cpu.
 (union-find over pixels in two raster passes); for score maps on a CUDA device
 csrc/cuda/components_cuda.cu, which binarizes, looks up the label classes, labels
 (parallel union-find with atomicMin) and counts on the device, so only the per-component
-rows (a few integers per component) come back to the host. Both give the same integer
-counts (tests/test_components.py checks the CUDA kernels under the host emulation and,
+rows (a few integers per component) come back to the host (a build without the CUDA
+core labels CUDA maps on the CPU). Both give the same integer counts (tests/test_components.py checks the CUDA kernels under the host emulation and,
 with a GPU, on the device).
 """
 from __future__ import annotations
@@ -428,11 +428,11 @@ class ComponentAccumulator:
         s = scores.to(torch.float64)
         pred = ((s > t) if self.spec.mode == "benchmark" else (s >= t)).to(torch.uint8).contiguous()
         acc = np.zeros(N_SLOTS, np.int64)
-        if pred.is_cuda:  # labeled and counted on the device (components_cuda.cu)
+        if pred.is_cuda and _core._C_cuda is not None:  # labeled and counted on the device (components_cuda.cu)
             rows = device_counts(pred, classes.to(pred.device).contiguous(), self.spec.thresh_segsize,
                                  self.spec.thresh_instsize, self.spec.mode, self._dws)
-        else:
-            pn, cn = pred.numpy(), classes.cpu().numpy()
+        else:  # the CPU core (also for CUDA score maps of a build without the CUDA core: the same counts)
+            pn, cn = pred.cpu().numpy(), classes.cpu().numpy()
             rows = (image_counts(pn[b], cn[b], self.spec.thresh_segsize, self.spec.thresh_instsize, self.spec.mode,
                                  self._ws) for b in range(pn.shape[0]))
         for gt, pr in rows:
