@@ -54,12 +54,13 @@ sums are kept in 84-bit fixed point, exact and independent of the batching and o
 number of processes); the benchmark's float sums differ from them in the last bits.
 
 Labeling runs in a compiled core, per image: on the CPU csrc/cpu/components_cpu.cpp
-(union-find over pixels in two raster passes); for score maps on a CUDA device
-csrc/cuda/components_cuda.cu, which binarizes, looks up the label classes, labels
-(parallel union-find with atomicMin) and counts on the device, so only the per-component
-rows (a few integers per component) come back to the host (a build without the CUDA
-core labels CUDA maps on the CPU). Both give the same integer counts (tests/test_components.py checks the CUDA kernels under the host emulation and,
-with a GPU, on the device).
+(union-find over pixels in two raster passes); for score maps on a CUDA device, which
+are binarized and whose label classes are looked up there, csrc/cuda/components_cuda.cu
+labels (parallel union-find with atomicMin) and counts on the device, so only the
+per-component rows (a few integers per component) come back to the host (a build
+without the CUDA core labels CUDA maps on the CPU). Both give the same integer counts
+(tests/test_cuda_build.py runs the CUDA kernels under the host emulation against the CPU
+core; tests/test_components.py compares them on a GPU when there is one).
 """
 from __future__ import annotations
 
@@ -245,23 +246,26 @@ def image_counts(pred, classes, thresh_segsize: int, thresh_instsize: int, mode:
 
 class _DeviceWorkspace:
     """Buffers of the CUDA labeling core (components_cuda.h), reused while the image size
-    and the device stay the same."""
+    and the device stay the same (the row buffers grow with the batch, up to ROW_BYTES)."""
 
     ROW_BYTES = 64 << 20  # images per call: their output rows within this many bytes
 
     def __init__(self):
-        self.key = None
+        self.key, self.images = None, 0
 
-    def get(self, core, H: int, W: int, device):
-        if self.key != (H, W, device, id(core)):
-            n32, n64, cap = (int(v) for v in core.components_workspace(H, W))
-            self.images = max(1, self.ROW_BYTES // (40 * cap))
+    def get(self, core, H: int, W: int, device, B: int = 1):
+        key = (H, W, device, id(core))
+        if self.key != key:
+            n32, n64, self.cap = (int(v) for v in core.components_workspace(H, W))
             self.work = torch.empty(n32, dtype=torch.int32, device=device)
             self.table = torch.empty(n64, dtype=torch.int64, device=device)
-            self.gt = torch.empty((self.images, cap, 2), dtype=torch.int64, device=device)
-            self.pred = torch.empty((self.images, cap, 3), dtype=torch.int64, device=device)
-            self.counts = torch.empty((self.images, 2), dtype=torch.int64, device=device)
-            self.cap, self.key = cap, (H, W, device, id(core))
+            self.key, self.images = key, 0
+        want = max(1, min(B, self.ROW_BYTES // (40 * self.cap)))
+        if self.images < want:
+            self.images = want
+            self.gt = torch.empty((want, self.cap, 2), dtype=torch.int64, device=device)
+            self.pred = torch.empty((want, self.cap, 3), dtype=torch.int64, device=device)
+            self.counts = torch.empty((want, 2), dtype=torch.int64, device=device)
         return self
 
 
@@ -287,7 +291,7 @@ def device_counts(pred: torch.Tensor, classes: torch.Tensor, thresh_segsize: int
         return [(np.zeros((0, 2), np.int64), np.zeros((0, 3), np.int64)) for _ in range(B)]
     if H * W >= _MAX_PIXELS:
         raise ValueError(f"an image of {H} x {W} pixels has 2^31 or more pixels; the labeling core counts in int32")
-    ws = (workspace or _DeviceWorkspace()).get(core, H, W, pred.device)
+    ws = (workspace or _DeviceWorkspace()).get(core, H, W, pred.device, B)
     stream = torch.cuda.current_stream(pred.device).cuda_stream if pred.is_cuda else 0
     out = []
     for b0 in range(0, B, ws.images):
@@ -296,8 +300,10 @@ def device_counts(pred: torch.Tensor, classes: torch.Tensor, thresh_segsize: int
                         int(thresh_instsize), MODES[mode], ws.work.data_ptr(), ws.work.numel(), ws.table.data_ptr(),
                         ws.table.numel(), ws.gt.data_ptr(), ws.pred.data_ptr(), ws.cap, ws.counts.data_ptr(), stream)
         counts = ws.counts[:n].cpu().numpy()  # waits for the kernels (stream order)
-        gt = ws.gt[:n, :int(counts[:, 0].max())].cpu().numpy()  # the rows in use, one copy each
-        pr = ws.pred[:n, :int(counts[:, 1].max())].cpu().numpy()
+        # the rows in use, one copy each (np.array: a CPU workspace, under the emulation, is
+        # not copied by .cpu() and the next chunk would overwrite it)
+        gt = np.array(ws.gt[:n, :int(counts[:, 0].max())].cpu())
+        pr = np.array(ws.pred[:n, :int(counts[:, 1].max())].cpu())
         out += [(gt[b, :counts[b, 0]], pr[b, :counts[b, 1]]) for b in range(n)]
     return out
 

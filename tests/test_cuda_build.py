@@ -225,8 +225,12 @@ def components_emulation_checks(so_path):
     def rows(a):
         return sorted(map(tuple, a.tolist()))
 
-    def compare(pred, cls, seg, inst, mode, what):
-        got = comp.device_counts(torch.from_numpy(pred), torch.from_numpy(cls), seg, inst, mode, core=emu)
+    shared = comp._DeviceWorkspace()  # reused across sizes and batch sizes (its row buffers grow)
+    chunked = comp._DeviceWorkspace()
+    chunked.ROW_BYTES = 2 * 40 * int(emu.components_workspace(48, 64)[2])  # 2 images per call at 48 x 64
+
+    def compare(pred, cls, seg, inst, mode, what, ws=shared):
+        got = comp.device_counts(torch.from_numpy(pred), torch.from_numpy(cls), seg, inst, mode, ws, core=emu)
         assert len(got) == pred.shape[0]
         n = 0
         for b in range(pred.shape[0]):
@@ -246,6 +250,8 @@ def components_emulation_checks(so_path):
         s, y = np.stack(sc), np.stack(lb)
         pred = ((s > 0.5) if mode == "benchmark" else (s >= 0.5)).astype(np.uint8)
         n_rows += compare(pred, classes(y), seg, inst, mode, f"scenes {mode} {seg}/{inst}")
+        compare(pred, classes(y), seg, inst, mode, f"scenes {mode} {seg}/{inst}, 2 images per call", chunked)
+    assert chunked.images == 2 and shared.images == 8
     snake = np.zeros((1, 64, 64), bool)  # one path through the whole image: deep trees, long finds
     snake[0, ::2, :] = True
     snake[0, 1::4, -1] = snake[0, 3::4, 0] = True
