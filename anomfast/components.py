@@ -402,8 +402,9 @@ class ComponentAccumulator:
         outside the map raise."""
         if labels.is_cuda:
             cls = self.label_map.classify(labels).contiguous()
-            if bool((cls > VOID).any()):
-                x = int(labels[cls > VOID].flatten()[0])
+            bad = cls > VOID
+            if bool(bad.any()):
+                x = int(labels[bad].flatten()[0])
                 raise ValueError(f"label value {x} is neither normal, anomaly nor void in the label map "
                                  f"{self.label_map}")
             return cls

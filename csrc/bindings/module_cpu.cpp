@@ -79,9 +79,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("components", &components_cpu, py::call_guard<py::gil_scoped_release>(),
         "Connected components and per-component pixel counts of one image (components_cpu.h).");
   m.def("components_capacity", &components_capacity, "Most 8-connected components an H x W image holds.");
-  m.attr("COMP_CLASSES") = py::dict(py::arg("normal") = (int)COMP_NORMAL, py::arg("anomaly") = (int)COMP_ANOMALY,
-                                    py::arg("void") = (int)COMP_VOID);
-  m.attr("COMP_MODES") = py::dict(py::arg("benchmark") = (int)COMP_BENCHMARK, py::arg("clean") = (int)COMP_CLEAN);
   m.def("build_info", &build_info);
 
   bindings::register_constants(m);

@@ -3,7 +3,6 @@
 // CUDA call; only build_info(probe=True) asks the runtime.
 #include <pybind11/pybind11.h>
 
-#include "../common/components.h"
 #include "../cuda/components_cuda.h"
 #include "../cuda/fused_cuda.h"
 #include "register_args.h"
@@ -48,9 +47,6 @@ PYBIND11_MODULE(_C_cuda, m) {
         return py::make_tuple(w.work_int32, w.table_uint64, w.capacity);
       },
       "(int32 scratch words, uint64 scratch words, rows per image) that components() needs for H x W.");
-  m.attr("COMP_CLASSES") = py::dict(py::arg("normal") = (int)COMP_NORMAL, py::arg("anomaly") = (int)COMP_ANOMALY,
-                                    py::arg("void") = (int)COMP_VOID);
-  m.attr("COMP_MODES") = py::dict(py::arg("benchmark") = (int)COMP_BENCHMARK, py::arg("clean") = (int)COMP_CLEAN);
   m.def("build_info", &build_info, py::arg("probe") = true,
         "CUDA version and architectures of the build; with probe=True also the driver, "
         "runtime and device count (this initializes CUDA in the process; never raises).");

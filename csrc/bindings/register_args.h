@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/binning.h"
+#include "../common/components.h"
 #include "../common/methods.h"
 #include "../common/views.h"
 
@@ -103,6 +104,9 @@ inline void register_constants(py::module_& m) {
                                      py::arg("void") = (int)LABEL_VOID, py::arg("invalid") = (int)LABEL_INVALID);
   m.attr("COUNTERS") = py::dict(py::arg("nonfinite") = (int)CNT_NONFINITE, py::arg("invalid") = (int)CNT_INVALID,
                                 py::arg("void") = (int)CNT_VOID, py::arg("binned") = (int)CNT_BINNED);
+  m.attr("COMP_CLASSES") = py::dict(py::arg("normal") = (int)COMP_NORMAL, py::arg("anomaly") = (int)COMP_ANOMALY,
+                                    py::arg("void") = (int)COMP_VOID);
+  m.attr("COMP_MODES") = py::dict(py::arg("benchmark") = (int)COMP_BENCHMARK, py::arg("clean") = (int)COMP_CLEAN);
 #if defined(ANOMFAST_VERSION)
   m.attr("VERSION") = AF_STR(ANOMFAST_VERSION);
 #endif

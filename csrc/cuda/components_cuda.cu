@@ -58,7 +58,7 @@ constexpr int FIRST_ZEROED = GSIZE;  // GL and PL are written whole by the init 
 struct CompParams {
   const uint8_t* pred;
   const int8_t* cls;
-  int32_t H, W, HW;
+  int32_t W, HW;
   int64_t seg_min, inst_min;  // kept: size >= these (clamped to [0, HW + 1])
   int32_t mode;
   int32_t* w[N_WORK];
@@ -314,10 +314,6 @@ void run(Kernel kernel, const CompParams& P, int64_t n, int64_t max_blocks, int6
   check(cudaGetLastError(), "components kernel launch");
 }
 
-}  // namespace
-
-namespace {
-
 void check_size(int64_t B, int64_t H, int64_t W) {
   if (B < 0 || H < 1 || W < 1 || H >= (int64_t(1) << 31) || W >= (int64_t(1) << 31) || H * W >= (int64_t(1) << 31))
     bad_arg("components: need B >= 0 images of H x W pixels, 1 <= H * W < 2^31; got B = " + std::to_string(B) +
@@ -353,7 +349,6 @@ void components_cuda(int64_t pred_ptr, int64_t cls_ptr, int64_t B, int64_t H, in
   const int64_t HW = H * W;
   const auto clamp = [HW](int64_t t) { return t < 0 ? 0 : t > HW + 1 ? HW + 1 : t; };
   CompParams P{};
-  P.H = (int32_t)H;
   P.W = (int32_t)W;
   P.HW = (int32_t)HW;
   P.seg_min = clamp(thresh_segsize);

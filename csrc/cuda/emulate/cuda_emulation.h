@@ -83,27 +83,28 @@ inline std::mutex atomic_mutex, launch_mutex;
 
 inline int lane() { return (int)(threadIdx.x & 31u); }
 
+// A per-thread xorshift32 stream, for the race helpers below.
+inline uint32_t thread_random() {
+  thread_local uint32_t x = 2463534242u ^ (uint32_t)(uintptr_t)&x;
+  x ^= x << 13;
+  x ^= x >> 17;
+  x ^= x << 5;
+  return x;
+}
+
 // Gives the processor away on about every other call: called before the emulated
 // read-modify-write atomics that lock-free algorithms retry on (atomicMin, atomicCAS), so
 // that the host threads interleave there as often as a GPU's warps would, not once in
 // thousands of calls.
 inline void maybe_yield() {
-  thread_local uint32_t x = 2463534242u ^ (uint32_t)(uintptr_t)&x;
-  x ^= x << 13;
-  x ^= x >> 17;
-  x ^= x << 5;
-  if (x & 1u) std::this_thread::yield();
+  if (thread_random() & 1u) std::this_thread::yield();
 }
 
 // Sleeps 200 us on about one call in eight: called between a read and a dependent plain
 // store of a lock-free algorithm (the path halving of components_cuda.cu's finds), so that
 // other host threads act inside that window as warps on a GPU would.
 inline void race_window() {
-  thread_local uint32_t x = 88675123u ^ (uint32_t)(uintptr_t)&x;
-  x ^= x << 13;
-  x ^= x >> 17;
-  x ^= x << 5;
-  if ((x & 7u) == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  if ((thread_random() & 7u) == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
 }
 
 // Every lane publishes v; returns after all 32 have, with everyone's values in out.
