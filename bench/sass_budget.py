@@ -7,9 +7,11 @@ calls; the pip packages nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm provide bot
     python bench/sass_budget.py --fast          # the opt-in fast mode (ANOMFAST_CUDA_FAST)
     python bench/sass_budget.py --rev 4c5f76f   # csrc/ of a commit (e.g. before a change)
 
-How it estimates. One thread handles one pixel per turn of the grid-stride loop, so the
-instructions one thread issues per turn are the instructions per pixel (a warp issues
-them once for 32 pixels). For each case the script:
+How it estimates. One thread handles one pixel per turn of the grid-stride loop (two
+neighbouring pixels, since the pixel pairs, for contiguous logits with an even W, the
+measured case), so the instructions one thread issues per turn divided by its pixels are
+the instructions per pixel (a warp issues them once for 32 turns). For each case the
+script:
   1. copies csrc/ and compiles fused_cuda.cu for sm_90 (nvcc -cubin -O3, -fmad=false or,
      with --fast, the fast mode's flags) with a *probe*: the kernel's parameter struct is
      overwritten at kernel entry with the case's launch-uniform run-time values (method
@@ -19,7 +21,7 @@ them once for 32 pixels). For each case the script:
      specialized kernel; the class count C stays what the kernel itself knows (a
      run-time value unless the kernel is specialized for C = 19);
   2. takes the kernel instantiation the host dispatch picks for that dtype / C / method
-     set (pick_kernel below), disassembles it (cuobjdump -sass) and counts the
+     set and contiguous logits (pick_kernel below), disassembles it (cuobjdump -sass) and counts the
      instructions between the head of the grid-stride loop and its back-edge (the
      widest backward branch), NOPs excluded.
 So data-dependent branches (pixel in range, label class, non-finite logits, the warp's
@@ -140,15 +142,18 @@ def template_args(name):
 
 
 def pick_kernel(funcs, dt, methods):
-    """The instantiation with_kernel_config (fused_cuda.cu) launches for this dtype, C = 19
-    and method set: fused_kernel<DT, CR> (4c5f76f: CR = 32 register path) or
-    fused_kernel<DT, CK, MASK> (CK = 19 when specialized; MASK = the set's method-kind
-    bits when instantiated, else the generic ALL mask)."""
+    """The instantiation with_kernel_config (fused_cuda.cu) launches for this dtype, C = 19,
+    method set and contiguous (B, C, H, W) logits with an even W: fused_kernel<DT, CR>
+    (4c5f76f: CR = 32 register path), fused_kernel<DT, CK, MASK> (CK = 19 when
+    specialized; MASK = the set's method-kind bits when instantiated, else the generic ALL
+    mask) or, since the pixel pairs, fused_kernel<DT, CK, MASK, PX> with PX = 2 (two
+    neighbouring pixels a turn). Returns (template args, name, pixels per turn)."""
     kinds = sum(1 << m for m in set(methods))
     cands = {template_args(n): n for n in funcs if template_args(n) and template_args(n)[0] == dt}
-    for want in ((dt, 32), (dt, C, kinds), (dt, C, 63), (dt, 0, kinds), (dt, 0, 63)):
+    for want in ((dt, 32), (dt, C, kinds, 2), (dt, C, 63, 2), (dt, 0, kinds, 2), (dt, 0, 63, 2),
+                 (dt, C, kinds), (dt, C, 63), (dt, 0, kinds), (dt, 0, 63)):
         if want in cands:
-            return want, cands[want]
+            return want, cands[want], (want[3] if len(want) == 4 else 1)
     raise SystemExit(f"sass_budget: no fused_kernel for dtype {dt} among {sorted(cands)}")
 
 
@@ -194,18 +199,19 @@ def main():
         for sname, methods in ((k, v) for k, v in SETS.items() if k in only):
             funcs = compile_sass(csrc, probe_source(text, methods), args.fast, tmp, sname, nvcc, cuobjdump)
             for dname, dt in DTYPES.items():
-                targs, name = pick_kernel(funcs, dt, methods)
-                _, pname = pick_kernel(plain, dt, methods)
+                targs, name, px = pick_kernel(funcs, dt, methods)
+                _, pname, _ = pick_kernel(plain, dt, methods)
+                loop = loop_count(funcs[name], args.dump and os.path.join(args.dump, f"{dname}_{sname}.sass"))
                 rows[f"{dname}_{sname}"] = {"kernel": f"fused_kernel<{', '.join(map(str, targs))}>",
-                                            "per_pixel": loop_count(funcs[name], args.dump and
-                                                                    os.path.join(args.dump, f"{dname}_{sname}.sass")),
+                                            "per_pixel": round(loop / px), "pixels_per_turn": px,
                                             "static_loop": loop_count(plain[pname]),
                                             "kernel_total": len(plain[pname])}
     what = f"rev {args.rev}" if args.rev else "working tree"
     print(f"SASS instructions per pixel, sm_90, C = {C}, {what}, {'fast mode' if args.fast else 'default build'}")
-    print(f"{'case':<16} {'kernel':<24} {'per pixel':>9} {'static loop':>11} {'kernel total':>12}")
+    print(f"{'case':<16} {'kernel':<27} {'px/turn':>7} {'per pixel':>9} {'static loop':>11} {'kernel total':>12}")
     for k, r in rows.items():
-        print(f"{k:<16} {r['kernel']:<24} {r['per_pixel']:>9} {r['static_loop']:>11} {r['kernel_total']:>12}")
+        print(f"{k:<16} {r['kernel']:<27} {r['pixels_per_turn']:>7} {r['per_pixel']:>9} {r['static_loop']:>11} "
+              f"{r['kernel_total']:>12}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rev": args.rev, "fast": args.fast, "rows": rows}, f, indent=1)

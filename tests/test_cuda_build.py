@@ -344,6 +344,14 @@ def emulation_checks(so_path):
         h, c, maps = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
         hc, cc, mc = _fused.fused_pass(x, y, sp, label_map=lm, want_maps=True)
         assert torch.equal(c, cc), (name, c.tolist(), cc.tolist())
+        # the same kernel one pixel a turn (where it took neighbouring pairs): the same state
+        emu._set_pixel_pairs(False)
+        try:
+            h1, c1, m1 = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
+        finally:
+            emu._set_pixel_pairs(True)
+        assert same_state(h1, h) and torch.equal(c1, c) and torch.equal(m1.isnan(), maps.isnan()), (name, "pairs")
+        assert torch.equal(torch.nan_to_num(m1), torch.nan_to_num(maps)), (name, "pair maps")
         cls = (lm or LabelMap.default()).classify(y)
         fin = torch.isfinite(x.float()).all(dim=1)
         assert_state_equals_binning(h, maps, cls, ok=fin, what=name, sig_mask=exact_mask(sp.names))
@@ -355,9 +363,10 @@ def emulation_checks(so_path):
 
     base = resolve(["max_logit", "msp", "energy", "entropy", "gen"], temperature=1.7, entropy_normalize=True)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for C in (19, 40, 1):
-            x = logits(2, C, 7, 45, dtype)
-            y = labels(2, 7, 45)
+        # W = 46: neighbouring pixels in pairs (one vector load per class); 45: one a turn
+        for C, W in ((19, 46), (19, 45), (40, 46), (1, 45), (7, 46)):
+            x = logits(2, C, 7, W, dtype)
+            y = labels(2, 7, W)
             stats = run(Routed, anomfast.fit_sml, x, y, missing="global") if C > 1 else None
             stats_cpu = anomfast.fit_sml(x, y, missing="global") if C > 1 else None
             if C > 1:
@@ -373,9 +382,15 @@ def emulation_checks(so_path):
                 h2, c2, _ = run(Routed, _fused.fused_pass, x, y, sp)
                 emu._set_hist_aggregation(1)
                 assert same_state(h2, h) and torch.equal(c2, c), f"aggregation mode {mode}"
-            for name, v in (("channels_last", x.contiguous(memory_format=torch.channels_last)), ("strided", None)):
+            # other layouts of the same logits: channels-last, a W-stride of 2, and a view
+            # whose first element is one element past an aligned pair (pairs would misalign:
+            # the emulation aborts on a misaligned vector load)
+            shifted = torch.zeros(2 * C * 7 * W + 1, dtype=dtype)
+            shifted[1:] = x.flatten()
+            for name, v in (("channels_last", x.contiguous(memory_format=torch.channels_last)), ("strided", None),
+                            ("odd base", shifted[1:].view(2, C, 7, W))):
                 if v is None:
-                    wide = torch.zeros(2, C, 7, 90, dtype=dtype)
+                    wide = torch.zeros(2, C, 7, 2 * W, dtype=dtype)
                     wide[..., ::2] = x
                     v = wide[..., ::2]
                 h3, c3, _ = run(Routed, _fused.fused_pass, v, y, sp)
@@ -433,10 +448,11 @@ def emulation_checks(so_path):
     # the grid-stride walk with one block: every thread walks many pixels, every carry
     # w -> h -> b is taken; a crop that does not fold; a method named twice (generic kernel)
     # and C = 21 / 33 (specialized / memory path)
-    for shape, crop in (((3, 19, 9, 70), False), ((2, 21, 13, 40), True), ((2, 33, 5, 37), False)):
+    for shape, crop in (((3, 19, 9, 70), None), ((2, 21, 13, 40), (2, -3, 5, -1)), ((2, 21, 13, 40), (3, -2, 4, -2)),
+                        ((2, 7, 11, 30), (1, -1, 2, -4)), ((2, 33, 5, 37), None)):
         xw, yw2 = logits(*shape), labels(shape[0], shape[2], shape[3])
-        if crop:
-            xw, yw2 = xw[:, :, 2:-3, 5:-1], yw2[:, 2:-3, 5:-1]
+        if crop:  # the second and fourth crops keep pairs (even W and offsets), the first does not
+            xw, yw2 = xw[:, :, crop[0]:crop[1], crop[2]:crop[3]], yw2[:, crop[0]:crop[1], crop[2]:crop[3]]
             assert _fused._geometry(xw, yw2)["H"] > 1
         sp4 = resolve(["max_logit", "msp", "energy", "entropy"])
         h0, c0, _ = compare(xw, yw2, sp4, name=f"{shape} crop={crop}")

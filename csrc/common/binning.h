@@ -57,15 +57,24 @@ ANOMFAST_HD uint32_t bin_norm_bits(uint32_t mag_bits) {
 ANOMFAST_HD int32_t bin_index(float t) {
   const uint32_t u = f2u(t);
   const uint32_t mag_bits = u & 0x7fffffffu;
+  const bool sub = mag_bits < 0x00800000u;
   const uint32_t b = bin_norm_bits(mag_bits);
-  const int32_t octave = (int32_t)(b >> 23) +
-                         (mag_bits < 0x00800000u ? BIN_SUB_OCTAVE_OFFSET : BIN_NORMAL_OCTAVE_OFFSET);
-  // unsigned arithmetic: for zero the octave is negative and the value is replaced below
-  uint32_t mag = 1u + ((uint32_t)octave << BIN_MANT_BITS) + ((b >> BIN_DROP_BITS) & ((1u << BIN_MANT_BITS) - 1u));
-  mag = mag_bits == 0u ? 0u : mag;
-  mag = mag_bits >= 0x7f800000u ? (uint32_t)(BIN_NMAG - 1) : mag;
-  const bool neg = (u >> 31) && mag_bits != 0u;
-  return neg ? (int32_t)(BIN_NMAG - 1) - (int32_t)mag : (int32_t)BIN_NMAG + (int32_t)mag;
+  // (branch-free integer form, about half the instructions of the select chain it replaced;
+  // checked equal to that form on all 2^32 bit patterns, NaNs included, 2026-12-02)
+  // magnitude bin: 1 + (octave << 13) + the top 13 mantissa bits, i.e. b >> 10 plus a
+  // constant per kind of value. Zero (b = 0 on the subnormal side) comes out negative and
+  // clamps to 0; infinity (exponent field 255: the octave after the last normal one, 0
+  // mantissa) is exactly BIN_NMAG - 1 by the normal formula; NaN clamps there too.
+  constexpr int32_t SUB_ADD = 1 + BIN_SUB_OCTAVE_OFFSET * (1 << BIN_MANT_BITS);
+  constexpr int32_t NORMAL_ADD = 1 + BIN_NORMAL_OCTAVE_OFFSET * (1 << BIN_MANT_BITS);
+  int32_t mag = (int32_t)(b >> BIN_DROP_BITS) + (sub ? SUB_ADD : NORMAL_ADD);
+  mag = mag < 0 ? 0 : mag;
+  mag = mag > (int32_t)(BIN_NMAG - 1) ? (int32_t)(BIN_NMAG - 1) : mag;
+  // all ones for a negative nonzero value (-0.0 counts as +0.0): u & -mag_bits keeps the
+  // sign bit only when mag_bits != 0. Negative values mirror below BIN_NMAG:
+  // BIN_NMAG + ~mag = BIN_NMAG - 1 - mag.
+  const int32_t neg = (int32_t)(u & (0u - mag_bits)) >> 31;
+  return (int32_t)BIN_NMAG + (mag ^ neg);
 }
 
 // The tie signature of t (see the header comment); OR it into the bin's uint32.

@@ -2,10 +2,13 @@
 // per-label int64 histograms, in one launch on the caller's stream; and the SML fit.
 // Argument shapes and units: fused_cuda.h and ../common/views.h.
 //
-// One thread per pixel. Consecutive threads take consecutive pixels of the flattened
-// (B, H, W) index, which runs along W, so for NCHW logits each class is read by a warp
-// as one coalesced line (channels-last and other strides work, with more sectors per
-// load). The grid is persistent (as many blocks as fit on the device at once), each
+// One thread per pixel, or per pair of neighbouring pixels (w, w + 1) where the logits are
+// contiguous along W with W even and aligned offsets (pair_ok): then each class of the pair
+// is one 8-byte (float32) or 4-byte (fp16 / bf16) vector load, and the loop's addressing,
+// label loads and walk are paid once per two pixels (bench/sass_budget.py). Consecutive
+// threads take consecutive pixels (pairs) of the flattened (B, H, W) index, which runs
+// along W, so for NCHW logits each class is read by a warp as one coalesced line
+// (channels-last and other strides work, one pixel a turn, with more sectors per load). The grid is persistent (as many blocks as fit on the device at once), each
 // block walking the pixels with a grid-sized stride; every thread of a warp runs the
 // same number of iterations, so the warp-wide votes below always see all 32 lanes. A
 // thread's pixel moves by the grid's size each turn: its (h, w) and element offsets are
@@ -95,6 +98,7 @@ constexpr unsigned FULL = 0xffffffffu;
 
 std::atomic<int> g_hist_aggregation{1};
 std::atomic<int64_t> g_debug_grid{0};  // tests / gpu_check: cap on the grid's blocks (0: none)
+std::atomic<bool> g_pixel_pairs{true};  // tests / gpu_check: false forces one pixel a turn
 
 // ------------------------------------------------------------------ device helpers
 
@@ -110,6 +114,24 @@ __device__ __forceinline__ int lane_id() { return (int)(threadIdx.x & 31u); }
 template <int DT>
 __device__ __forceinline__ float load_logit(const void* base, int64_t off) {
   return Logit<DT>::to_float(__ldg(static_cast<const typename Logit<DT>::T*>(base) + off));
+}
+
+// Logits off and off + 1 (one class of two neighbouring pixels along W) with one vector
+// load: 8 bytes for float32, 4 for fp16 / bf16. The caller guarantees the alignment
+// (pair_ok on the host: W-stride 1, even offsets, an aligned base).
+template <int DT>
+__device__ __forceinline__ void load_logit_pair(const void* base, int64_t off, float& x0, float& x1) {
+  using T = typename Logit<DT>::T;
+  const T* p = static_cast<const T*>(base) + off;
+  if constexpr (sizeof(T) == 4) {
+    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
+    x0 = v.x;
+    x1 = v.y;
+  } else {
+    const unsigned v = __ldg(reinterpret_cast<const unsigned*>(p));  // element off in the low half
+    x0 = Logit<DT>::to_float((uint16_t)(v & 0xffffu));
+    x1 = Logit<DT>::to_float((uint16_t)(v >> 16));
+  }
 }
 
 // The raw value of the label at element offset off (pixel.h: the dtype switch).
@@ -232,21 +254,18 @@ __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t
 }
 
 // The PixelSums of one pixel, with the CPU core's formulas and accumulation order
-// (fused_cpu.cpp, tile_sums). Returns true when some logit is NaN or +-inf. CR > 0 keeps
-// the logits in registers (C <= CR); C is a compile-time constant where the kernel is
-// specialized for it. NEED_K: some method needs the argmax k (S' leaves it out, SML
-// indexes its statistics by it); without it the max is one max instruction instead of a
-// compare and a select (they differ only for NaN, whose pixel is never binned and maps
-// to NaN, and in the sign of a zero maximum, whose two values share one bin).
+// (fused_cpu.cpp, tile_sums). Returns true when some logit is NaN or +-inf. CR > 0: the
+// logits are in xr (C <= CR, loaded by the caller); CR == 0: X reads them from memory in
+// each pass. C is a compile-time constant where the kernel is specialized for it.
+// NEED_K: some method needs the argmax k (S' leaves it out, SML indexes its statistics
+// by it); without it the max is one max instruction instead of a compare and a select
+// (they differ only for NaN, whose pixel is never binned and maps to NaN, and in the
+// sign of a zero maximum, whose two values share one bin). lp / base / ls_c: the pixel's
+// logits in memory, for CR == 0 and for the exact non-finite recheck.
 template <int DT, int CR, bool NEED_K = true>
-__device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t ls_c, int32_t C, Needs nd,
-                                           float inv_t, float gamma, PixelSums& s) {
-  float xr[CR > 0 ? CR : 1];
-  if constexpr (CR > 0) {
-    // every load issued before the first use
-#pragma unroll
-    for (int c = 0; c < CR; ++c) xr[c] = c < C ? load_logit<DT>(lp, base + c * ls_c) : 0.0f;
-  }
+__device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], const void* lp, int64_t base,
+                                        int64_t ls_c, int32_t C, Needs nd, float inv_t, float gamma,
+                                        PixelSums& s) {
   auto X = [&](int c) -> float {
     if constexpr (CR > 0) return xr[c];
     else return load_logit<DT>(lp, base + c * ls_c);
@@ -309,6 +328,24 @@ __device__ __forceinline__ bool pixel_sums(const void* lp, int64_t base, int64_t
   s.sx = sx;
   s.gen = g;
   return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
+}
+
+// The logits of PX neighbouring pixels (PX = 2: pair loads, W-stride 1) into registers,
+// every load issued before the first use; classes c >= C (run-time C) read as 0.
+template <int DT, int CR, int PX>
+__device__ __forceinline__ void load_pixels(const void* lp, int64_t base, int64_t ls_c, int32_t C,
+                                            float (&xr)[PX][CR > 0 ? CR : 1]) {
+  if constexpr (CR > 0) {
+#pragma unroll
+    for (int c = 0; c < CR; ++c) {
+      if constexpr (PX == 2) {
+        if (c < C) load_logit_pair<DT>(lp, base + c * ls_c, xr[0][c], xr[1][c]);
+        else xr[0][c] = xr[1][c] = 0.0f;
+      } else {
+        xr[0][c] = c < C ? load_logit<DT>(lp, base + c * ls_c) : 0.0f;
+      }
+    }
+  }
 }
 
 // OR of x over the lanes of each peer group (lanes with equal keys), valid in the group's
@@ -442,6 +479,7 @@ static_assert(N_PER_PIXEL <= MAX_METHODS, "one slot per kind fits FusedParams.sl
 struct FusedParams {
   FusedArgs a;
   int64_t n_pix;
+  int64_t n_units;  // the grid-stride loop's units: n_pix (one pixel a turn) or n_pix / 2 (pairs)
   float inv_t, inv_log_c;
   Needs nd;
   bool with_hist, lut_shared;
@@ -460,9 +498,10 @@ __host__ __device__ constexpr int class_regs() {
   return CK > 0 ? (CK <= CREG ? CK : 0) : (CK == 0 ? CREG : 0);
 }
 
-template <int DT, int CK, int MASK>
+template <int DT, int CK, int MASK, int PX>
 __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   constexpr int CR = class_regs<CK>();
+  static_assert(PX == 1 || (PX == 2 && CR > 0), "pixel pairs need the logits in registers");
   constexpr bool GENERIC = MASK == ALL_KINDS;
   unsigned char* smem = dynamic_smem();
   __shared__ unsigned long long s_cnt[N_COUNTERS];
@@ -485,7 +524,8 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   unsigned char* occ = reinterpret_cast<unsigned char*>(a.occ_ptr);
   float* maps = reinterpret_cast<float*>(a.maps_ptr);
   const int32_t C = CK > 0 ? CK : (int32_t)a.C;
-  const int64_t N = P.n_pix;
+  const int64_t N = P.n_pix;    // pixels
+  const int64_t NU = P.n_units; // turns' units: pixels (PX = 1) or pixel pairs along W (PX = 2)
   // a kind is computed when the kernel's set may hold it and (generic kernel) it was asked for
   const int32_t kinds = GENERIC ? P.kinds : MASK;
   auto want = [&](int m) { return has_kind(MASK, m) && (!GENERIC || has_kind(kinds, m)); };
@@ -503,72 +543,81 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   const int64_t stride = (int64_t)gridDim.x * THREADS;
   Cursor cur = walk_start(P.walk, (int64_t)blockIdx.x * THREADS + threadIdx.x);
   // base is the same for every thread of the block, so whole warps iterate together
-  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < N; base += stride, walk_step(P.walk, s_steps, cur)) {
-    const int64_t p = base + threadIdx.x;
-    const bool active = p < N;
-    // the label first: its load is in flight during the score math
-    const int64_t raw = P.with_hist && active ? load_label(yp, a.label_dtype, cur.yo) : 0;
-    PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
-    bool pix_bad = false;
-    if (active) pix_bad = pixel_sums<DT, CR, NEED_K>(lp, cur.lo, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
-    // each requested kind's coordinate, once (method_coord with a constant code folds to
-    // that method's formula); a non-finite one (SML with a zero std, energy past the
-    // float range) makes the pixel skipped and counted for all methods, as on the CPU
-    float t[N_PER_PIXEL] = {};
-    bool coord_bad = false;
-    // energy (T = 1) and entropy both take log1p(S'): once for both (score_math.h: *_l1p)
-    const bool t1 = a.temperature == 1.0f;
-    const float l1p = (want(ENERGY) && t1) || want(ENTROPY) ? fast_log1p(s.s1) : 0.0f;
+  for (int64_t base = (int64_t)blockIdx.x * THREADS; base < NU; base += stride, walk_step(P.walk, s_steps, cur)) {
+    const int64_t u = base + threadIdx.x;
+    const bool active = u < NU;  // both pixels of a pair are (W is even)
+    // the labels first: their loads are in flight during the score math
+    int64_t raw[PX];
 #pragma unroll
-    for (int m = 0; m < N_PER_PIXEL; ++m) {
-      if (!want(m)) continue;
-      float mu = 0.0f, inv = 0.0f;
-      if (m == SML && active) {
-        mu = __ldg(sml_mean + s.k);
-        inv = __ldg(sml_inv + s.k);
-      }
-      if (m == ENERGY) {
-        t[m] = t1 ? energy_score_t1(s.m, l1p) : energy_score(s.m, s.s1, s.sT, a.temperature);
-      } else if (m == ENTROPY) {
-        const float h = entropy_score_l1p(s.s1, s.sx, l1p);
-        t[m] = a.entropy_normalize ? h * P.inv_log_c : h;  // as method_coord
-      } else {
-        t[m] = method_coord(m, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
-      }
-      coord_bad |= nonfinite_bits(f2u(t[m]));
-    }
-    // the pixel's one counter (pixel.h), as on the CPU
-    bool valid = false;
-    int cls = LABEL_VOID;
-    if (P.with_hist && active) {
-      cls = label_class(raw, lut, a.lut_offset, a.lut_len);
-      const PixelFate f = pixel_fate(cls, (int32_t)(pix_bad | coord_bad));
-      count_fate(cnt, f);
-      valid = f.binned;
-    }
-    const int cls01 = valid ? cls : 0;
-    // out: output index j, coordinate tj
-    auto emit = [&](int j, float tj) {
-      // maps are (M, B, H, W) contiguous; NaN where a logit is not finite (NaN in, NaN out)
-      if (maps && active) maps[(int64_t)j * N + p] = pix_bad ? u2f(0x7fc00000u) : tj;
-      if (P.with_hist) {
-        const bool with_sig = (P.sig_mask >> j) & 1;
-        hist_add(hist, sig, occ, (int64_t)j * 2 * NBINS, valid, cls01, bin_index(tj), with_sig,
-                 with_sig ? bin_sig(tj) : 0u, P.agg);
-      }
-    };
-    if constexpr (GENERIC) {
-      for (int j = 0; j < a.n_methods; ++j) {
-        const int32_t meth = a.methods[j];
-        float tj = t[0];
+    for (int j = 0; j < PX; ++j)
+      raw[j] = P.with_hist && active ? load_label(yp, a.label_dtype, cur.yo + j * a.ys_w) : 0;
+    float xr[PX][CR > 0 ? CR : 1];
+    if (active) load_pixels<DT, CR, PX>(lp, cur.lo, a.ls_c, C, xr);
 #pragma unroll
-        for (int m = 1; m < N_PER_PIXEL; ++m) tj = meth == m ? t[m] : tj;
-        emit(j, tj);
-      }
-    } else {
+    for (int j = 0; j < PX; ++j) {
+      const int64_t p = u * PX + j;  // the pixel's flat index (maps)
+      PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
+      bool pix_bad = false;
+      if (active) pix_bad = sums_of<DT, CR, NEED_K>(xr[j], lp, cur.lo + j, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
+      // each requested kind's coordinate, once (method_coord with a constant code folds to
+      // that method's formula); a non-finite one (SML with a zero std, energy past the
+      // float range) makes the pixel skipped and counted for all methods, as on the CPU
+      float t[N_PER_PIXEL] = {};
+      bool coord_bad = false;
+      // energy (T = 1) and entropy both take log1p(S'): once for both (score_math.h: *_l1p)
+      const bool t1 = a.temperature == 1.0f;
+      const float l1p = (want(ENERGY) && t1) || want(ENTROPY) ? fast_log1p(s.s1) : 0.0f;
 #pragma unroll
       for (int m = 0; m < N_PER_PIXEL; ++m) {
-        if (has_kind(MASK, m)) emit(P.slot[m], t[m]);
+        if (!want(m)) continue;
+        float mu = 0.0f, inv = 0.0f;
+        if (m == SML && active) {
+          mu = __ldg(sml_mean + s.k);
+          inv = __ldg(sml_inv + s.k);
+        }
+        if (m == ENERGY) {
+          t[m] = t1 ? energy_score_t1(s.m, l1p) : energy_score(s.m, s.s1, s.sT, a.temperature);
+        } else if (m == ENTROPY) {
+          const float h = entropy_score_l1p(s.s1, s.sx, l1p);
+          t[m] = a.entropy_normalize ? h * P.inv_log_c : h;  // as method_coord
+        } else {
+          t[m] = method_coord(m, s, a.temperature, mu, inv, P.inv_log_c, a.entropy_normalize);
+        }
+        coord_bad |= nonfinite_bits(f2u(t[m]));
+      }
+      // the pixel's one counter (pixel.h), as on the CPU
+      bool valid = false;
+      int cls = LABEL_VOID;
+      if (P.with_hist && active) {
+        cls = label_class(raw[j], lut, a.lut_offset, a.lut_len);
+        const PixelFate f = pixel_fate(cls, (int32_t)(pix_bad | coord_bad));
+        count_fate(cnt, f);
+        valid = f.binned;
+      }
+      const int cls01 = valid ? cls : 0;
+      // out: output index jm, coordinate tj
+      auto emit = [&](int jm, float tj) {
+        // maps are (M, B, H, W) contiguous; NaN where a logit is not finite (NaN in, NaN out)
+        if (maps && active) maps[(int64_t)jm * N + p] = pix_bad ? u2f(0x7fc00000u) : tj;
+        if (P.with_hist) {
+          const bool with_sig = (P.sig_mask >> jm) & 1;
+          hist_add(hist, sig, occ, (int64_t)jm * 2 * NBINS, valid, cls01, bin_index(tj), with_sig,
+                   with_sig ? bin_sig(tj) : 0u, P.agg);
+        }
+      };
+      if constexpr (GENERIC) {
+        for (int jm = 0; jm < a.n_methods; ++jm) {
+          const int32_t meth = a.methods[jm];
+          float tj = t[0];
+#pragma unroll
+          for (int m = 1; m < N_PER_PIXEL; ++m) tj = meth == m ? t[m] : tj;
+          emit(jm, tj);
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < N_PER_PIXEL; ++m) {
+          if (has_kind(MASK, m)) emit(P.slot[m], t[m]);
+        }
       }
     }
   }
@@ -630,7 +679,8 @@ __global__ void __launch_bounds__(THREADS) fit_kernel(const FitParams P) {
     PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
     if (p < N) {
       const int64_t raw = yp ? load_label(yp, a.label_dtype, cur.yo) : 0;
-      const bool bad = pixel_sums<DT, 0>(lp, cur.lo, a.ls_c, C, none, 1.0f, 0.0f, s);
+      const float none_r[1] = {0.0f};  // CR = 0: the logits are read from memory
+      const bool bad = sums_of<DT, 0>(none_r, lp, cur.lo, a.ls_c, C, none, 1.0f, 0.0f, s);
       const int32_t cls = yp ? label_class(raw, lut, a.lut_offset, a.lut_len) : (int32_t)LABEL_NORMAL;
       const PixelFate f = fit_fate(cls, (int32_t)bad);  // pixel.h, as on the CPU
       count_fate(cnt, f);
@@ -738,16 +788,19 @@ void with_kernel_config(int32_t dtype, int64_t C, int32_t kinds, F&& f) {
   with_logit_dtype(dtype, by_c);  // pixel.h; the code was checked before (checks.h)
 }
 
+// px: pixels a thread takes per turn (2: neighbouring pairs along W, see pair_ok), so the
+// grid-stride walk runs over n_pix / px units of W / px columns.
 template <class Kernel, class Params>
-void launch(Kernel kernel, Params P, int dev, size_t smem, int64_t stream) {
-  const int64_t want = (P.n_pix + THREADS - 1) / THREADS;
+void launch(Kernel kernel, Params P, int dev, size_t smem, int64_t stream, int px = 1) {
+  const int64_t units = P.n_pix / px;
+  const int64_t want = (units + THREADS - 1) / THREADS;
   int64_t cap = resident_blocks(kernel, dev, smem);
   // a debug cap only while each thread keeps < 2^31 pixels (the fused kernel's 32-bit counters)
   const int64_t debug = g_debug_grid.load();
   if (debug > 0 && debug < cap && P.n_pix / (debug * THREADS) < (int64_t(1) << 31)) cap = debug;
   static_assert(N_COUNTERS == 4, "the fused kernel widens four counters");
   const unsigned grid = (unsigned)(want < cap ? want : cap);
-  P.walk = make_walk(P.a.H, P.a.W, P.a.ls_b, P.a.ls_h, P.a.ls_w, P.a.ys_b, P.a.ys_h, P.a.ys_w,
+  P.walk = make_walk(P.a.H, P.a.W / px, P.a.ls_b, P.a.ls_h, P.a.ls_w * px, P.a.ys_b, P.a.ys_h, P.a.ys_w * px,
                      (int64_t)grid * THREADS);
 #if defined(ANOMFAST_CUDA_EMULATE)
   (void)stream;
@@ -756,6 +809,17 @@ void launch(Kernel kernel, Params P, int dev, size_t smem, int64_t stream) {
   kernel<<<grid, THREADS, smem, reinterpret_cast<cudaStream_t>(stream)>>>(P);
 #endif
   check(cudaGetLastError(), "kernel launch");
+}
+
+// Whether the fused kernel may take neighbouring pixels (w, w + 1), w even, in pairs with
+// one vector load per class: logits contiguous along W, W even (a pair never straddles a
+// row), every element offset of a pair's first pixel even and the base aligned to a pair
+// (so each load is aligned), the class count in registers. Anything else (channels-last,
+// crops with odd offsets, odd W) runs one pixel a turn.
+bool pair_ok(const FusedArgs& a, int64_t lsz) {
+  auto even = [](int64_t stride, int64_t extent) { return extent <= 1 || stride % 2 == 0; };
+  return a.ls_w == 1 && a.W % 2 == 0 && a.C <= CREG && even(a.ls_c, a.C) && even(a.ls_h, a.H) &&
+         even(a.ls_b, a.B) && a.logits_ptr % (2 * lsz) == 0;
 }
 
 }  // namespace
@@ -773,6 +837,10 @@ void set_debug_grid(int64_t blocks) {
 }
 
 int64_t debug_grid() { return g_debug_grid.load(); }
+
+void set_pixel_pairs(bool on) { g_pixel_pairs.store(on); }
+
+bool pixel_pairs() { return g_pixel_pairs.load(); }
 
 void fused_cuda(const FusedArgs& a) {
   // the checks of both cores (codes, counts, sizes, offsets; checks.h) first: they need no
@@ -819,8 +887,14 @@ void fused_cuda(const FusedArgs& a) {
   P.sig_mask = (P.with_hist && a.sig_ptr) ? a.sig_mask : 0;
   const size_t smem = P.lut_shared ? (size_t)a.lut_len : 0;
   DeviceGuard guard(dev);
+  const bool pairs = pair_ok(a, lsz) && g_pixel_pairs.load();
+  P.n_units = pairs ? n / 2 : n;
   with_kernel_config(a.logit_dtype, a.C, set, [&](auto dt, auto ck, auto mask) {
-    launch(fused_kernel<decltype(dt)::value, decltype(ck)::value, decltype(mask)::value>, P, dev, smem, a.stream);
+    constexpr int D = decltype(dt)::value, K = decltype(ck)::value, M = decltype(mask)::value;
+    if constexpr (class_regs<K>() > 0) {
+      if (pairs) return launch(fused_kernel<D, K, M, 2>, P, dev, smem, a.stream, 2);
+    }
+    launch(fused_kernel<D, K, M, 1>, P, dev, smem, a.stream);
   });
 }
 

@@ -14,6 +14,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -158,10 +160,21 @@ void launch(unsigned grid, unsigned block, size_t smem, Body&& body) {
 
 inline unsigned char* dynamic_smem() { return emulate::dyn_smem; }
 
+// CUDA's vector type for the paired fp32 loads (8 bytes, 8-byte aligned, as on the device)
+struct alignas(8) float2 {
+  float x, y;
+};
+
 // ------------------------------------------------------------------ intrinsics
 inline void __syncthreads() { emulate::block_barrier->arrive_and_wait(); }
+// A misaligned load faults on a GPU (the fused kernel's paired loads are 8- or 4-byte
+// vector loads): stop here too, rather than let x86 read it.
 template <class T>
 T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
+    std::fprintf(stderr, "emulated CUDA: misaligned __ldg of %zu bytes at %p\n", sizeof(T), (const void*)p);
+    std::abort();
+  }
   return *p;
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
