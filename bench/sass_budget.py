@@ -150,7 +150,7 @@ def pick_kernel(funcs, dt, methods):
     neighbouring pixels a turn). Returns (template args, name, pixels per turn)."""
     kinds = sum(1 << m for m in set(methods))
     cands = {template_args(n): n for n in funcs if template_args(n) and template_args(n)[0] == dt}
-    for want in ((dt, 32), (dt, C, kinds, 2), (dt, C, 63, 2), (dt, 0, kinds, 2), (dt, 0, 63, 2),
+    for want in ((dt, 32), (dt, C, kinds, 4), (dt, C, 63, 4), (dt, 0, kinds, 4), (dt, 0, 63, 4), (dt, C, kinds, 2), (dt, C, 63, 2), (dt, 0, kinds, 2), (dt, 0, 63, 2),
                  (dt, C, kinds), (dt, C, 63), (dt, 0, kinds), (dt, 0, 63)):
         if want in cands:
             return want, cands[want], (want[3] if len(want) == 4 else 1)

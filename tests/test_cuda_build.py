@@ -345,11 +345,11 @@ def emulation_checks(so_path):
         hc, cc, mc = _fused.fused_pass(x, y, sp, label_map=lm, want_maps=True)
         assert torch.equal(c, cc), (name, c.tolist(), cc.tolist())
         # the same kernel one pixel a turn (where it took neighbouring pairs): the same state
-        emu._set_pixel_pairs(False)
+        emu._set_pixel_groups(False)
         try:
             h1, c1, m1 = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
         finally:
-            emu._set_pixel_pairs(True)
+            emu._set_pixel_groups(True)
         assert same_state(h1, h) and torch.equal(c1, c) and torch.equal(m1.isnan(), maps.isnan()), (name, "pairs")
         assert torch.equal(torch.nan_to_num(m1), torch.nan_to_num(maps)), (name, "pair maps")
         cls = (lm or LabelMap.default()).classify(y)
@@ -364,6 +364,7 @@ def emulation_checks(so_path):
     base = resolve(["max_logit", "msp", "energy", "entropy", "gen"], temperature=1.7, entropy_normalize=True)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         # W = 46: neighbouring pixels in pairs (one vector load per class); 45: one a turn
+        # (max_logit alone, below, also takes groups of 4)
         for C, W in ((19, 46), (19, 45), (40, 46), (1, 45), (7, 46)):
             x = logits(2, C, 7, W, dtype)
             y = labels(2, 7, W)
@@ -427,6 +428,18 @@ def emulation_checks(so_path):
     y = labels(3, 5, 33)
     sp = resolve(["max_logit", "msp"])
     compare(x, y, resolve(["max_logit"]), name="max_logit alone: its kernel keeps no argmax")
+    # max_logit alone takes groups of 4 pixels where W and the offsets allow, else pairs, else
+    # one: W = 44 (groups of 4), 46 (pairs), a base 2 elements past a 16-byte boundary (pairs),
+    # 1 element past (one a turn); each dtype, C = 19 (specialized) and 5 (run-time C)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for C, W in ((19, 44), (19, 46), (5, 44), (5, 42)):
+            xm, ym = logits(2, C, 3, W, dt), labels(2, 3, W)
+            xm[1, 2, 1, 5] = float("nan")
+            compare(xm, ym, resolve(["max_logit"]), name=f"max_logit groups {dt} C={C} W={W}")
+            for shift in (2, 1):
+                flat = torch.zeros(xm.numel() + shift, dtype=dt)
+                flat[shift:] = xm.flatten()
+                compare(flat[shift:].view(xm.shape), ym, resolve(["max_logit"]), name=f"max_logit base +{shift} {dt}")
     for dt in (torch.int64, torch.int32, torch.int16):
         compare(x, y.to(dt), sp, name=str(dt))
     compare(x, y == 1, sp, name="bool labels")

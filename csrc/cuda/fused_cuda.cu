@@ -2,11 +2,12 @@
 // per-label int64 histograms, in one launch on the caller's stream; and the SML fit.
 // Argument shapes and units: fused_cuda.h and ../common/views.h.
 //
-// One thread per pixel, or per pair of neighbouring pixels (w, w + 1) where the logits are
-// contiguous along W with W even and aligned offsets (pair_ok): then each class of the pair
-// is one 8-byte (float32) or 4-byte (fp16 / bf16) vector load, and the loop's addressing,
-// label loads and walk are paid once per two pixels (bench/sass_budget.py). Consecutive
-// threads take consecutive pixels (pairs) of the flattened (B, H, W) index, which runs
+// One thread per pixel, or per group of 2 (4 for max_logit alone) neighbouring pixels
+// along W where the logits are contiguous along W with aligned offsets (group_ok): then
+// each class of the group is one vector load (8 or 16 bytes of float32, 4 or 8 of fp16 /
+// bf16), and the loop's addressing and walk are paid once per group
+// (bench/sass_budget.py). Consecutive threads take consecutive pixels (groups) of the
+// flattened (B, H, W) index, which runs
 // along W, so for NCHW logits each class is read by a warp as one coalesced line
 // (channels-last and other strides work, one pixel a turn, with more sectors per load). The grid is persistent (as many blocks as fit on the device at once), each
 // block walking the pixels with a grid-sized stride; every thread of a warp runs the
@@ -98,7 +99,7 @@ constexpr unsigned FULL = 0xffffffffu;
 
 std::atomic<int> g_hist_aggregation{1};
 std::atomic<int64_t> g_debug_grid{0};  // tests / gpu_check: cap on the grid's blocks (0: none)
-std::atomic<bool> g_pixel_pairs{true};  // tests / gpu_check: false forces one pixel a turn
+std::atomic<bool> g_pixel_groups{true};  // tests / gpu_check: false forces one pixel a turn (no groups)
 
 // ------------------------------------------------------------------ device helpers
 
@@ -116,21 +117,34 @@ __device__ __forceinline__ float load_logit(const void* base, int64_t off) {
   return Logit<DT>::to_float(__ldg(static_cast<const typename Logit<DT>::T*>(base) + off));
 }
 
-// Logits off and off + 1 (one class of two neighbouring pixels along W) with one vector
-// load: 8 bytes for float32, 4 for fp16 / bf16. The caller guarantees the alignment
-// (pair_ok on the host: W-stride 1, even offsets, an aligned base).
-template <int DT>
-__device__ __forceinline__ void load_logit_pair(const void* base, int64_t off, float& x0, float& x1) {
+// Logits off .. off + PX - 1 (one class of PX neighbouring pixels along W) with one vector
+// load: 4 * PX bytes for float32, 2 * PX for fp16 / bf16. The caller guarantees the
+// alignment (group_ok on the host: W-stride 1, offsets multiple of PX, an aligned base).
+template <int DT, int PX>
+__device__ __forceinline__ void load_logit_group(const void* base, int64_t off, float (&x)[PX]) {
   using T = typename Logit<DT>::T;
   const T* p = static_cast<const T*>(base) + off;
-  if constexpr (sizeof(T) == 4) {
+  if constexpr (sizeof(T) == 4 && PX == 2) {
     const float2 v = __ldg(reinterpret_cast<const float2*>(p));
-    x0 = v.x;
-    x1 = v.y;
-  } else {
+    x[0] = v.x;
+    x[1] = v.y;
+  } else if constexpr (sizeof(T) == 4 && PX == 4) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+  } else if constexpr (PX == 2) {
     const unsigned v = __ldg(reinterpret_cast<const unsigned*>(p));  // element off in the low half
-    x0 = Logit<DT>::to_float((uint16_t)(v & 0xffffu));
-    x1 = Logit<DT>::to_float((uint16_t)(v >> 16));
+    x[0] = Logit<DT>::to_float((uint16_t)(v & 0xffffu));
+    x[1] = Logit<DT>::to_float((uint16_t)(v >> 16));
+  } else {
+    static_assert(PX == 4, "groups of 2 or 4 pixels");
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    x[0] = Logit<DT>::to_float((uint16_t)(v.x & 0xffffu));
+    x[1] = Logit<DT>::to_float((uint16_t)(v.x >> 16));
+    x[2] = Logit<DT>::to_float((uint16_t)(v.y & 0xffffu));
+    x[3] = Logit<DT>::to_float((uint16_t)(v.y >> 16));
   }
 }
 
@@ -330,7 +344,7 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
   return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
 }
 
-// The logits of PX neighbouring pixels (PX = 2: pair loads, W-stride 1) into registers,
+// The logits of PX neighbouring pixels (PX > 1: one vector load per class, W-stride 1) into registers,
 // every load issued before the first use; classes c >= C (run-time C) read as 0.
 template <int DT, int CR, int PX>
 __device__ __forceinline__ void load_pixels(const void* lp, int64_t base, int64_t ls_c, int32_t C,
@@ -338,9 +352,11 @@ __device__ __forceinline__ void load_pixels(const void* lp, int64_t base, int64_
   if constexpr (CR > 0) {
 #pragma unroll
     for (int c = 0; c < CR; ++c) {
-      if constexpr (PX == 2) {
-        if (c < C) load_logit_pair<DT>(lp, base + c * ls_c, xr[0][c], xr[1][c]);
-        else xr[0][c] = xr[1][c] = 0.0f;
+      if constexpr (PX > 1) {
+        float v[PX];
+        if (c < C) load_logit_group<DT, PX>(lp, base + c * ls_c, v);
+#pragma unroll
+        for (int j = 0; j < PX; ++j) xr[j][c] = c < C ? v[j] : 0.0f;
       } else {
         xr[0][c] = c < C ? load_logit<DT>(lp, base + c * ls_c) : 0.0f;
       }
@@ -479,7 +495,7 @@ static_assert(N_PER_PIXEL <= MAX_METHODS, "one slot per kind fits FusedParams.sl
 struct FusedParams {
   FusedArgs a;
   int64_t n_pix;
-  int64_t n_units;  // the grid-stride loop's units: n_pix (one pixel a turn) or n_pix / 2 (pairs)
+  int64_t n_units;  // the grid-stride loop's units: n_pix (one pixel a turn) or n_pix / PX (groups)
   float inv_t, inv_log_c;
   Needs nd;
   bool with_hist, lut_shared;
@@ -501,7 +517,7 @@ __host__ __device__ constexpr int class_regs() {
 template <int DT, int CK, int MASK, int PX>
 __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   constexpr int CR = class_regs<CK>();
-  static_assert(PX == 1 || (PX == 2 && CR > 0), "pixel pairs need the logits in registers");
+  static_assert(PX == 1 || CR > 0, "pixel groups need the logits in registers");
   constexpr bool GENERIC = MASK == ALL_KINDS;
   unsigned char* smem = dynamic_smem();
   __shared__ unsigned long long s_cnt[N_COUNTERS];
@@ -525,7 +541,7 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   float* maps = reinterpret_cast<float*>(a.maps_ptr);
   const int32_t C = CK > 0 ? CK : (int32_t)a.C;
   const int64_t N = P.n_pix;    // pixels
-  const int64_t NU = P.n_units; // turns' units: pixels (PX = 1) or pixel pairs along W (PX = 2)
+  const int64_t NU = P.n_units; // turns' units: pixels (PX = 1) or groups of PX pixels along W
   // a kind is computed when the kernel's set may hold it and (generic kernel) it was asked for
   const int32_t kinds = GENERIC ? P.kinds : MASK;
   auto want = [&](int m) { return has_kind(MASK, m) && (!GENERIC || has_kind(kinds, m)); };
@@ -545,7 +561,7 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   // base is the same for every thread of the block, so whole warps iterate together
   for (int64_t base = (int64_t)blockIdx.x * THREADS; base < NU; base += stride, walk_step(P.walk, s_steps, cur)) {
     const int64_t u = base + threadIdx.x;
-    const bool active = u < NU;  // both pixels of a pair are (W is even)
+    const bool active = u < NU;  // then every pixel of the group is (W is a multiple of PX)
     // the labels first: their loads are in flight during the score math
     int64_t raw[PX];
 #pragma unroll
@@ -788,7 +804,7 @@ void with_kernel_config(int32_t dtype, int64_t C, int32_t kinds, F&& f) {
   with_logit_dtype(dtype, by_c);  // pixel.h; the code was checked before (checks.h)
 }
 
-// px: pixels a thread takes per turn (2: neighbouring pairs along W, see pair_ok), so the
+// px: pixels a thread takes per turn (a group along W, see group_ok), so the
 // grid-stride walk runs over n_pix / px units of W / px columns.
 template <class Kernel, class Params>
 void launch(Kernel kernel, Params P, int dev, size_t smem, int64_t stream, int px = 1) {
@@ -811,16 +827,23 @@ void launch(Kernel kernel, Params P, int dev, size_t smem, int64_t stream, int p
   check(cudaGetLastError(), "kernel launch");
 }
 
-// Whether the fused kernel may take neighbouring pixels (w, w + 1), w even, in pairs with
-// one vector load per class: logits contiguous along W, W even (a pair never straddles a
-// row), every element offset of a pair's first pixel even and the base aligned to a pair
-// (so each load is aligned), the class count in registers. Anything else (channels-last,
-// crops with odd offsets, odd W) runs one pixel a turn.
-bool pair_ok(const FusedArgs& a, int64_t lsz) {
-  auto even = [](int64_t stride, int64_t extent) { return extent <= 1 || stride % 2 == 0; };
-  return a.ls_w == 1 && a.W % 2 == 0 && a.C <= CREG && even(a.ls_c, a.C) && even(a.ls_h, a.H) &&
-         even(a.ls_b, a.B) && a.logits_ptr % (2 * lsz) == 0;
+// Whether the fused kernel may take groups of px neighbouring pixels (w .. w + px - 1, w
+// a multiple of px) with one vector load per class: logits contiguous along W, W a
+// multiple of px (a group never straddles a row), every element offset of a group's first
+// pixel a multiple of px and the base aligned to a group (so each load is aligned), the
+// class count in registers. Anything else (channels-last, crops with odd offsets, odd W)
+// runs one pixel a turn.
+bool group_ok(const FusedArgs& a, int64_t lsz, int px) {
+  auto multiple = [&](int64_t stride, int64_t extent) { return extent <= 1 || stride % px == 0; };
+  return a.ls_w == 1 && a.W % px == 0 && a.C <= CREG && multiple(a.ls_c, a.C) && multiple(a.ls_h, a.H) &&
+         multiple(a.ls_b, a.B) && a.logits_ptr % (px * lsz) == 0;
 }
+
+// The largest pixel group a kernel with method set MASK takes: 4 for max_logit alone (its
+// loop body stays small: ~0.8k instructions a turn), 2 for the others (4 would double
+// a loop body of ~2.3k instructions for 4 methods, 36 KB of code, for ~3% fewer
+// instructions per pixel: not worth the instruction cache).
+__host__ __device__ constexpr int max_group(int mask) { return mask == KINDS_MAX_LOGIT ? 4 : 2; }
 
 }  // namespace
 
@@ -838,9 +861,9 @@ void set_debug_grid(int64_t blocks) {
 
 int64_t debug_grid() { return g_debug_grid.load(); }
 
-void set_pixel_pairs(bool on) { g_pixel_pairs.store(on); }
+void set_pixel_groups(bool on) { g_pixel_groups.store(on); }
 
-bool pixel_pairs() { return g_pixel_pairs.load(); }
+bool pixel_groups() { return g_pixel_groups.load(); }
 
 void fused_cuda(const FusedArgs& a) {
   // the checks of both cores (codes, counts, sizes, offsets; checks.h) first: they need no
@@ -887,13 +910,22 @@ void fused_cuda(const FusedArgs& a) {
   P.sig_mask = (P.with_hist && a.sig_ptr) ? a.sig_mask : 0;
   const size_t smem = P.lut_shared ? (size_t)a.lut_len : 0;
   DeviceGuard guard(dev);
-  const bool pairs = pair_ok(a, lsz) && g_pixel_pairs.load();
-  P.n_units = pairs ? n / 2 : n;
+  const bool groups = g_pixel_groups.load();
   with_kernel_config(a.logit_dtype, a.C, set, [&](auto dt, auto ck, auto mask) {
     constexpr int D = decltype(dt)::value, K = decltype(ck)::value, M = decltype(mask)::value;
     if constexpr (class_regs<K>() > 0) {
-      if (pairs) return launch(fused_kernel<D, K, M, 2>, P, dev, smem, a.stream, 2);
+      if constexpr (max_group(M) >= 4) {
+        if (groups && group_ok(a, lsz, 4)) {
+          P.n_units = n / 4;
+          return launch(fused_kernel<D, K, M, 4>, P, dev, smem, a.stream, 4);
+        }
+      }
+      if (groups && group_ok(a, lsz, 2)) {
+        P.n_units = n / 2;
+        return launch(fused_kernel<D, K, M, 2>, P, dev, smem, a.stream, 2);
+      }
     }
+    P.n_units = n;
     launch(fused_kernel<D, K, M, 1>, P, dev, smem, a.stream);
   });
 }

@@ -160,9 +160,15 @@ void launch(unsigned grid, unsigned block, size_t smem, Body&& body) {
 
 inline unsigned char* dynamic_smem() { return emulate::dyn_smem; }
 
-// CUDA's vector type for the paired fp32 loads (8 bytes, 8-byte aligned, as on the device)
+// CUDA's vector types of the grouped logit loads (sizes and alignments as on the device)
 struct alignas(8) float2 {
   float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
 };
 
 // ------------------------------------------------------------------ intrinsics
