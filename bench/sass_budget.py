@@ -84,6 +84,8 @@ def probe_source(text, methods):
     sets = [f"P.a.n_methods = {len(methods)};"] + [f"P.a.methods[{j}] = {m};" for j, m in enumerate(methods)]
     sets += [f"P.sig_mask = {sig};", "P.a.sig_mask = P.sig_mask;", "P.agg = 1;", "P.with_hist = true;",
              "P.a.maps_ptr = 0;", "P.a.label_dtype = 10;", "P.a.temperature = 1.0f;", "P.a.entropy_normalize = 0;", "P.lut_shared = true;"]
+    if re.search(r"\bbyte_classes\b", text.split("struct FusedParams", 1)[1].split("};", 1)[0]):
+        sets += ["P.byte_classes = true;", "P.lut_shared = false;"]  # uint8 labels: the classes of all byte values
     if re.search(r"\bbool\b[^;]*\bidx32\b", text.split("struct FusedParams", 1)[1].split("};", 1)[0]):
         sets.append("P.idx32 = true;")
     if "slot[MAX_METHODS]" in text:  # the specialized kernels: kinds requested and each kind's output index

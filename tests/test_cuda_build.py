@@ -443,6 +443,10 @@ def emulation_checks(so_path):
     for dt in (torch.int64, torch.int32, torch.int16):
         compare(x, y.to(dt), sp, name=str(dt))
     compare(x, y == 1, sp, name="bool labels")
+    # byte labels look their class up in a table of all 256 values staged from the label
+    # table: one shorter than 256 (values past it invalid), one with ids up to 255
+    compare(x, y, sp, lm=LabelMap(anomaly_ids=(1,), void_ids=(7,), normal_ids=(0,)), name="uint8, short table")
+    compare(x, y, sp, lm=LabelMap(anomaly_ids=(255,), void_ids=(1,), normal_ids=(0, 254)), name="uint8, ids to 255")
     yl = y.to(torch.int64)
     yl[0, 0, :4] = 9000
     yl[2, 1, :3] = 7

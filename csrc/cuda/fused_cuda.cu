@@ -457,6 +457,14 @@ __device__ __forceinline__ T reduce_peers(unsigned peers, T x) {
   return x;
 }
 
+// Byte labels (uint8, bool): the class of every byte value 0 .. 255, from the label table
+// (any offset and length; values outside it are LABEL_INVALID), into shared memory, so
+// that the loop looks a byte label up without the offset and bounds arithmetic.
+__device__ __forceinline__ void stage_byte_classes(const int8_t* lut, int64_t lut_offset, int64_t lut_len,
+                                                   int8_t* smem) {
+  for (int v = threadIdx.x; v < 256; v += blockDim.x) smem[v] = (int8_t)label_class(v, lut, lut_offset, lut_len);
+}
+
 // Copies the label table into shared memory when it fits; returns the table to use.
 __device__ __forceinline__ const int8_t* stage_lut(const int8_t* lut, int64_t lut_len, bool to_shared,
                                                    int8_t* smem) {
@@ -499,6 +507,7 @@ struct FusedParams {
   float inv_t, inv_log_c;
   Needs nd;
   bool with_hist, lut_shared;
+  bool byte_classes;         // byte labels: classes of all 256 values in shared memory (stage_byte_classes)
   int agg;
   int32_t sig_mask;          // a.sig_mask, 0 without a sig buffer (views.h)
   int32_t kinds;             // OR of 1 << a.methods[j]
@@ -526,9 +535,14 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   if (threadIdx.x < N_COUNTERS) s_cnt[threadIdx.x] = 0;
   walk_stage(P.walk, s_steps);
   const int8_t* lut = nullptr;
-  if (P.with_hist)
+  if (P.byte_classes) {
+    stage_byte_classes(reinterpret_cast<const int8_t*>(a.lut_ptr), a.lut_offset, a.lut_len,
+                       reinterpret_cast<int8_t*>(smem));
+    lut = reinterpret_cast<const int8_t*>(smem);
+  } else if (P.with_hist) {
     lut = stage_lut(reinterpret_cast<const int8_t*>(a.lut_ptr), a.lut_len, P.lut_shared,
                     reinterpret_cast<int8_t*>(smem));
+  }
   __syncthreads();
 
   const void* lp = reinterpret_cast<const void*>(a.logits_ptr);
@@ -605,7 +619,8 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
       bool valid = false;
       int cls = LABEL_VOID;
       if (P.with_hist && active) {
-        cls = label_class(raw[j], lut, a.lut_offset, a.lut_len);
+        // a byte label's raw value is 0 .. 255 (bool: 0 / 1), each with its class staged
+        cls = P.byte_classes ? (int)lut[raw[j] & 0xff] : label_class(raw[j], lut, a.lut_offset, a.lut_len);
         const PixelFate f = pixel_fate(cls, (int32_t)(pix_bad | coord_bad));
         count_fate(cnt, f);
         valid = f.binned;
@@ -905,10 +920,11 @@ void fused_cuda(const FusedArgs& a) {
   // a method named twice keeps the generic kernel (one slot per kind in the specialized ones)
   const int32_t set = popcount_c(kinds) == a.n_methods ? kinds : ALL_KINDS;
   P.with_hist = labels;
-  P.lut_shared = P.with_hist && a.lut_len <= LUT_SMEM_MAX;
+  P.byte_classes = P.with_hist && (a.label_dtype == U8 || a.label_dtype == BOOL);
+  P.lut_shared = P.with_hist && !P.byte_classes && a.lut_len <= LUT_SMEM_MAX;
   P.agg = g_hist_aggregation.load();
   P.sig_mask = (P.with_hist && a.sig_ptr) ? a.sig_mask : 0;
-  const size_t smem = P.lut_shared ? (size_t)a.lut_len : 0;
+  const size_t smem = P.byte_classes ? 256 : P.lut_shared ? (size_t)a.lut_len : 0;
   DeviceGuard guard(dev);
   const bool groups = g_pixel_groups.load();
   with_kernel_config(a.logit_dtype, a.C, set, [&](auto dt, auto ck, auto mask) {
