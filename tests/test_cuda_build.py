@@ -428,6 +428,17 @@ def emulation_checks(so_path):
     y = labels(3, 5, 33)
     sp = resolve(["max_logit", "msp"])
     compare(x, y, resolve(["max_logit"]), name="max_logit alone: its kernel keeps no argmax")
+    # several classes tied at the maximum (S' leaves out only the first; GEN and SML read k):
+    # the kernels find the first maximum in the S' pass, from l_c - m == 0
+    xt, yt = logits(2, 19, 4, 46), labels(2, 4, 46)
+    top = xt.amax(1, keepdim=True) + 1.0
+    xt[:, 3:4], xt[:, 11:12] = top, top
+    xt[0, 0:1, :2] = top[0, :, :2]
+    xt[1, 7:8, 1] = top[1, :, 1] - 2.0**-20
+    for names in (["max_logit", "msp", "energy", "entropy"], ["max_logit", "msp", "gen"]):
+        compare(xt, yt, resolve(names), name=f"tied maxima {names}")
+    st = anomfast.fit_sml(xt, yt, missing="global")
+    compare(xt, yt, resolve(["max_logit", "msp", "energy", "sml"], sml=st), name="tied maxima, sml")
     # max_logit alone takes groups of 4 pixels where W and the offsets allow, else pairs, else
     # one: W = 44 (groups of 4), 46 (pairs), a base 2 elements past a 16-byte boundary (pairs),
     # 1 element past (one a turn); each dtype, C = 19 (specialized) and 5 (run-time C)

@@ -167,12 +167,14 @@ ANOMFAST_HD float s1_term(float e, bool is_k) {
 
 // The entropy sum sx = sum_c e_c (l_c - m): class c's term. Where e is 0 the term is 0:
 // finite logits further apart than the float32 range give d = -inf, and 0 * -inf would
-// make the entropy NaN (the float64 reference gives 0 there). The device clamps d at -88
-// instead (one max): below EXP_ZERO_BELOW e is 0, so the term is -0 or +0 either way, and
-// sx (never -0) is unchanged by both.
+// make the entropy NaN (the float64 reference gives 0 there). The device clamps d at
+// EXP_ZERO_BELOW instead, with the very expression fast_exp_nonpos clamps its argument
+// with, so that the compiler computes the clamp once for both: at and below
+// EXP_ZERO_BELOW e is 0, so the term is -0 or +0 either way, and sx (never -0) is
+// unchanged by both.
 ANOMFAST_HD float entropy_term(float e, float d) {
 #if ANOMFAST_DEVICE_FORMS
-  return e * (d < -88.0f ? -88.0f : d);
+  return e * (d < EXP_ZERO_BELOW ? EXP_ZERO_BELOW : d);
 #else
   return e * (d < EXP_ZERO_BELOW ? 0.0f : d);
 #endif

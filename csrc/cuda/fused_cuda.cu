@@ -276,7 +276,14 @@ __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t
 // (they differ only for NaN, whose pixel is never binned and maps to NaN, and in the
 // sign of a zero maximum, whose two values share one bin). lp / base / ls_c: the pixel's
 // logits in memory, for CR == 0 and for the exact non-finite recheck.
-template <int DT, int CR, bool NEED_K = true>
+//
+// Where the S' pass runs, the argmax is found there instead (late_k): the first class
+// with l_c - m == 0, i.e. l_c == m, is the first maximum, as the compare-and-select of
+// the max pass finds it (-0 and +0 compare equal in both); the max pass is then one max
+// instruction, and the S' pass's test of c == k becomes the test of d == 0 (it needs a
+// compare per class either way). KEEP_K: a method reads k afterwards (SML's statistics,
+// GEN's own loop), so the pass also records it.
+template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true>
 __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], const void* lp, int64_t base,
                                         int64_t ls_c, int32_t C, Needs nd, float inv_t, float gamma,
                                         PixelSums& s) {
@@ -284,21 +291,35 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
     if constexpr (CR > 0) return xr[c];
     else return load_logit<DT>(lp, base + c * ls_c);
   };
+  const bool late_k = NEED_K && (nd.s1 || nd.sx);
   float m = X(0);
   // the sum of the logits is finite unless some logit is NaN or inf, or the sum overflows:
   // one add per class, and only a non-finite sum asks the exact (out-of-line) check
   float sum = m;
   int32_t k = 0;
-  for_classes<CR, 1>(C, [&](int c) {
-    const float x = X(c);
-    if constexpr (NEED_K) {
+  if (NEED_K && !late_k) {
+    for_classes<CR, 1>(C, [&](int c) {
+      const float x = X(c);
       k = x > m ? c : k;  // first maximum
       m = m < x ? x : m;  // std::max(m, x), NaN handling included
-    } else {
+      sum += x;
+    });
+  } else {
+    for_classes<CR, 1>(C, [&](int c) {
+      const float x = X(c);
       m = fmaxf(m, x);
-    }
-    sum += x;
-  });
+      sum += x;
+    });
+  }
+  // with late_k, whether the first maximum has been passed (then k holds it)
+  bool seen = false;
+  auto is_k = [&](int c, float d) -> bool {
+    if (!late_k) return c == k;
+    const bool first = !seen && d == 0.0f;
+    seen = seen || d == 0.0f;
+    if constexpr (KEEP_K) k = first ? c : k;
+    return first;
+  };
   float s1 = 0.0f, sx = 0.0f, sT = 0.0f, g = 0.0f;
   float er[CR > 0 ? CR : 1];  // e_c of the S' pass, reused by GEN (registers when CR > 0)
   // d = l_c - m <= 0 (NaN when a logit is not finite, a pixel that is never binned):
@@ -311,14 +332,15 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
       const float d = X(c) - m;
       const float e = exp_nonpos(d);
       if constexpr (CR > 0) er[c] = e;
-      s1 += s1_term(e, c == k);
+      s1 += s1_term(e, is_k(c, d));
       sx += entropy_term(e, d);
     });
   } else if (nd.s1) {
     for_classes<CR, 0>(C, [&](int c) {
-      const float e = exp_nonpos(X(c) - m);
+      const float d = X(c) - m;
+      const float e = exp_nonpos(d);
       if constexpr (CR > 0) er[c] = e;
-      s1 += s1_term(e, c == k);
+      s1 += s1_term(e, is_k(c, d));
     });
   }
   if (nd.sT) {
@@ -564,6 +586,7 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   // specialized kernel compiles no other class loop
   constexpr uint32_t SET_NEEDS = KindsNeeds<MASK>::value;
   constexpr bool NEED_K = (SET_NEEDS & (NEED_S1 | NEED_TEMP | NEED_SX | NEED_GEN)) || has_kind(MASK, SML);
+  constexpr bool KEEP_K = has_kind(MASK, SML) || has_kind(MASK, GEN);  // read after the sums
   nd.s1 = nd.s1 && (SET_NEEDS & (NEED_S1 | NEED_TEMP));
   nd.sT = nd.sT && (SET_NEEDS & NEED_TEMP);
   nd.sx = nd.sx && (SET_NEEDS & NEED_SX);
@@ -588,7 +611,8 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
       const int64_t p = u * PX + j;  // the pixel's flat index (maps)
       PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
       bool pix_bad = false;
-      if (active) pix_bad = sums_of<DT, CR, NEED_K>(xr[j], lp, cur.lo + j, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
+      if (active)
+        pix_bad = sums_of<DT, CR, NEED_K, KEEP_K>(xr[j], lp, cur.lo + j, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
       // each requested kind's coordinate, once (method_coord with a constant code folds to
       // that method's formula); a non-finite one (SML with a zero std, energy past the
       // float range) makes the pixel skipped and counted for all methods, as on the CPU
