@@ -112,6 +112,27 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 
 __device__ __forceinline__ int lane_id() { return (int)(threadIdx.x & 31u); }
 
+// Bits of the lanes below / above this one (the %lanemask_lt / %lanemask_gt special
+// registers on the device: one read each, where shifts by the lane cost two instructions).
+__device__ __forceinline__ unsigned lanes_below() {
+#if defined(ANOMFAST_CUDA_EMULATE)
+  return (1u << lane_id()) - 1u;
+#else
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+#endif
+}
+__device__ __forceinline__ unsigned lanes_above() {
+#if defined(ANOMFAST_CUDA_EMULATE)
+  return 0xfffffffeu << lane_id();
+#else
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_gt;" : "=r"(m));
+  return m;
+#endif
+}
+
 template <int DT>
 __device__ __forceinline__ float load_logit(const void* base, int64_t off) {
   return Logit<DT>::to_float(__ldg(static_cast<const typename Logit<DT>::T*>(base) + off));
@@ -390,9 +411,8 @@ __device__ __forceinline__ void load_pixels(const void* lp, int64_t base, int64_
 // lowest lane; reduce_peers' tree with | for +. Called by all 32 lanes; when every lane
 // is its own group the loop does not run.
 __device__ __forceinline__ uint32_t or_peers(unsigned peers, uint32_t x) {
-  const int lane = lane_id();
-  int rank = __popc(peers & ((1u << lane) - 1u));
-  peers &= 0xfffffffeu << lane;
+  int rank = __popc(peers & lanes_below());
+  peers &= lanes_above();
   while (__any_sync(FULL, peers)) {
     const int next = __ffs(peers);
     const uint32_t t = __shfl_sync(FULL, x, (next - 1) & 31);
@@ -405,7 +425,7 @@ __device__ __forceinline__ uint32_t or_peers(unsigned peers, uint32_t x) {
 }
 
 // Marks the occupancy block of a flat histogram slot (views.h).
-__device__ __forceinline__ void mark_occ(unsigned char* occ, int64_t flat) {
+__device__ __forceinline__ void mark_occ(unsigned char* occ, uint32_t flat) {
   unsigned char* o = occ + (flat >> OCC_SHIFT);
   if (!*o) *o = 1;
 }
@@ -414,17 +434,19 @@ __device__ __forceinline__ void mark_occ(unsigned char* occ, int64_t flat) {
 // (methods, 2, NBINS) hist / sig, with tie signature w (bin_sig of the coordinate; only
 // with_sig, which is the same on every lane); lanes with the same (cls, bin) combine
 // first. Called by all 32 lanes of the warp.
-__device__ __forceinline__ void hist_add(unsigned long long* hist, unsigned* sig, unsigned char* occ, int64_t seg,
+// Slots are 32-bit: (methods, 2, NBINS) < 2^31 (binning.h), so seg and flat are too.
+__device__ __forceinline__ void hist_add(unsigned long long* hist, unsigned* sig, unsigned char* occ, uint32_t seg,
                                          bool valid, int cls, int32_t bin, bool with_sig, uint32_t w, int mode) {
+  static_assert((int64_t)MAX_METHODS * 2 * NBINS < (int64_t(1) << 31), "flat slots fit 31 bits");
   const uint32_t key = valid ? (((uint32_t)bin << 1) | (uint32_t)cls) : 0xffffffffu;  // bin < 2^30
   const int lane = lane_id();
-  const int64_t flat = seg + (int64_t)cls * NBINS + bin;
+  const uint32_t flat = seg + (uint32_t)cls * (uint32_t)NBINS + (uint32_t)bin;
   if (mode == 1) {
     const unsigned peers = __match_any_sync(FULL, key);
     // not __reduce_or_sync(peers, w): with a different mask per peer group nvcc runs it
     // once per group (WARPSYNC.EXCLUSIVE), 32 times when every lane has its own bin
     const uint32_t wg = with_sig ? or_peers(peers, w) : 0u;
-    if (valid && lane == __ffs(peers) - 1) {
+    if (valid && (peers & lanes_below()) == 0u) {  // the group's lowest lane adds
       atomicAdd(hist + flat, (unsigned long long)__popc(peers));
       if (with_sig) atomicOr(sig + flat, wg);
       mark_occ(occ, flat);
@@ -656,7 +678,7 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
         if (maps && active) maps[(int64_t)jm * N + p] = pix_bad ? u2f(0x7fc00000u) : tj;
         if (P.with_hist) {
           const bool with_sig = (P.sig_mask >> jm) & 1;
-          hist_add(hist, sig, occ, (int64_t)jm * 2 * NBINS, valid, cls01, bin_index(tj), with_sig,
+          hist_add(hist, sig, occ, (uint32_t)(jm * 2 * NBINS), valid, cls01, bin_index(tj), with_sig,
                    with_sig ? bin_sig(tj) : 0u, P.agg);
         }
       };
