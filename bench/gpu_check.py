@@ -447,7 +447,7 @@ def bits(seed):
 
 
 def section_walk_and_crop(g):
-    """The grid-stride walk (fused_cuda.cu: Walk, all 64-bit, no division per pixel) with
+    """Pixel groups against one pixel a turn (see the end). The grid-stride walk (fused_cuda.cu: Walk, all 64-bit, no division per pixel) with
     the grid capped at 1, 3 and 7 blocks (_set_debug_grid: every thread walks many pixels,
     every carry w -> h -> b is taken) gives exactly the default grid's histograms; and a
     cropped view (strides that no reshape flattens) gives exactly the histogram of its
@@ -483,6 +483,30 @@ def section_walk_and_crop(g):
         check_state(h, maps, yc, torch.isfinite(xc).all(dim=1), f"crop, grid {blocks}", names=sp.names)
         assert same_state(h, h2) and torch.equal(c, c2), "crop vs its contiguous copy"
     out["crop"] = "exact"
+    # pixel groups (fused_cuda.cu: group_ok): 4 (max_logit alone) or 2 neighbouring pixels a
+    # turn with one vector load per class, against one pixel a turn (_set_pixel_groups(False)):
+    # W = 64 (groups of 4), 66 (pairs), bases 2 and 1 elements off an aligned group
+    for W in (64, 66):
+        xg = random_logits(g, 2, 19, 33, W)
+        yg = random_labels(g, 2, 33, W)
+        views = {"contiguous": xg}
+        for shift in (2, 1):
+            flat = torch.zeros(xg.numel() + shift, device=xg.device)
+            flat[shift:] = xg.flatten()
+            views[f"base +{shift}"] = flat[shift:].view(xg.shape)
+        for name, v in views.items():
+            for spg in (resolve(["max_logit"]), sp):
+                h, c, maps = _fused.fused_pass(v, yg, spg, want_maps=True)
+                cuda._set_pixel_groups(False)
+                try:
+                    h1, c1, m1 = _fused.fused_pass(v, yg, spg, want_maps=True)
+                    sync()
+                finally:
+                    cuda._set_pixel_groups(True)
+                what = f"pixel groups, W={W} {name} {spg.names}"
+                assert same_state(h, h1) and torch.equal(c, c1), what
+                assert torch.equal(maps.cpu().view(torch.int32), m1.cpu().view(torch.int32)), what
+    out["pixel groups"] = "equal to one pixel a turn (W 64 / 66, bases +0 / +1 / +2)"
     return out
 
 

@@ -72,20 +72,41 @@ ANOMFAST_HD float half_to_float(uint16_t h) {
 }
 ANOMFAST_HD float bf16_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
 
+// a * b + c rounded once (a fused multiply-add), for the polynomials of exp and log: one
+// instruction on the GPU (FFMA, also with -fmad=false) and on the CPU builds with FMA
+// (AVX2, AVX-512). The baseline x86-64 build has no FMA instruction (and fmaf would be a
+// libm call that stops the loops from vectorizing): it rounds the exact product a * b
+// (48 bits fit a double) plus c to double, then to float. That double rounding can differ
+// from one rounding in general, but not for any input of fast_exp, fast_exp_nonpos (x <= 0
+// or NaN) or fast_log (x > 0): tests/test_score_math.py checks these equal to their
+// hardware-FMA forms on every such float32, so every build computes the same bits.
+ANOMFAST_HD float score_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(ANOMFAST_EXP_HW_FMA)
+  return fmaf(a, b, c);
+#else
+  return (float)((double)a * (double)b + (double)c);
+#endif
+}
+
 // exp's range reduction: t = x / ln2 + 1.5 * 2^23 rounds x / ln2 to the nearest
 // integer n = t - 1.5 * 2^23 (no floor call, vectorizes on SSE2); while |n| < 2^22 the
 // low mantissa bits of t hold n itself.
 constexpr float EXP_ROUND = 12582912.0f;  // 1.5 * 2^23
-ANOMFAST_HD float exp_round(float x) { return x * 1.44269504088896341f + EXP_ROUND; }
+ANOMFAST_HD float exp_round(float x) { return score_fma(x, 1.44269504088896341f, EXP_ROUND); }
 
-// exp(x - n ln2), |x - n ln2| <= ln2 / 2: the polynomial part of exp
+// exp(x - n ln2), |x - n ln2| <= ln2 / 2: the polynomial part of exp (Cephes' expf
+// coefficients, evaluated with fused multiply-adds). n * 0.693359375 is exact (|n| <= 128,
+// 9 significant bits), so the first step is the exact x - n ln2_hi rounded once.
 ANOMFAST_HD float exp_reduced(float x, float n) {
-  float r = x - n * 0.693359375f;
-  r = r - n * (-2.12194440e-4f);
+  float r = score_fma(-n, 0.693359375f, x);
+  r = score_fma(n, 2.12194440e-4f, r);
   float z = r * r;
-  float p = ((((1.9875691500E-4f * r + 1.3981999507E-3f) * r + 8.3334519073E-3f) * r +
-              4.1665795894E-2f) * r + 1.6666665459E-1f) * r + 5.0000001201E-1f;
-  return p * z + r + 1.0f;
+  float p = score_fma(1.9875691500E-4f, r, 1.3981999507E-3f);
+  p = score_fma(p, r, 8.3334519073E-3f);
+  p = score_fma(p, r, 4.1665795894E-2f);
+  p = score_fma(p, r, 1.6666665459E-1f);
+  p = score_fma(p, r, 5.0000001201E-1f);
+  return score_fma(p, z, r) + 1.0f;
 }
 
 // Below this exp gives 0 (exp(-87.33654) is about FLT_MIN: 2^n stays a normal float).
@@ -116,27 +137,6 @@ ANOMFAST_HD float fast_exp_nonpos(float x) {
   float t = exp_round(xc);
   float p = exp_reduced(xc, t - EXP_ROUND);
   float out = p * u2f((f2u(t) + 127u) << 23);  // (n + 127) << 23: the bits above 9 shift out
-  return x <= EXP_ZERO_BELOW ? 0.0f : out;
-}
-
-// fast_exp_nonpos, bit for bit, with the first reduction step x - n * 0.693359375 as one
-// fused multiply-add: n * 0.693359375 is exact in float (|n| <= 126 and 0.693359375 =
-// 355 / 512 has 9 significant bits), so fma(-n, 0.693359375, x) rounds once, like the
-// subtraction of the exact product. One instruction less for a core that does not
-// contract on its own (the CUDA build with -fmad=false); an explicit fmaf is always fused.
-// Checked equal to fast_exp_nonpos on every non-positive float32 (2026-12-02, g++ -mfma
-// -ffp-contract=off; NaN inputs give NaN in both).
-ANOMFAST_HD float fast_exp_nonpos_fma(float x) {
-  float xc = x < EXP_ZERO_BELOW ? EXP_ZERO_BELOW : x;
-  float t = exp_round(xc);
-  float n = t - EXP_ROUND;
-  float r = fmaf(-n, 0.693359375f, xc);
-  r = r - n * (-2.12194440e-4f);
-  float z = r * r;
-  float p = ((((1.9875691500E-4f * r + 1.3981999507E-3f) * r + 8.3334519073E-3f) * r +
-              4.1665795894E-2f) * r + 1.6666665459E-1f) * r + 5.0000001201E-1f;
-  p = p * z + r + 1.0f;
-  float out = p * u2f((f2u(t) + 127u) << 23);
   return x <= EXP_ZERO_BELOW ? 0.0f : out;
 }
 
@@ -189,14 +189,21 @@ ANOMFAST_HD float fast_log(float x) {
   e = small ? e - 1 : e;
   float f = small ? (m + m - 1.0f) : (m - 1.0f);
   float z = f * f;
-  float y = ((((((((7.0376836292E-2f * f - 1.1514610310E-1f) * f + 1.1676998740E-1f) * f -
-                  1.2420140846E-1f) * f + 1.4249322787E-1f) * f - 1.6668057665E-1f) * f +
-               2.0000714765E-1f) * f - 2.4999993993E-1f) * f + 3.3333331174E-1f) * f * z;
+  // Cephes' logf coefficients, evaluated with fused multiply-adds (score_fma)
+  float y = score_fma(7.0376836292E-2f, f, -1.1514610310E-1f);
+  y = score_fma(y, f, 1.1676998740E-1f);
+  y = score_fma(y, f, -1.2420140846E-1f);
+  y = score_fma(y, f, 1.4249322787E-1f);
+  y = score_fma(y, f, -1.6668057665E-1f);
+  y = score_fma(y, f, 2.0000714765E-1f);
+  y = score_fma(y, f, -2.4999993993E-1f);
+  y = score_fma(y, f, 3.3333331174E-1f);
+  y = y * f * z;
   float fe = (float)e;
-  y = y + fe * -2.12194440e-4f;
-  y = y - 0.5f * z;
+  y = score_fma(fe, -2.12194440e-4f, y);
+  y = score_fma(-0.5f, z, y);
   float out = f + y;
-  out = out + fe * 0.693359375f;
+  out = out + fe * 0.693359375f;  // fe * 0.693359375 is exact (|fe| <= 150, 9 significant bits)
   return out;
 }
 
@@ -225,13 +232,13 @@ ANOMFAST_HD float gen_term(float d, bool is_k, float s1, float z, float lz, floa
 }
 
 // gen_term with e = fast_exp_nonpos(d) passed in, for a core that has it from the S' pass
-// (the CUDA kernel keeps it in registers); its second exp by fast_exp_nonpos_fma. The
+// (the CUDA kernel keeps it in registers). The
 // same operations on the same values as gen_term, so the same bits.
 ANOMFAST_HD float gen_term_e(float d, float e, bool is_k, float s1, float z, float lz, float gamma) {
   const float one_minus = is_k ? s1 : (z - e);
   const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;
   const float a = gamma * ((d - lz) + l1);
-  const float term = fast_exp_nonpos_fma(a < 0.0f ? a : 0.0f);
+  const float term = fast_exp_nonpos(a < 0.0f ? a : 0.0f);
   return one_minus > 0.0f ? term : 0.0f;
 }
 

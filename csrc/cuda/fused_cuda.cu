@@ -245,7 +245,7 @@ __device__ __forceinline__ void walk_step(const Walk& k, const int64_t* s_steps,
   c.yo += s_steps[4 + carries];
 }
 
-// exp(x) for x <= 0 (or NaN) in the class loops. Default: fast_exp_nonpos_fma, bit for bit
+// exp(x) for x <= 0 (or NaN) in the class loops. Default: fast_exp_nonpos, bit for bit
 // the CPU core's fast_exp_nonpos. ANOMFAST_CUDA_FAST: the hardware ex2.approx.ftz (relative error <= 2^-22
 // for 2^y, plus the rounding of y = x log2(e), |x| 2^-24 relative; results below 2^-126
 // flush to 0 as the CPU's below exp(-87.34)): histograms then differ from the CPU's.
@@ -255,7 +255,7 @@ __device__ __forceinline__ float exp_nonpos(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
   return y;
 #else
-  return fast_exp_nonpos_fma(x);  // = fast_exp_nonpos(x), the CPU core's, bit for bit
+  return fast_exp_nonpos(x);  // the CPU core's, bit for bit (its fused multiply-adds: score_math.h)
 #endif
 }
 
