@@ -22,6 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # compiles and runs ~13e9 function evaluations (about a minute)
+
 KERNEL = r"""
 #include <cstdint>
 #include "csrc/common/score_math.h"

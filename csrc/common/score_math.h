@@ -74,14 +74,16 @@ ANOMFAST_HD float bf16_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
 
 // a * b + c rounded once (a fused multiply-add), for the polynomials of exp and log: one
 // instruction on the GPU (FFMA, also with -fmad=false) and on the CPU builds with FMA
-// (AVX2, AVX-512). The baseline x86-64 build has no FMA instruction (and fmaf would be a
-// libm call that stops the loops from vectorizing): it rounds the exact product a * b
-// (48 bits fit a double) plus c to double, then to float. That double rounding can differ
+// (AVX2, AVX-512; any target whose compiler defines __FP_FAST_FMAF, e.g. aarch64). The
+// baseline x86-64 build has no FMA instruction (and fmaf would be a libm call that stops
+// the loops from vectorizing): it rounds the exact product a * b (48 bits fit a double)
+// plus c to double, then to float, in SSE2 doubles, which makes its class loops about 3x
+// slower than before (bench/RESULTS.md; AVX2 / AVX-512 CPUs never run it). That double rounding can differ
 // from one rounding in general, but not for any input of fast_exp, fast_exp_nonpos (x <= 0
 // or NaN) or fast_log (x > 0): tests/test_score_math.py checks these equal to their
 // hardware-FMA forms on every such float32, so every build computes the same bits.
 ANOMFAST_HD float score_fma(float a, float b, float c) {
-#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(ANOMFAST_EXP_HW_FMA)
+#if defined(__CUDA_ARCH__) || defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(ANOMFAST_EXP_HW_FMA)
   return fmaf(a, b, c);
 #else
   return (float)((double)a * (double)b + (double)c);

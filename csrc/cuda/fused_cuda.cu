@@ -901,9 +901,9 @@ bool group_ok(const FusedArgs& a, int64_t lsz, int px) {
 }
 
 // The largest pixel group a kernel with method set MASK takes: 4 for max_logit alone (its
-// loop body stays small: ~0.8k instructions a turn), 2 for the others (4 would double
-// a loop body of ~2.3k instructions for 4 methods, 36 KB of code, for ~3% fewer
-// instructions per pixel: not worth the instruction cache).
+// loop body stays small: ~0.7k instructions a turn), 2 for the others (4 would double a
+// 4-method loop body of ~1.8k instructions, ~29 KB of code, for ~3% fewer instructions
+// per pixel: not worth the instruction cache; bench/RESULTS.md).
 __host__ __device__ constexpr int max_group(int mask) { return mask == KINDS_MAX_LOGIT ? 4 : 2; }
 
 }  // namespace
