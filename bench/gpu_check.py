@@ -447,9 +447,10 @@ def bits(seed):
 
 
 def section_walk_and_crop(g):
-    """Pixel groups against one pixel a turn (see the end). The grid-stride walk (fused_cuda.cu: Walk, all 64-bit, no division per pixel) with
-    the grid capped at 1, 3 and 7 blocks (_set_debug_grid: every thread walks many pixels,
-    every carry w -> h -> b is taken) gives exactly the default grid's histograms; and a
+    """Pixel groups against one pixel a turn (see the end). The grid-stride walk
+    (fused_cuda.cu: Walk, all 64-bit, no division per pixel) with the grid capped at 1, 3
+    and 7 blocks (_set_debug_grid: every thread walks many pixels, every carry w -> h -> b
+    is taken) gives exactly the default grid's histograms; and a
     cropped view (strides that no reshape flattens) gives exactly the histogram of its
     contiguous copy and of the binning of its own maps."""
     cuda = _core._C_cuda
@@ -766,6 +767,14 @@ def section_timing(g, quick=False):
                 r = add(f"anomfast fused kernel, aggregation {agg}", dtype, label, ms, nbytes, {"aggregation": agg})
                 results[(str(dtype), label, agg)] = ms
             cuda._set_hist_aggregation(1)
+            # one pixel a turn instead of the pixel groups (2, or 4 for max_logit alone): do
+            # the vector loads pay for the doubled registers (fewer resident warps)?
+            cuda._set_pixel_groups(False)
+            try:
+                ms = gpu_time_ms(lambda: cuda.fused(a))
+            finally:
+                cuda._set_pixel_groups(True)
+            add("anomfast fused kernel, one pixel a turn (no groups)", dtype, label, ms, nbytes)
             # scores only: no labels, no histograms, no maps (what the histogram adds costs)
             a0 = _prepared_args(x, y, sp, hist)
             a0.labels_ptr = 0

@@ -7,9 +7,9 @@ calls; the pip packages nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm provide bot
     python bench/sass_budget.py --fast          # the opt-in fast mode (ANOMFAST_CUDA_FAST)
     python bench/sass_budget.py --rev 4c5f76f   # csrc/ of a commit (e.g. before a change)
 
-How it estimates. One thread handles one pixel per turn of the grid-stride loop (two
-neighbouring pixels, since the pixel pairs, for contiguous logits with an even W, the
-measured case), so the instructions one thread issues per turn divided by its pixels are
+How it estimates. One thread handles one pixel per turn of the grid-stride loop (since
+the pixel groups, PX = 2 neighbouring pixels, 4 for max_logit alone, for contiguous
+logits with W a multiple of PX: the measured case), so the instructions one thread issues per turn divided by its pixels are
 the instructions per pixel (a warp issues them once for 32 turns). For each case the
 script:
   1. copies csrc/ and compiles fused_cuda.cu for sm_90 (nvcc -cubin -O3, -fmad=false or,
@@ -148,8 +148,8 @@ def pick_kernel(funcs, dt, methods):
     method set and contiguous (B, C, H, W) logits with an even W: fused_kernel<DT, CR>
     (4c5f76f: CR = 32 register path), fused_kernel<DT, CK, MASK> (CK = 19 when
     specialized; MASK = the set's method-kind bits when instantiated, else the generic ALL
-    mask) or, since the pixel pairs, fused_kernel<DT, CK, MASK, PX> with PX = 2 (two
-    neighbouring pixels a turn). Returns (template args, name, pixels per turn)."""
+    mask) or, since the pixel groups, fused_kernel<DT, CK, MASK, PX> with PX = 4 or 2
+    neighbouring pixels a turn (the largest the kernel has). Returns (template args, name, pixels per turn)."""
     kinds = sum(1 << m for m in set(methods))
     cands = {template_args(n): n for n in funcs if template_args(n) and template_args(n)[0] == dt}
     for want in ((dt, 32), (dt, C, kinds, 4), (dt, C, 63, 4), (dt, 0, kinds, 4), (dt, 0, 63, 4), (dt, C, kinds, 2), (dt, C, 63, 2), (dt, 0, kinds, 2), (dt, 0, 63, 2),

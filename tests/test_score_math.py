@@ -9,8 +9,8 @@ compares them on every input each is called with: fast_exp_nonpos on every non-p
 float32 and NaN, fast_exp on every float32 from its lower clamp to its upper clamp (the
 clamps map every input outside onto those two), fast_log on every positive normal
 float32. The CUDA core's default build, bit-identical to the baseline CPU build, relies
-on it. Needs g++ (with OpenMP) and a CPU with AVX2 and FMA (skipped otherwise); about
-30 s on 2 cores.
+on it. Needs g++ (with OpenMP) and a CPU with AVX2 and FMA (skipped otherwise); about a
+minute on 2 cores.
 """
 from __future__ import annotations
 

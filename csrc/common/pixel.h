@@ -22,12 +22,12 @@ struct Logit;
 template <>
 struct Logit<F32> {
   using T = float;
-  ANOMFAST_HD static float to_float(float v) { return v; }
+  ANOMFAST_HD_MEMBER static float to_float(float v) { return v; }
 };
 template <>
 struct Logit<F16> {
   using T = uint16_t;
-  ANOMFAST_HD static float to_float(uint16_t h) {
+  ANOMFAST_HD_MEMBER static float to_float(uint16_t h) {
 #if defined(__CUDA_ARCH__)
     return __half2float(__ushort_as_half(h));
 #else
@@ -38,7 +38,7 @@ struct Logit<F16> {
 template <>
 struct Logit<BF16> {
   using T = uint16_t;
-  ANOMFAST_HD static float to_float(uint16_t h) { return bf16_to_float(h); }
+  ANOMFAST_HD_MEMBER static float to_float(uint16_t h) { return bf16_to_float(h); }
 };
 
 // Calls f(std::integral_constant<int, DT>{}) for logit dtype code dt (host code: the

@@ -30,10 +30,21 @@
 
 #include "methods.h"
 
+// On the host, internal linkage: the CPU kernel is compiled once per instruction set
+// (CMakeLists.txt) and these bodies differ between those objects (score_fma, and what the
+// compiler contracts), so an out-of-line copy must never be shared between them (one
+// merged copy could run AVX code on a CPU without it). Static member functions (pixel.h:
+// Logit) cannot be static in that sense: ANOMFAST_HD_MEMBER forces them inline instead.
 #if defined(__CUDACC__)
 #define ANOMFAST_HD __host__ __device__ __forceinline__
+#define ANOMFAST_HD_MEMBER __host__ __device__ __forceinline__
 #else
-#define ANOMFAST_HD inline
+#define ANOMFAST_HD static inline
+#if defined(__GNUC__)
+#define ANOMFAST_HD_MEMBER __attribute__((always_inline)) inline
+#else
+#define ANOMFAST_HD_MEMBER inline
+#endif
 #endif
 
 namespace anomfast {
@@ -79,8 +90,9 @@ ANOMFAST_HD float bf16_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
 // the loops from vectorizing): it rounds the exact product a * b (48 bits fit a double)
 // plus c to double, then to float, in SSE2 doubles, which makes its class loops about 3x
 // slower than before (bench/RESULTS.md; AVX2 / AVX-512 CPUs never run it). That double rounding can differ
-// from one rounding in general, but not for any input of fast_exp, fast_exp_nonpos (x <= 0
-// or NaN) or fast_log (x > 0): tests/test_score_math.py checks these equal to their
+// from one rounding in general, but not for any input of fast_exp (finite),
+// fast_exp_nonpos (x <= 0 or NaN) or fast_log (positive normals, the only inputs it is
+// given): tests/test_score_math.py checks these equal to their
 // hardware-FMA forms on every such float32, so every build computes the same bits.
 ANOMFAST_HD float score_fma(float a, float b, float c) {
 #if defined(__CUDA_ARCH__) || defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(ANOMFAST_EXP_HW_FMA)
@@ -129,8 +141,8 @@ ANOMFAST_HD float fast_exp(float x) {
   return x <= EXP_ZERO_BELOW ? 0.0f : out;
 }
 
-// fast_exp(x) for x <= 0 (and NaN), bit for bit (checked on every such float32, with
-// and without FMA contraction), in fewer operations: the hot loops' exp(l_c - m). Here
+// fast_exp(x) for x <= 0 (and NaN), bit for bit (checked on every such float32 when it
+// was written; a sample of every 7th again with the FMA polynomials), in fewer operations: the hot loops' exp(l_c - m). Here
 // n = -126 .. 0, so 2^n is one float, read straight off the bits of t (no float -> int
 // conversion, no upper clamp), and p * 2^n rounds once like p * s1 * s2 (p * s1 is
 // exact). The CPU msp pass got ~15% faster with it.
@@ -234,8 +246,8 @@ ANOMFAST_HD float gen_term(float d, bool is_k, float s1, float z, float lz, floa
 }
 
 // gen_term with e = fast_exp_nonpos(d) passed in, for a core that has it from the S' pass
-// (the CUDA kernel keeps it in registers). The
-// same operations on the same values as gen_term, so the same bits.
+// (the CUDA kernel keeps it in registers). The same operations on the same values as
+// gen_term, so the same bits.
 ANOMFAST_HD float gen_term_e(float d, float e, bool is_k, float s1, float z, float lz, float gamma) {
   const float one_minus = is_k ? s1 : (z - e);
   const float l1 = fast_log(one_minus > 0.0f ? one_minus : 1.0f) - lz;

@@ -7,10 +7,10 @@
 // each class of the group is one vector load (8 or 16 bytes of float32, 4 or 8 of fp16 /
 // bf16), and the loop's addressing and walk are paid once per group
 // (bench/sass_budget.py). Consecutive threads take consecutive pixels (groups) of the
-// flattened (B, H, W) index, which runs
-// along W, so for NCHW logits each class is read by a warp as one coalesced line
-// (channels-last and other strides work, one pixel a turn, with more sectors per load). The grid is persistent (as many blocks as fit on the device at once), each
-// block walking the pixels with a grid-sized stride; every thread of a warp runs the
+// flattened (B, H, W) index, which runs along W, so for NCHW logits each class is read by
+// a warp as one coalesced line (channels-last and other strides work, one pixel a turn,
+// with more sectors per load). The grid is persistent (as many blocks as fit on the
+// device at once), each block walking the pixels with a grid-sized stride; every thread of a warp runs the
 // same number of iterations, so the warp-wide votes below always see all 32 lanes. A
 // thread's pixel moves by the grid's size each turn: its (h, w) and element offsets are
 // stepped with at most two carries (Walk), so no turn divides; the label is loaded first,
@@ -18,9 +18,11 @@
 //
 // The per-pixel math is score_math.h's, called in the same order as the CPU core
 // (class loops from 0 to C - 1, the same accumulators). Built with -fmad=false (the
-// default, ANOMFAST_CUDA_FMAD=OFF) it performs exactly the float operations of the CPU
-// core's baseline build, so both give the same bits (the AVX2+FMA CPU build contracts
-// and differs in the last bits). ANOMFAST_CUDA_FAST (opt-in) trades that for speed:
+// default, ANOMFAST_CUDA_FMAD=OFF) it gives the bits of the CPU core's baseline build:
+// the same float operations, except that the exp / log polynomials' fused multiply-adds
+// (score_math.h: score_fma) are FFMAs here and exact double-rounded emulations there,
+// checked equal on every input (the AVX2+FMA CPU build contracts other expressions and
+// differs in the last bits). ANOMFAST_CUDA_FAST (opt-in) trades that for speed:
 // hardware exp2 and FMA contraction (exp_nonpos below; CMakeLists.txt).
 //
 // Compile-time specialization (with_kernel_config, the one switch): the logit dtype; the
@@ -301,8 +303,10 @@ __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t
 // Where the S' pass runs, the argmax is found there instead (late_k): the first class
 // with l_c - m == 0, i.e. l_c == m, is the first maximum, as the compare-and-select of
 // the max pass finds it (-0 and +0 compare equal in both); the max pass is then one max
-// instruction, and the S' pass's test of c == k becomes the test of d == 0 (it needs a
-// compare per class either way). KEEP_K: a method reads k afterwards (SML's statistics,
+// instruction (whose zero maximum may carry either sign when -0 and +0 tie: the same bin,
+// and the same coordinates except max_logit's map, which may hold -0 for +0), and the S'
+// pass's test of c == k becomes the test of d == 0 (it needs a compare per class either
+// way). KEEP_K: a method reads k afterwards (SML's statistics,
 // GEN's own loop), so the pass also records it.
 template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true>
 __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], const void* lp, int64_t base,
@@ -346,8 +350,8 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
   // d = l_c - m <= 0 (NaN when a logit is not finite, a pixel that is never binned):
   // exp_nonpos, as the CPU core. The sums equal the CPU core's bit for bit on finite
   // pixels: adding 0 for c == k (instead of 0 * e) leaves s1 as it is, and the entropy
-  // term clamps d at -88 instead of zeroing it below -87.34 (where e is 0 either way, so
-  // the term is -0 or +0, and sx, never -0, is unchanged by either).
+  // term clamps d at EXP_ZERO_BELOW instead of zeroing it below (where e is 0 either way,
+  // so the term is -0 or +0, and sx, never -0, is unchanged by either).
   if (nd.sx) {
     for_classes<CR, 0>(C, [&](int c) {
       const float d = X(c) - m;
@@ -892,8 +896,9 @@ void launch(Kernel kernel, Params P, int dev, size_t smem, int64_t stream, int p
 // a multiple of px) with one vector load per class: logits contiguous along W, W a
 // multiple of px (a group never straddles a row), every element offset of a group's first
 // pixel a multiple of px and the base aligned to a group (so each load is aligned), the
-// class count in registers. Anything else (channels-last, crops with odd offsets, odd W)
-// runs one pixel a turn.
+// class count in registers (and, in the dispatch, a kernel specialized for it). Anything
+// else (channels-last, crops with odd offsets, odd W, other class counts) runs one pixel
+// a turn.
 bool group_ok(const FusedArgs& a, int64_t lsz, int px) {
   auto multiple = [&](int64_t stride, int64_t extent) { return extent <= 1 || stride % px == 0; };
   return a.ls_w == 1 && a.W % px == 0 && a.C <= CREG && multiple(a.ls_c, a.C) && multiple(a.ls_h, a.H) &&
@@ -975,7 +980,10 @@ void fused_cuda(const FusedArgs& a) {
   const bool groups = g_pixel_groups.load();
   with_kernel_config(a.logit_dtype, a.C, set, [&](auto dt, auto ck, auto mask) {
     constexpr int D = decltype(dt)::value, K = decltype(ck)::value, M = decltype(mask)::value;
-    if constexpr (class_regs<K>() > 0) {
+    // groups only where C is a compile-time constant (19, 21): with a run-time C the
+    // group's logits are registers for CREG classes each (nvcc: ~180-200 registers, one
+    // block per SM), even for C = 2
+    if constexpr (K > 0 && class_regs<K>() > 0) {
       if constexpr (max_group(M) >= 4) {
         if (groups && group_ok(a, lsz, 4)) {
           P.n_units = n / 4;
