@@ -450,9 +450,9 @@ def section_walk_and_crop(g):
     """Pixel groups against one pixel a turn (see the end). The grid-stride walk
     (fused_cuda.cu: Walk, all 64-bit, no division per pixel) with the grid capped at 1, 3
     and 7 blocks (_set_debug_grid: every thread walks many pixels, every carry w -> h -> b
-    is taken) gives exactly the default grid's histograms; and a
-    cropped view (strides that no reshape flattens) gives exactly the histogram of its
-    contiguous copy and of the binning of its own maps."""
+    is taken) gives exactly the default grid's histograms; and a cropped view (strides
+    that no reshape flattens) gives exactly the histogram of its contiguous copy and of
+    the binning of its own maps."""
     cuda = _core._C_cuda
     sp = resolve(METHODS4, sml=anomfast.fit_sml(random_logits(g, 1, 19, 16, 16)))
     out = {}

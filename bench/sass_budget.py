@@ -9,9 +9,9 @@ calls; the pip packages nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm provide bot
 
 How it estimates. One thread handles one pixel per turn of the grid-stride loop (since
 the pixel groups, PX = 2 neighbouring pixels, 4 for max_logit alone, for contiguous
-logits with W a multiple of PX: the measured case), so the instructions one thread issues per turn divided by its pixels are
-the instructions per pixel (a warp issues them once for 32 turns). For each case the
-script:
+logits with W a multiple of PX and C = 19: the measured case), so the instructions one
+thread issues per turn divided by its pixels are the instructions per pixel (a warp
+issues them once for 32 turns). For each case the script:
   1. copies csrc/ and compiles fused_cuda.cu for sm_90 (nvcc -cubin -O3, -fmad=false or,
      with --fast, the fast mode's flags) with a *probe*: the kernel's parameter struct is
      overwritten at kernel entry with the case's launch-uniform run-time values (method
@@ -21,8 +21,8 @@ script:
      specialized kernel; the class count C stays what the kernel itself knows (a
      run-time value unless the kernel is specialized for C = 19);
   2. takes the kernel instantiation the host dispatch picks for that dtype / C / method
-     set and contiguous logits (pick_kernel below), disassembles it (cuobjdump -sass) and counts the
-     instructions between the head of the grid-stride loop and its back-edge (the
+     set and contiguous logits (pick_kernel below), disassembles it (cuobjdump -sass) and
+     counts the instructions between the head of the grid-stride loop and its back-edge (the
      widest backward branch), NOPs excluded.
 So data-dependent branches (pixel in range, label class, non-finite logits, the warp's
 histogram aggregation) count both sides, inner loops count once (the tie-signature OR
@@ -85,7 +85,8 @@ def probe_source(text, methods):
     sets += [f"P.sig_mask = {sig};", "P.a.sig_mask = P.sig_mask;", "P.agg = 1;", "P.with_hist = true;",
              "P.a.maps_ptr = 0;", "P.a.label_dtype = 10;", "P.a.temperature = 1.0f;", "P.a.entropy_normalize = 0;", "P.lut_shared = true;"]
     if re.search(r"\bbyte_classes\b", text.split("struct FusedParams", 1)[1].split("};", 1)[0]):
-        sets += ["P.byte_classes = true;", "P.lut_shared = false;"]  # uint8 labels: the classes of all byte values
+        # uint8 labels: the classes of all byte values staged (fused_cuda.cu: stage_byte_classes)
+        sets += ["P.byte_classes = true;", "P.lut_shared = false;"]
     if re.search(r"\bbool\b[^;]*\bidx32\b", text.split("struct FusedParams", 1)[1].split("};", 1)[0]):
         sets.append("P.idx32 = true;")
     if "slot[MAX_METHODS]" in text:  # the specialized kernels: kinds requested and each kind's output index
@@ -145,14 +146,15 @@ def template_args(name):
 
 def pick_kernel(funcs, dt, methods):
     """The instantiation with_kernel_config (fused_cuda.cu) launches for this dtype, C = 19,
-    method set and contiguous (B, C, H, W) logits with an even W: fused_kernel<DT, CR>
-    (4c5f76f: CR = 32 register path), fused_kernel<DT, CK, MASK> (CK = 19 when
-    specialized; MASK = the set's method-kind bits when instantiated, else the generic ALL
-    mask) or, since the pixel groups, fused_kernel<DT, CK, MASK, PX> with PX = 4 or 2
-    neighbouring pixels a turn (the largest the kernel has). Returns (template args, name, pixels per turn)."""
+    method set and contiguous (B, C, H, W) logits with W a multiple of 4:
+    fused_kernel<DT, CR> (4c5f76f: CR = 32 register path), fused_kernel<DT, CK, MASK>
+    (CK = 19 when specialized; MASK = the set's method-kind bits when instantiated, else
+    the generic ALL mask) or, since the pixel groups (specialized C only),
+    fused_kernel<DT, 19, MASK, PX> with PX = 4 or 2 neighbouring pixels a turn (the
+    largest the set has). Returns (template args, name, pixels per turn)."""
     kinds = sum(1 << m for m in set(methods))
     cands = {template_args(n): n for n in funcs if template_args(n) and template_args(n)[0] == dt}
-    for want in ((dt, 32), (dt, C, kinds, 4), (dt, C, 63, 4), (dt, 0, kinds, 4), (dt, 0, 63, 4), (dt, C, kinds, 2), (dt, C, 63, 2), (dt, 0, kinds, 2), (dt, 0, 63, 2),
+    for want in ((dt, 32), (dt, C, kinds, 4), (dt, C, 63, 4), (dt, C, kinds, 2), (dt, C, 63, 2),
                  (dt, C, kinds), (dt, C, 63), (dt, 0, kinds), (dt, 0, 63)):
         if want in cands:
             return want, cands[want], (want[3] if len(want) == 4 else 1)

@@ -344,7 +344,7 @@ def emulation_checks(so_path):
         h, c, maps = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
         hc, cc, mc = _fused.fused_pass(x, y, sp, label_map=lm, want_maps=True)
         assert torch.equal(c, cc), (name, c.tolist(), cc.tolist())
-        # the same kernel one pixel a turn (where it took neighbouring pairs): the same state
+        # the same kernel one pixel a turn (where it took a pixel group): the same state
         emu._set_pixel_groups(False)
         try:
             h1, c1, m1 = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
@@ -363,8 +363,9 @@ def emulation_checks(so_path):
 
     base = resolve(["max_logit", "msp", "energy", "entropy", "gen"], temperature=1.7, entropy_normalize=True)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # W = 46: neighbouring pixels in pairs (one vector load per class); 45: one a turn
-        # (max_logit alone, below, also takes groups of 4)
+        # C = 19, W = 46: neighbouring pixels in pairs (one vector load per class); W = 45 and
+        # the unspecialized C = 40 / 7 / 1: one a turn (max_logit alone, below, also takes
+        # groups of 4)
         for C, W in ((19, 46), (19, 45), (40, 46), (1, 45), (7, 46)):
             x = logits(2, C, 7, W, dtype)
             y = labels(2, 7, W)
@@ -441,7 +442,8 @@ def emulation_checks(so_path):
     compare(xt, yt, resolve(["max_logit", "msp", "energy", "sml"], sml=st), name="tied maxima, sml")
     # max_logit alone takes groups of 4 pixels where W and the offsets allow, else pairs, else
     # one: W = 44 (groups of 4), 46 (pairs), a base 2 elements past a 16-byte boundary (pairs),
-    # 1 element past (one a turn); each dtype, C = 19 (specialized) and 5 (run-time C)
+    # 1 element past (one a turn); each dtype, C = 19 (specialized) and 5 (run-time C: one
+    # pixel a turn)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for C, W in ((19, 44), (19, 46), (5, 44), (5, 42)):
             xm, ym = logits(2, C, 3, W, dt), labels(2, 3, W)
@@ -479,7 +481,7 @@ def emulation_checks(so_path):
     for shape, crop in (((3, 19, 9, 70), None), ((2, 21, 13, 40), (2, -3, 5, -1)), ((2, 21, 13, 40), (3, -2, 4, -2)),
                         ((2, 7, 11, 30), (1, -1, 2, -4)), ((2, 33, 5, 37), None)):
         xw, yw2 = logits(*shape), labels(shape[0], shape[2], shape[3])
-        if crop:  # the second and fourth crops keep pairs (even W and offsets), the first does not
+        if crop:  # the second crop keeps pairs (C = 21, even W and offsets); the others do not
             xw, yw2 = xw[:, :, crop[0]:crop[1], crop[2]:crop[3]], yw2[:, crop[0]:crop[1], crop[2]:crop[3]]
             assert _fused._geometry(xw, yw2)["H"] > 1
         sp4 = resolve(["max_logit", "msp", "energy", "entropy"])

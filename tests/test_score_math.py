@@ -100,7 +100,7 @@ def test_fma_forms_agree_on_every_input(tmp_path):
     src.write_text(KERNEL)
     (tmp_path / "main.cpp").write_text(MAIN)
     common = [cxx, "-std=c++17", "-O3", "-mavx2", "-ffp-contract=off", f"-I{ROOT}", "-c", str(src)]
-    builds = [common + ["-mfma", "-DANOMFAST_EXP_HW_FMA", "-DNAME=hw", "-o", str(tmp_path / "hw.o")],
+    builds = [common + ["-mfma", "-DANOMFAST_SCORE_HW_FMA", "-DNAME=hw", "-o", str(tmp_path / "hw.o")],
               common + ["-mno-fma", "-DNAME=dbl", "-o", str(tmp_path / "dbl.o")],
               [cxx, "-O2", "-fopenmp", str(tmp_path / "main.cpp"), str(tmp_path / "hw.o"), str(tmp_path / "dbl.o"),
                "-o", str(tmp_path / "check")]]

@@ -89,13 +89,13 @@ ANOMFAST_HD float bf16_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
 // baseline x86-64 build has no FMA instruction (and fmaf would be a libm call that stops
 // the loops from vectorizing): it rounds the exact product a * b (48 bits fit a double)
 // plus c to double, then to float, in SSE2 doubles, which makes its class loops about 3x
-// slower than before (bench/RESULTS.md; AVX2 / AVX-512 CPUs never run it). That double rounding can differ
-// from one rounding in general, but not for any input of fast_exp (finite),
-// fast_exp_nonpos (x <= 0 or NaN) or fast_log (positive normals, the only inputs it is
-// given): tests/test_score_math.py checks these equal to their
-// hardware-FMA forms on every such float32, so every build computes the same bits.
+// slower than before (bench/RESULTS.md; AVX2 / AVX-512 CPUs never run it). That double
+// rounding can differ from one rounding in general, but not for any input of fast_exp
+// (finite), fast_exp_nonpos (x <= 0 or NaN) or fast_log (positive normals, the only
+// inputs it is given): tests/test_score_math.py checks these equal to their hardware-FMA
+// forms on every such float32, so every build computes the same bits.
 ANOMFAST_HD float score_fma(float a, float b, float c) {
-#if defined(__CUDA_ARCH__) || defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(ANOMFAST_EXP_HW_FMA)
+#if defined(__CUDA_ARCH__) || defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(ANOMFAST_SCORE_HW_FMA)
   return fmaf(a, b, c);
 #else
   return (float)((double)a * (double)b + (double)c);
@@ -141,8 +141,8 @@ ANOMFAST_HD float fast_exp(float x) {
   return x <= EXP_ZERO_BELOW ? 0.0f : out;
 }
 
-// fast_exp(x) for x <= 0 (and NaN), bit for bit (checked on every such float32 when it
-// was written; a sample of every 7th again with the FMA polynomials), in fewer operations: the hot loops' exp(l_c - m). Here
+// fast_exp(x) for x <= 0 (and NaN), bit for bit (checked on every such float32, both
+// score_fma forms, 2026-12-02), in fewer operations: the hot loops' exp(l_c - m). Here
 // n = -126 .. 0, so 2^n is one float, read straight off the bits of t (no float -> int
 // conversion, no upper clamp), and p * 2^n rounds once like p * s1 * s2 (p * s1 is
 // exact). The CPU msp pass got ~15% faster with it.

@@ -3,15 +3,17 @@
 // Argument shapes and units: fused_cuda.h and ../common/views.h.
 //
 // One thread per pixel, or per group of 2 (4 for max_logit alone) neighbouring pixels
-// along W where the logits are contiguous along W with aligned offsets (group_ok): then
+// along W where the logits are contiguous along W with aligned offsets and C is one the
+// kernels are specialized for (group_ok and the dispatch): then
 // each class of the group is one vector load (8 or 16 bytes of float32, 4 or 8 of fp16 /
 // bf16), and the loop's addressing and walk are paid once per group
 // (bench/sass_budget.py). Consecutive threads take consecutive pixels (groups) of the
 // flattened (B, H, W) index, which runs along W, so for NCHW logits each class is read by
 // a warp as one coalesced line (channels-last and other strides work, one pixel a turn,
 // with more sectors per load). The grid is persistent (as many blocks as fit on the
-// device at once), each block walking the pixels with a grid-sized stride; every thread of a warp runs the
-// same number of iterations, so the warp-wide votes below always see all 32 lanes. A
+// device at once), each block walking the pixels with a grid-sized stride; every thread
+// of a warp runs the same number of iterations, so the warp-wide votes below always see
+// all 32 lanes. A
 // thread's pixel moves by the grid's size each turn: its (h, w) and element offsets are
 // stepped with at most two carries (Walk), so no turn divides; the label is loaded first,
 // so its latency hides behind the score math.
@@ -157,17 +159,19 @@ __device__ __forceinline__ void load_logit_group(const void* base, int64_t off, 
     x[1] = v.y;
     x[2] = v.z;
     x[3] = v.w;
-  } else if constexpr (PX == 2) {
-    const unsigned v = __ldg(reinterpret_cast<const unsigned*>(p));  // element off in the low half
-    x[0] = Logit<DT>::to_float((uint16_t)(v & 0xffffu));
-    x[1] = Logit<DT>::to_float((uint16_t)(v >> 16));
   } else {
-    static_assert(PX == 4, "groups of 2 or 4 pixels");
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-    x[0] = Logit<DT>::to_float((uint16_t)(v.x & 0xffffu));
-    x[1] = Logit<DT>::to_float((uint16_t)(v.x >> 16));
-    x[2] = Logit<DT>::to_float((uint16_t)(v.y & 0xffffu));
-    x[3] = Logit<DT>::to_float((uint16_t)(v.y >> 16));
+    // fp16 / bf16: PX halves in PX / 2 32-bit words, element off in the low half of word 0
+    static_assert(PX == 2 || PX == 4, "groups of 2 or 4 pixels");
+    unsigned w[PX / 2];
+    if constexpr (PX == 2) {
+      w[0] = __ldg(reinterpret_cast<const unsigned*>(p));
+    } else {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+      w[0] = v.x;
+      w[1] = v.y;
+    }
+#pragma unroll
+    for (int j = 0; j < PX; ++j) x[j] = Logit<DT>::to_float((uint16_t)(w[j / 2] >> (16 * (j & 1))));
   }
 }
 
@@ -247,8 +251,8 @@ __device__ __forceinline__ void walk_step(const Walk& k, const int64_t* s_steps,
   c.yo += s_steps[4 + carries];
 }
 
-// exp(x) for x <= 0 (or NaN) in the class loops. Default: fast_exp_nonpos, bit for bit
-// the CPU core's fast_exp_nonpos. ANOMFAST_CUDA_FAST: the hardware ex2.approx.ftz (relative error <= 2^-22
+// exp(x) for x <= 0 (or NaN) in the class loops. Default: the CPU core's fast_exp_nonpos,
+// bit for bit. ANOMFAST_CUDA_FAST: the hardware ex2.approx.ftz (relative error <= 2^-22
 // for 2^y, plus the rounding of y = x log2(e), |x| 2^-24 relative; results below 2^-126
 // flush to 0 as the CPU's below exp(-87.34)): histograms then differ from the CPU's.
 __device__ __forceinline__ float exp_nonpos(float x) {
@@ -306,8 +310,8 @@ __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t
 // instruction (whose zero maximum may carry either sign when -0 and +0 tie: the same bin,
 // and the same coordinates except max_logit's map, which may hold -0 for +0), and the S'
 // pass's test of c == k becomes the test of d == 0 (it needs a compare per class either
-// way). KEEP_K: a method reads k afterwards (SML's statistics,
-// GEN's own loop), so the pass also records it.
+// way). KEEP_K: a method reads k afterwards (SML's statistics, GEN's own loop), so the
+// pass also records it.
 template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true>
 __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], const void* lp, int64_t base,
                                         int64_t ls_c, int32_t C, Needs nd, float inv_t, float gamma,
@@ -391,8 +395,9 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
   return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
 }
 
-// The logits of PX neighbouring pixels (PX > 1: one vector load per class, W-stride 1) into registers,
-// every load issued before the first use; classes c >= C (run-time C) read as 0.
+// The logits of PX neighbouring pixels (PX > 1: one vector load per class, W-stride 1)
+// into registers, every load issued before the first use; classes c >= C (run-time C)
+// read as 0.
 template <int DT, int CR, int PX>
 __device__ __forceinline__ void load_pixels(const void* lp, int64_t base, int64_t ls_c, int32_t C,
                                             float (&xr)[PX][CR > 0 ? CR : 1]) {
