@@ -486,13 +486,19 @@ def section_walk_and_crop(g):
     out["crop"] = "exact"
     # pixel groups (fused_cuda.cu: group_ok): 4 (max_logit alone) or 2 neighbouring pixels a
     # turn with one vector load per class, against one pixel a turn (_set_pixel_groups(False)):
-    # W = 64 (groups of 4), 66 (pairs), bases 2 and 1 elements off an aligned group
-    for W in (64, 66):
-        xg = random_logits(g, 2, 19, 33, W)
+    # W = 64 (groups of 4), 66 (pairs), bases 2 and 1 elements off an aligned group; every
+    # dtype (fp16 / bf16 groups take the max and the non-finite screen on packed halves:
+    # load_half_group), with NaN / +inf / -inf logits in single pixels of a group
+    for W, dtype in ((64, torch.float32), (66, torch.float32), (64, torch.float16), (66, torch.float16),
+                     (64, torch.bfloat16), (66, torch.bfloat16)):
+        xg = random_logits(g, 2, 19, 33, W, dtype=dtype)
+        xg[0, 3, 1, 5] = float("nan")
+        xg[1, 18, 2, 2] = float("inf")
+        xg[1, 0, 3, 7] = -float("inf")
         yg = random_labels(g, 2, 33, W)
         views = {"contiguous": xg}
         for shift in (2, 1):
-            flat = torch.zeros(xg.numel() + shift, device=xg.device)
+            flat = torch.zeros(xg.numel() + shift, device=xg.device, dtype=dtype)
             flat[shift:] = xg.flatten()
             views[f"base +{shift}"] = flat[shift:].view(xg.shape)
         for name, v in views.items():
@@ -504,10 +510,12 @@ def section_walk_and_crop(g):
                     sync()
                 finally:
                     cuda._set_pixel_groups(True)
-                what = f"pixel groups, W={W} {name} {spg.names}"
+                what = f"pixel groups, {dtype} W={W} {name} {spg.names}"
                 assert same_state(h, h1) and torch.equal(c, c1), what
-                assert torch.equal(maps.cpu().view(torch.int32), m1.cpu().view(torch.int32)), what
-    out["pixel groups"] = "equal to one pixel a turn (W 64 / 66, bases +0 / +1 / +2)"
+                # values (a max of tied -0 / +0 may keep either sign; they share a bin)
+                assert torch.equal(maps.isnan(), m1.isnan()), what
+                assert torch.equal(maps.nan_to_num(), m1.nan_to_num()), what
+    out["pixel groups"] = "equal to one pixel a turn (fp32 / fp16 / bf16, W 64 / 66, bases +0 / +1 / +2)"
     return out
 
 

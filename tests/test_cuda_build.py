@@ -378,6 +378,9 @@ def emulation_checks(so_path):
             sp = resolve(["max_logit", "msp", "energy", "sml", "entropy", "gen"], sml=stats_cpu) if C > 1 else base
             x[0, 0, 0, :2] = float("nan")
             x[1, -1, 1, 3] = float("inf")
+            # one pixel of a pair (fp16 / bf16 pairs screen both with one packed max / min)
+            x[1, min(3, C - 1), 2, 6] = float("-inf")
+            x[0, min(5, C - 1), 3, 7] = float("nan")
             h, c, _ = compare(x, y, sp, name=f"{dtype} C={C}")
             for mode in (0, 2):
                 emu._set_hist_aggregation(mode)
@@ -448,6 +451,8 @@ def emulation_checks(so_path):
         for C, W in ((19, 44), (19, 46), (5, 44), (5, 42)):
             xm, ym = logits(2, C, 3, W, dt), labels(2, 3, W)
             xm[1, 2, 1, 5] = float("nan")
+            xm[0, 4, 2, 10] = float("-inf")  # the third and fourth pixel of a group of 4
+            xm[0, 0, 0, 3] = float("inf")
             compare(xm, ym, resolve(["max_logit"]), name=f"max_logit groups {dt} C={C} W={W}")
             for shift in (2, 1):
                 flat = torch.zeros(xm.numel() + shift, dtype=dt)

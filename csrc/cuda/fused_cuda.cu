@@ -7,7 +7,9 @@
 // kernels are specialized for (group_ok and the dispatch): then
 // each class of the group is one vector load (8 or 16 bytes of float32, 4 or 8 of fp16 /
 // bf16), and the loop's addressing and walk are paid once per group
-// (bench/sass_budget.py). Consecutive threads take consecutive pixels (groups) of the
+// (bench/sass_budget.py); fp16 / bf16 groups also find each pixel's max logit and screen
+// for non-finite logits on the packed halves, two pixels an instruction, before any
+// conversion (load_half_group). Consecutive threads take consecutive pixels (groups) of the
 // flattened (B, H, W) index, which runs along W, so for NCHW logits each class is read by
 // a warp as one coalesced line (channels-last and other strides work, one pixel a turn,
 // with more sectors per load). The grid is persistent (as many blocks as fit on the
@@ -142,6 +144,20 @@ __device__ __forceinline__ float load_logit(const void* base, int64_t off) {
   return Logit<DT>::to_float(__ldg(static_cast<const typename Logit<DT>::T*>(base) + off));
 }
 
+// fp16 / bf16: PX halves from p (aligned to PX of them) in PX / 2 32-bit words, one
+// load; pixel j in half j & 1 of word j / 2 (the low half of word 0 holds p[0]).
+template <int PX>
+__device__ __forceinline__ void load_half_words(const uint16_t* p, unsigned (&w)[PX / 2]) {
+  static_assert(PX == 2 || PX == 4, "groups of 2 or 4 pixels");
+  if constexpr (PX == 2) {
+    w[0] = __ldg(reinterpret_cast<const unsigned*>(p));
+  } else {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x;
+    w[1] = v.y;
+  }
+}
+
 // Logits off .. off + PX - 1 (one class of PX neighbouring pixels along W) with one vector
 // load: 4 * PX bytes for float32, 2 * PX for fp16 / bf16. The caller guarantees the
 // alignment (group_ok on the host: W-stride 1, offsets multiple of PX, an aligned base).
@@ -160,20 +176,59 @@ __device__ __forceinline__ void load_logit_group(const void* base, int64_t off, 
     x[2] = v.z;
     x[3] = v.w;
   } else {
-    // fp16 / bf16: PX halves in PX / 2 32-bit words, element off in the low half of word 0
-    static_assert(PX == 2 || PX == 4, "groups of 2 or 4 pixels");
     unsigned w[PX / 2];
-    if constexpr (PX == 2) {
-      w[0] = __ldg(reinterpret_cast<const unsigned*>(p));
-    } else {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-      w[0] = v.x;
-      w[1] = v.y;
-    }
+    load_half_words<PX>(p, w);
 #pragma unroll
     for (int j = 0; j < PX; ++j) x[j] = Logit<DT>::to_float((uint16_t)(w[j / 2] >> (16 * (j & 1))));
   }
 }
+
+#if defined(ANOMFAST_CUDA_EMULATE)
+// The host's stand-in for max.NaN / min.NaN.{f16x2, bf16x2}: per 16-bit lane, a NaN
+// (0x7fff) when either input is NaN, else the larger (MAX) / smaller input; on a tie
+// (-0 and +0, or equal values) the first.
+template <int DT, bool MAX>
+inline unsigned emulate_half2_minmax(unsigned a, unsigned b) {
+  unsigned d = 0;
+  for (int j = 0; j < 2; ++j) {
+    const uint16_t x = (uint16_t)(a >> (16 * j)), y = (uint16_t)(b >> (16 * j));
+    const float fx = Logit<DT>::to_float(x), fy = Logit<DT>::to_float(y);
+    const uint16_t r = (fx != fx || fy != fy) ? (uint16_t)0x7fffu : ((MAX ? fy > fx : fy < fx) ? y : x);
+    d |= (unsigned)r << (16 * j);
+  }
+  return d;
+}
+#endif
+
+// Two halves at once (fp16 or bf16 by DT; one pixel in each 16-bit lane of a 32-bit
+// word): the larger / smaller of each lane of a and b, NaN when either is NaN (PTX
+// max.NaN / min.NaN, sm_80+: one HMNMX2 for two pixels). Exact (a selection); which of
+// -0 and +0 a tie returns is not specified, and the two share a bin.
+template <int DT>
+__device__ __forceinline__ unsigned half2_max_nan(unsigned a, unsigned b) {
+#if defined(ANOMFAST_CUDA_EMULATE)
+  return emulate_half2_minmax<DT, true>(a, b);
+#else
+  unsigned d;
+  if constexpr (DT == F16) asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  else asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+#endif
+}
+template <int DT>
+__device__ __forceinline__ unsigned half2_min_nan(unsigned a, unsigned b) {
+#if defined(ANOMFAST_CUDA_EMULATE)
+  return emulate_half2_minmax<DT, false>(a, b);
+#else
+  unsigned d;
+  if constexpr (DT == F16) asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  else asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+#endif
+}
+
+// The half of word w that holds pixel j of a pair (pixel j & 1 of the word).
+__device__ __forceinline__ uint16_t half_of(unsigned w, int j) { return (uint16_t)(w >> (16 * (j & 1))); }
 
 // The raw value of the label at element offset off (pixel.h: the dtype switch).
 __device__ __forceinline__ int64_t load_label(const void* yp, int32_t dt, int64_t off) {
@@ -312,10 +367,10 @@ __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t
 // pass's test of c == k becomes the test of d == 0 (it needs a compare per class either
 // way). KEEP_K: a method reads k afterwards (SML's statistics, GEN's own loop), so the
 // pass also records it.
-template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true>
+template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true, bool PRE = false>
 __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], const void* lp, int64_t base,
                                         int64_t ls_c, int32_t C, Needs nd, float inv_t, float gamma,
-                                        PixelSums& s) {
+                                        PixelSums& s, float m_pre = 0.0f, bool bad_pre = false) {
   auto X = [&](int c) -> float {
     if constexpr (CR > 0) return xr[c];
     else return load_logit<DT>(lp, base + c * ls_c);
@@ -326,19 +381,25 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
   // one add per class, and only a non-finite sum asks the exact (out-of-line) check
   float sum = m;
   int32_t k = 0;
-  if (NEED_K && !late_k) {
+  const bool k_pass = NEED_K && !late_k;
+  if (k_pass) {
     for_classes<CR, 1>(C, [&](int c) {
       const float x = X(c);
       k = x > m ? c : k;  // first maximum
       m = m < x ? x : m;  // std::max(m, x), NaN handling included
       sum += x;
     });
-  } else {
+  } else if constexpr (!PRE) {
     for_classes<CR, 1>(C, [&](int c) {
       const float x = X(c);
       m = fmaxf(m, x);
       sum += x;
     });
+  }
+  // PRE: the caller found the max and the non-finite logits (load_half_group); the k
+  // pass above (m from its compare-and-select, as without PRE) still runs where needed
+  if constexpr (PRE) {
+    if (!k_pass) m = m_pre;
   }
   // with late_k, whether the first maximum has been passed (then k holds it)
   bool seen = false;
@@ -392,7 +453,8 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
   s.sT = sT;
   s.sx = sx;
   s.gen = g;
-  return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
+  if constexpr (PRE) return bad_pre;
+  else return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
 }
 
 // The logits of PX neighbouring pixels (PX > 1: one vector load per class, W-stride 1)
@@ -413,6 +475,47 @@ __device__ __forceinline__ void load_pixels(const void* lp, int64_t base, int64_
         xr[0][c] = c < C ? load_logit<DT>(lp, base + c * ls_c) : 0.0f;
       }
     }
+  }
+}
+
+// fp16 / bf16 groups (PX > 1, C <= CR in registers): the logits as loaded, PX / 2 words of
+// two pixels per class, and per pixel j its max logit m[j] and whether some logit is NaN
+// or +-inf (bad[j]), from a max and a min over the classes with NaN propagation, two
+// pixels an instruction: the max of the halves, converted once, is the max of the
+// converted logits (conversion is exact and monotonic), and the max is NaN or +inf or the
+// min -inf exactly when some logit is not finite, so neither the max pass's per-class
+// max instruction and conversion nor the sum that screens for non-finite logits is paid
+// (sums_of with PRE). The floats xr of the later passes are converted from the words.
+template <int DT, int CR, int PX>
+__device__ __forceinline__ void load_half_group(const void* lp, int64_t base, int64_t ls_c, int32_t C,
+                                                float (&xr)[PX][CR], float (&m)[PX], bool (&bad)[PX]) {
+  static_assert(DT != F32 && PX > 1 && CR > 0, "fp16 / bf16 pixel groups in registers");
+  unsigned hw[CR][PX / 2];
+#pragma unroll
+  for (int c = 0; c < CR; ++c) {
+    if (c < C) load_half_words<PX>(static_cast<const uint16_t*>(lp) + base + c * ls_c, hw[c]);
+  }
+  constexpr uint16_t EXP = DT == F16 ? 0x7c00u : 0x7f80u;  // a half's exponent field
+#pragma unroll
+  for (int i = 0; i < PX / 2; ++i) {
+    unsigned mx = hw[0][i], mn = hw[0][i];
+#pragma unroll
+    for (int c = 1; c < CR; ++c) {
+      if (c < C) {
+        mx = half2_max_nan<DT>(mx, hw[c][i]);
+        mn = half2_min_nan<DT>(mn, hw[c][i]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      m[2 * i + h] = Logit<DT>::to_float(half_of(mx, h));
+      bad[2 * i + h] = (half_of(mx, h) & EXP) == EXP || (half_of(mn, h) & EXP) == EXP;
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < CR; ++c) {
+#pragma unroll
+    for (int j = 0; j < PX; ++j) xr[j][c] = c < C ? Logit<DT>::to_float(half_of(hw[c][j / 2], j)) : 0.0f;
   }
 }
 
@@ -580,6 +683,8 @@ template <int DT, int CK, int MASK, int PX>
 __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   constexpr int CR = class_regs<CK>();
   static_assert(PX == 1 || CR > 0, "pixel groups need the logits in registers");
+  // fp16 / bf16 groups: max and non-finite screen on the packed halves (load_half_group)
+  constexpr bool HALF_GROUPS = PX > 1 && DT != F32;
   constexpr bool GENERIC = MASK == ALL_KINDS;
   unsigned char* smem = dynamic_smem();
   __shared__ unsigned long long s_cnt[N_COUNTERS];
@@ -636,14 +741,20 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
     for (int j = 0; j < PX; ++j)
       raw[j] = P.with_hist && active ? load_label(yp, a.label_dtype, cur.yo + j * a.ys_w) : 0;
     float xr[PX][CR > 0 ? CR : 1];
-    if (active) load_pixels<DT, CR, PX>(lp, cur.lo, a.ls_c, C, xr);
+    float m_pre[PX] = {};
+    bool bad_pre[PX] = {};
+    if (active) {
+      if constexpr (HALF_GROUPS) load_half_group<DT, CR, PX>(lp, cur.lo, a.ls_c, C, xr, m_pre, bad_pre);
+      else load_pixels<DT, CR, PX>(lp, cur.lo, a.ls_c, C, xr);
+    }
 #pragma unroll
     for (int j = 0; j < PX; ++j) {
       const int64_t p = u * PX + j;  // the pixel's flat index (maps)
       PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
       bool pix_bad = false;
       if (active)
-        pix_bad = sums_of<DT, CR, NEED_K, KEEP_K>(xr[j], lp, cur.lo + j, a.ls_c, C, nd, P.inv_t, a.gen_gamma, s);
+        pix_bad = sums_of<DT, CR, NEED_K, KEEP_K, HALF_GROUPS>(xr[j], lp, cur.lo + j, a.ls_c, C, nd, P.inv_t,
+                                                               a.gen_gamma, s, m_pre[j], bad_pre[j]);
       // each requested kind's coordinate, once (method_coord with a constant code folds to
       // that method's formula); a non-finite one (SML with a zero std, energy past the
       // float range) makes the pixel skipped and counted for all methods, as on the CPU
