@@ -441,6 +441,23 @@ def emulation_checks(so_path):
     xt[1, 7:8, 1] = top[1, :, 1] - 2.0**-20
     for names in (["max_logit", "msp", "energy", "entropy"], ["max_logit", "msp", "gen"]):
         compare(xt, yt, resolve(names), name=f"tied maxima {names}")
+    # the specialized 4-method kernels screen for non-finite logits with the entropy sum
+    # (fused_cuda.cu: SX_SCREEN): NaN, +inf and -inf in single pixels (of a pair, and one a
+    # turn), a pixel of -inf only, and finite logits further apart than the float range
+    # (d = -inf: the pixel is finite and summed again with the clamped terms)
+    sp4 = resolve(["max_logit", "msp", "energy", "entropy"])
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for W in (46, 45):
+            x4, y4 = logits(2, 19, 3, W, dt), labels(2, 3, W)
+            x4[0, 4, 0, 1] = float("nan")
+            x4[0, 7, 1, 2] = float("inf")
+            x4[1, 0, 2, 3] = -float("inf")
+            x4[1, :, 0, 5] = -float("inf")
+            if dt != torch.float16:
+                x4[1, 2, 1, 8], x4[1, 9, 1, 8] = 3e38, -3e38
+                assert torch.isinf(x4[1, 9, 1, 8].float() - x4[1, 2, 1, 8].float())
+            _, c4, m4 = compare(x4, y4, sp4, name=f"4 methods, non-finite screen {dt} W={W}")
+            assert torch.isfinite(m4[:, 1, 1, 8]).all() and m4[:, 0, 0, 1].isnan().all(), "finite / NaN pixels"
     st = anomfast.fit_sml(xt, yt, missing="global")
     compare(xt, yt, resolve(["max_logit", "msp", "energy", "sml"], sml=st), name="tied maxima, sml")
     # max_logit alone takes groups of 4 pixels where W and the offsets allow, else pairs, else

@@ -183,13 +183,14 @@ __device__ __forceinline__ void load_logit_group(const void* base, int64_t off, 
   }
 }
 
-#if defined(ANOMFAST_CUDA_EMULATE)
-// The host's stand-in for max.NaN / min.NaN.{f16x2, bf16x2}: per 16-bit lane, a NaN
-// (0x7fff) when either input is NaN, else the larger (MAX) / smaller input; on a tie
-// (-0 and +0, or equal values) the first.
+// max.NaN / min.NaN.{f16x2, bf16x2} in software, for the host emulation and devices
+// before sm_80 (which lack the instructions): per 16-bit lane, a NaN (0x7fff) when either
+// input is NaN, else the larger (MAX) / smaller input; on a tie (-0 and +0, or equal
+// values) the first.
 template <int DT, bool MAX>
-inline unsigned emulate_half2_minmax(unsigned a, unsigned b) {
+__device__ __forceinline__ unsigned half2_minmax_soft(unsigned a, unsigned b) {
   unsigned d = 0;
+#pragma unroll
   for (int j = 0; j < 2; ++j) {
     const uint16_t x = (uint16_t)(a >> (16 * j)), y = (uint16_t)(b >> (16 * j));
     const float fx = Logit<DT>::to_float(x), fy = Logit<DT>::to_float(y);
@@ -198,16 +199,16 @@ inline unsigned emulate_half2_minmax(unsigned a, unsigned b) {
   }
   return d;
 }
-#endif
 
 // Two halves at once (fp16 or bf16 by DT; one pixel in each 16-bit lane of a 32-bit
 // word): the larger / smaller of each lane of a and b, NaN when either is NaN (PTX
-// max.NaN / min.NaN, sm_80+: one HMNMX2 for two pixels). Exact (a selection); which of
-// -0 and +0 a tie returns is not specified, and the two share a bin.
+// max.NaN / min.NaN, sm_80+: one HMNMX2 for two pixels, or one VHMNMX for three inputs).
+// Exact (a selection); which of -0 and +0 a tie returns is not specified, and the two
+// share a bin.
 template <int DT>
 __device__ __forceinline__ unsigned half2_max_nan(unsigned a, unsigned b) {
-#if defined(ANOMFAST_CUDA_EMULATE)
-  return emulate_half2_minmax<DT, true>(a, b);
+#if defined(ANOMFAST_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
+  return half2_minmax_soft<DT, true>(a, b);
 #else
   unsigned d;
   if constexpr (DT == F16) asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
@@ -217,8 +218,8 @@ __device__ __forceinline__ unsigned half2_max_nan(unsigned a, unsigned b) {
 }
 template <int DT>
 __device__ __forceinline__ unsigned half2_min_nan(unsigned a, unsigned b) {
-#if defined(ANOMFAST_CUDA_EMULATE)
-  return emulate_half2_minmax<DT, false>(a, b);
+#if defined(ANOMFAST_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
+  return half2_minmax_soft<DT, false>(a, b);
 #else
   unsigned d;
   if constexpr (DT == F16) asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
@@ -320,6 +321,11 @@ __device__ __forceinline__ float exp_nonpos(float x) {
 #endif
 }
 
+// S' += s1_term(e, is_k), as a select of the sum: the same value (s1 + 0 is s1 for the
+// s1 >= +0 or NaN it holds), and nvcc makes it one predicated add where the select of
+// the term costs a select and an add.
+__device__ __forceinline__ float add_s1(float s1, float e, bool is_k) { return is_k ? s1 : s1 + e; }
+
 // Calls f(c) for c = C0 .. C - 1 in order. CR > 0: fully unrolled to CR with a c < C
 // guard (which folds away when C is the compile-time CR), so register arrays indexed by
 // c stay in registers.
@@ -341,7 +347,7 @@ struct Needs {
 };
 
 // Some logit of the pixel is NaN or +-inf (the CPU core's test: x * 0 != 0). Out of line:
-// only pixels whose logit sum is not finite get here.
+// only pixels whose screen (the logit sum, or sx with SX_SCREEN) is not finite get here.
 template <int DT>
 __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t ls_c, int32_t C) {
   bool bad = false;
@@ -367,7 +373,16 @@ __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t
 // pass's test of c == k becomes the test of d == 0 (it needs a compare per class either
 // way). KEEP_K: a method reads k afterwards (SML's statistics, GEN's own loop), so the
 // pass also records it.
-template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true, bool PRE = false>
+//
+// Non-finite logits are screened for with one add per class (the logit sum; then the
+// exact check) unless the caller did it (PRE: m_pre, bad_pre from load_half_group) or
+// SX_SCREEN: the kernel always computes the entropy sum sx, whose unclamped terms make it
+// NaN exactly when some logit is not finite or d overflows (see the S' pass), so that
+// the max pass is one instruction per class.
+template <int DT>
+__device__ __noinline__ float sx_from_memory(const void* lp, int64_t base, int64_t ls_c, int32_t C, float m);
+
+template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true, bool PRE = false, bool SX_SCREEN = false>
 __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], const void* lp, int64_t base,
                                         int64_t ls_c, int32_t C, Needs nd, float inv_t, float gamma,
                                         PixelSums& s, float m_pre = 0.0f, bool bad_pre = false) {
@@ -393,7 +408,7 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
     for_classes<CR, 1>(C, [&](int c) {
       const float x = X(c);
       m = fmaxf(m, x);
-      sum += x;
+      if constexpr (!SX_SCREEN) sum += x;
     });
   }
   // PRE: the caller found the max and the non-finite logits (load_half_group); the k
@@ -422,15 +437,19 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
       const float d = X(c) - m;
       const float e = exp_nonpos(d);
       if constexpr (CR > 0) er[c] = e;
-      s1 += s1_term(e, is_k(c, d));
-      sx += entropy_term(e, d);
+      s1 = add_s1(s1, e, is_k(c, d));
+      // SX_SCREEN: e * d unclamped, so that a d of -inf (a logit of -inf, or finite logits
+      // further apart than the float range) makes sx NaN (0 * -inf) as NaN and +inf
+      // logits do (a NaN d): the screen below; elsewhere the same value (e is 0 there)
+      if constexpr (SX_SCREEN) sx += e * d;
+      else sx += entropy_term(e, d);
     });
   } else if (nd.s1) {
     for_classes<CR, 0>(C, [&](int c) {
       const float d = X(c) - m;
       const float e = exp_nonpos(d);
       if constexpr (CR > 0) er[c] = e;
-      s1 += s1_term(e, is_k(c, d));
+      s1 = add_s1(s1, e, is_k(c, d));
     });
   }
   if (nd.sT) {
@@ -453,8 +472,35 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
   s.sT = sT;
   s.sx = sx;
   s.gen = g;
-  if constexpr (PRE) return bad_pre;
-  else return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
+  if constexpr (SX_SCREEN) {
+    // sx is NaN exactly when some logit is not finite or two finite ones are further apart
+    // than the float range: the exact check tells them apart, and the latter pixel is
+    // summed again with the clamped terms (out of line; no real network gets there)
+    if (!nonfinite_bits(f2u(sx))) return false;
+    s.sx = sx_from_memory<DT>(lp, base, ls_c, C, m);
+    return s.sx != s.sx;
+  } else if constexpr (PRE) {
+    return bad_pre;
+  } else {
+    return nonfinite_bits(f2u(sum)) && any_nonfinite<DT>(lp, base, ls_c, C);
+  }
+}
+
+// SX_SCREEN's second look at a pixel whose sx is NaN (out of line): NaN when some logit is
+// NaN or +-inf (any_nonfinite's test), else (finite logits further apart than the float
+// range: d = -inf for some class) sx again with the clamped terms, whose value the other
+// classes' unclamped terms already had. The only sum d = -inf spoils: e is 0 there.
+template <int DT>
+__device__ __noinline__ float sx_from_memory(const void* lp, int64_t base, int64_t ls_c, int32_t C, float m) {
+  bool bad = false;
+  for (int32_t c = 0; c < C; ++c) bad |= load_logit<DT>(lp, base + c * ls_c) * 0.0f != 0.0f;
+  if (bad) return u2f(0x7fc00000u);
+  float sx = 0.0f;
+  for (int32_t c = 0; c < C; ++c) {
+    const float d = load_logit<DT>(lp, base + c * ls_c) - m;
+    sx += entropy_term(exp_nonpos(d), d);
+  }
+  return sx;
 }
 
 // The logits of PX neighbouring pixels (PX > 1: one vector load per class, W-stride 1)
@@ -485,8 +531,9 @@ __device__ __forceinline__ void load_pixels(const void* lp, int64_t base, int64_
 // converted logits (conversion is exact and monotonic), and the max is NaN or +inf or the
 // min -inf exactly when some logit is not finite, so neither the max pass's per-class
 // max instruction and conversion nor the sum that screens for non-finite logits is paid
-// (sums_of with PRE). The floats xr of the later passes are converted from the words.
-template <int DT, int CR, int PX>
+// (sums_of with PRE). Without SCREEN (the kernel screens with sx: SX_SCREEN) no min and
+// bad[j] false. The floats xr of the later passes are converted from the words.
+template <int DT, int CR, int PX, bool SCREEN>
 __device__ __forceinline__ void load_half_group(const void* lp, int64_t base, int64_t ls_c, int32_t C,
                                                 float (&xr)[PX][CR], float (&m)[PX], bool (&bad)[PX]) {
   static_assert(DT != F32 && PX > 1 && CR > 0, "fp16 / bf16 pixel groups in registers");
@@ -503,13 +550,13 @@ __device__ __forceinline__ void load_half_group(const void* lp, int64_t base, in
     for (int c = 1; c < CR; ++c) {
       if (c < C) {
         mx = half2_max_nan<DT>(mx, hw[c][i]);
-        mn = half2_min_nan<DT>(mn, hw[c][i]);
+        if constexpr (SCREEN) mn = half2_min_nan<DT>(mn, hw[c][i]);
       }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       m[2 * i + h] = Logit<DT>::to_float(half_of(mx, h));
-      bad[2 * i + h] = (half_of(mx, h) & EXP) == EXP || (half_of(mn, h) & EXP) == EXP;
+      bad[2 * i + h] = SCREEN && ((half_of(mx, h) & EXP) == EXP || (half_of(mn, h) & EXP) == EXP);
     }
   }
 #pragma unroll
@@ -683,9 +730,12 @@ template <int DT, int CK, int MASK, int PX>
 __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   constexpr int CR = class_regs<CK>();
   static_assert(PX == 1 || CR > 0, "pixel groups need the logits in registers");
-  // fp16 / bf16 groups: max and non-finite screen on the packed halves (load_half_group)
-  constexpr bool HALF_GROUPS = PX > 1 && DT != F32;
   constexpr bool GENERIC = MASK == ALL_KINDS;
+  // the set always computes the entropy sum, which then screens for non-finite logits
+  constexpr bool SX_SCREEN = !GENERIC && has_kind(MASK, ENTROPY);
+  // fp16 / bf16 groups: the max (and, without SX_SCREEN, the non-finite screen) on the
+  // packed halves (load_half_group)
+  constexpr bool HALF_GROUPS = PX > 1 && DT != F32;
   unsigned char* smem = dynamic_smem();
   __shared__ unsigned long long s_cnt[N_COUNTERS];
   __shared__ int64_t s_steps[8];
@@ -744,7 +794,7 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
     float m_pre[PX] = {};
     bool bad_pre[PX] = {};
     if (active) {
-      if constexpr (HALF_GROUPS) load_half_group<DT, CR, PX>(lp, cur.lo, a.ls_c, C, xr, m_pre, bad_pre);
+      if constexpr (HALF_GROUPS) load_half_group<DT, CR, PX, !SX_SCREEN>(lp, cur.lo, a.ls_c, C, xr, m_pre, bad_pre);
       else load_pixels<DT, CR, PX>(lp, cur.lo, a.ls_c, C, xr);
     }
 #pragma unroll
@@ -753,8 +803,9 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
       PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
       bool pix_bad = false;
       if (active)
-        pix_bad = sums_of<DT, CR, NEED_K, KEEP_K, HALF_GROUPS>(xr[j], lp, cur.lo + j, a.ls_c, C, nd, P.inv_t,
-                                                               a.gen_gamma, s, m_pre[j], bad_pre[j]);
+        pix_bad = sums_of<DT, CR, NEED_K, KEEP_K, HALF_GROUPS, SX_SCREEN>(xr[j], lp, cur.lo + j, a.ls_c, C, nd,
+                                                                          P.inv_t, a.gen_gamma, s, m_pre[j],
+                                                                          bad_pre[j]);
       // each requested kind's coordinate, once (method_coord with a constant code folds to
       // that method's formula); a non-finite one (SML with a zero std, energy past the
       // float range) makes the pixel skipped and counted for all methods, as on the CPU
