@@ -194,6 +194,22 @@ ANOMFAST_HD float entropy_term(float e, float d) {
 #endif
 }
 
+// a / b in the coordinate formulas (msp, entropy, log1p's correction: 1 <= b <= C). The
+// CUDA kernel's opt-in fast mode (ANOMFAST_CUDA_FAST, device code) takes the hardware
+// reciprocal and a multiply (__fdividef: at most 2 ulp off for such b, where the IEEE
+// division costs ~9 instructions and an out-of-line slow path); everywhere else a / b.
+ANOMFAST_HD float score_div(float a, float b) {
+#if defined(ANOMFAST_CUDA_FAST) && defined(__CUDA_ARCH__)
+#if ANOMFAST_CUDA_FAST
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+#else
+  return a / b;
+#endif
+}
+
 // log(x) for finite x > 0 (normal range).
 ANOMFAST_HD float fast_log(float x) {
   uint32_t u = f2u(x);
@@ -228,7 +244,7 @@ ANOMFAST_HD float fast_log(float x) {
 ANOMFAST_HD float fast_log1p(float x) {
   float series = x * (1.0f - x * (0.5f - x * (0.33333333f - 0.25f * x)));
   float u = 1.0f + x;
-  float corrected = fast_log(u) - ((u - 1.0f) - x) / u;
+  float corrected = fast_log(u) - score_div((u - 1.0f) - x, u);
   return x < 1e-3f ? series : corrected;
 }
 
@@ -273,7 +289,7 @@ ANOMFAST_HD float energy_score(float m, float s1, float sT, float temperature) {
 
 // Entropy of the softmax in nats, clamped at 0 (rounding can dip below for one-hot pixels).
 ANOMFAST_HD float entropy_score(float s1, float sx) {
-  float h = fast_log1p(s1) - sx / (1.0f + s1);
+  float h = fast_log1p(s1) - score_div(sx, 1.0f + s1);
   return h < 0.0f ? 0.0f : h;
 }
 
@@ -282,7 +298,7 @@ ANOMFAST_HD float entropy_score(float s1, float sx) {
 // once for both methods (the CUDA kernel; the compiler does not merge the two calls).
 ANOMFAST_HD float energy_score_t1(float m, float log1p_s1) { return -(m + log1p_s1); }
 ANOMFAST_HD float entropy_score_l1p(float s1, float sx, float log1p_s1) {
-  float h = log1p_s1 - sx / (1.0f + s1);
+  float h = log1p_s1 - score_div(sx, 1.0f + s1);
   return h < 0.0f ? 0.0f : h;
 }
 
@@ -297,7 +313,7 @@ ANOMFAST_HD float method_coord(int32_t method, const PixelSums& s, float tempera
     case MAX_LOGIT:
       return -s.m;
     case MSP:  // u = 1 - max softmax
-      return s.s1 / z;
+      return score_div(s.s1, z);
     case ENERGY:
       return energy_score(s.m, s.s1, s.sT, temperature);
     case SML:

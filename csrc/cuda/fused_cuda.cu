@@ -27,7 +27,8 @@
 // (score_math.h: score_fma) are FFMAs here and exact double-rounded emulations there,
 // checked equal on every input (the AVX2+FMA CPU build contracts other expressions and
 // differs in the last bits). ANOMFAST_CUDA_FAST (opt-in) trades that for speed:
-// hardware exp2 and FMA contraction (exp_nonpos below; CMakeLists.txt).
+// hardware exp2, reciprocal divisions and FMA contraction (exp_nonpos below, score_math.h:
+// score_div; CMakeLists.txt).
 //
 // Compile-time specialization (with_kernel_config, the one switch): the logit dtype; the
 // class count (C = 19 and 21 exactly, so class loops unroll without guards; any other

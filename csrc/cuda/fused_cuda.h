@@ -46,7 +46,7 @@ struct CudaInfo {
   int cuda_version = 0;          // CUDART_VERSION the module was compiled against
   std::string archs;             // CMAKE_CUDA_ARCHITECTURES of the build
   bool fmad = false;             // compiled with FMA contraction (-fmad=true)
-  bool fast = false;             // ANOMFAST_CUDA_FAST: ex2.approx exps, not bit-identical to the CPU core
+  bool fast = false;             // ANOMFAST_CUDA_FAST: ex2.approx exps, __fdividef divisions: not bit-identical
   bool probed = false;           // the fields below were filled by asking the runtime
   bool runtime_ok = false;       // cudaGetDeviceCount succeeded
   int device_count = 0;
