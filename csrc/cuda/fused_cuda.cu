@@ -778,6 +778,9 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
   nd.sT = nd.sT && (SET_NEEDS & NEED_TEMP);
   nd.sx = nd.sx && (SET_NEEDS & NEED_SX);
   nd.gen = nd.gen && (SET_NEEDS & NEED_GEN);
+  // a specialized set with entropy always asks for sx (it names each method once), and the
+  // non-finite screen rests on it: fold the branch
+  if constexpr (SX_SCREEN) nd.sx = true;
   uint32_t cnt[N_COUNTERS] = {0, 0, 0, 0};  // per thread: < 2^31 pixels each (launch)
 
   const int64_t stride = (int64_t)gridDim.x * THREADS;
