@@ -430,16 +430,21 @@ def bits(seed):
     """--bits (child of section_baseline_bits): GPU == baseline CPU build, bit for bit."""
     assert anomfast.build_info()["cpu_isa"] == "baseline", anomfast.build_info()["cpu_isa"]
     g = torch.Generator(device="cuda").manual_seed(seed)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x = random_logits(g, 2, 19, 61, 97, dtype=dtype)
-        y = random_labels(g, 2, 61, 97)
+    # W = 97: one pixel a turn; W = 98: pixel pairs (fp16 / bf16: the packed max). One pixel
+    # with finite logits 6e38 apart (fp32, bf16): the 4-method kernels' second look at sx
+    for dtype, W in ((torch.float32, 97), (torch.float16, 97), (torch.bfloat16, 97), (torch.float32, 98),
+                     (torch.float16, 98), (torch.bfloat16, 98)):
+        x = random_logits(g, 2, 19, 31, W, dtype=dtype)
+        y = random_labels(g, 2, 31, W)
+        if dtype != torch.float16:
+            x[0, 2, 1, 8], x[0, 9, 1, 8] = 3e38, -3e38
         stats = anomfast.fit_sml(x.float().cpu())
         for params in (dict(), dict(temperature=1.7, entropy_normalize=True, gen_gamma=0.3)):
             for methods in (["max_logit"], ["max_logit", "msp", "energy", "entropy"], METHODS4, ALL):
                 sp = resolve(methods, sml=stats, **params)
                 hg, cg, mg = _fused.fused_pass(x, y, sp, want_maps=True)
                 hc, cc, mc = _fused.fused_pass(x.cpu(), y.cpu(), sp, want_maps=True)
-                what = f"{dtype} {methods} {params}"
+                what = f"{dtype} W={W} {methods} {params}"
                 assert torch.equal(cg.cpu(), cc), what
                 assert torch.equal(mg.cpu().view(torch.int32), mc.view(torch.int32)), f"maps differ: {what}"
                 assert same_state(hg, hc), f"histograms differ: {what}"
@@ -495,6 +500,8 @@ def section_walk_and_crop(g):
         xg[0, 3, 1, 5] = float("nan")
         xg[1, 18, 2, 2] = float("inf")
         xg[1, 0, 3, 7] = -float("inf")
+        if dtype != torch.float16:  # finite logits 6e38 apart: d = -inf, the 4-method kernels' second look
+            xg[0, 2, 4, 9], xg[0, 9, 4, 9] = 3e38, -3e38
         yg = random_labels(g, 2, 33, W)
         views = {"contiguous": xg}
         for shift in (2, 1):
@@ -502,7 +509,7 @@ def section_walk_and_crop(g):
             flat[shift:] = xg.flatten()
             views[f"base +{shift}"] = flat[shift:].view(xg.shape)
         for name, v in views.items():
-            for spg in (resolve(["max_logit"]), sp):
+            for spg in (resolve(["max_logit"]), sp, resolve(["max_logit", "msp", "energy", "entropy"])):
                 h, c, maps = _fused.fused_pass(v, yg, spg, want_maps=True)
                 cuda._set_pixel_groups(False)
                 try:

@@ -352,6 +352,7 @@ def emulation_checks(so_path):
             emu._set_pixel_groups(True)
         assert same_state(h1, h) and torch.equal(c1, c) and torch.equal(m1.isnan(), maps.isnan()), (name, "pairs")
         assert torch.equal(torch.nan_to_num(m1), torch.nan_to_num(maps)), (name, "pair maps")
+        assert torch.equal(maps.isnan(), mc.isnan()), (name, "NaN maps (non-finite pixels) differ from the CPU's")
         cls = (lm or LabelMap.default()).classify(y)
         fin = torch.isfinite(x.float()).all(dim=1)
         assert_state_equals_binning(h, maps, cls, ok=fin, what=name, sig_mask=exact_mask(sp.names))
@@ -458,6 +459,16 @@ def emulation_checks(so_path):
                 assert torch.isinf(x4[1, 9, 1, 8].float() - x4[1, 2, 1, 8].float())
             _, c4, m4 = compare(x4, y4, sp4, name=f"4 methods, non-finite screen {dt} W={W}")
             assert torch.isfinite(m4[:, 1, 1, 8]).all() and m4[:, 0, 0, 1].isnan().all(), "finite / NaN pixels"
+    # fp16 / bf16 pairs in the generic kernel where the argmax comes from the max pass (no S'
+    # pass: sml without msp, energy at T != 1): the packed max / screen with the k pass
+    for dt in (torch.float16, torch.bfloat16):
+        xk, yk = logits(2, 19, 3, 46, dt), labels(2, 3, 46)
+        stk = anomfast.fit_sml(xk, yk, missing="global")
+        xk[0, 4, 1, 3] = -float("inf")
+        xk[1, 6, 0, 8] = float("nan")
+        xk[1, 0, 2, 9] = float("inf")
+        for names, kw in ((["max_logit", "sml"], {}), (["sml"], {}), (["energy"], dict(temperature=1.7))):
+            compare(xk, yk, resolve(names, sml=stk, **kw), name=f"generic pairs with the k pass {dt} {names}")
     st = anomfast.fit_sml(xt, yt, missing="global")
     compare(xt, yt, resolve(["max_logit", "msp", "energy", "sml"], sml=st), name="tied maxima, sml")
     # max_logit alone takes groups of 4 pixels where W and the offsets allow, else pairs, else

@@ -164,19 +164,16 @@ ANOMFAST_HD float fast_exp_nonpos(float x) {
 
 // The per-class terms of the class loops, with e = fast_exp_nonpos(d), d = l_c - m <= 0
 // (NaN when a logit is not finite: such pixels are never binned, their maps hold NaN).
-// Both cores add them in class order 0 .. C - 1. On the device each takes a form one
-// instruction cheaper with the same value wherever the pixel is finite (on the host the
+// Both cores add them in class order 0 .. C - 1. On the device they take forms a few
+// instructions cheaper with the same value wherever the pixel is finite (on the host the
 // form the CPU core has always computed: GCC contracts the neighbouring sums of its
 // vectorized loops differently with another form, which changes their last bits).
 //
-// S' = sum_{c != k} e_c: class c's term, 0 for the argmax k (whose e is 1). 0 * e and a
-// select of 0 are both +0 for e >= 0.
+// S' = sum_{c != k} e_c: class c's term, 0 for the argmax k (whose e is 1); the CPU core
+// adds it (0 * e is +0 for e >= 0), the CUDA kernel skips the add for k (fused_cuda.cu:
+// add_s1, the same sum).
 ANOMFAST_HD float s1_term(float e, bool is_k) {
-#if ANOMFAST_DEVICE_FORMS
-  return is_k ? 0.0f : e;
-#else
   return (float)(int32_t)!is_k * e;  // via int32: GCC vectorizes a signed conversion, not a bool one
-#endif
 }
 
 // The entropy sum sx = sum_c e_c (l_c - m): class c's term. Where e is 0 the term is 0:

@@ -348,7 +348,8 @@ struct Needs {
 };
 
 // Some logit of the pixel is NaN or +-inf (the CPU core's test: x * 0 != 0). Out of line:
-// only pixels whose screen (the logit sum, or sx with SX_SCREEN) is not finite get here.
+// only pixels whose screen (the logit sum; with SX_SCREEN sx, via sx_from_memory) is not
+// finite get here.
 template <int DT>
 __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t ls_c, int32_t C) {
   bool bad = false;
@@ -430,9 +431,10 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
   float er[CR > 0 ? CR : 1];  // e_c of the S' pass, reused by GEN (registers when CR > 0)
   // d = l_c - m <= 0 (NaN when a logit is not finite, a pixel that is never binned):
   // exp_nonpos, as the CPU core. The sums equal the CPU core's bit for bit on finite
-  // pixels: adding 0 for c == k (instead of 0 * e) leaves s1 as it is, and the entropy
-  // term clamps d at EXP_ZERO_BELOW instead of zeroing it below (where e is 0 either way,
-  // so the term is -0 or +0, and sx, never -0, is unchanged by either).
+  // pixels: skipping the add for c == k (instead of adding 0 * e) leaves s1 as it is,
+  // and the entropy term clamps d at EXP_ZERO_BELOW instead of zeroing it below, or
+  // (SX_SCREEN) does not clamp it (where e is 0 either way, so the term is -0 or +0, and
+  // sx, never -0, is unchanged by either).
   if (nd.sx) {
     for_classes<CR, 0>(C, [&](int c) {
       const float d = X(c) - m;
@@ -441,7 +443,8 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
       s1 = add_s1(s1, e, is_k(c, d));
       // SX_SCREEN: e * d unclamped, so that a d of -inf (a logit of -inf, or finite logits
       // further apart than the float range) makes sx NaN (0 * -inf) as NaN and +inf
-      // logits do (a NaN d): the screen below; elsewhere the same value (e is 0 there)
+      // logits do (a NaN d): the screen below; elsewhere the same value (e is 0 there;
+      // fast mode's ex2 may give 2^-126 at the clamp's edge, a 1e-45 difference)
       if constexpr (SX_SCREEN) sx += e * d;
       else sx += entropy_term(e, d);
     });
@@ -493,9 +496,7 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
 // classes' unclamped terms already had. The only sum d = -inf spoils: e is 0 there.
 template <int DT>
 __device__ __noinline__ float sx_from_memory(const void* lp, int64_t base, int64_t ls_c, int32_t C, float m) {
-  bool bad = false;
-  for (int32_t c = 0; c < C; ++c) bad |= load_logit<DT>(lp, base + c * ls_c) * 0.0f != 0.0f;
-  if (bad) return u2f(0x7fc00000u);
+  if (any_nonfinite<DT>(lp, base, ls_c, C)) return u2f(0x7fc00000u);
   float sx = 0.0f;
   for (int32_t c = 0; c < C; ++c) {
     const float d = load_logit<DT>(lp, base + c * ls_c) - m;
