@@ -202,28 +202,19 @@ __device__ __forceinline__ unsigned half2_minmax_soft(unsigned a, unsigned b) {
 }
 
 // Two halves at once (fp16 or bf16 by DT; one pixel in each 16-bit lane of a 32-bit
-// word): the larger / smaller of each lane of a and b, NaN when either is NaN (PTX
+// word): the larger (MAX) / smaller of each lane of a and b, NaN when either is NaN (PTX
 // max.NaN / min.NaN, sm_80+: one HMNMX2 for two pixels, or one VHMNMX for three inputs).
 // Exact (a selection); which of -0 and +0 a tie returns is not specified, and the two
 // share a bin.
-template <int DT>
-__device__ __forceinline__ unsigned half2_max_nan(unsigned a, unsigned b) {
+template <int DT, bool MAX>
+__device__ __forceinline__ unsigned half2_minmax_nan(unsigned a, unsigned b) {
 #if defined(ANOMFAST_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
-  return half2_minmax_soft<DT, true>(a, b);
+  return half2_minmax_soft<DT, MAX>(a, b);
 #else
   unsigned d;
-  if constexpr (DT == F16) asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  else asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-#endif
-}
-template <int DT>
-__device__ __forceinline__ unsigned half2_min_nan(unsigned a, unsigned b) {
-#if defined(ANOMFAST_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
-  return half2_minmax_soft<DT, false>(a, b);
-#else
-  unsigned d;
-  if constexpr (DT == F16) asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  if constexpr (DT == F16 && MAX) asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  else if constexpr (DT == F16) asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  else if constexpr (MAX) asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   else asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   return d;
 #endif
@@ -551,8 +542,8 @@ __device__ __forceinline__ void load_half_group(const void* lp, int64_t base, in
 #pragma unroll
     for (int c = 1; c < CR; ++c) {
       if (c < C) {
-        mx = half2_max_nan<DT>(mx, hw[c][i]);
-        if constexpr (SCREEN) mn = half2_min_nan<DT>(mn, hw[c][i]);
+        mx = half2_minmax_nan<DT, true>(mx, hw[c][i]);
+        if constexpr (SCREEN) mn = half2_minmax_nan<DT, false>(mn, hw[c][i]);
       }
     }
 #pragma unroll
