@@ -43,6 +43,7 @@ a Markdown table of the checks and one of the timings.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -432,8 +433,7 @@ def bits(seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     # W = 97: one pixel a turn; W = 98: pixel pairs (fp16 / bf16: the packed max). One pixel
     # with finite logits 6e38 apart (fp32, bf16): the 4-method kernels' second look at sx
-    for dtype, W in ((torch.float32, 97), (torch.float16, 97), (torch.bfloat16, 97), (torch.float32, 98),
-                     (torch.float16, 98), (torch.bfloat16, 98)):
+    for W, dtype in itertools.product((97, 98), (torch.float32, torch.float16, torch.bfloat16)):
         x = random_logits(g, 2, 19, 31, W, dtype=dtype)
         y = random_labels(g, 2, 31, W)
         if dtype != torch.float16:
@@ -494,8 +494,7 @@ def section_walk_and_crop(g):
     # W = 64 (groups of 4), 66 (pairs), bases 2 and 1 elements off an aligned group; every
     # dtype (fp16 / bf16 groups take the max and the non-finite screen on packed halves:
     # load_half_group), with NaN / +inf / -inf logits in single pixels of a group
-    for W, dtype in ((64, torch.float32), (66, torch.float32), (64, torch.float16), (66, torch.float16),
-                     (64, torch.bfloat16), (66, torch.bfloat16)):
+    for dtype, W in itertools.product((torch.float32, torch.float16, torch.bfloat16), (64, 66)):
         xg = random_logits(g, 2, 19, 33, W, dtype=dtype)
         xg[0, 3, 1, 5] = float("nan")
         xg[1, 18, 2, 2] = float("inf")

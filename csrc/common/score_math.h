@@ -196,12 +196,8 @@ ANOMFAST_HD float entropy_term(float e, float d) {
 // reciprocal and a multiply (__fdividef: at most 2 ulp off for such b, where the IEEE
 // division costs ~9 instructions and an out-of-line slow path); everywhere else a / b.
 ANOMFAST_HD float score_div(float a, float b) {
-#if defined(ANOMFAST_CUDA_FAST) && defined(__CUDA_ARCH__)
-#if ANOMFAST_CUDA_FAST
+#if defined(__CUDA_ARCH__) && defined(ANOMFAST_CUDA_FAST) && ANOMFAST_CUDA_FAST
   return __fdividef(a, b);
-#else
-  return a / b;
-#endif
 #else
   return a / b;
 #endif

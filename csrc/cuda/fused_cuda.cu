@@ -145,6 +145,9 @@ __device__ __forceinline__ float load_logit(const void* base, int64_t off) {
   return Logit<DT>::to_float(__ldg(static_cast<const typename Logit<DT>::T*>(base) + off));
 }
 
+// The half of word w that holds pixel j of a pair (pixel j & 1 of the word).
+__device__ __forceinline__ uint16_t half_of(unsigned w, int j) { return (uint16_t)(w >> (16 * (j & 1))); }
+
 // fp16 / bf16: PX halves from p (aligned to PX of them) in PX / 2 32-bit words, one
 // load; pixel j in half j & 1 of word j / 2 (the low half of word 0 holds p[0]).
 template <int PX>
@@ -180,7 +183,7 @@ __device__ __forceinline__ void load_logit_group(const void* base, int64_t off, 
     unsigned w[PX / 2];
     load_half_words<PX>(p, w);
 #pragma unroll
-    for (int j = 0; j < PX; ++j) x[j] = Logit<DT>::to_float((uint16_t)(w[j / 2] >> (16 * (j & 1))));
+    for (int j = 0; j < PX; ++j) x[j] = Logit<DT>::to_float(half_of(w[j / 2], j));
   }
 }
 
@@ -193,7 +196,7 @@ __device__ __forceinline__ unsigned half2_minmax_soft(unsigned a, unsigned b) {
   unsigned d = 0;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    const uint16_t x = (uint16_t)(a >> (16 * j)), y = (uint16_t)(b >> (16 * j));
+    const uint16_t x = half_of(a, j), y = half_of(b, j);
     const float fx = Logit<DT>::to_float(x), fy = Logit<DT>::to_float(y);
     const uint16_t r = (fx != fx || fy != fy) ? (uint16_t)0x7fffu : ((MAX ? fy > fx : fy < fx) ? y : x);
     d |= (unsigned)r << (16 * j);
@@ -219,9 +222,6 @@ __device__ __forceinline__ unsigned half2_minmax_nan(unsigned a, unsigned b) {
   return d;
 #endif
 }
-
-// The half of word w that holds pixel j of a pair (pixel j & 1 of the word).
-__device__ __forceinline__ uint16_t half_of(unsigned w, int j) { return (uint16_t)(w >> (16 * (j & 1))); }
 
 // The raw value of the label at element offset off (pixel.h: the dtype switch).
 __device__ __forceinline__ int64_t load_label(const void* yp, int32_t dt, int64_t off) {
