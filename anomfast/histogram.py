@@ -132,7 +132,7 @@ _POOL = _BufferPool()
 _READOUT = dict(_C.READOUT_MODES)
 _NO_FIN = (0, 0, 0, 0.0, 0, 0)  # sparse_readout's finalization arguments when none is asked
 # HistState._readout: a bound above this many items (64 per occupied chunk, summed over the
-# methods; 96 MiB of slab) is replaced by the exact count of bins before allocating
+# methods; 128 MiB of slab) is replaced by the exact count of bins before allocating
 EXACT_COUNT_ABOVE = 1 << 22
 
 
@@ -219,10 +219,9 @@ class HistState:
         they were not taken or some count is negative. On the CPU (finalize_cpu.h:
         sparse_readout) a first call bounds each method's bins from the occupancy map
         alone (64 per occupied chunk); a second walks the occupied blocks of both label rows
-        at once and writes the bins straight into views of one pooled slab (_POOL: a steady
-        loop of evaluate() calls takes no fresh pages) and the signatures into zero pages
-        of their own, written where not 0 (only methods with exact float32 values keep
-        signatures: the others' stay unbacked). A bound above EXACT_COUNT_ABOVE items (a
+        at once and writes the bins (index, counts and signatures, every item) straight into
+        views of one pooled slab (_POOL: a steady loop of evaluate() calls takes no fresh
+        pages and clears no memory). A bound above EXACT_COUNT_ABOVE items (a
         sparse state spread over many chunks) is replaced by the exact count (a walk over
         the counts) before anything is allocated; a read-out that fills less than half its
         bound is copied into exact-size arrays, so returned histograms do not hold the
@@ -249,12 +248,9 @@ class HistState:
         else:
             cap = bound
         starts = np.concatenate(([0], np.cumsum(cap)))
-        # index, normal, anomaly of method j in a pooled slab (3 cap[j] items from 3 starts[j]);
-        # signatures in fresh zero pages, written only where not 0 (most methods keep none)
-        slab, sigs = _POOL.lend(int(3 * starts[-1])), np.zeros(int(starts[-1]), np.int64)
-        outs = np.empty((M, 4), np.int64)
-        outs[:, :3] = slab.ctypes.data + 8 * (3 * starts[:-1, None] + cap[:, None] * np.arange(3)[None, :])
-        outs[:, 3] = sigs.ctypes.data + 8 * starts[:-1]
+        # index, normal, anomaly, sig of method j in a pooled slab (4 cap[j] items from 4 starts[j])
+        slab = _POOL.lend(int(4 * starts[-1]))
+        outs = slab.ctypes.data + 8 * (4 * starts[:-1, None] + cap[:, None] * np.arange(4)[None, :])
         fin_args = _NO_FIN
         if fin is not None:
             exact, fpr_code, ap_code, tpr_target = fin
@@ -273,14 +269,14 @@ class HistState:
             self.occ.zero_()
         ks = meta[:, 0].copy()
 
-        def cols(j):  # method j's four arrays in (slab, sigs, starts, cap)
-            o, c, k = 3 * int(starts[j]), int(cap[j]), int(ks[j])
-            return (*(slab[o + i * c:o + i * c + k] for i in range(3)), sigs[int(starts[j]):int(starts[j]) + k])
+        def cols(j):  # method j's four arrays in (slab, starts, cap)
+            o, c, k = 4 * int(starts[j]), int(cap[j]), int(ks[j])
+            return tuple(slab[o + i * c:o + i * c + k] for i in range(4))
 
         if 2 * int(ks.sum()) < int(cap.sum()):  # mostly slack: exact-size copies
             arrays = [cols(j) for j in range(M)]
             starts, cap = np.concatenate(([0], np.cumsum(ks))), ks
-            slab, sigs = _POOL.lend(int(3 * starts[-1])), np.zeros(int(starts[-1]), np.int64)
+            slab = _POOL.lend(int(4 * starts[-1]))
             for j, a in enumerate(arrays):
                 for dst, src in zip(cols(j), a):
                     dst[...] = src

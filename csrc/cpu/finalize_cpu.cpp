@@ -433,8 +433,8 @@ int64_t readout_method(int64_t* hist, uint32_t* sig, const std::vector<LiveChunk
       normal[k] = c0;
       anomaly[k] = c1;
       const uint32_t s = (g0[i] & (0u - (uint32_t)(c0 != 0))) | (g1[i] & (0u - (uint32_t)(c1 != 0)));
-      if (s) sig_out[k] = (int64_t)s;  // sig_out arrives zeroed: most methods keep no
-      t0 += (uint64_t)c0;              // signatures, and their zero pages stay unwritten
+      sig_out[k] = (int64_t)s;  // every item written (0 included): the outputs may be reused memory
+      t0 += (uint64_t)c0;
       t1 += (uint64_t)c1;
     }
     if (clear) {  // the chunk's marked rows back to zero while they are in cache (only

@@ -13,8 +13,8 @@
 //   READOUT_COUNT: the exact number of bins in meta[j][0] (a walk over the counts).
 //   READOUT_READ / READOUT_READ_CLEAR: per method the ascending bins with a count in either
 //     label row: index, normal, anomaly, sig (int64[capacity[j]] each, at the addresses
-//     outputs[j][0..3]; sig the uint32 OR of both rows' signatures, written only where it
-//     is not 0: the caller passes zeroed sig outputs). READ_CLEAR also zeroes the counts
+//     outputs[j][0..3]; sig the uint32 OR of both rows' signatures; every item of the
+//     four is written, so the outputs may be uninitialized memory). READ_CLEAR also zeroes the counts
 //     and signatures of every occupied block it reads (the caller then zeroes occ): the
 //     state is empty again, its pages stay backed, so a pooled state costs no page faults
 //     on its next pass. The caller compares the bound (and, after a COUNT call, the
