@@ -64,7 +64,14 @@ _PER_PIXEL = ("max_logit", "msp", "energy", "sml", "entropy", "gen")
 _EXACT_TIES = ("max_logit",)
 
 
-def _refine_table(table, name: str):
+def _rescored(spec, name: str) -> bool:
+    """Whether refine re-scores method `name` in float64 from the pixel's logits; else
+    (HEAT, SML with boundary suppression or smoothing: an EXTERNAL coordinate) the core's
+    float32 map is the score and its pixels keep it."""
+    return name in _PER_PIXEL and not (name == "sml" and spec.sml_post)
+
+
+def _refine_table(table, name: str, rescored: bool):
     """The group table as refine sees it, plus a chain id per row. A method re-scored in
     float64 (every per-pixel method but max logit) has exact scores a few float32 ulps from
     the core's: a float32 tie group may hold distinct exact scores (so it is an open group
@@ -72,7 +79,7 @@ def _refine_table(table, name: str):
     interleave (both may cross into the bin between): such rows form one chain. Rows of
     different chains never interleave. Other methods: each row is its own chain."""
     pos, neg, lo, hi, tied, idx = table
-    if name in _PER_PIXEL and name not in _EXACT_TIES:
+    if rescored and name not in _EXACT_TIES:
         tied = np.zeros_like(tied)
         chain = np.concatenate(([0], np.cumsum(np.abs(np.diff(idx.astype(np.int64))) > 2)))
     else:
@@ -157,7 +164,8 @@ def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfini
     names = list(spec.names)
     tables = {n: hists[n].groups() for n in names}
     budget = REFINE_AREA_PIXELS // max(len(names), 1)
-    rows = {n: _refine_rows(_refine_table(tables[n], n), conventions, budget) for n in names}
+    rescored = {n: _rescored(spec, n) for n in names}
+    rows = {n: _refine_rows(_refine_table(tables[n], n, rescored[n]), conventions, budget) for n in names}
     if not any(r.size for r in rows.values()):
         return {n: _mark_refined(hists[n].finalize(**conventions), 0) for n in names}
     sel = {}
@@ -186,7 +194,7 @@ def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfini
                 raise MemoryError(f"refine=True: the decisive bins hold more than {REFINE_MAX_PIXELS} pixels; "
                                   "such a pile-up of nearly equal scores cannot be refined in bounded memory "
                                   "(the certified bounds of the histogram result still hold)")
-            if n in _PER_PIXEL:
+            if rescored[n]:
                 if pix is None:  # (B*H*W, C) view of the batch's logits, in the maps' pixel order
                     pix = xi.permute(0, 2, 3, 1).reshape(-1, xi.shape[1])
                 x64 = pix[inside].to(torch.float64)[:, :, None, None]
@@ -196,7 +204,7 @@ def refine_histograms(hists: dict, spec, lm, batches, conventions: dict, nonfini
             kept[n][0].append(coord.cpu().numpy())
             kept[n][1].append((cls[inside] == ANOMALY).cpu().numpy())
             kept[n][2].append(r[kc[inside].cpu().numpy()])
-    return {n: _refined_result(hists[n], tables[n], rows[n], kept[n], conventions) if rows[n].size
+    return {n: _refined_result(hists[n], tables[n], rows[n], kept[n], conventions, rescored[n]) if rows[n].size
             else _mark_refined(hists[n].finalize(**conventions), 0) for n in names}
 
 
@@ -212,7 +220,7 @@ def _reference_params(spec, name: str) -> dict:
     return {}
 
 
-def _refined_result(h: Histogram, table, rows: np.ndarray, kept, conventions):
+def _refined_result(h: Histogram, table, rows: np.ndarray, kept, conventions, rescored: bool):
     pos, neg, lo, hi, tied, idx = table
     t = np.concatenate(kept[0]) if kept[0] else np.zeros(0)
     y = np.concatenate(kept[1]) if kept[1] else np.zeros(0, bool)
@@ -251,7 +259,7 @@ def _refined_result(h: Histogram, table, rows: np.ndarray, kept, conventions):
     g_key = runs[g_run, 0] + (np.arange(start.size) - first) / np.maximum(count, 1)
     keep_rows = np.flatnonzero(~rep)
     order = np.argsort(np.concatenate((keep_rows.astype(np.float64), g_key)), kind="stable")
-    _, _, _, _, tied, _, chain = _refine_table(table, h.method)
+    _, _, _, _, tied, _, chain = _refine_table(table, h.method, rescored)
     cols = [np.concatenate(pair)[order] for pair in
             ((pos[~rep], sp), (neg[~rep], sn), (lo[~rep], sv), (hi[~rep], sv), (tied[~rep], exact))]
     r = finalize_coords(h.method, h.params, *cols, **conventions)
@@ -447,7 +455,7 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
     kept_scores = [[] for _ in range(M)]
     kept_labels = []
     reservoir = None  # (keys, scores (M, n), labels)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if subsample is not None else None  # the reservoir's keys
     for x, yy, f in batches():
         images = ([(x[i:i + 1], yy[i:i + 1], None if f is None else f[i:i + 1]) for i in range(x.shape[0])]
                   if per_image else [(x, yy, f)])

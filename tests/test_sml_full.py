@@ -184,3 +184,31 @@ def test_nonfinite_logit_spreads_and_is_counted(rng):
     assert r.pixels["nonfinite"] == 49  # the 7 x 7 taps at spacing 6 that see (20, 20)
     r = anomfast.evaluate(x, y, methods=["sml"], sml=stats, nonfinite="ignore")
     assert r.pixels["nonfinite"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:SML. classes")
+@pytest.mark.parametrize("opts", OPTIONS[1:])
+def test_refine_keeps_the_post_processed_score(rng, opts):
+    """refine=True with boundary suppression / smoothing: the score is the core's float32
+    post-processed map (an external coordinate), so its kept pixels keep that value; they
+    must not be re-scored with the plain per-pixel SML formula. FPR95, F1 and both
+    thresholds equal scikit-learn's on the same maps, AUROC / AP lie inside their bounds."""
+    sk = pytest.importorskip("sklearn.metrics")
+    B, C, H, W = 4, 6, 40, 64
+    pred = block_classes(rng, B, H, W, C)
+    x = logits_for(rng, pred, C)
+    y = (torch.rand(B, H, W, generator=rng) < 0.2).to(torch.uint8)
+    kw = dict(sml=anomfast.fit_sml(x), sml_boundary_suppression=opts[0], sml_smoothing=opts[1])
+    s = anomfast.score_maps(x, methods=["sml"], **kw)["sml"].double().flatten().numpy()
+    lab = y.flatten().numpy().astype(bool)
+    fpr, tpr, thr = sk.roc_curve(lab, s, drop_intermediate=False)
+    i = int(np.argmax(tpr >= 0.95))
+    tps, fps = tpr[1:] * lab.sum(), fpr[1:] * (~lab).sum()
+    f1 = 2 * tps / (tps + fps + lab.sum())
+    b = int(np.argmax(f1))
+    r = anomfast.evaluate(x, y, methods=["sml"], refine=True, **kw)["sml"]
+    assert r.fpr95 == pytest.approx(fpr[i], abs=1e-12) and r.fpr95_threshold == pytest.approx(thr[i], rel=1e-6)
+    assert r.f1 == pytest.approx(f1[b], abs=1e-12) and r.threshold == pytest.approx(thr[1:][b], rel=1e-6)
+    for k, want in (("auroc", sk.roc_auc_score(lab, s)), ("ap", sk.average_precision_score(lab, s))):
+        lo, hi = r.bounds[k]
+        assert lo <= want <= hi, (k, want, r.bounds[k])
