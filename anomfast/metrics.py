@@ -123,6 +123,7 @@ undefined metrics, a Python ``RuntimeWarning``)
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -378,6 +379,12 @@ def _interval(lo, hi, exact, value):
 
 
 def _definitions(fpr_mode, ap_mode, tpr_target, exact):
+    """The definitions dict of a result (a fresh copy: callers may add entries)."""
+    return dict(_definitions_of(fpr_mode, ap_mode, float(tpr_target), bool(exact)))
+
+
+@functools.lru_cache(maxsize=64)
+def _definitions_of(fpr_mode, ap_mode, tpr_target, exact):
     t = f"{tpr_target:g}"
     fpr = {
         "first": f"FP/N at the first threshold (descending) with TP/P >= {t} "
