@@ -425,6 +425,7 @@ def _worker(rank, world, init_file, seed, thresholds, out_file):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_equals_single_process(tmp_path):
     seed = 4
     x, y = _logit_scenes(seed)
@@ -606,6 +607,7 @@ def test_label_classes_equal_label_map(nrng, dtype):
             acc.classes(torch.from_numpy(y))
 
 
+@pytest.mark.slow
 def test_cli_components_torchrun_equals_single_process(tmp_path):
     """`torchrun --nproc_per_node=2 -m anomfast eval --distributed --components`: images
     sharded over two gloo ranks, component counts summed; results.json equals one process."""

@@ -182,6 +182,7 @@ def emulated_module(tmp_path_factory):
     return so
 
 
+@pytest.mark.slow
 def test_cuda_kernels_under_host_emulation(emulated_module):
     """The CUDA kernels (warp votes, grid-stride loop, shared-memory LUT and partials,
     every dtype / label type / layout / aggregation mode) against the CPU core; their
@@ -195,6 +196,7 @@ def test_cuda_kernels_under_host_emulation(emulated_module):
     assert r.returncode == 0 and "EMULATION OK" in r.stdout, (r.stdout + r.stderr)[-4000:]
 
 
+@pytest.mark.slow
 def test_components_kernels_under_host_emulation(emulated_module):
     """The CUDA labeling and counting kernels (components_cuda.cu: union-find with
     atomicMin raced by 256 host threads per block, warp-aggregated counts, the pair hash
