@@ -39,7 +39,7 @@ import torch
 from . import _core, _fused
 from .accumulate import Accumulator, Results, _is_compiling
 from .components import accumulator_for, as_component_spec
-from .histogram import FORMAT, HistState, check_format
+from .histogram import _MAX_TOTAL, FORMAT, HistState, check_buffer, check_format
 from .labels import as_label_map
 from .methods import resolve
 from .protocols import check_protocol
@@ -58,6 +58,21 @@ def _mask_dropped(y: torch.Tensor, keep: torch.Tensor, void_ids) -> torch.Tensor
         y, fits = y.to(torch.int64), list(void_ids)
     void = torch.full((), fits[0], dtype=y.dtype, device=y.device)
     return torch.where(keep.to(y.device)[:, None, None], y, void)
+
+
+def checked_counters(c, what: str) -> list:
+    """Loaded counters as ints: an int64 tensor of shape (N_COUNTERS,), non-negative and
+    adding up to at most 2^62 pixels (the histograms' bound, so that no later update()
+    can overflow them)."""
+    if not isinstance(c, torch.Tensor) or c.dtype != torch.int64 or tuple(c.shape) != (_core.N_COUNTERS,):
+        got = f"{c.dtype} {tuple(c.shape)}" if isinstance(c, torch.Tensor) else type(c).__name__
+        raise ValueError(f"{what} counters must be a non-negative int64 tensor of shape ({_core.N_COUNTERS},), "
+                         f"got {got}")
+    v = [int(x) for x in c.tolist()]
+    if min(v) < 0 or sum(v) > _MAX_TOTAL:
+        raise ValueError(f"{what} counters {v} must be non-negative and add up to at most 2^62 pixels; the state "
+                         "is corrupt")
+    return v
 
 
 class Evaluator:
@@ -110,6 +125,8 @@ class Evaluator:
         if keep is not None:
             if not self.label_map.void_ids:
                 raise ValueError("keep= needs a void id in the label map to mask dropped samples")
+            if not isinstance(keep, torch.Tensor):
+                raise TypeError(f"keep must be a bool tensor of shape ({x.shape[0]},), got {type(keep).__name__}")
             if keep.shape != (x.shape[0],) or keep.dtype != torch.bool:
                 raise ValueError(f"keep must be a bool tensor of shape ({x.shape[0]},), got {keep.dtype} {tuple(keep.shape)}")
             y = _mask_dropped(y, keep, self.label_map.void_ids)
@@ -130,6 +147,10 @@ class Evaluator:
         """Per method AUROC, AP, FPR95, best F1 + threshold with certified bounds.
         Raises RuntimeError when no pixel was added: before any update(), and likewise
         after reset() with no update() since (in a distributed run: on no rank)."""
+        st = self._acc.state
+        if st is not None:  # buffers set from outside (the torchmetrics adapter's states) meet the read-out here
+            st.check(len(self.spec.names), st.device)
+            check_buffer(self.counters, "counters", (_core.N_COUNTERS,), torch.int64, st.device)
         acc = self._acc.synced(self.process_group) if self.sync_on_compute else self._acc
         if acc.state is None:
             raise RuntimeError("compute() called before any update()")
@@ -179,10 +200,8 @@ class Evaluator:
             self.hist = self.counters = None
             return
         c = d.get("counters")
-        if not isinstance(c, torch.Tensor) or c.dtype != torch.int64 or tuple(c.shape) != (_core.N_COUNTERS,) \
-                or bool((c < 0).any()):
-            raise ValueError(f"state counters must be a non-negative int64 tensor of shape ({_core.N_COUNTERS},)")
-        hist = HistState.from_state(d["hist"], len(self.spec.names), "cpu")
+        binned = checked_counters(c, "state")[_core.CNT_BINNED]
+        hist = HistState.from_state(d["hist"], len(self.spec.names), "cpu", binned=binned)
         dev = self.hist.device if self.hist is not None else torch.device("cpu")
         self._acc.follows_batch = self.hist is None
         self.hist = HistState(hist.hist.to(dev), hist.sig.to(dev), hist.occ.to(dev))

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import binning
 from ._core import _C
-from ._files import savez_fast
+from ._files import open_npz, read_array, read_meta, savez_fast
 from .methods import EXACT_COORDINATES
 from .metrics import (GroupSums, check_conventions, check_groups, fpr_inside_bin, metrics_from_groups,
                       result_from_sums)
@@ -190,6 +189,37 @@ class HistState:
         check_buffer(self.sig, "histogram tie signatures", shape, torch.int32, device)
         check_buffer(self.occ, "histogram occupancy", (self.n_occ(n_methods),), torch.uint8, device)
 
+    def check_counts(self, binned: int, what: str) -> None:
+        """A dense state set from outside (a loaded checkpoint) against its counters, in a
+        few passes over the counts, once at load time: no negative count, none in a block
+        the occupancy map leaves out (the read-out visits only the marked blocks), and each
+        method's counts adding up to `binned`, the pixels the counters say were binned
+        (every binned pixel goes to every method). Buffers as check() wants them."""
+        h = self.hist
+        if bool((h < 0).any()):
+            raise ValueError(f"{what}: negative histogram counts; the state is corrupt")
+        flat = h.view(-1)
+        full = flat.numel() >> binning.OCC_SHIFT
+        used = torch.zeros(self.occ.numel(), dtype=torch.bool, device=h.device)
+        used[:full] = flat[:full * OCC_BLOCK].view(full, OCC_BLOCK).ne(0).any(1)
+        if full < used.numel():  # the tail block (the buffers need not fill whole blocks)
+            used[full:] = flat[full * OCC_BLOCK:].ne(0).any()
+        if bool((used & (self.occ == 0)).any()):
+            raise ValueError(f"{what}: histogram counts sit in blocks the occupancy map marks empty (the read-out "
+                             "would skip them); the state is corrupt")
+        per_method = h.view(self.n_methods, -1)
+        # float64 sums first (NumPy's casts in chunks, torch's copies first): an int64 sum
+        # cannot wrap where they are near `binned` (<= 2^62)
+        approx = (np.sum(per_method.numpy(), 1, dtype=np.float64) if h.device.type == "cpu"
+                  else per_method.sum(1, dtype=torch.float64).cpu().numpy()).tolist()
+        totals = [int(a) if abs(a - binned) > 1e-6 * binned + 1 else None for a in approx]
+        if all(t is None for t in totals):
+            totals = per_method.sum(1).tolist()
+        for j, t in enumerate(totals):
+            if t is not None and t != binned:
+                raise ValueError(f"{what}: method {j}'s histogram holds {t} pixels but the counters say {binned} "
+                                 "were binned; the state is corrupt")
+
     def blocks(self) -> np.ndarray:
         """Indices of the occupied 2^OCC_SHIFT-slot blocks (one host sync)."""
         return np.flatnonzero(self.occ.cpu().numpy())
@@ -342,16 +372,32 @@ class HistState:
                             for t in self.sparse()]}
 
     @classmethod
-    def from_state(cls, d, n_methods: int, device) -> "HistState":
+    def from_state(cls, d, n_methods: int, device, binned: int | None = None) -> "HistState":
+        """to_state()'s dict back as a state; binned: the pixels the counters saved with it
+        say were binned, which each method's counts must add up to (every binned pixel
+        goes to every method)."""
         check_format(d.get("format") if isinstance(d, dict) else None, "histogram state")
         if d.get("binning") != binning.SCHEME:
             raise ValueError(f"histogram state binning {d.get('binning')} differs from this build's {binning.SCHEME}")
-        if d.get("n_methods") != n_methods or len(d.get("methods", ())) != n_methods:
-            raise ValueError(f"histogram state holds {d.get('n_methods')} methods, expected {n_methods}")
+        methods = d.get("methods")
+        if not isinstance(methods, (list, tuple)):
+            raise ValueError(f"histogram state: 'methods' must be a list of {n_methods} per-method dicts, got "
+                             f"{type(methods).__name__}")
+        if d.get("n_methods") != n_methods or len(methods) != n_methods:
+            raise ValueError(f"histogram state holds {len(methods)} method(s) (n_methods {d.get('n_methods')!r}), "
+                             f"expected {n_methods}")
         st = cls.new(n_methods, "cpu")
-        for j, m in enumerate(d["methods"]):
+        for j, m in enumerate(methods):
+            what = f"histogram state, method {j}"
+            if not isinstance(m, dict):
+                raise ValueError(f"{what}: expected a dict of 'index, normal, anomaly, sig' arrays, got "
+                                 f"{type(m).__name__}")
             idx, normal, anomaly, sig = _checked_sparse(m.get("index"), m.get("normal"), m.get("anomaly"),
-                                                        m.get("sig"), f"histogram state, method {j}")
+                                                        m.get("sig"), what)
+            held = int(normal.sum()) + int(anomaly.sum())  # each sum <= 2^62 (_checked_sparse)
+            if binned is not None and held != binned:
+                raise ValueError(f"{what}: the histogram holds {held} pixels but the counters say {binned} were "
+                                 "binned; the state is corrupt")
             for lab, c in ((0, normal), (1, anomaly)):
                 nz = c > 0
                 i = torch.from_numpy(idx[nz])
@@ -576,10 +622,29 @@ class Histogram:
         return finalize_histograms({0: self}, **conventions)[0]
 
     def _walk_columns(self) -> tuple:
-        """(anomaly, normal, sig) as the compiled walk reads them: contiguous int64 of one length."""
-        if not (self.index.size == self.normal.size == self.anomaly.size == self.sig.size):
-            raise ValueError(f"histogram of {self.method!r}: index/normal/anomaly/sig differ in length")
-        return tuple(np.ascontiguousarray(a, np.int64) for a in (self.anomaly, self.normal, self.sig))
+        """(anomaly, normal, sig) as the compiled walk reads them: contiguous int64 of one
+        length, the constructor's invariants checked again in a few vectorized passes (the
+        arrays are public attributes). read_and_finalize's histograms hold them by
+        construction and skip this."""
+        what = f"histogram of {self.method!r}"
+        cols = []
+        for name in ("index", "anomaly", "normal", "sig"):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+                got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(f"{what}: {name!r} must be a 1-d int64 array, got {got}")
+            cols.append(np.ascontiguousarray(a, np.int64))
+        idx, anomaly, normal, sig = cols
+        if not (idx.size == normal.size == anomaly.size == sig.size):
+            raise ValueError(f"{what}: index/normal/anomaly/sig differ in length")
+        if idx.size and (idx[0] < 0 or idx[-1] >= binning.NBINS or not (idx[1:] > idx[:-1]).all()):
+            raise ValueError(f"{what}: bin indices must be increasing and within [0, {binning.NBINS})")
+        if idx.size and (normal.min() < 0 or anomaly.min() < 0):
+            raise ValueError(f"{what}: negative counts")
+        _check_total(normal, anomaly, what)
+        if (sig >> 32).any():  # negative or past 32 bits
+            raise ValueError(f"{what}: tie signatures must be uint32 values")
+        return anomaly, normal, sig
 
     def _lo_hi(self, rows):
         """The compiled _bin_lo_hi of the given (decisive) rows."""
@@ -807,13 +872,37 @@ def save_histograms(path, hists: dict, extra: dict | None = None) -> None:
 
 def load_histograms(path) -> tuple[dict, dict]:
     """(histograms by key, extra metadata) from save_histograms' file."""
-    with np.load(Path(path), allow_pickle=False) as z:
-        if "meta" not in z:
-            raise ValueError(f"{path} is not an anomfast histogram file")
-        meta = json.loads(str(z["meta"]))
+    with open_npz(path, "histogram") as z:
+        meta = read_meta(z, path, "histogram")
         check_format(meta.get("format"), f"histogram file {path}")
+        for k in ("binning", "histograms"):
+            if k not in meta:
+                raise ValueError(f"{path}: the histogram file's metadata has no {k!r} record")
+        if meta["binning"] != binning.SCHEME:
+            raise ValueError(f"{path}: histogram binning {meta['binning']} differs from this build's {binning.SCHEME}")
+        if not isinstance(meta["histograms"], list):
+            raise ValueError(f"{path}: the metadata's 'histograms' must be a list, got "
+                             f"{type(meta['histograms']).__name__}")
         out = {}
         for i, m in enumerate(meta["histograms"]):
-            out[m["key"]] = Histogram.from_sparse(m["method"], z[f"h{i}_index"], z[f"h{i}_normal"],
-                                                  z[f"h{i}_anomaly"], z[f"h{i}_sig"], m["params"], meta["binning"])
+            what = f"{path}: histogram {i}"
+            if not isinstance(m, dict):
+                raise ValueError(f"{what}: its metadata must be a JSON object with 'key', 'method' and 'params', "
+                                 f"got {type(m).__name__}")
+            for k in ("key", "method", "params"):
+                if k not in m:
+                    raise ValueError(f"{what}: its metadata has no {k!r}")
+            key, params = m["key"], m["params"]
+            if not isinstance(key, (str, int)) or not isinstance(m["method"], str) or not isinstance(params, dict):
+                raise ValueError(f"{what}: 'key' must be a string (or integer), 'method' a string and 'params' an "
+                                 f"object, got {type(key).__name__}, {type(m['method']).__name__}, "
+                                 f"{type(params).__name__}")
+            if key in out:
+                raise ValueError(f"{what}: key {key!r} appears twice; the file is corrupt")
+            arrays = []
+            for k in ("index", "normal", "anomaly", "sig"):
+                if f"h{i}_{k}" not in z.files:
+                    raise ValueError(f"{what} ({key!r}): the array 'h{i}_{k}' is missing")
+                arrays.append(read_array(z, f"h{i}_{k}", path, "histogram"))
+            out[key] = Histogram.from_sparse(m["method"], *arrays, params, meta["binning"])
     return out, meta.get("extra", {})

@@ -16,11 +16,13 @@ try:
 except ImportError as exc:  # pragma: no cover - optional
     raise ImportError("anomfast.tm needs torchmetrics: pip install torchmetrics") from exc
 
+import functools
+
 import torch
 
 from . import _core, _fused
-from .evaluator import Evaluator
-from .histogram import HistState
+from .evaluator import Evaluator, checked_counters
+from .histogram import HistState, check_buffer
 
 
 def _bitwise_or(x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +33,18 @@ def _bitwise_or(x: torch.Tensor) -> torch.Tensor:
     for y in x[1:]:
         out |= y
     return out
+
+
+class _Boxed:
+    """compute()'s Results as torchmetrics' compute wrapper handles it: its
+    apply_to_collection rebuilds a dict subclass from the items alone (dropping
+    .histograms, .pixels, .components) but passes other objects through. No tensor is
+    inside to clone."""
+
+    __slots__ = ("results",)
+
+    def __init__(self, results):
+        self.results = results
 
 
 class AnomalyMetrics(Metric):
@@ -56,6 +70,30 @@ class AnomalyMetrics(Metric):
 
     def _state(self) -> HistState:
         return HistState(self.hist, self.sig, self.occ)
+
+    def _wrap_compute(self, compute):
+        # torchmetrics' wrapper (sync, cache) sees the Results boxed: see _Boxed
+        wrapped = super()._wrap_compute(lambda *a, **k: _Boxed(compute(*a, **k)))
+
+        @functools.wraps(compute)
+        def unboxed(*args, **kwargs):
+            return wrapped(*args, **kwargs).results
+
+        return unboxed
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # torchmetrics sets loaded states as they come: check them, and against each other,
+        # before any is replaced (once here, not per update(): that would sync the host)
+        new = {k: state_dict.get(prefix + k, getattr(self, k)) for k in ("hist", "sig", "occ", "counters")}
+        if any(prefix + k in state_dict for k in new):
+            what = f"{type(self).__name__} state"
+            binned = checked_counters(new["counters"], what)[_core.CNT_BINNED]
+            st = HistState(new["hist"], new["sig"], new["occ"])
+            dev = st.hist.device if isinstance(st.hist, torch.Tensor) else torch.device("cpu")
+            st.check(len(self._ev.spec.names), dev)
+            check_buffer(new["counters"], "counters", (_core.N_COUNTERS,), torch.int64, dev)
+            st.check_counts(binned, what)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None,
                features: torch.Tensor | None = None) -> None:
