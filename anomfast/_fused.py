@@ -9,12 +9,15 @@ import torch
 from . import _core
 from .labels import LabelMap
 from .histogram import HistState, check_buffer
+from .inputs import check_dense, from_numpy
 from .methods import CODES, EXACT_COORDINATES, EXTERNAL, MethodSpec
 
 # dtype codes from the core (views.h: DType); uint16 / uint32 (16-bit label PNGs) where torch has them
 _CODES = {getattr(torch, name): code for name, code in _core._C.DTYPES.items() if hasattr(torch, name)}
 _LOGIT_DTYPES = {t: c for t, c in _CODES.items() if t in (torch.float32, torch.float16, torch.bfloat16)}
 _LABEL_DTYPES = {t: c for t, c in _CODES.items() if t not in _LOGIT_DTYPES}
+
+_MAX_CLASSES = int(_core._C.MAX_CLASSES)  # views.h: the class counts the cores accept
 
 
 def _misaligned(t: torch.Tensor) -> bool:
@@ -26,12 +29,22 @@ def _misaligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % t.element_size() != 0
 
 
+def check_num_threads(n) -> int:
+    """CPU threads of the core (0: OpenMP's default), an int32 there."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"num_threads must be an int (0: OpenMP's default), got {type(n).__name__}")
+    if not 0 <= n < 2 ** 31:
+        raise ValueError(f"num_threads must be in [0, 2^31) (0: OpenMP's default), got {n}")
+    return int(n)
+
+
 def as_logits(x, name: str = "logits") -> torch.Tensor:
     """(B, C, H, W) float tensor. A (C, H, W) array is one image; NumPy arrays are wrapped."""
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = from_numpy(x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, C, H, W), got {type(x).__name__}")
+    check_dense(x, name)
     if x.is_complex():
         raise TypeError(f"{name} must be real (float32, float16 or bfloat16), got {x.dtype}")
     # a conjugate or negative *view* (x.conj().imag, torch._neg_view) shares memory whose
@@ -41,6 +54,9 @@ def as_logits(x, name: str = "logits") -> torch.Tensor:
         x = x.unsqueeze(0)
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape (B, C, H, W) (or (C, H, W) for one image), got {tuple(x.shape)}")
+    if x.shape[1] > _MAX_CLASSES:  # before anything is allocated per class (a stride-0 view costs nothing)
+        raise ValueError(f"{name} has C = {x.shape[1]} classes, above the supported {_MAX_CLASSES} (the core "
+                         "keeps C x 64 floats of scratch per thread)")
     if x.dtype == torch.float64:
         x = x.to(torch.float32)  # the core computes in float32; documented in the README
     if x.dtype not in _LOGIT_DTYPES:
@@ -56,9 +72,10 @@ def as_logits(x, name: str = "logits") -> torch.Tensor:
 
 def as_labels(y, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
     if isinstance(y, np.ndarray):
-        y = torch.from_numpy(y)
+        y = from_numpy(y)
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, H, W), got {type(y).__name__}")
+    check_dense(y, name)
     if not y.is_complex():
         y = y.resolve_neg()  # a negative view's memory holds -y (see as_logits)
     if y.dim() == 2:
@@ -228,7 +245,7 @@ def _input_args(core_args, logits, labels, lut, lut_offset, counters, num_thread
         a.ys_b, a.ys_h, a.ys_w = g["ys"]
         a.lut_ptr, a.lut_offset, a.lut_len = lut.data_ptr(), int(lut_offset), lut.numel()
     a.counters_ptr = counters.data_ptr()
-    a.num_threads = int(num_threads)
+    a.num_threads = check_num_threads(num_threads)
     if logits.device.type == "cuda":
         a.stream = torch.cuda.current_stream(logits.device).cuda_stream
     return a

@@ -18,10 +18,13 @@ from .sml import SMLStats
 
 
 def fit_sml(logits_batches, labels=None, *, label_map=None, ignore_index: int = 255, missing: str = "global",
-            num_threads: int = 0) -> SMLStats:
+            nonfinite: str = "error", num_threads: int = 0) -> SMLStats:
     """Fit SML statistics (per predicted class count, mean and unbiased std of the max
     logit) on in-distribution logits: one tensor (B, C, H, W) or an iterable of them.
-    With labels, only pixels the label map calls normal are used."""
+    With labels, only pixels the label map calls normal are used. Pixels with a NaN or
+    infinite logit raise (nonfinite="ignore": they are left out of the statistics)."""
+    if nonfinite not in ("error", "ignore"):
+        raise ValueError(f"nonfinite must be 'error' or 'ignore', got {nonfinite!r}")
     lm = as_label_map(label_map, ignore_index) if labels is not None else None
     count = total = totsq = None
     counters = None
@@ -41,7 +44,7 @@ def fit_sml(logits_batches, labels=None, *, label_map=None, ignore_index: int = 
         if x.device != count.device:
             raise ValueError(f"batches are on different devices: {count.device} then {x.device}")
         _fused.fit_pass(x, yy, lm, count, total, totsq, counters, num_threads)
-        _fused.check_counters(counters, yy, lm)
+        _fused.check_counters(counters, yy, lm, nonfinite)
     if C is None:
         raise ValueError("fit_sml got no batches")
     return SMLStats(count.cpu().numpy(), total.cpu().numpy(), totsq.cpu().numpy(), missing=missing)

@@ -21,7 +21,7 @@ from .methods import CODES, EXTERNAL, resolve
 from .fitting import fit_heat, fit_sml  # noqa: F401  (part of the functional API)
 from .heat import as_features
 from ._warn import warn
-from .inputs import _batches
+from .inputs import _batches, from_numpy
 
 
 def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **method_params) -> dict:
@@ -421,7 +421,8 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
         raise ValueError(f"nonfinite must be 'error' or 'ignore', got {nonfinite!r}")
     if sum([bool(exact), bool(per_image), subsample is not None, bool(refine)]) > 1:
         raise ValueError("choose at most one of exact=True, per_image=True, subsample=N, refine=True")
-    if subsample is not None and (not isinstance(subsample, (int, np.integer)) or subsample < 1):
+    if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, (int, np.integer))
+                                  or subsample < 1):
         raise ValueError(f"subsample must be a positive number of pixels, got {subsample!r}")
     proto = protocols.check_protocol(protocol)
     if proto is not None and refine:
@@ -459,6 +460,8 @@ def evaluate(logits, labels=None, methods=None, ignore_index: int = 255, exact: 
     for x, yy, f in batches():
         images = ([(x[i:i + 1], yy[i:i + 1], None if f is None else f[i:i + 1]) for i in range(x.shape[0])]
                   if per_image else [(x, yy, f)])
+        if not images:
+            acc.allocate(x.device)  # a batch of B = 0 images is still a batch (no metric is defined)
         for xi, yi, fi in images:
             maps = acc.add(xi, yi, fi, want_maps=need_maps, num_threads=num_threads)
             acc.check(yi)
@@ -571,7 +574,7 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
     if not named:
         raise ValueError("evaluate_scores got no scores")
     lm = as_label_map(label_map, ignore_index)
-    y = torch.as_tensor(labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels))
+    y = from_numpy(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels))
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
         raise TypeError(f"labels must be an integer array, got {y.dtype}")
     cls = lm.classify(y.to(torch.int64))

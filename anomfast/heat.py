@@ -45,12 +45,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._files import load_npz, save_npz
+from ._files import save_npz
 from ._warn import warn
+from .inputs import check_dense, from_numpy
+from .sml import load_stats, real_array
 
 FORMAT = "anomfast-heat-v1"
 COV_EPS = 1e-4   # added to the diagonal of the tied covariance before inverting
 _FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)  # normal float32 range
+
+
+def positive_float32(name: str, v) -> float:
+    """v as a float > 0 that float32 holds as a normal number: the core computes in
+    float32, where 1e-50 would be 0 and 1e50 inf."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
+    if not _F32_TINY <= x <= _F32_MAX:  # NaN fails too
+        raise ValueError(f"{name} must be a finite number > 0 in float32's range [{_F32_TINY:.3g}, {_F32_MAX:.3g}] "
+                         f"(the core computes in float32), got {v!r}")
+    return x
+
+
+def _standardization(score_mean, score_std) -> tuple:
+    """(mean, std) as floats, checked for the core: mean and 1 / std finite in float32,
+    1 / std > 0 there (a std of 1e50 would make every score 0); or (None, None)."""
+    if (score_mean is None) != (score_std is None):
+        raise ValueError("HeatStats: give both score_mean and score_std, or neither")
+    if score_std is None:
+        return None, None
+    m, s = float(score_mean), float(score_std)
+    if not abs(m) <= _F32_MAX:
+        raise ValueError(f"HeatStats: score_mean must be finite in float32 (|mean| <= {_F32_MAX:.3g}), got "
+                         f"{score_mean}")
+    if not (0 < s < float("inf") and _F32_TINY <= 1.0 / s <= _F32_MAX):
+        raise ValueError(f"HeatStats: score_std must be > 0 with 1 / score_std finite and > 0 in float32 (std in "
+                         f"[{1 / _F32_MAX:.3g}, {1 / _F32_TINY:.3g}]), got {score_std}")
+    return m, s
 
 
 @dataclass
@@ -71,10 +104,10 @@ class HeatStats:
     missing: str = "exclude"
 
     def __post_init__(self):
-        self.mean = np.asarray(self.mean, dtype=np.float64)
-        self.cov = np.asarray(self.cov, dtype=np.float64)
-        self.precision = np.asarray(self.precision, dtype=np.float64)
-        self.count = np.asarray(self.count, dtype=np.int64)
+        self.mean = real_array(self.mean, "mean", "HeatStats")
+        self.cov = real_array(self.cov, "cov", "HeatStats")
+        self.precision = real_array(self.precision, "precision", "HeatStats")
+        self.count = real_array(self.count, "count", "HeatStats", integral=True)
         if self.mean.ndim != 2:
             raise ValueError(f"HeatStats: mean must be (C, D), got shape {self.mean.shape}")
         C, D = self.mean.shape
@@ -83,17 +116,8 @@ class HeatStats:
                              f"precision {self.precision.shape}, count {self.count.shape}")
         if self.missing not in ("exclude", "error"):
             raise ValueError(f"missing must be 'exclude' or 'error', got {self.missing!r}")
-        t = float(self.temperature)
-        if not (np.isfinite(t) and t > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {t}")
-        self.temperature = t
-        if (self.score_mean is None) != (self.score_std is None):
-            raise ValueError("HeatStats: give both score_mean and score_std, or neither")
-        if self.score_std is not None:
-            self.score_mean, self.score_std = float(self.score_mean), float(self.score_std)
-            if not (np.isfinite(self.score_mean) and np.isfinite(self.score_std) and self.score_std > 0):
-                raise ValueError(f"HeatStats: standardization needs a finite mean and a std > 0, got "
-                                 f"{self.score_mean}, {self.score_std}")
+        self.temperature = positive_float32("HeatStats: temperature", self.temperature)
+        self.score_mean, self.score_std = _standardization(self.score_mean, self.score_std)
         present = (self.count > 0) & np.isfinite(self.mean).all(axis=1)
         self.missing_classes = [int(c) for c in np.nonzero(~present)[0]]
         if not present.any():
@@ -106,7 +130,31 @@ class HeatStats:
             warn(f"HEAT: classes {self.missing_classes} have no fitting pixels; they are left out of "
                  "the Mahalanobis min")
         self._present = present
+        self._host = self._whitening()
         self._cache: dict = {}
+
+    def _whitening(self) -> tuple:
+        """float64 (L, w, |w_c|^2, center) for _matrices (see there), checked: the core's
+        float32 copies must be finite, and the precision symmetric positive definite."""
+        P = self.precision
+        if not np.isfinite(self.cov).all() or not np.isfinite(P).all():
+            raise ValueError("HeatStats: cov and precision must be finite (a corrupt statistics file?)")
+        if P.size and np.abs(P - P.T).max() > 1e-6 * np.abs(P).max():
+            raise ValueError("HeatStats: precision is not symmetric; it must be the inverse of the tied covariance")
+        try:
+            L = np.linalg.cholesky(P)                     # P = L L^T
+        except np.linalg.LinAlgError:
+            raise ValueError("HeatStats: precision is not positive definite; it must be the inverse of the tied "
+                             "covariance (refit with anomfast.fit_heat)") from None
+        mu = self.mean[self._present]
+        center = mu.mean(axis=0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = (mu - center) @ L                         # (C', D): rows w_c^T = (mu_c - center)^T L
+            host = (L, w, (w * w).sum(axis=1), center)
+            if not all(np.isfinite(a.astype(np.float32)).all() for a in host):
+                raise ValueError("HeatStats: the class means and the precision overflow float32 once whitened "
+                                 "(the core computes in float32); refit them on in-distribution features")
+        return host
 
     @property
     def num_classes(self) -> int:
@@ -122,19 +170,16 @@ class HeatStats:
 
     def kernel_constants(self) -> tuple[float, float, float]:
         """(temperature, mean, 1 / std) for the core; (T, 0, 1) when not standardized."""
-        if self.score_std is None:
-            return self.temperature, 0.0, 1.0
-        return self.temperature, self.score_mean, 1.0 / self.score_std
+        t = positive_float32("HeatStats: temperature", self.temperature)  # fields may be set after __init__
+        m, s = _standardization(self.score_mean, self.score_std)
+        if s is None:
+            return t, 0.0, 1.0
+        return t, m, 1.0 / s
 
     def with_standardization(self, score_mean: float | None, score_std: float | None) -> "HeatStats":
         """A copy with another standardization (None, None: the raw combined score)."""
         out = copy.copy(self)
-        out.score_mean, out.score_std = score_mean, score_std
-        if score_std is not None:
-            out.score_mean, out.score_std = float(score_mean), float(score_std)
-            if not (np.isfinite(out.score_mean) and np.isfinite(out.score_std) and out.score_std > 0):
-                raise ValueError(f"HeatStats: standardization needs a finite mean and a std > 0, got "
-                                 f"{score_mean}, {score_std}")
+        out.score_mean, out.score_std = _standardization(score_mean, score_std)
         return out
 
     def _matrices(self, device) -> tuple:
@@ -143,13 +188,10 @@ class HeatStats:
         center = mean of the class means."""
         key = str(device)
         if key not in self._cache:
-            mu = self.mean[self._present]
-            center = mu.mean(axis=0)
-            L = np.linalg.cholesky(self.precision)        # P = L L^T
-            w = (mu - center) @ L                         # (C', D): rows w_c^T = (mu_c - center)^T L
+            L, w, ww, center = self._host
             f32 = dict(dtype=torch.float32, device=device)
             self._cache[key] = (torch.as_tensor(L, **f32), torch.as_tensor(w.T.copy(), **f32),
-                                torch.as_tensor((w * w).sum(axis=1), **f32), torch.as_tensor(center, **f32),
+                                torch.as_tensor(ww, **f32), torch.as_tensor(center, **f32),
                                 torch.as_tensor(w, **f32))
         return self._cache[key]
 
@@ -165,7 +207,8 @@ class HeatStats:
 
     @classmethod
     def load(cls, path) -> "HeatStats":
-        z, meta = load_npz(path, FORMAT, "HEAT statistics")
+        z, meta = load_stats(path, FORMAT, "HEAT statistics", ("mean", "cov", "precision", "count"),
+                             ("temperature", "score_mean", "score_std"))
         return cls(z["mean"], z["cov"], z["precision"], z["count"], meta["temperature"], meta["score_mean"],
                    meta["score_std"], missing=meta.get("missing", "exclude"))
 
@@ -176,9 +219,10 @@ def as_features(f, logits: torch.Tensor, stats: HeatStats | None = None, name: s
         raise ValueError("HEAT needs features=(B, D, h, w): the feature map of the same images, aligned with "
                          "the logits")
     if isinstance(f, np.ndarray):
-        f = torch.from_numpy(f)
+        f = from_numpy(f)
     if not isinstance(f, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, D, h, w), got {type(f).__name__}")
+    check_dense(f, name)
     if f.dim() == 3:
         f = f.unsqueeze(0)
     if f.dim() != 4:

@@ -3,8 +3,26 @@ of (logits, labels, features) from tensors, arrays, aligned iterables or (logits
 pairs, with the checks every batch gets (same class count, channel-last hint)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the array's memory; an array torch cannot wrap (negative strides,
+    non-native byte order) is copied first, as other strides need no copy."""
+    if not a.dtype.isnative or any(s < 0 for s in a.strides):
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+    return torch.from_numpy(a)
+
+
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """The core reads a strided buffer: sparse and nested tensors have none."""
+    if t.is_nested or t.layout != torch.strided:
+        kind = "nested" if t.is_nested else str(t.layout)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor; pass .to_dense() "
+                        "(or torch.stack the images of a nested tensor)")
 
 
 def _classes_of(lg):
@@ -37,7 +55,13 @@ def _batches(logits, labels=None, features=None):
 
     Every batch's C must equal the first batch's (the batch is named otherwise)."""
     single = isinstance(logits, (torch.Tensor, np.ndarray))
+    if not single and (isinstance(logits, (str, bytes)) or not isinstance(logits, Iterable)):
+        raise TypeError("logits must be a tensor / array (B, C, H, W) or an iterable of batches, got "
+                        f"{type(logits).__name__}")
     if single:
+        for name, v in (("logits", logits), ("labels", labels), ("features", features)):
+            if isinstance(v, torch.Tensor):
+                check_dense(v, name)  # before any .shape: a nested tensor has none
         _layout_hint(logits, labels)
         yield logits, labels, features
         return
@@ -71,6 +95,9 @@ def _batches(logits, labels=None, features=None):
                 got[name] = next(it)
             except StopIteration:
                 raise ValueError(f"{name} ran out after {i} batches while logits had more") from None
+        for name, v in (("logits", lg), ("labels", got.get("labels")), ("features", got.get("features"))):
+            if isinstance(v, torch.Tensor):
+                check_dense(v, f"batch {i}: {name}")
         C = _classes_of(lg)
         if C0 is None:
             C0 = C

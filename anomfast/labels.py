@@ -12,6 +12,7 @@ silently treated as normal.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -25,12 +26,38 @@ NORMAL, ANOMALY, VOID, INVALID = (int(_C.LABEL_CLASSES[k]) for k in ("normal", "
 _MAX_LUT = 1 << 16
 
 
-def _ids(x) -> tuple:
+def _id(v, name: str) -> int:
+    """One label id: an int (Python, NumPy or a one-element integer tensor) or a float
+    holding a whole number (13.0); True / False, 1.7 and strings are refused."""
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v.item()
+    if isinstance(v, (float, np.floating)):
+        if float(v).is_integer():
+            return int(v)
+        raise ValueError(f"{name} must be whole numbers (label values), got {v!r}")
+    if not isinstance(v, (bool, np.bool_, str, bytes)):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be integer label values (e.g. 13 or [13, 14]; 13.0 is taken as 13), got {v!r}")
+
+
+def _ids(x, name: str) -> tuple:
+    """Label ids from an int or an iterable of ints (see _id); None: no ids. A string is
+    refused, not split into its characters."""
     if x is None:
         return ()
-    if isinstance(x, (int, np.integer)):
-        return (int(x),)
-    return tuple(int(v) for v in x)
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be an int or a list of ints, got the string {x!r}"
+                        + (" ('rest' applies to normal_ids only)" if x == "rest" else ""))
+    if isinstance(x, (int, float, np.integer, np.floating)) or (isinstance(x, np.ndarray) and x.ndim == 0):
+        return (_id(x, name),)
+    try:
+        items = list(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a list of ints, got {type(x).__name__}") from None
+    return tuple(_id(v, name) for v in items)
 
 
 @dataclass(frozen=True)
@@ -41,7 +68,7 @@ class LabelMap:
     _lut_cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def __post_init__(self):
-        a, v = _ids(self.anomaly_ids), _ids(self.void_ids)
+        a, v = _ids(self.anomaly_ids, "anomaly_ids"), _ids(self.void_ids, "void_ids")
         object.__setattr__(self, "anomaly_ids", a)
         object.__setattr__(self, "void_ids", v)
         n = self.normal_ids
@@ -49,7 +76,7 @@ class LabelMap:
             if n != "rest":
                 raise ValueError(f"normal_ids must be a list of ints or 'rest', got {n!r}")
         else:
-            n = _ids(n)
+            n = _ids(n, "normal_ids")
             object.__setattr__(self, "normal_ids", n)
         if not a:
             raise ValueError("LabelMap needs at least one anomaly id")
@@ -69,7 +96,8 @@ class LabelMap:
 
     @classmethod
     def default(cls, ignore_index: int = 255) -> "LabelMap":
-        return cls(anomaly_ids=(1,), void_ids=(ignore_index,), normal_ids=(0,))
+        """0 normal, 1 anomaly, ignore_index void (an int, a list of ints, or None: no void id)."""
+        return cls(anomaly_ids=(1,), void_ids=_ids(ignore_index, "ignore_index"), normal_ids=(0,))
 
     def lut(self) -> tuple[torch.Tensor, int]:
         """(int8 lookup table, offset): lut[v - offset] is the class of raw value v."""
@@ -115,5 +143,9 @@ def as_label_map(label_map=None, ignore_index: int = 255) -> LabelMap:
     if isinstance(label_map, LabelMap):
         return label_map
     if isinstance(label_map, dict):
+        unknown = set(label_map) - {"anomaly_ids", "void_ids", "normal_ids"}
+        if unknown:
+            raise ValueError(f"label_map has unknown key(s) {sorted(map(str, unknown))}; expected anomaly_ids, "
+                             "void_ids, normal_ids")
         return LabelMap(**label_map)
     raise TypeError(f"label_map must be a LabelMap or a dict of its fields, got {type(label_map).__name__}")

@@ -24,11 +24,10 @@ map (method code EXTERNAL).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ._core import _C
-from .heat import HeatStats
+from .heat import HeatStats, positive_float32
 from .sml import BOUNDARY_PADDINGS, SMLStats, check_boundary_padding
 
 # the core's method codes (csrc/common/methods.h: the method table), read from the extension
@@ -130,12 +129,8 @@ def resolve(methods=None, **params) -> MethodSpec:
     bs = bool(params.get("sml_boundary_suppression", full))
     sm = bool(params.get("sml_smoothing", full))
     padding = check_boundary_padding(params.get("sml_boundary_padding", BOUNDARY_PADDINGS[0]))
-    t = float(params.get("temperature", 1.0))
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {t}")
-    g = float(params.get("gen_gamma", 0.1))
-    if not (math.isfinite(g) and g > 0):
-        raise ValueError(f"gen_gamma must be a finite number > 0, got {g}")
+    t = positive_float32("temperature", params.get("temperature", 1.0))
+    g = positive_float32("gen_gamma", params.get("gen_gamma", 0.1))
     return MethodSpec(names=names, temperature=t, sml=sml,
                       entropy_normalize=bool(params.get("entropy_normalize", False)), gen_gamma=g,
                       heat=heat, sml_boundary_suppression=bs, sml_smoothing=sm, sml_boundary_padding=padding)

@@ -42,6 +42,30 @@ CONVENTIONS = ("sml", "ml4cv")
 ML4CV_STD_EPS = 1e-8  # the ml4cv scripts divide by (std + 1e-8)
 
 
+def real_array(v, name: str, what: str, integral: bool = False) -> np.ndarray:
+    """v as a float64 array (int64 when integral), refusing what a cast would silently
+    change: complex values (their imaginary part) and, integral, non-whole counts."""
+    a = np.asarray(v)
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"{what}: {name} must be real numbers, got dtype {a.dtype}")
+    if integral and a.dtype.kind == "f":
+        ok = (a == np.round(a)) & (np.abs(a) < 2.0 ** 63)  # NaN and inf fail both
+        if not ok.all():
+            raise ValueError(f"{what}: {name} must be whole numbers (pixel counts), got {a[~ok].ravel()[:3].tolist()}")
+    return a.astype(np.int64 if integral else np.float64)
+
+
+def load_stats(path, fmt: str, what: str, arrays: tuple, keys: tuple) -> tuple:
+    """load_npz for a statistics file whose `arrays` and metadata `keys` must all be
+    there: a missing one is an error naming the file and the entry."""
+    z, meta = load_npz(path, fmt, what)
+    for names, where, have in ((arrays, "array", z), (keys, "metadata entry", meta)):
+        lost = [k for k in names if k not in have]
+        if lost:
+            raise ValueError(f"{path}: {what} file without the {where}(s) {lost} (a truncated or foreign file?)")
+    return z, meta
+
+
 @dataclass
 class SMLStats:
     count: np.ndarray      # int64 [C]
@@ -51,9 +75,9 @@ class SMLStats:
     convention: str = "sml"  # "sml" (Jung et al.: unbiased std) or "ml4cv" (see the module docstring)
 
     def __post_init__(self):
-        self.count = np.asarray(self.count, dtype=np.int64)
-        self.sum = np.asarray(self.sum, dtype=np.float64)
-        self.sumsq = np.asarray(self.sumsq, dtype=np.float64)
+        self.count = real_array(self.count, "count", "SMLStats", integral=True)
+        self.sum = real_array(self.sum, "sum", "SMLStats")
+        self.sumsq = real_array(self.sumsq, "sumsq", "SMLStats")
         if not (self.count.shape == self.sum.shape == self.sumsq.shape) or self.count.ndim != 1:
             raise ValueError("SMLStats: count, sum and sumsq must be 1-D arrays of the same length")
         if (self.count < 0).any() or not (np.isfinite(self.sum).all() and np.isfinite(self.sumsq).all()):
@@ -141,7 +165,7 @@ class SMLStats:
 
     @classmethod
     def load(cls, path) -> "SMLStats":
-        z, meta = load_npz(path, FORMAT, "SML statistics")
+        z, meta = load_stats(path, FORMAT, "SML statistics", ("count", "sum", "sumsq"), ())
         return cls(z["count"], z["sum"], z["sumsq"], missing=meta.get("missing", "global"),
                    convention=meta.get("convention", "sml"))
 

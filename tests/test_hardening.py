@@ -385,3 +385,41 @@ def test_a_label_class_outside_the_label_classes_counts_as_invalid(fit):
         assert int(st.hist.sum()) == 8
     got = {k: int(counters[int(v)]) for k, v in _C.COUNTERS.items()}
     assert got == want, got
+
+
+@pytest.mark.filterwarnings("ignore:no normal")
+def test_a_huge_class_count_is_refused_not_a_crash():
+    """C above the cores' 2^16 classes (a stride-0 view costs no memory, so nothing else
+    stops it) is a clear error before anything is allocated per class, not a
+    std::bad_alloc thrown out of an OpenMP region (std::terminate: the process aborted)
+    nor gigabytes of zeroed scratch per thread; the compiled entries refuse it too."""
+    from anomfast import _core, _fused
+    from anomfast.methods import resolve
+    y = torch.zeros(1, 1, 1, dtype=torch.long)
+    assert _core._C.MAX_CLASSES == 2 ** 16
+    for C in (2 ** 16 + 1, 2 ** 31 - 1, 2 ** 40):
+        x = torch.zeros(1, 1, 1, 1).expand(1, C, 1, 1)
+        for call in (lambda: anomfast.evaluate(x, y, methods=["max_logit"]), lambda: anomfast.fit_sml(x),
+                     lambda: anomfast.score_maps(x, methods=["msp"])):
+            with pytest.raises(ValueError, match=f"C = {C} classes, above the supported 65536"):
+                call()
+    # the core's own check (a caller past the Python checks)
+    x = torch.zeros(1, 1, 1, 1).expand(1, 2 ** 16 + 1, 1, 1)
+    with pytest.raises(ValueError, match="class count C = 65537 is above the supported 65536"):
+        _fused.launch(x, None, None, _fused.new_counters("cpu"), None, resolve(["max_logit"]).codes, 1.0, 0.1, False,
+                      None, None, *anomfast.LabelMap().lut())
+    x = torch.zeros(1, 1, 1, 1).expand(1, 2 ** 16, 1, 1)  # the cap itself works
+    r = anomfast.evaluate(x, torch.ones(1, 1, 1, dtype=torch.long), methods=["max_logit"])
+    assert r.pixels["binned"] == 1
+
+
+def test_keep_must_be_a_bool_tensor():
+    x, y = torch.randn(2, 5, 8, 8), (torch.rand(2, 8, 8) < 0.3).long()
+    ev = anomfast.Evaluator(methods=["max_logit"])
+    with pytest.raises(TypeError, match="keep must be a bool tensor of shape \\(2,\\), got list"):
+        ev.update(x, y, keep=[True, False])
+    with pytest.raises(ValueError, match="keep must be a bool tensor of shape \\(2,\\), got torch.int64"):
+        ev.update(x, y, keep=torch.tensor([1, 0]))
+    ev.update(x, y, keep=torch.tensor([True, False]))
+    assert ev.compute().pixels["binned"] == 64
+

@@ -16,6 +16,7 @@ from ..fitting import fit_heat, fit_sml
 from ..functional import refine_histograms
 from .grid import Grid, GridError, load_array
 from ..heat import HeatStats, as_features
+from ..inputs import from_numpy
 from ..labels import ANOMALY, INVALID, NORMAL
 from ..methods import resolve
 from ..metrics import mean_iou
@@ -104,12 +105,23 @@ def _prefetch(fn, items, depth: int = 4):
 
 
 def _as_chw(a, path, kind: str = "logits") -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    t = from_numpy(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 3:
         raise GridError(f"{path}: {kind} must be ({'C, H, W' if kind != 'features' else 'D, h, w'}), "
                         f"got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise GridError(f"{path}: {kind} must be floating point (float32, float16, bfloat16 or float64), "
+                        f"got {t.dtype}")
+    return t
+
+
+def _as_labels(a, path, kind: str = "label map") -> torch.Tensor:
+    t = from_numpy(np.array(a))
+    if t.is_floating_point() or t.is_complex():
+        raise GridError(f"{path}: {kind} must hold integer label values (uint8, uint16, int32, ... or bool), "
+                        f"got {t.dtype}")
     return t
 
 
@@ -174,7 +186,7 @@ class _Reader:
         for s in self.stems:
             a = load_array(self.files[s])
             if self.kind == "labels":
-                t = torch.as_tensor(np.array(a))
+                t = _as_labels(a, self.files[s], "semantic label map")
                 if t.dim() != 2:
                     raise GridError(f"{self.files[s]}: semantic label map must be (H, W), got {tuple(t.shape)}")
                 yield t.unsqueeze(0)
@@ -252,7 +264,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
 
         def read(stem):
             x = _as_chw(load_array(model.logits[stem]), model.logits[stem])
-            y = torch.from_numpy(np.array(load_array(grid.labels[stem])))
+            y = _as_labels(load_array(grid.labels[stem]), grid.labels[stem])
             if x.dim() == 3 and y.dim() == 2 and tuple(x.shape[1:]) != tuple(y.shape):
                 from .grid import channel_last_hint
                 raise GridError(f"model {model.name!r}: logits {model.logits[stem]} have shape {tuple(x.shape)}, "
@@ -270,7 +282,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                                 f"anomaly_ids {d['anomaly_ids']}, void_ids {d['void_ids']}, normal_ids "
                                 f"{d['normal_ids']} "
                                 '(normal_ids = "rest" / --normal-ids rest counts every other value as normal)')
-            sem = torch.from_numpy(np.array(load_array(grid.semantic[stem]))) if stem in grid.semantic else None
+            sem = (_as_labels(load_array(grid.semantic[stem]), grid.semantic[stem], "semantic label map")
+                   if stem in grid.semantic else None)
             f = _as_chw(load_array(model.features[stem]), model.features[stem], "features") if need_feats else None
             return stem, x, y, sem, f, counts
 

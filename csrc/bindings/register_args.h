@@ -91,6 +91,7 @@ inline void register_constants(py::module_& m) {
   m.attr("OCC_SHIFT") = OCC_SHIFT;
   m.attr("N_COUNTERS") = (int)N_COUNTERS;
   m.attr("MAX_METHODS") = MAX_METHODS;
+  m.attr("MAX_CLASSES") = MAX_CLASSES;
   // the C++ enums Python needs, by name (one source: methods.h, views.h)
   py::dict methods;
   for (const MethodRow& r : METHOD_TABLE) methods[r.name] = r.code;

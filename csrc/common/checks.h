@@ -49,7 +49,8 @@ inline int64_t check_geometry(const InputArgs& a) {
   arg_check(a.B >= 0 && a.C >= 1 && a.H >= 0 && a.W >= 0,
             "shape (B, C, H, W) = (" + std::to_string(a.B) + ", " + std::to_string(a.C) + ", " + std::to_string(a.H) +
                 ", " + std::to_string(a.W) + "): B, H, W must be >= 0 and C >= 1");
-  arg_check(a.C <= INT32_MAX, "class count C = " + std::to_string(a.C) + " is not below 2^31");
+  arg_check(a.C <= MAX_CLASSES, "class count C = " + std::to_string(a.C) + " is above the supported " +
+                                   std::to_string(MAX_CLASSES) + " (the cores keep C x 64 floats of scratch per thread)");
   int64_t bh = 0, n = 0;
   arg_check(!__builtin_mul_overflow(a.B, a.H, &bh) && !__builtin_mul_overflow(bh, a.W, &n), "B * H * W overflows int64");
   arg_check(is_logit_dtype(a.logit_dtype), "logit dtype code " + std::to_string(a.logit_dtype) + " is not F32/F16/BF16");

@@ -44,6 +44,9 @@ enum DType : int32_t {
 // Method codes: methods.h (the method table). HEAT needs heat_m_ptr and the true
 // (unfolded) H x W geometry (3x3 neighbourhoods); EXTERNAL bins a precomputed map (ext_ptr).
 constexpr int MAX_METHODS = 8;
+// At most 2^16 classes (a segmentation network has a few thousand at most): the CPU
+// core's per-thread scratch, C x 64 floats (HEAT: 4 C x 80 more), stays below ~100 MB.
+constexpr int64_t MAX_CLASSES = int64_t(1) << 16;
 
 // What the fused entry returns (the CPU core; CUDA reports through exceptions).
 enum FusedStatus : int32_t { FUSED_OK = 0, FUSED_NO_MEMORY = 1 };

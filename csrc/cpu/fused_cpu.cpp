@@ -61,6 +61,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
+#include <stdexcept>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -462,27 +464,47 @@ int fused_impl(const FusedArgs& a) {
 #pragma omp parallel num_threads(nt)
 #endif
   {
-    std::vector<float> buf((size_t)C * TILE);
+    std::vector<float> buf;  // C x TILE logits of a tile
     int8_t cls[TILE];
     // Counts wait in qbuf (per method: flat slots in the private histogram, one per pixel)
     // and are added in bursts of BURST_TILES tiles: interleaved tile by tile with the
     // streaming reads of the logits, the scattered increments miss the caches far more
     // often (bursts made the 4-method pass 15% faster on Zen 4).
-    std::unique_ptr<int32_t[]> qbuf(new int32_t[(size_t)M * QCAP]);  // uninitialized: written before read
+    std::unique_ptr<int32_t[]> qbuf;  // M x QCAP, uninitialized: written before read
     // and their tie signature words (binning.h), queued alongside
-    std::unique_ptr<uint32_t[]> wbuf(sig_mask ? new uint32_t[(size_t)M * QCAP] : nullptr);
+    std::unique_ptr<uint32_t[]> wbuf;
     int nq = 0;  // pixels waiting in qbuf
     TileState st;
-    std::unique_ptr<HeatBuf> hb(fl.heat ? new HeatBuf(C) : nullptr);
+    std::unique_ptr<HeatBuf> hb;
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
     const int tid = thread_id();
     PrivateHist& ph = all_ph[(size_t)tid];
     SlotRanges& rng = all_ranges[(size_t)tid];
-    const bool ready = !with_hist || ph.init(hist, sig, occ, trash, sig_mask, n_seg, flush_every, &rng);
-    if (!ready) {
+    // Scratch and private histogram. A failed allocation (a huge class count, a full
+    // memory) must neither throw out of the parallel region (std::terminate) nor leave the
+    // other threads adding their share: every thread sets up, the barrier lets all see
+    // whether one failed, and then all work or none does (FUSED_NO_MEMORY, nothing added).
+    bool set_up = true;
+    try {
+      buf.resize((size_t)C * TILE);
+      qbuf.reset(new int32_t[(size_t)M * QCAP]);
+      if (sig_mask) wbuf.reset(new uint32_t[(size_t)M * QCAP]);
+      if (fl.heat) hb.reset(new HeatBuf(C));
+      set_up = !with_hist || ph.init(hist, sig, occ, trash, sig_mask, n_seg, flush_every, &rng);
+    } catch (const std::exception&) {
+      set_up = false;
+    }
+    if (!set_up) {
 #pragma omp atomic write
       err = 1;
     }
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+    int any_failed = 0;
+#pragma omp atomic read
+    any_failed = err;
+    const bool ready = !any_failed;
     auto burst = [&]() {
       ph.burst(qbuf.get(), wbuf.get(), M, nq);
       nq = 0;
@@ -611,21 +633,43 @@ void fit_impl(const FitArgs& a) {
   constexpr int64_t FIT_GROUP = 256;
   const int64_t n_groups = (n_tiles + FIT_GROUP - 1) / FIT_GROUP;
   std::vector<double> gsum((size_t)(n_groups * C), 0.0), gsq((size_t)(n_groups * C), 0.0);
+  int failed = 0;  // some thread's scratch could not be allocated
 #if defined(_OPENMP)
   int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
   nt = (int)std::max<int64_t>(1, std::min<int64_t>(nt, n_groups));
 #pragma omp parallel num_threads(nt)
 #endif
   {
-    std::vector<float> buf((size_t)C * TILE);
+    std::vector<float> buf;
     int8_t cls[TILE];
     TileState st;
-    std::vector<int64_t> lc((size_t)C, 0);
+    std::vector<int64_t> lc;
     int64_t cnt[N_COUNTERS] = {0, 0, 0, 0};
+    // a failed allocation must not throw out of the parallel region (std::terminate):
+    // every thread learns of it at the barrier, none fits anything, and the call throws
+    // std::bad_alloc after the region (MemoryError in Python)
+    bool set_up = true;
+    try {
+      buf.resize((size_t)C * TILE);
+      lc.assign((size_t)C, 0);
+    } catch (const std::exception&) {
+      set_up = false;
+    }
+    if (!set_up) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+    int any_failed = 0;
+#pragma omp atomic read
+    any_failed = failed;
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
     for (int64_t g = 0; g < n_groups; ++g) {
+      if (any_failed) continue;
       double* ls = gsum.data() + g * C;
       double* lq = gsq.data() + g * C;
       for (int64_t t = g * FIT_GROUP; t < std::min(n_tiles, (g + 1) * FIT_GROUP); ++t) {
@@ -648,11 +692,12 @@ void fit_impl(const FitArgs& a) {
 #if defined(_OPENMP)
 #pragma omp critical(anomfast_fit_reduce)
 #endif
-    {
+    if (!any_failed) {
       for (int64_t c = 0; c < C; ++c) count[c] += lc[c];
       for (int q = 0; q < N_COUNTERS; ++q) counters[q] += cnt[q];
     }
   }
+  if (failed) throw std::bad_alloc();
   for (int64_t g = 0; g < n_groups; ++g) {
     for (int64_t c = 0; c < C; ++c) {
       sum[c] += gsum[g * C + c];
