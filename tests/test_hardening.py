@@ -423,3 +423,29 @@ def test_keep_must_be_a_bool_tensor():
     ev.update(x, y, keep=torch.tensor([True, False]))
     assert ev.compute().pixels["binned"] == 64
 
+
+
+def test_scratch_that_cannot_be_allocated_is_a_memory_error_not_an_abort():
+    """The CPU core allocates each thread's scratch (C x 64 floats) inside its OpenMP
+    region: a failed allocation must come back as MemoryError with nothing added (all
+    threads skip the work), not std::terminate. Run in a child whose address space is
+    capped just above what it holds, so that C = 2^16's 16 MB per thread cannot fit."""
+    code = r'''
+import resource, torch, anomfast
+x0 = torch.randn(1, 4, 8, 8)
+anomfast.fit_sml(x0)  # the OpenMP threads exist before the cap
+anomfast.evaluate(x0, (torch.arange(64).reshape(1, 8, 8) % 2), methods=["msp"])
+x = torch.zeros(1, 1, 1, 1).expand(1, 2 ** 16, 1, 1)
+vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (8 << 20), resource.RLIM_INFINITY))
+for name, call in (("fit", lambda: anomfast.fit_sml(x)),
+                   ("evaluate", lambda: anomfast.evaluate(x, torch.ones(1, 1, 1, dtype=torch.long), methods=["max_logit"]))):
+    try:
+        call()
+        print(name, "ran")
+    except MemoryError:
+        print(name, "MemoryError")
+'''
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "fit MemoryError" in r.stdout and "evaluate MemoryError" in r.stdout, r.stdout + r.stderr[-2000:]

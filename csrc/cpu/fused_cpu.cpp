@@ -414,6 +414,23 @@ inline void given_coord_loop(const float* src, int n, TileState& st, int32_t* ou
 // HEAT's tiles: 3x3 neighbourhoods of the softmax (heat_tile.inc)
 #include "heat_tile.inc"
 
+// Called once by every thread of a parallel region after its set-up (scratch
+// allocations), `mine` saying whether it succeeded: returns whether every thread's did
+// (the barrier lets all see the shared flag), so that all threads work or none does.
+inline bool all_set_up(bool mine, int* failed) {
+  if (!mine) {
+#pragma omp atomic write
+    *failed = 1;
+  }
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+  int any = 0;
+#pragma omp atomic read
+  any = *failed;
+  return !any;
+}
+
 // The per-thread private histogram and its reduction into the shared one (private_hist.inc)
 #include "private_hist.inc"
 
@@ -494,17 +511,7 @@ int fused_impl(const FusedArgs& a) {
     } catch (const std::exception&) {
       set_up = false;
     }
-    if (!set_up) {
-#pragma omp atomic write
-      err = 1;
-    }
-#if defined(_OPENMP)
-#pragma omp barrier
-#endif
-    int any_failed = 0;
-#pragma omp atomic read
-    any_failed = err;
-    const bool ready = !any_failed;
+    const bool ready = all_set_up(set_up, &err);
     auto burst = [&]() {
       ph.burst(qbuf.get(), wbuf.get(), M, nq);
       nq = 0;
@@ -655,21 +662,12 @@ void fit_impl(const FitArgs& a) {
     } catch (const std::exception&) {
       set_up = false;
     }
-    if (!set_up) {
-#pragma omp atomic write
-      failed = 1;
-    }
-#if defined(_OPENMP)
-#pragma omp barrier
-#endif
-    int any_failed = 0;
-#pragma omp atomic read
-    any_failed = failed;
+    const bool ready = all_set_up(set_up, &failed);
 #if defined(_OPENMP)
 #pragma omp for schedule(static)
 #endif
     for (int64_t g = 0; g < n_groups; ++g) {
-      if (any_failed) continue;
+      if (!ready) continue;
       double* ls = gsum.data() + g * C;
       double* lq = gsq.data() + g * C;
       for (int64_t t = g * FIT_GROUP; t < std::min(n_tiles, (g + 1) * FIT_GROUP); ++t) {
@@ -692,7 +690,7 @@ void fit_impl(const FitArgs& a) {
 #if defined(_OPENMP)
 #pragma omp critical(anomfast_fit_reduce)
 #endif
-    if (!any_failed) {
+    if (ready) {
       for (int64_t c = 0; c < C; ++c) count[c] += lc[c];
       for (int q = 0; q < N_COUNTERS; ++q) counters[q] += cnt[q];
     }
