@@ -29,6 +29,7 @@ fitting files of a model match each other, shapes agree, methods exist.
 from __future__ import annotations
 
 import glob as _glob
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,12 +102,42 @@ def _files(spec, base: Path, exts, what: str) -> dict:
     return out
 
 
+# NumPy parses .npy headers with ast.literal_eval, and CPython 3.11 keeps the AST
+# constructor's recursion depth in per-interpreter state: two threads parsing at once (the
+# CLI's prefetch readers; a garbage collection inside one parse can run Python code and
+# switch threads) occasionally fail with "SystemError: AST constructor recursion depth
+# mismatch" (python/cpython#106905; it failed tests/test_cli.py twice in three full runs).
+# Headers are parsed under this lock; .npy data is read outside it.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """np.load(path, allow_pickle=False) of a .npy file, its header parsed under
+    _NPY_HEADER_LOCK (the data read as NumPy's own read_array reads it)."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        with _NPY_HEADER_LOCK:
+            if version not in ((1, 0), (2, 0)):  # 3.0 (a utf-8 header): NumPy's reader, all of it locked
+                f.seek(0)
+                return np.load(f, allow_pickle=False)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError("the array holds Python objects, which would need unpickling (never done)")
+        count = int(np.prod(shape, dtype=np.int64))
+        data = np.fromfile(f, dtype=dtype, count=count)
+    if data.size != count:
+        raise ValueError(f"the file is truncated ({data.size} of {count} values)")
+    return data.reshape(shape, order="F" if fortran else "C")
+
+
 def _load_array(path: Path):
     s = path.suffix
     if s == ".npy":
-        return np.load(path, allow_pickle=False)
+        return _read_npy(path)
     if s == ".npz":
-        with np.load(path, allow_pickle=False) as z:
+        with _NPY_HEADER_LOCK, np.load(path, allow_pickle=False) as z:  # each member is a .npy
             keys = list(z.keys())
             if len(keys) != 1:
                 raise GridError(f"{path}: expected one array in the .npz, found {keys}")
@@ -165,7 +196,8 @@ def array_shape(path: Path) -> tuple:
     path = Path(path)
     try:
         if path.suffix == ".npy":
-            return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)  # a truncated file raises
+            with _NPY_HEADER_LOCK:  # see _read_npy
+                return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)  # a truncated file raises
         if path.suffix == ".png":
             try:
                 from PIL import Image
