@@ -6,7 +6,7 @@ baseline x86-64 build (no FMA instruction) the exact product rounded to double p
 addend, then to float. Double rounding can make that differ from one rounding in
 general, so this test compiles both forms of fast_exp, fast_exp_nonpos and fast_log and
 compares them on every input each is called with: fast_exp_nonpos on every non-positive
-float32 and NaN, fast_exp on every float32 from its lower clamp to its upper clamp (the
+float32 and NaN (and there against fast_exp too, whose lower clamp it leaves out), fast_exp on every float32 from its lower clamp to its upper clamp (the
 clamps map every input outside onto those two), fast_log on every positive normal
 float32. The CUDA core's default build, bit-identical to the baseline CPU build, relies
 on it. Needs g++ (with OpenMP) and a CPU with AVX2 and FMA (skipped otherwise); about a
@@ -55,25 +55,33 @@ int main() {
   // each function's inputs as ranges of bit patterns [first, last]: fast_exp_nonpos on
   // +0, every negative float and every NaN; fast_exp between its clamps (below
   // EXP_ZERO_BELOW = -87.33654 it is 0, above 88.72283 the clamp's value); fast_log on
-  // the positive normals
+  // the positive normals. "Function" 3: fast_exp_nonpos against the clamped fast_exp
+  // (both hardware-FMA forms) on fast_exp_nonpos's inputs: the same bits, though it has
+  // no lower clamp of its own.
   struct Range { int f; uint32_t first, last; };
   const Range ranges[] = {{0, 0x00000000u, 0x00000000u}, {0, 0x7f800001u, 0x7fffffffu}, {0, 0x80000000u, 0xffffffffu},
                           {1, 0x00000000u, 0x42b17217u + 2}, {1, 0x80000000u, 0xc2aeac4fu + 2},
-                          {2, 0x00800000u, 0x7f7fffffu}};
+                          {2, 0x00800000u, 0x7f7fffffu},
+                          {3, 0x00000000u, 0x00000000u}, {3, 0x7f800001u, 0x7fffffffu}, {3, 0x80000000u, 0xffffffffu}};
   const uint32_t CH = 1u << 20;
-  unsigned long long seen[3] = {0, 0, 0}, bad[3] = {0, 0, 0};
+  unsigned long long seen[4] = {0, 0, 0, 0}, bad[4] = {0, 0, 0, 0};
   #pragma omp parallel
   {
     std::vector<uint32_t> r1(CH), r2(CH);
-    unsigned long long s_[3] = {0, 0, 0}, b_[3] = {0, 0, 0};
+    unsigned long long s_[4] = {0, 0, 0, 0}, b_[4] = {0, 0, 0, 0};
     for (const Range& g : ranges) {
       const unsigned long long n = (unsigned long long)g.last - g.first + 1, chunks = (n + CH - 1) / CH;
       #pragma omp for schedule(dynamic, 16)
       for (long long c = 0; c < (long long)chunks; ++c) {
         const uint32_t lo = g.first + (uint32_t)(c * CH);
         const uint32_t cnt = (uint32_t)((n - c * CH) < CH ? (n - c * CH) : CH);
-        hw_run(g.f, lo, cnt, r1.data());
-        dbl_run(g.f, lo, cnt, r2.data());
+        if (g.f == 3) {
+          hw_run(0, lo, cnt, r1.data());
+          hw_run(1, lo, cnt, r2.data());
+        } else {
+          hw_run(g.f, lo, cnt, r1.data());
+          dbl_run(g.f, lo, cnt, r2.data());
+        }
         s_[g.f] += cnt;
         if (std::memcmp(r1.data(), r2.data(), cnt * 4) == 0) continue;
         for (uint32_t i = 0; i < cnt; ++i) {
@@ -84,10 +92,11 @@ int main() {
       }
     }
     #pragma omp critical
-    for (int f = 0; f < 3; ++f) { seen[f] += s_[f]; bad[f] += b_[f]; }
+    for (int f = 0; f < 4; ++f) { seen[f] += s_[f]; bad[f] += b_[f]; }
   }
-  std::printf("checked %llu %llu %llu mismatches %llu %llu %llu\n", seen[0], seen[1], seen[2], bad[0], bad[1], bad[2]);
-  return (bad[0] || bad[1] || bad[2]) ? 1 : 0;
+  std::printf("checked %llu %llu %llu %llu mismatches %llu %llu %llu %llu\n", seen[0], seen[1], seen[2], seen[3],
+              bad[0], bad[1], bad[2], bad[3]);
+  return (bad[0] || bad[1] || bad[2] || bad[3]) ? 1 : 0;
 }
 """
 
@@ -119,4 +128,4 @@ def test_fma_forms_agree_on_every_input(tmp_path):
         pytest.skip("this CPU has no AVX2 / FMA")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     counts = [int(v) for v in r.stdout.split("checked", 1)[1].split("mismatches")[0].split()]
-    assert counts == [2**31 + 2**23, 0x42b17217 + 3 + 0x42aeac4f + 3, 0x7f7fffff - 0x00800000 + 1], counts
+    assert counts == [2**31 + 2**23, 0x42b17217 + 3 + 0x42aeac4f + 3, 0x7f7fffff - 0x00800000 + 1, 2**31 + 2**23], counts

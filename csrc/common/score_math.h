@@ -142,14 +142,18 @@ ANOMFAST_HD float fast_exp(float x) {
 }
 
 // fast_exp(x) for x <= 0 (and NaN), bit for bit (checked on every such float32, both
-// score_fma forms, 2026-12-02), in fewer operations: the hot loops' exp(l_c - m). Here
-// n = -126 .. 0, so 2^n is one float, read straight off the bits of t (no float -> int
-// conversion, no upper clamp), and p * 2^n rounds once like p * s1 * s2 (p * s1 is
-// exact). The CPU msp pass got ~15% faster with it.
+// score_fma forms, 2026-12-02), in fewer operations: the hot loops' exp(l_c - m). Where
+// the result is kept (x > EXP_ZERO_BELOW, or NaN) n = -126 .. 0, so 2^n is one float,
+// read straight off the bits of t (no float -> int conversion, no upper clamp), and
+// p * 2^n rounds once like p * s1 * s2 (p * s1 is exact). The CPU msp pass got ~15%
+// faster with it. No lower clamp either: at and below EXP_ZERO_BELOW (-inf included) the
+// computed value is garbage (n < -126 wraps the exponent field, -inf gives NaN) and the
+// select returns 0, so clamping x first would only change what is thrown away (one
+// max per class and pixel less in the CUDA class loops; tests/test_score_math.py checks
+// every non-positive float and NaN against the clamped fast_exp).
 ANOMFAST_HD float fast_exp_nonpos(float x) {
-  float xc = x < EXP_ZERO_BELOW ? EXP_ZERO_BELOW : x;  // keeps n >= -126; such x give 0 below
-  float t = exp_round(xc);
-  float p = exp_reduced(xc, t - EXP_ROUND);
+  float t = exp_round(x);
+  float p = exp_reduced(x, t - EXP_ROUND);
   float out = p * u2f((f2u(t) + 127u) << 23);  // (n + 127) << 23: the bits above 9 shift out
   return x <= EXP_ZERO_BELOW ? 0.0f : out;
 }
@@ -179,9 +183,8 @@ ANOMFAST_HD float s1_term(float e, bool is_k) {
 // The entropy sum sx = sum_c e_c (l_c - m): class c's term. Where e is 0 the term is 0:
 // finite logits further apart than the float32 range give d = -inf, and 0 * -inf would
 // make the entropy NaN (the float64 reference gives 0 there). The device clamps d at
-// EXP_ZERO_BELOW instead, with the very expression fast_exp_nonpos clamps its argument
-// with, so that the compiler computes the clamp once for both: at and below
-// EXP_ZERO_BELOW e is 0, so the term is -0 or +0 either way, and sx (never -0) is
+// EXP_ZERO_BELOW instead (one max, where the host's compare and select are two): at and
+// below EXP_ZERO_BELOW e is 0, so the term is -0 or +0 either way, and sx (never -0) is
 // unchanged by both.
 ANOMFAST_HD float entropy_term(float e, float d) {
 #if ANOMFAST_DEVICE_FORMS
