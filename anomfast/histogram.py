@@ -789,13 +789,15 @@ def _result_from_walk(method: str, params: dict, out: np.ndarray, iout: np.ndarr
     if P > 0:
         o = {k: float(out[i]) for k, i in _OUT.items() if k != "size"}
         sums = GroupSums(n_groups=int(iout[_IOUT["groups"]]), f1_group=int(iout[_IOUT["f1_row"]]),
+                         f1_first=int(iout[_IOUT["f1_first"]]), f1_last=int(iout[_IOUT["f1_last"]]),
                          fpr95_group=int(iout[_IOUT["fpr95_row"]]), fpr95_tied=bool(iout[_IOUT["fpr95_tied"]]),
                          all_tied=bool(iout[_IOUT["all_tied"]]), **o)
         if N > 0 and fpr_mode != "interp" and not sums.fpr95_tied:  # needs Python's exact int ratio
             sums.fpr95 = fpr_inside_bin(P, N, *(int(iout[_IOUT[k]]) for k in ("fpr95_a", "fpr95_f", "fpr95_pos",
                                                                                "fpr95_neg")),
                                         tpr_target, fpr_mode == "strict")
-    rows = [] if sums is None else [sums.f1_group] + ([sums.fpr95_group] if N > 0 else [])
+    rows = [] if sums is None else ([sums.f1_group, sums.f1_first, sums.f1_last] +
+                                    ([sums.fpr95_group] if N > 0 else []))
     los, his = lo_hi(np.asarray(rows, np.int64)) if rows else ((), ())
     bounds = {g: (float(x), float(y)) for g, x, y in zip(rows, los, his)}
     r = result_from_sums(P, N, sums, bounds.__getitem__, exact=False, fpr_mode=fpr_mode, ap_mode=ap_mode,

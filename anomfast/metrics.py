@@ -99,10 +99,15 @@ FPR95 (tpr_target = 0.95)
 Best F1
     max over group thresholds of F1 = 2 TP / (2 TP + FP + FN) = 2 TP_g / (TP_g + FP_g + P).
     Among equal maxima the HIGHEST threshold (fewest flagged pixels) wins.
-    ``threshold`` = thr_lo of the best group, ``bounds["threshold"]`` = (thr_lo, thr_hi) of
-    that group. ``bounds["f1"] = (F1, max_g 2(a+p)/(P+a+p+f))`` with the maximum over the
-    non-tie groups (tie groups contribute their exact F1): the value is attained by a
-    threshold of the unbinned scores; the upper end puts the group's positives first.
+    ``threshold`` = thr_lo of the best group. ``bounds["f1"] = (F1, max_g 2(a+p)/(P+a+p+f))``
+    with the maximum over the non-tie groups (tie groups contribute their exact F1): the
+    value is attained by a threshold of the unbinned scores; the upper end puts the
+    group's positives first. ``bounds["threshold"]`` = (thr_lo of the last, thr_hi of the
+    first) of the groups that may hold the exact best threshold: the best group and every
+    non-tie group with positives whose upper bound 2(a+p)/(P+a+p+f) reaches the attained
+    F1 (less 1e-12). The exact maximum is at least the attained F1 and is reached at a
+    positive's score (lowering the threshold past negatives only adds FP), so the group
+    holding it is among those; that hull is as wide as the F1 bound is loose.
 
 Bounds (histogram mode) are widened outward by 1e-12 against rounding and clipped to
 [0, 1]; in exact mode they are (value, value). Bounds of a NaN metric are (nan, nan).
@@ -507,6 +512,8 @@ class GroupSums:
     f1: float = _NAN             # best F1
     f1_upper: float = _NAN       # max over groups of the F1 upper bound
     f1_group: int = -1           # the best F1's group (first maximum)
+    f1_first: int = -1           # first / last group that may hold the exact best-F1 threshold:
+    f1_last: int = -1            # f1_group and the non-tie groups whose F1 upper bound reaches f1
     all_tied: bool = False
 
 
@@ -559,7 +566,11 @@ def group_sums(pos, neg, tied, *, exact: bool, fpr_mode: str, ap_mode: str, tpr_
     f1 = 2.0 * tpf / (tpf + fpf + Pf)
     s.f1_group = int(np.argmax(f1))
     s.f1 = float(f1[s.f1_group])
-    s.f1_upper = float(np.max(np.where(tied, f1, 2.0 * (af + pf) / (Pf + af + pf + ff))))
+    ub = 2.0 * (af + pf) / (Pf + af + pf + ff)
+    s.f1_upper = float(np.max(np.where(tied, f1, ub)))
+    cand = np.flatnonzero(~tied & (pos > 0) & (ub >= s.f1 - _EPS))
+    s.f1_first = min(s.f1_group, int(cand[0])) if cand.size else s.f1_group
+    s.f1_last = max(s.f1_group, int(cand[-1])) if cand.size else s.f1_group
     s.all_tied = bool(tied.all())
     return s
 
@@ -666,11 +677,12 @@ def result_from_sums(P: int, N: int, s: GroupSums | None, lo_hi, *, exact: bool,
         res.bounds["fpr95_threshold"] = nanb
 
     # ---- best F1
-    glo, ghi = lo_hi(s.f1_group)
+    glo = lo_hi(s.f1_group)[0]
     res.f1 = s.f1
     res.threshold = glo
     res.bounds["f1"] = _interval(res.f1, max(s.f1_upper, res.f1), exact or s.all_tied, res.f1)
-    res.bounds["threshold"] = (glo, ghi)
+    first, last = (s.f1_group, s.f1_group) if s.f1_first < 0 else (s.f1_first, s.f1_last)
+    res.bounds["threshold"] = (lo_hi(last)[0], lo_hi(first)[1])
     if s.n_groups == 1:
         res.warnings.append("all scores are equal: the ranking carries no information" if exact else
                             "all pixels fall in one bin: the bounds are uninformative")

@@ -75,7 +75,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("fpr95_row") = (int)FIN_FPR_ROW, py::arg("fpr95_tied") = (int)FIN_FPR_TIED,
       py::arg("fpr95_a") = (int)FIN_FPR_A, py::arg("fpr95_f") = (int)FIN_FPR_F,
       py::arg("fpr95_pos") = (int)FIN_FPR_POS, py::arg("fpr95_neg") = (int)FIN_FPR_NEG,
-      py::arg("f1_row") = (int)FIN_F1_ROW, py::arg("all_tied") = (int)FIN_ALL_TIED, py::arg("size") = (int)FIN_NI);
+      py::arg("f1_row") = (int)FIN_F1_ROW, py::arg("all_tied") = (int)FIN_ALL_TIED,
+      py::arg("f1_first") = (int)FIN_F1_FIRST, py::arg("f1_last") = (int)FIN_F1_LAST, py::arg("size") = (int)FIN_NI);
   m.def("components", &components_cpu, py::call_guard<py::gil_scoped_release>(),
         "Connected components and per-component pixel counts of one image (components_cpu.h).");
   m.def("components_capacity", &components_capacity, "Most 8-connected components an H x W image holds.");

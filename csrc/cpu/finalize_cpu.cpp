@@ -291,7 +291,10 @@ class Finalizer {
     iout[FIN_FPR_NEG] = fpr_n_;
     iout[FIN_F1_ROW] = f1_row_;
     iout[FIN_ALL_TIED] = all_tied_;
+    iout[FIN_F1_FIRST] = iout[FIN_F1_LAST] = f1_row_;
   }
+
+  double f1() const { return f1_; }
 
  private:
   // the crossing group (first with TPR >= target, > for strict) and, for interp, the
@@ -597,6 +600,33 @@ int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t t
     }
   }
   fin.write(out, iout);
+  if (P > 0 && iout[FIN_F1_ROW] >= 0) {
+    // the groups that may hold the exact best-F1 threshold (metrics.group_sums: f1_first /
+    // f1_last): the exact maximum is at least the attained F1 and sits at a positive's
+    // score, inside a group with positives whose upper bound 2(a+p)/(P+a+p+f) reaches it.
+    // Past f FP above, no bound reaches `need` any more (2P/(2P+f) < need), so the walk
+    // stops there: usually early, the best F1 lying among the top scores.
+    const double need = fin.f1() - F1_CANDIDATE_SLACK, Pf = (double)P;
+    const double f_stop = need > 0 ? 2.0 * Pf * (1.0 - need) / need * (1.0 + 1e-9) + 1.0
+                                   : std::numeric_limits<double>::infinity();
+    auto row = [&](int64_t j) { return descending ? j : n - 1 - j; };
+    int64_t first = -1, last = -1, a = 0, f = 0;
+    for (int64_t j = 0; j < n && (double)f <= f_stop; ++j) {
+      const int64_t i = row(j), p = pos[i];
+      const bool t = tied_in ? tied_in[i] != 0 : (sig && exact_values && sig_single((uint32_t)sig[i]));
+      if (p > 0 && !t && 2.0 * (double)(a + p) / (Pf + (double)(a + p) + (double)f) >= need) {
+        if (first < 0) first = j;
+        last = j;
+      }
+      a += p;
+      f += neg[i];
+    }
+    const int64_t jbest = descending ? iout[FIN_F1_ROW] : n - 1 - iout[FIN_F1_ROW];
+    if (first < 0 || jbest < first) first = jbest;
+    if (last < 0 || jbest > last) last = jbest;
+    iout[FIN_F1_FIRST] = row(first);
+    iout[FIN_F1_LAST] = row(last);
+  }
   if (P > 0 && (iout[FIN_F1_ROW] < 0 || (N > 0 && iout[FIN_FPR_ROW] < 0))) return -1;
   return 0;
 }

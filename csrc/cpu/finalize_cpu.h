@@ -61,8 +61,14 @@ enum FinIOut : int32_t {
   FIN_FPR_TIED,
   FIN_FPR_A, FIN_FPR_F, FIN_FPR_POS, FIN_FPR_NEG,  // its TP / FP before it and its counts:
                                                    // Python finishes a non-tie first/strict value
-  FIN_F1_ROW, FIN_ALL_TIED, FIN_NI
+  FIN_F1_ROW, FIN_ALL_TIED,
+  FIN_F1_FIRST, FIN_F1_LAST,  // the first and last row (descending scores) of the groups that may
+                              // hold the exact best-F1 threshold: the best group, and every group
+                              // with positives, not a tie group, whose F1 upper bound reaches the
+                              // attained F1 (less F1_CANDIDATE_SLACK); -1 when P == 0
+  FIN_NI
 };
+constexpr double F1_CANDIDATE_SLACK = 1e-12;  // metrics._EPS
 
 // bin_bounds: (lo, hi) coordinates of bin `index` with OR-ed signature `sig` (uint32 in an
 //   int64): its smallest / largest float32 value (float64), both the one value it holds
