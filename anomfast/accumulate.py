@@ -17,6 +17,8 @@ bad one, so the counts it reports past a clean history are that batch's.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import weakref
 from typing import Optional
 
@@ -27,6 +29,9 @@ from .histogram import HistState, finalize_histograms, histograms_from_state, re
 from .labels import LabelMap
 from .methods import MethodSpec
 from .tables import results_table
+
+
+_NO_C = 2**62  # a process that knows no class count takes no part in the C agreement
 
 
 class Results(dict):
@@ -149,16 +154,59 @@ class Accumulator:
         on non-finite scores."""
         return _fused.check_counters(self.counters, labels, self.label_map, self.nonfinite)
 
-    def synced(self, group=None) -> "Accumulator":
+    def fingerprint(self, extra=None) -> int:
+        """A 62-bit digest of what the counts mean (methods, their parameters, the label map,
+        and `extra`), equal in every process that counts the same things."""
+        what = {"methods": list(self.spec.names), "params": {n: self.spec.params_of(n) for n in self.spec.names},
+                "label_map": self.label_map.describe(), "extra": extra}
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 2
+
+    def _comm_device(self, group) -> torch.device:
+        """Where this process's side of a collective lives: its state's device, else what
+        the backend needs (a CUDA device for NCCL, the CPU otherwise)."""
+        if self.state is not None:
+            return self.state.device
+        if "nccl" in str(torch.distributed.get_backend(group)).lower():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def synced(self, group=None, classes: int | None = None, extra=None) -> "Accumulator":
         """A copy summed over the processes of `group` when torch.distributed is initialized
-        (the occupied blocks' counts summed, signatures OR-ed, and the counters), else self."""
+        (the occupied blocks' counts summed, signatures OR-ed, and the counters), else self.
+
+        First, one small all_reduce makes every process agree on what it is about to sum:
+        the same methods, parameters and label map (fingerprint(extra)), the same class
+        count C where known (`classes`), and whether any process has a state. A mismatch
+        raises the same error in every process, and a process without updates takes part
+        with an empty state, so no collective is left waiting or fed buffers of another
+        size. With no state anywhere, self is returned unchanged (state None) everywhere."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        if self.state is None:
-            raise RuntimeError("compute() in a distributed run needs at least one update() on every rank")
+        has = self.state is not None
+        fp = self.fingerprint(extra)
+        c = int(classes) if (has and classes is not None) else None
+        # max over processes of (fp, -fp, has, -has, C, -C): the max and the min of each
+        v = torch.tensor([fp, -fp, int(has), -int(has), -1 if c is None else c, -_NO_C if c is None else -c],
+                         dtype=torch.int64, device=self._comm_device(group))
+        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=group)
+        fp_max, fp_min, any_has, c_max, c_min = int(v[0]), -int(v[1]), int(v[2]), int(v[4]), -int(v[5])
+        if fp_max != fp_min:
+            raise RuntimeError("the processes of this distributed run do not count the same things: their methods, "
+                               "method parameters or label maps differ (this process: methods "
+                               f"{list(self.spec.names)}, label map {self.label_map.describe()}); construct the "
+                               "evaluator with the same arguments on every rank")
+        if c_max >= 0 and c_max != c_min:
+            raise ValueError(f"the processes of this distributed run saw logits with different class counts (C from "
+                             f"{c_min} to {c_max}; this process: {c}); every rank must evaluate the same classes")
+        if not any_has:
+            return self
         out = Accumulator(self.spec, self.label_map, self.nonfinite)
-        out.state, out.counters = self.state.copy(), self.counters.clone()
+        if has:
+            out.state, out.counters = self.state.copy(), self.counters.clone()
+        else:  # no update() here: an empty state takes part
+            out.allocate(self._comm_device(group))
         out.state.all_reduce_(group=group)
         dist.all_reduce(out.counters, group=group)
         return out

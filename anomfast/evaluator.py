@@ -40,7 +40,9 @@ from . import _core, _fused
 from .accumulate import Accumulator, Results, _is_compiling
 from .components import accumulator_for, as_component_spec
 from .histogram import _MAX_TOTAL, FORMAT, HistState, check_buffer, check_format
+from .inputs import _layout_hint
 from .labels import as_label_map
+from .metrics import check_conventions
 from .methods import resolve
 from .protocols import check_protocol
 
@@ -92,6 +94,8 @@ class Evaluator:
         self.spec = resolve(methods, **method_params)
         self.label_map = as_label_map(label_map, ignore_index)
         self.nonfinite = nonfinite
+        # checked now, not at compute() after a whole epoch
+        tpr_target = check_conventions(fpr_mode, ap_mode, tpr_target)
         self.conventions = dict(fpr_mode=fpr_mode, ap_mode=ap_mode, tpr_target=tpr_target)
         self.sync_on_compute = sync_on_compute
         self.process_group = process_group
@@ -116,6 +120,7 @@ class Evaluator:
         """Adds a batch: logits (B, C, H, W) float32/16/bf16, labels (B, H, W) integers.
         ``keep`` (bool (B,)) drops samples (e.g. distributed padding) without a host sync.
         ``features`` (B, D, h, w): the feature map of the batch, needed by HEAT."""
+        _layout_hint(logits, labels)  # channel-last logits: say so, not a label shape error
         x = _fused.as_logits(logits)
         if self._classes is not None and self._classes[1] is self.counters and x.shape[1] != self._classes[0]:
             raise ValueError(f"logits have C = {x.shape[1]} classes but earlier update() calls (since construction "
@@ -151,7 +156,11 @@ class Evaluator:
         if st is not None:  # buffers set from outside (the torchmetrics adapter's states) meet the read-out here
             st.check(len(self.spec.names), st.device)
             check_buffer(self.counters, "counters", (_core.N_COUNTERS,), torch.int64, st.device)
-        acc = self._acc.synced(self.process_group) if self.sync_on_compute else self._acc
+        acc = self._acc
+        if self.sync_on_compute:
+            comp = self.components
+            extra = None if comp is None else {"components": comp.spec.describe(), "thresholds": comp.thresholds}
+            acc = self._acc.synced(self.process_group, classes=self._classes_seen(), extra=extra)
         if acc.state is None:
             raise RuntimeError("compute() called before any update()")
         if not bool(acc.counters.any()):
@@ -167,6 +176,11 @@ class Evaluator:
             res.components = comp.results()
         return res
 
+    def _classes_seen(self) -> int | None:
+        """C of the updates into the current counters (since construction, reset() or a
+        loaded state that records it), None when unknown."""
+        return self._classes[0] if self._classes is not None and self._classes[1] is self.counters else None
+
     def reset(self) -> None:
         self._classes = None
         self._acc.clear_()   # only the occupied blocks: the buffers keep their identity
@@ -178,6 +192,7 @@ class Evaluator:
         loaded state goes to the device of the next update())."""
         d = {"format": FORMAT, "methods": list(self.spec.names),
              "params": {n: self.spec.params_of(n) for n in self.spec.names},
+             "label_map": self.label_map.describe(), "classes": self._classes_seen(),
              "hist": None if self.hist is None else self.hist.to_state(),
              "counters": None if self.counters is None else self.counters.cpu().clone()}
         if self.components is not None:
@@ -189,10 +204,17 @@ class Evaluator:
         if not isinstance(d, dict):
             raise TypeError(f"state must be a dict from Evaluator.state_dict(), got {type(d).__name__}")
         check_format(d.get("format"), "evaluator state")
-        if list(d.get("methods", ())) != list(self.spec.names) or \
-                d.get("params") != {n: self.spec.params_of(n) for n in self.spec.names}:
-            raise ValueError(f"state is for methods {d.get('methods')} {d.get('params')}, this evaluator has "
-                             f"{list(self.spec.names)}")
+        mine = {n: self.spec.params_of(n) for n in self.spec.names}
+        if list(d.get("methods", ())) != list(self.spec.names) or d.get("params") != mine:
+            raise ValueError(f"state is for methods {d.get('methods')} with parameters {d.get('params')}, this "
+                             f"evaluator has {list(self.spec.names)} with {mine}")
+        # label map and class count: recorded since 2026-12-03 (older states have neither: not checked)
+        if "label_map" in d and d["label_map"] != self.label_map.describe():
+            raise ValueError(f"state was counted with label map {d['label_map']}, this evaluator has "
+                             f"{self.label_map.describe()}: the same pixels would mean other classes")
+        classes = d.get("classes")
+        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+            raise ValueError(f"state's class count must be a positive int or None, got {classes!r}")
         if self.components is not None:
             self.components.load_state(d.get("components"))
         self._classes = None
@@ -206,3 +228,20 @@ class Evaluator:
         self._acc.follows_batch = self.hist is None
         self.hist = HistState(hist.hist.to(dev), hist.sig.to(dev), hist.occ.to(dev))
         self.counters = c.to(dev).clone().contiguous()
+        if classes is not None:  # later update() calls must have the same C, as before the save
+            self._classes = (classes, self.counters)
+
+    # pickle / copy.deepcopy / torch.save of the evaluator itself: the sparse state_dict(),
+    # not the dense buffers (4.5M bins per method and label: ~300 MB for 3 methods)
+    def __getstate__(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("_acc", "_classes")}
+        d["_saved_state"] = self.state_dict()
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        d = dict(d)
+        saved = d.pop("_saved_state")
+        self.__dict__.update(d)
+        self._acc = Accumulator(self.spec, self.label_map, self.nonfinite)
+        self._classes = None
+        self.load_state_dict(saved)  # on the CPU until the next update() moves it to that batch's device
