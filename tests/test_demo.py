@@ -150,18 +150,22 @@ def test_reuse_rebuild_and_state(built, tmp_path):
     assert torch.get_num_threads() == threads
     assert torch.are_deterministic_algorithms_enabled() == det
 
-    # a half-built cache (no DONE) is never reused
+    # a folder without DONE is no demo cache: never reused, and never replaced (it may be the user's)
     half = tmp_path / "demo"
     (half / "labels").mkdir(parents=True)
     (half / "labels" / "junk.png").write_bytes(b"x")
     with pytest.raises(FileNotFoundError):
         demo.load_demo(half)
     small = dict(TINY, n_test=2, n_fit=2, train_steps=2, n_train=16)
+    with pytest.raises(FileExistsError, match="not an anomfast demo cache"):
+        demo.build_demo(half, **small)
+    assert (half / "labels" / "junk.png").read_bytes() == b"x"
+    (half / "labels" / "junk.png").unlink()                          # an empty folder is built into
     rng_state = torch.random.get_rng_state()
     out = demo.build_demo(half, **small)
     assert torch.equal(torch.random.get_rng_state(), rng_state)     # caller's RNG untouched
     assert torch.get_num_threads() == threads
-    assert out == half and (half / "DONE").is_file() and not (half / "labels" / "junk.png").exists()
+    assert out == half and (half / "DONE").is_file()
     assert len(demo.load_demo(half)["names"]) == 2
     # other settings -> rebuilt in place
     demo.build_demo(half, **dict(small, n_test=3))

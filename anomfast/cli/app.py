@@ -196,9 +196,10 @@ def _model_methods(grid, args, notes: list) -> dict:
             ms = BASE_METHODS + (["sml"] if m.has_sml else []) + (["heat"] if m.has_heat else [])
             for k in ("sml", "heat"):
                 others = [o.name for o in grid.models if (o.has_sml if k == "sml" else o.has_heat)]
-                if k not in ms and others:
-                    note = (f"{k} is not evaluated for model {m.name!r}: {WHY_MISSING[k]} "
-                            f"(evaluated for {', '.join(repr(o) for o in others)})")
+                gap = m.heat_gap if k == "heat" else None  # some of HEAT's inputs given: say what is missing
+                if k not in ms and (others or gap):
+                    note = (f"{k} is not evaluated for model {m.name!r}: {gap or WHY_MISSING[k]}"
+                            + (f" (evaluated for {', '.join(repr(o) for o in others)})" if others else ""))
                     notes.append(note)
                     say(f"anomfast: note: {note}", args.quiet)
         resolve([k for k in ms if k not in ("sml", "heat")] or ["max_logit"])  # unknown methods fail here
@@ -206,7 +207,7 @@ def _model_methods(grid, args, notes: list) -> dict:
             raise CLIError(f"method 'sml' needs sml_stats or fit_logits for model {m.name!r}")
         if "heat" in ms and not m.has_heat:
             raise CLIError(f"method 'heat' needs features and heat_stats (or fit_logits + fit_features + "
-                           f"fit_semantic) for model {m.name!r}")
+                           f"fit_semantic) for model {m.name!r}" + (f": {m.heat_gap}" if m.heat_gap else ""))
         out[m.name] = order_methods(ms)
     return out
 
@@ -228,6 +229,10 @@ def _eval(args) -> int:
     if args.name is not None and "::" in args.name:
         raise CLIError(f"--name {args.name!r}: a model name cannot contain '::' (it separates model and method "
                        "in histograms.npz)")
+    if (args.features is None) != (args.heat_stats is None):  # asked for HEAT, half of what it needs
+        raise CLIError("--features DIR needs --heat-stats FILE (anomfast fit --method heat) for method heat"
+                       if args.heat_stats is None else
+                       "--heat-stats FILE needs --features DIR (per-image feature maps (D, h, w)) for method heat")
     out = check_writable(args.out)
     if not args.no_plots:
         require({"matplotlib": "matplotlib"}, "plots (leave them out with --no-plots)")
@@ -246,9 +251,10 @@ def _eval(args) -> int:
                     cfg["models"][0][key] = str(Path(getattr(args, key)).resolve())
             grid = grid_from_config(cfg, Path.cwd(), intersect=args.intersect)
     else:
-        from .demo import build_demo, demo_is_built
+        from .demo import build_demo, check_replaceable, demo_is_built
         cache = args.cache
         if not demo_is_built(cache):
+            check_replaceable(cache)  # a build replaces the folder: never a user's folder
             require({"sklearn": "scikit-learn"}, "building the built-in demo (scenes of scikit-learn's digits)")
         say("anomfast: no data given, running the built-in demo (digits scenes, Fishyscapes Static protocol)",
             args.quiet)

@@ -34,7 +34,9 @@ The build is deterministic for a given thread count (numpy PCG64 for the data,
 place once complete, so a half-built cache is never reused. Temporary directories left
 by a killed build (``.demo-v*.tmp-<pid>-*`` of a process that no longer runs) are
 removed by the next build. ``DONE`` records every file's size and CRC-32; a reused
-cache is verified against it and rebuilt when a file is damaged or missing.
+cache is verified against it and rebuilt when a file is damaged or missing. A build
+replaces the whole cache folder, so it refuses (changing nothing) a file, or a non-empty
+folder that is not a demo cache or holds files no build wrote.
 
 This module imports only torch, numpy, the standard library and (inside functions)
 scikit-learn; PNG files are written by a small zlib encoder (readable by pillow).
@@ -442,12 +444,18 @@ def _config(n_test, n_fit, n_train, train_steps) -> dict:
             "models": [m[1] for m in MODELS]}
 
 
-def _read_done(path: pathlib.Path) -> Optional[dict]:
+def _read_marker(path: pathlib.Path) -> Optional[dict]:
+    """The DONE marker of a demo cache of any version, or None."""
     try:
         done = json.loads((path / "DONE").read_text())
     except (OSError, ValueError):
         return None
-    return done if isinstance(done, dict) and done.get("version") == DEMO_VERSION else None
+    return done if isinstance(done, dict) and "version" in done and "config" in done else None
+
+
+def _read_done(path: pathlib.Path) -> Optional[dict]:
+    done = _read_marker(path)
+    return done if done is not None and done.get("version") == DEMO_VERSION else None
 
 
 def _manifest(root: pathlib.Path) -> dict:
@@ -488,6 +496,45 @@ def demo_is_built(cache_dir=None) -> bool:
     root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     done = _read_done(root)
     return done is not None and done.get("config") == _default_config() and damaged_file(root, done) is None
+
+
+# what a build writes (relative paths), for a DONE without a file record
+_LAYOUT = re.compile(r"grid\.toml|(images|labels|semantic)/[^/]+\.png|models/[^/]+/(fit/)?(logits|features)/[^/]+\.npy"
+                     r"|models/[^/]+/fit/semantic/[^/]+\.png")
+
+
+def _raise(exc):
+    raise exc
+
+
+def check_replaceable(cache_dir=None) -> None:
+    """Raises (changing nothing) unless building the demo into cache_dir (default
+    :func:`default_cache_dir`) can only delete what an earlier build wrote: cache_dir must
+    be absent, an empty folder, or a demo cache (its DONE marker) holding nothing but the
+    files its DONE records (or, for a DONE without a record, files of the demo's layout).
+    A build replaces the whole folder, so anything else in it would be lost."""
+    root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise NotADirectoryError(f"the demo cache {root} is a file, not a folder; give a new or empty folder "
+                                 "(nothing was changed)")
+    found = []  # every file, link or other non-folder under root (a linked folder is not entered)
+    for d, dirs, files in os.walk(root, onerror=_raise):
+        found += [os.path.join(d, n) for n in files + [n for n in dirs if os.path.islink(os.path.join(d, n))]]
+    found = sorted(pathlib.Path(f).relative_to(root).as_posix() for f in found)
+    if not found:
+        return
+    if "DONE" not in found:
+        raise FileExistsError(f"the demo cache folder {root} is not empty and is not an anomfast demo cache (no DONE "
+                              f"marker; it holds {found[0]}{', ...' if len(found) > 1 else ''}): the demo is built "
+                              "only into a new or empty folder or over an earlier demo; nothing was changed")
+    done = _read_marker(root)
+    record = done.get("files") if done is not None else None
+    for rel in found:
+        if rel != "DONE" and not (rel in record if isinstance(record, dict) else _LAYOUT.fullmatch(rel)):
+            raise FileExistsError(f"the demo cache {root} holds {rel}, which no demo build wrote: a rebuild replaces "
+                                  "the whole folder, so move it out (or delete the folder) first; nothing was changed")
 
 
 _STALE = re.compile(r"\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
@@ -541,7 +588,9 @@ def build_demo(cache_dir=None, *, n_test: int = DEFAULT_N_TEST, n_fit: int = DEF
     """Build the demo under ``cache_dir`` (default :func:`default_cache_dir`) and return it.
 
     A complete cache (its ``DONE`` marker records the same version and settings) is
-    reused unless ``force``. ``quick`` trains briefly on fewer scenes (for tests);
+    reused unless ``force``. Otherwise cache_dir must be new, empty or an earlier demo
+    cache with nothing else in it (:func:`check_replaceable`, checked before any work):
+    the build replaces the whole folder. ``quick`` trains briefly on fewer scenes (for tests);
     ``train_steps`` / ``n_train`` override the training length and set size.
     ``num_threads`` sets torch's thread count for the build (default: unchanged);
     results are deterministic for a given thread count.
@@ -565,6 +614,7 @@ def build_demo(cache_dir=None, *, n_test: int = DEFAULT_N_TEST, n_fit: int = DEF
         if damaged is None:
             return cache_dir
         say(f"demo: the cache is damaged: {damaged}; rebuilding it")
+    check_replaceable(cache_dir)  # before any work: a user's folder is refused, untouched
 
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -591,6 +641,7 @@ def build_demo(cache_dir=None, *, n_test: int = DEFAULT_N_TEST, n_fit: int = DEF
                         and damaged_file(cache_dir, current) is None:
                     shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build finished first
                     return cache_dir
+                check_replaceable(cache_dir)  # again: it may have changed during the build
                 trash = cache_dir.parent / f".{cache_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 try:
                     os.rename(cache_dir, trash)

@@ -22,9 +22,10 @@ them). Paths are relative to the grid file::
     methods = ["max_logit", "energy"] # optional: this model's methods (default: every method
                                       # it has what it needs for)
 
-Everything is checked before any long work starts: every label has a logits file of
-the same stem for every model (and the other way round), feature files likewise, the
-fitting files of a model match each other, shapes agree, methods exist.
+Checked before any long work starts: every label has a logits file of the same stem for
+every model (and the other way round), feature files and semantic label maps likewise,
+the fitting files of a model match each other, the shapes of the first and last image
+agree (header reads; every other file is checked when it is read), methods exist.
 """
 from __future__ import annotations
 
@@ -66,6 +67,16 @@ class ModelSpec:
     def has_heat(self) -> bool:
         """Features for every image and a source of HEAT statistics."""
         return bool(self.features) and (self.heat_stats is not None or bool(self.fit_features))
+
+    @property
+    def heat_gap(self) -> str | None:
+        """What HEAT still needs when the model has some of its inputs but not all, else None."""
+        stats = self.heat_stats is not None or bool(self.fit_features)
+        if bool(self.features) == stats:
+            return None
+        return ("it has features but no HEAT statistics (heat_stats, or fit_logits + fit_features + fit_semantic; "
+                "--heat-stats)" if self.features else
+                "it has HEAT statistics but no features (per-image feature maps: features = ..., --features)")
 
     @property
     def has_sml(self) -> bool:
@@ -150,10 +161,10 @@ def _load_array(path: Path):
                             f"{_first_line(exc)})") from None
         if not isinstance(t, torch.Tensor):
             raise GridError(f"{path}: expected a tensor, got {type(t).__name__}")
-        return t
+        return t.detach()  # saved with requires_grad=True: the values are all we read
     if s == ".safetensors":
         try:
-            from safetensors.numpy import load_file
+            from safetensors.torch import load_file  # torch tensors: NumPy has no bfloat16
         except ImportError:
             raise GridError(f"{path}: reading .safetensors files needs the safetensors package: "
                             "pip install safetensors") from None
@@ -192,7 +203,8 @@ def load_array(path: Path):
 
 
 def array_shape(path: Path) -> tuple:
-    """The array's shape from the file header where the format allows (cheap)."""
+    """The array's shape from the file header where the format allows (cheap), else from
+    the array load_array reads (a tensor's shape as it is: no NumPy conversion)."""
     path = Path(path)
     try:
         if path.suffix == ".npy":
@@ -202,7 +214,7 @@ def array_shape(path: Path) -> tuple:
             try:
                 from PIL import Image
             except ImportError:  # pragma: no cover
-                return tuple(np.asarray(load_array(path)).shape)
+                return tuple(load_array(path).shape)
             with Image.open(path) as im:
                 return (im.size[1], im.size[0]) if im.mode in ("L", "P", "I", "I;16", "1") else \
                     (im.size[1], im.size[0], len(im.getbands()))
@@ -210,7 +222,7 @@ def array_shape(path: Path) -> tuple:
         raise
     except Exception as exc:
         raise GridError(f"{path}: cannot read it ({type(exc).__name__}: {_first_line(exc)})") from None
-    return tuple(np.asarray(load_array(path)).shape)
+    return tuple(load_array(path).shape)
 
 
 INTERSECT_HINT = ("; the label folder decides the image list: --intersect evaluates only the images that have "
@@ -306,8 +318,16 @@ def grid_from_config(cfg: dict, base: Path, intersect: bool = False) -> Grid:
         if not keep:
             raise GridError("--intersect: no image has a label map and a logits (and features) file for every model")
         labels = {k: v for k, v in labels.items() if k in keep}
+        semantic = {k: v for k, v in semantic.items() if k in keep}
         specs = [(m, {k: v for k, v in lg.items() if k in keep}, {k: v for k, v in ft.items() if k in keep})
                  for m, lg, ft in specs]
+    if semantic:  # matched like the logits: an mIoU over some of the images is not the data set's
+        missing = sorted(set(labels) - set(semantic))
+        if missing:
+            raise GridError(f"semantic labels: no semantic label map for {len(missing)} image(s) that have a label "
+                            f"map, e.g. {missing[:3]}; the mIoU needs one for every image (without semantic_dir "
+                            "there is no mIoU)")
+        _match("semantic labels", labels, semantic, kind="semantic label map", hint=INTERSECT_HINT)
     models = []
     for m, logits, feats in specs:
         name = m["name"]
@@ -334,14 +354,16 @@ def grid_from_config(cfg: dict, base: Path, intersect: bool = False) -> Grid:
 
 
 def check_shapes(g: Grid) -> None:
-    """Label maps (H, W) and logits (C, H, W) agree, for the first and last image of every
-    model (cheap header reads); every image is checked again when it is read (its class
-    count against the model's first image)."""
+    """Label maps (H, W), semantic label maps (H, W) and logits (C, H, W) agree, for the
+    first and last image of every model (cheap header reads); every image is checked again
+    when it is read (its class count against the model's first image)."""
     stems = sorted(g.labels)
-    for stem in {stems[0], stems[-1]}:
+    for stem in dict.fromkeys((stems[0], stems[-1])):  # the first file's error first
         ls = array_shape(g.labels[stem])
         if len(ls) != 2:
             raise GridError(f"label map {g.labels[stem].name} has shape {ls}, expected (H, W)")
+        if g.semantic:
+            check_semantic_shape(g.semantic[stem], array_shape(g.semantic[stem]), g.labels[stem], ls)
         for m in g.models:
             s = array_shape(m.logits[stem])
             if len(s) == 4 and s[0] == 1:
@@ -356,6 +378,14 @@ def check_shapes(g: Grid) -> None:
                 if len(fs) != 3:
                     raise GridError(f"model {m.name!r}: features {m.features[stem].name} have shape {fs}, "
                                     "expected (D, h, w)")
+
+
+def check_semantic_shape(path, shape, label_path, hw) -> None:
+    """A semantic label map has its label map's (H, W)."""
+    shape, hw = tuple(shape), tuple(hw)
+    if shape != hw:
+        raise GridError(f"semantic label map {path} has shape {shape}, expected {hw} like label map {label_path.name}"
+                        + ("; it looks transposed (W, H)" if shape == hw[::-1] else ""))
 
 
 def channel_last_hint(shape, hw) -> str:

@@ -9,7 +9,9 @@
   (anomaly, normal, void) and each method's map (one colorbar per method column, whose
   range the rows share), void pixels in grey.
 
-Each figure is written in every requested format (png, pdf, svg).
+<model> is the model name in lower case with every other character than a letter or digit
+as "_" (plots.slug), with _2, _3, ... added when two models' names give the same one
+(plots.unique_slugs). Each figure is written in every requested format (png, pdf, svg).
 """
 from __future__ import annotations
 
@@ -32,6 +34,21 @@ def _plt():
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def unique_slugs(names) -> list:
+    """A file-name slug per model, in order: slug(name), or slug(name)_2, _3, ... (the
+    first number free and not another model's own slug) when models' names slug alike
+    ("Model A", "model-a"), so no model's plots overwrite another's."""
+    base = [slug(n) or "model" for n in names]
+    out = []
+    for b in base:
+        s, k = b, 1
+        while s in out or (s != b and s in base):
+            k += 1
+            s = f"{b}_{k}"
+        out.append(s)
+    return out
 
 
 class _Writer:
@@ -375,8 +392,7 @@ def write_plots(run: dict, out: Path, formats=("png",), roc_log: bool = True, pr
     written = []
     writer = _Writer()
     try:
-        for m in run["models"]:
-            s = slug(m["name"])
+        for m, s in zip(run["models"], unique_slugs(m["name"] for m in run["models"])):
             say(f"anomfast: plotting {m['name']} ({', '.join(formats)})")
             for stem, make in (("curves", lambda: _curves(plt, m, roc_log)),
                                ("scores", lambda: _distributions(plt, m)),

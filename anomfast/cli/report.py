@@ -31,9 +31,14 @@ def _fmt(v, digits, pct=True):
     return f"{100 * v:.{digits}f}" if pct else f"{v:.{digits}f}"
 
 
+def _md_escape(t: str) -> str:
+    """A Markdown table cell: a '|' (in a model name) would end the cell."""
+    return t.replace("|", "\\|")
+
+
 def _md_table(header, rows, align):
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out = ["| " + " | ".join(map(_md_escape, header)) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(map(_md_escape, r)) + " |" for r in rows]
     return "\n".join(out)
 
 

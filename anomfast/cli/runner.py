@@ -14,7 +14,7 @@ from ..accumulate import Accumulator, finalize
 from ..components import accumulator_for
 from ..fitting import fit_heat, fit_sml
 from ..functional import refine_histograms
-from .grid import Grid, GridError, load_array
+from .grid import Grid, GridError, check_semantic_shape, load_array
 from ..heat import HeatStats, as_features
 from ..inputs import from_numpy
 from ..labels import ANOMALY, INVALID, NORMAL
@@ -118,7 +118,7 @@ def _as_chw(a, path, kind: str = "logits") -> torch.Tensor:
 
 
 def _as_labels(a, path, kind: str = "label map") -> torch.Tensor:
-    t = from_numpy(np.array(a))
+    t = a if isinstance(a, torch.Tensor) else from_numpy(np.array(a))  # a .pt tensor as it is (bfloat16 has no NumPy)
     if t.is_floating_point() or t.is_complex():
         raise GridError(f"{path}: {kind} must hold integer label values (uint8, uint16, int32, ... or bool), "
                         f"got {t.dtype}")
@@ -282,8 +282,10 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                                 f"anomaly_ids {d['anomaly_ids']}, void_ids {d['void_ids']}, normal_ids "
                                 f"{d['normal_ids']} "
                                 '(normal_ids = "rest" / --normal-ids rest counts every other value as normal)')
-            sem = (_as_labels(load_array(grid.semantic[stem]), grid.semantic[stem], "semantic label map")
-                   if stem in grid.semantic else None)
+            sem = None
+            if stem in grid.semantic:
+                sem = _as_labels(load_array(grid.semantic[stem]), grid.semantic[stem], "semantic label map")
+                check_semantic_shape(grid.semantic[stem], sem.shape, grid.labels[stem], y.shape)
             f = _as_chw(load_array(model.features[stem]), model.features[stem], "features") if need_feats else None
             return stem, x, y, sem, f, counts
 
