@@ -142,3 +142,37 @@ def test_arguments_and_layout_are_checked_before_the_epoch(rng):
     x, y = random_logits(rng, 2, 19, 16, 12), random_labels(rng, 2, 16, 12)
     with pytest.raises(ValueError, match=r"channel-last.*permute\(0, 3, 1, 2\)"):
         anomfast.Evaluator(methods=METHODS).update(x.permute(0, 2, 3, 1), y)
+
+
+def test_torchmetrics_forward_results_and_class_count(rng):
+    """metric(logits, labels), as Lightning calls it: each call returns that batch's results
+    and adds the batch to the state (no dense state copies any more), and a batch with
+    another C is refused, which forward()'s state swaps used to let through."""
+    pytest.importorskip("torchmetrics")
+    from anomfast.tm import AnomalyMetrics
+    xs = [random_logits(rng, 2, 19, 16, 20) for _ in range(3)]
+    ys = [random_labels(rng, 2, 16, 20) for _ in range(3)]
+    m = AnomalyMetrics(methods=METHODS)
+    for x, y in zip(xs, ys):
+        got, want = m(x, y), anomfast.evaluate(x, y, methods=METHODS)
+        for k in METHODS:
+            assert (got[k].auroc, got[k].fpr95, got[k].f1) == (want[k].auroc, want[k].fpr95, want[k].f1)
+    got, want = m.compute(), anomfast.evaluate(xs, ys, methods=METHODS)
+    for k in METHODS:
+        assert got[k].auroc == want[k].auroc and torch.equal(got.histograms[k].counts, want.histograms[k].counts)
+    with pytest.raises(ValueError, match="C = 21"):
+        m(random_logits(rng, 2, 21, 16, 20), ys[0])
+    # the class-count states merge like the counts (forward, processes): compute() refuses a mix
+    m.classes_min = torch.minimum(m.classes_min, torch.tensor(21))
+    m.classes_max = torch.maximum(m.classes_max, torch.tensor(21))
+    with pytest.raises(ValueError, match="C from 19 to 21"):
+        m.compute()
+    # a persistent state saved before the class-count states still loads
+    m.reset()
+    m.update(xs[0], ys[0])
+    m.persistent(True)
+    sd = {k: v for k, v in m.state_dict().items() if not k.startswith("classes_")}
+    n = AnomalyMetrics(methods=METHODS)
+    n.persistent(True)
+    n.load_state_dict(sd)
+    assert n.compute()["energy"].auroc == anomfast.evaluate(xs[0], ys[0], methods=METHODS)["energy"].auroc
