@@ -363,7 +363,12 @@ def _with_components(evaluate_fn):
             for name, v in (("logits", logits), ("labels", labels), ("features", features)):
                 _reiterable(name, v, "components= without a threshold for every method")
             results = evaluate_fn(*args, **kwargs)
-            acc = accumulator_for(cs, spec.names, lm, best_f1=results)
+            best = results
+            if p["refine"]:  # refined thresholds apply to exact float64 scores; the maps binarized here are
+                # the core's float32 ones, whose own best pixel-F1 set is the unrefined threshold's
+                conv = {k: p[k] for k in ("fpr_mode", "ap_mode", "tpr_target")}
+                best = {m: results.histograms[m].finalize(**conv) for m in spec.names}
+            acc = accumulator_for(cs, spec.names, lm, best_f1=best)
             for lg, y, f in _batches(logits, labels, features):
                 on_batch(lg, y, f)
         results.components = acc.results()
@@ -540,7 +545,10 @@ def _thresholds_in_caller_values(r, scores: np.ndarray) -> None:
     up into the bin whose smallest float32 member is the reported threshold, so "score >=
     threshold" would miss it. Replace each threshold t (a bin's smallest float32 value) by
     the smallest caller score whose float32 value is >= t: exactly the same pixels are then
-    flagged, in the caller's own precision."""
+    flagged, in the caller's own precision. Its bound (lo, hi), float32 values of the bins
+    that may hold the exact threshold, becomes the smallest and largest caller score whose
+    float32 value lies in [lo, hi]: the exact threshold is one of the caller's scores, and
+    rounding to float32 keeps their order, so it is one of those."""
     s32 = scores.astype(np.float32)
     for k in ("threshold", "fpr95_threshold"):
         t = getattr(r, k)
@@ -551,7 +559,8 @@ def _thresholds_in_caller_values(r, scores: np.ndarray) -> None:
             v = float(above.min())
             setattr(r, k, v)
             lo, hi = r.bounds[k]
-            r.bounds[k] = (min(lo, v), hi)
+            inside = scores[(s32 >= np.float32(lo)) & (s32 <= np.float32(hi))]
+            r.bounds[k] = (min(float(inside.min()), v), max(float(inside.max()), v))
 
 
 def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False, *, label_map=None,
@@ -575,8 +584,10 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
         raise ValueError("evaluate_scores got no scores")
     lm = as_label_map(label_map, ignore_index)
     y = from_numpy(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels))
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
-        raise TypeError(f"labels must be an integer array, got {y.dtype}")
+    if y.dtype.is_floating_point or y.dtype.is_complex:
+        raise TypeError(f"labels must be an integer (or bool) array, got {y.dtype}")
+    if y.dtype == torch.bool:  # False / True = 0 / 1, as evaluate() reads them
+        y = y.to(torch.uint8)
     cls = lm.classify(y.to(torch.int64))
     if bool((cls == INVALID).any()):
         bad = y[cls == INVALID].flatten()[0].item()
@@ -601,6 +612,18 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
             raise ValueError(f"scores {name!r} have {int(bad.sum())} non-finite values on valid pixels "
                              "(nonfinite='ignore' skips them)")
         keep = valid & fin
+        if not exact and s.dtype.kind == "f" and s.dtype.itemsize > 4:
+            big = np.abs(s[keep]) > np.finfo(np.float32).max
+            if big.any():  # float32 would make them +-inf, which the bins never hold
+                raise ValueError(f"scores {name!r} have {int(big.sum())} finite values beyond float32's range "
+                                 f"(|s| > 3.4e38, e.g. {float(s[keep][big][0]):.6g}); the histograms bin float32 "
+                                 "values: rescale the scores (any increasing map keeps the ranking) or pass exact=True")
+            tiny = (s[keep] != 0) & (s[keep].astype(np.float32) == 0)
+            if tiny.any():
+                lost = (f"scores {name!r}: {int(tiny.sum())} nonzero values are below float32's smallest "
+                        "subnormal (1.4e-45) and are binned as 0, so their order is lost; rescale the scores "
+                        "(any increasing map keeps the ranking) or pass exact=True")
+                warn(lost)
         results.pixels[name] = {"binned": int(keep.sum()), "nonfinite": int(bad.sum()),
                                 "void": int((~valid).sum()), "invalid": 0}
         if exact:
@@ -617,5 +640,7 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
             r = h.finalize(**conventions)
             if not exact32:
                 _thresholds_in_caller_values(r, sv)
+            if s.dtype.kind == "f" and s.dtype.itemsize > 4 and tiny.any():
+                r.warnings.append(lost)
         results[name] = r
     return results

@@ -55,6 +55,12 @@ def _exact_values(method: str, params: dict) -> bool:
     return method in EXACT_COORDINATES or bool(params.get("float32_exact", False))
 
 
+def _defining(params: dict) -> dict:
+    """The parameters that say what a histogram's scores are (float32_exact only says how
+    finely they were given: histograms that differ in it still add)."""
+    return {k: v for k, v in params.items() if k != "float32_exact"}
+
+
 class _Lease:
     """A pooled slab lent out: numpy keeps this object as the base of every array viewing
     it, so when the last of them is gone the slab goes back to the pool."""
@@ -575,9 +581,18 @@ class Histogram:
     def _check_compatible(self, other: "Histogram"):
         if not isinstance(other, Histogram):
             raise TypeError(f"can only add a Histogram, got {type(other).__name__}")
-        if other.method != self.method or other.params != self.params:
+        if other.method != self.method or _defining(other.params) != _defining(self.params):
             raise ValueError(f"cannot add histograms of different methods/parameters: "
                              f"{self.method} {self.params} vs {other.method} {other.params}")
+
+    def _sum_params(self, other: "Histogram") -> dict:
+        """The sum's parameters: float32_exact (evaluate_scores: whether the caller's scores
+        were float32 values, so a bin of one float32 value is a real tie) holds for the sum
+        only where it held for both."""
+        params = dict(self.params)
+        if "float32_exact" in self.params or "float32_exact" in other.params:
+            params["float32_exact"] = bool(self.params.get("float32_exact")) and bool(other.params.get("float32_exact"))
+        return params
 
     def __add__(self, other: "Histogram") -> "Histogram":
         self._check_compatible(other)
@@ -592,11 +607,11 @@ class Histogram:
             out.append(c)
         sig = np.zeros(u.size, np.int64)
         np.bitwise_or.at(sig, inv, np.concatenate([self.sig, other.sig]))
-        return Histogram(self.method, u, out[0], out[1], sig, self.params, self.binning)
+        return Histogram(self.method, u, out[0], out[1], sig, self._sum_params(other), self.binning)
 
     def __iadd__(self, other: "Histogram") -> "Histogram":
         s = self + other
-        self.index, self.normal, self.anomaly, self.sig = s.index, s.normal, s.anomaly, s.sig
+        self.index, self.normal, self.anomaly, self.sig, self.params = s.index, s.normal, s.anomaly, s.sig, s.params
         return self
 
     def __eq__(self, other) -> bool:
@@ -616,7 +631,14 @@ class Histogram:
         """Metrics with certified bounds; see anomfast.metrics.metrics_from_groups (the
         histogram path runs compiled: csrc/cpu/finalize_cpu.cpp; exact=True and
         _finalize_reference run the NumPy spec)."""
-        if exact:
+        if exact:  # a histogram is exact only where every bin holds one value
+            pos, neg, lo, hi, tied, _ = self.groups()
+            mixed = int(np.count_nonzero(~tied))
+            if mixed:
+                raise ValueError(f"finalize(exact=True): {mixed} of {tied.size} bins of this {self.method!r} histogram "
+                                 "hold several distinct values, whose order it does not keep; finalize() gives the "
+                                 "metrics with certified bounds, and evaluate(..., exact=True) or refine=True the "
+                                 "exact ones")
             return self._finalize_reference(exact=True, **conventions)
         # the walk evaluate() and compute() run on all their methods at once: bit for bit the same
         return finalize_histograms({0: self}, **conventions)[0]
@@ -864,6 +886,12 @@ def save_histograms(path, hists: dict, extra: dict | None = None) -> None:
     """One .npz file holding several histograms (sparse), their methods, parameters,
     binning and the format version."""
     arrays, meta = {}, {"format": FORMAT, "binning": binning.SCHEME, "extra": extra or {}, "histograms": []}
+    for key, h in hists.items():  # what load_histograms accepts, checked before anything is written
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise TypeError(f"histogram keys must be strings (or integers) to be saved and loaded, got {key!r}; "
+                            "e.g. join a (model, method) pair as 'model::method'")
+        if not isinstance(h, Histogram):
+            raise TypeError(f"save_histograms: {key!r} is a {type(h).__name__}, not a Histogram")
     for i, (key, h) in enumerate(hists.items()):
         for k, v in h.to_sparse().items():
             arrays[f"h{i}_{k}"] = v

@@ -199,10 +199,15 @@ def test_compiled_conventions_are_the_spec_s():
     assert len(set(_C.FIN_FPR_MODES.values())) == len(FPR_MODES)
 
 
-def test_exact_flag_runs_the_spec():
-    h = _hist([3, 1, 4], [0, 2, 1])
+def test_exact_flag_runs_the_spec_only_where_every_bin_is_one_value():
+    one = int(binning.bin_sig(np.array([1.5], np.float32))[0])  # the signature of a bin that saw one value
+    h = _hist([3, 1, 4], [0, 2, 1], sig=[one] * 3)
     r = h.finalize(exact=True)
     assert r.exact and r.bounds["auroc"] == (r.auroc, r.auroc)
+    # bins of several values: their order is lost, so "exact" would be a false claim
+    # (it reported the binned value with zero-width bounds that excluded the true one)
+    with pytest.raises(ValueError, match="hold several distinct values"):
+        _hist([3, 1, 4], [0, 2, 1]).finalize(exact=True)
 
 
 def test_bad_conventions_raise_like_the_spec():
