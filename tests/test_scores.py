@@ -149,6 +149,23 @@ def test_coordinates_match_reference(rng, device):
     np.testing.assert_allclose(c.numpy(), ref.numpy(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5, 2.0, 7.0])
+def test_energy_keeps_relative_precision_just_below_zero_at_every_temperature(rng, device, temperature):
+    """-(m + T log1p(S'_T)), S'_T without the argmax's own term, at every T: with the max
+    logit at 0 and the rest 15-40 below, energies of 1e-3 .. 1e-35 keep float32's relative
+    precision (T != 1 used log(sum), whose 1 + S'_T rounds: 3% off at T = 1.5, 100% at
+    T = 0.5, where T = 1 was exact)."""
+    x = torch.empty(2, 19, 8, 8).uniform_(-40.0, -15.0, generator=rng)
+    x[:, 3] = 0.0  # the argmax, at 0
+    x[0, 5, 0, 0] = 0.0  # a tie at the max: one of the two is the argmax, the other counts
+    got = anomfast.score_maps(x.to(device), methods=["energy"], temperature=temperature)["energy"].double().cpu()
+    ref = reference.score(x.double(), "energy", temperature=temperature)
+    assert bool((ref < 0).all())
+    rel = ((got - ref).abs() / ref.abs()).max().item()
+    assert rel < 1e-5, (temperature, rel)
+
+
 @pytest.mark.filterwarnings("ignore:SML. classes")
 @pytest.mark.parametrize("device", DEVICES)
 def test_finite_logits_beyond_float32_spread(rng, device):

@@ -273,14 +273,16 @@ struct PixelSums {
   float m;       // max logit
   int32_t k;     // argmax (first)
   float s1;      // S' = sum_{c != k} exp(l_c - m)
-  float sT;      // sum_c exp((l_c - m) / T)            (energy with T != 1)
+  float sT;      // S'_T = sum_{c != k} exp((l_c - m) / T) (energy with T != 1)
   float sx;      // sum_c exp(l_c - m) * (l_c - m)      (entropy)
   float gen;     // sum_c p_c^g (1 - p_c)^g             (gen, filled in a later loop)
 };
 
-// -T logsumexp(l / T) from the pixel's sums: sT = sum_c exp((l_c - m) / T) (T != 1).
+// -T logsumexp(l / T) = -(m + T log1p(S'_T)) from the pixel's sums (sT = S'_T, T != 1):
+// log1p of the sum without the argmax's own term 1, as for T = 1, so that energies just
+// below -m keep their relative precision (log(1 + S'_T) rounded 1 + 2.4e-6 to 8 bits).
 ANOMFAST_HD float energy_score(float m, float s1, float sT, float temperature) {
-  return temperature == 1.0f ? -(m + fast_log1p(s1)) : -(m + temperature * fast_log(sT));
+  return temperature == 1.0f ? -(m + fast_log1p(s1)) : -(m + temperature * fast_log1p(sT));
 }
 
 // Entropy of the softmax in nats, clamped at 0 (rounding can dip below for one-hot pixels).

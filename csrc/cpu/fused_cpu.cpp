@@ -322,7 +322,7 @@ inline void tile_sums(const float* buf, int64_t cs, int64_t C, bool need_s1, boo
       for (int32_t c = 0; c < Ci; ++c) {
         const float* row = buf + c * cs + i0;
 #pragma omp simd
-        for (int i = 0; i < V; ++i) sT[i] += fast_exp_nonpos((row[i] - mv[i]) * inv_t);  // T > 0
+        for (int i = 0; i < V; ++i) sT[i] += s1_term(fast_exp_nonpos((row[i] - mv[i]) * inv_t), c == kv[i]);  // T > 0
       }
 #pragma omp simd
       for (int i = 0; i < V; ++i) st.sT[i0 + i] = sT[i];

@@ -447,8 +447,14 @@ __device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], cons
       s1 = add_s1(s1, e, is_k(c, d));
     });
   }
-  if (nd.sT) {
-    for_classes<CR, 0>(C, [&](int c) { sT += exp_nonpos((X(c) - m) * inv_t); });  // T > 0
+  if (nd.sT) {  // S'_T: the argmax (the first class with d == 0, the CPU core's k) left out, as in S'
+    bool seen_t = false;
+    for_classes<CR, 0>(C, [&](int c) {
+      const float d = X(c) - m;
+      const bool first = !seen_t && d == 0.0f;
+      seen_t = seen_t || d == 0.0f;
+      sT = add_s1(sT, exp_nonpos(d * inv_t), first);  // T > 0
+    });
   }
   if (nd.gen) {
     const float z = 1.0f + s1, lz = fast_log(z);
