@@ -58,6 +58,11 @@ def as_logits(x, name: str = "logits") -> torch.Tensor:
         raise ValueError(f"{name} has C = {x.shape[1]} classes, above the supported {_MAX_CLASSES} (the core "
                          "keeps C x 64 floats of scratch per thread)")
     if x.dtype == torch.float64:
+        big = torch.isfinite(x) & (x.abs() > torch.finfo(torch.float32).max)
+        if bool(big.any()):  # they would become +-inf and be reported as non-finite logits
+            raise ValueError(f"{name} have {int(big.sum())} finite float64 value(s) beyond float32's range (|l| > "
+                             f"3.4e38, e.g. {float(x[big].flatten()[0]):.6g}); the core computes in float32: "
+                             "rescale the logits or clamp them")
         x = x.to(torch.float32)  # the core computes in float32; documented in the README
     if x.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 is converted to float32), got {x.dtype}")

@@ -139,6 +139,11 @@ def fit_heat(logits_batches, features_batches, labels_batches, *, label_map=None
         k = ys[valid].cpu()
         if g.shape[0] == 0:
             continue
+        bad = ~torch.isfinite(g).all(dim=1)
+        if bool(bad.any()):  # one NaN would make every class mean NaN ("no fitting pixels")
+            raise ValueError(f"fit_heat: batch {n_batches} has {int(bad.sum())} fitting pixel(s) whose features hold "
+                             "NaN or inf (e.g. a float16 overflow in the network); the class means and covariance "
+                             "need finite features: fix or drop those images")
         if shift is None:
             shift = g.mean(dim=0)  # accumulate around a shift: sum g g^T - n mu mu^T keeps its digits
         g = g - shift

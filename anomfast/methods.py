@@ -128,6 +128,10 @@ def resolve(methods=None, **params) -> MethodSpec:
     full = bool(params.get("sml_full", False))
     bs = bool(params.get("sml_boundary_suppression", full))
     sm = bool(params.get("sml_smoothing", full))
+    if (full or bs or sm) and "sml" not in names:  # post-processing of a score that is not computed
+        asked = [k for k in ("sml_full", "sml_boundary_suppression", "sml_smoothing") if params.get(k)]
+        raise ValueError(f"{', '.join(f'{k}=True' for k in asked)} post-process(es) the 'sml' score, but 'sml' is not "
+                         f"among the methods {list(names)}; add it (with sml=anomfast.fit_sml(...))")
     padding = check_boundary_padding(params.get("sml_boundary_padding", BOUNDARY_PADDINGS[0]))
     t = positive_float32("temperature", params.get("temperature", 1.0))
     g = positive_float32("gen_gamma", params.get("gen_gamma", 0.1))

@@ -114,3 +114,27 @@ def test_components_with_refine_binarize_at_the_maps_own_best_threshold(rng):
     flagged = maps >= plain.threshold
     tp = int((flagged & (y == 1)).sum())
     assert abs(2 * tp / (int(flagged.sum()) + int((y == 1).sum())) - plain.f1) < 1e-12
+
+
+def test_method_inputs_that_used_to_mislead(rng):
+    """A review's findings on the methods' inputs: NaN features in fit_heat blamed missing
+    classes or a corrupt file; sml_full=True without 'sml' was silently ignored; float64
+    logits past float32's range were reported as NaN / inf logits."""
+    x = torch.randn(2, 5, 16, 16, generator=rng) * 3
+    f = torch.randn(2, 4, 4, 4, generator=rng)
+    sem = torch.randint(0, 5, (2, 16, 16), generator=rng)
+    anomfast.fit_heat(x, f, sem)  # finite: fine
+    for bad in (float("nan"), float("inf")):
+        g = f.clone()
+        g[1, 1, 2, 3] = bad
+        with pytest.raises(ValueError, match="features hold NaN or inf"):
+            anomfast.fit_heat(x, g, sem)
+        with pytest.raises(ValueError, match="features hold NaN or inf"):
+            anomfast.fit_heat([x[:1], x[1:]], [g[:1], g[1:]], [sem[:1], sem[1:]])
+    y = (torch.rand(2, 16, 16, generator=rng) < 0.2).to(torch.uint8)
+    with pytest.raises(ValueError, match="'sml' is not among the methods"):
+        anomfast.evaluate(x, y, methods=("energy",), sml_full=True)
+    x64 = x.double()
+    x64[0, 0, 0, 0] = 1e300
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        anomfast.evaluate(x64, y, methods=("energy",))
