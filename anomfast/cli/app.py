@@ -15,7 +15,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 # the seed report's columns, in its order; other methods follow in the order given
@@ -72,22 +74,70 @@ def require(needs: dict, why: str) -> None:
                    f"{'is' if len(missing) == 1 else 'are'} not installed: {how}")
 
 
+# folders check_writable created for this command, innermost first: main() removes them
+# again (those still empty) when the command fails
+_CREATED: list = []
+
+
 def check_writable(path, kind: str = "folder", what: str = "--out") -> Path:
-    """Before any long work: `path` can be written as a folder (created if needed) or a
-    file. Nothing is created here."""
+    """Before any long work: proves that `path` can be written, a folder or a file, by
+    creating the folder (or the file's folder) where it is missing and a temporary file in
+    it, removed at once. A folder created here is removed again when the command fails
+    while it is still empty (main)."""
+    if not str(path).strip():
+        raise CLIError(f"{what} is empty: give a {'folder' if kind == 'folder' else 'file name'}"
+                       + (" ('.' for the current folder)" if kind == "folder" else ""))
     p = Path(path).expanduser()
     if kind == "folder" and p.exists() and not p.is_dir():
         raise CLIError(f"{what} {p} is an existing file; give a folder (it is created if needed)")
     if kind == "file" and p.is_dir():
         raise CLIError(f"{what} {p} is a folder; give a file name")
-    probe = p if kind == "folder" else p.parent
-    while not probe.exists():
+    folder = p if kind == "folder" else p.parent
+    missing, probe = [], folder  # the folders to create, innermost first; the first that exists
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
         probe = probe.parent
     if not probe.is_dir():
         raise CLIError(f"{what} {p}: {probe} is a file, so the output cannot be created there")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CLIError(f"{what} {p}: {probe} is not writable")
+    _CREATED.extend(missing)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. under /proc, which exists and looks writable
+        raise CLIError(f"{what} {p}: cannot create the folder {folder} ({exc.strerror or exc})") from None
+    existing_file = kind == "file" and p.exists()
+    try:
+        if existing_file:
+            with open(p, "ab"):  # appends nothing: the file stays as it is
+                pass
+        fd, tmp = tempfile.mkstemp(prefix=".anomfast-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise CLIError(f"{what} {p}: cannot write {'it' if existing_file else f'in {folder}'} "
+                       f"({exc.strerror or exc})") from None
     return p
+
+
+def _remove_created() -> None:
+    """The folders check_writable created, where still empty (a failed command's)."""
+    for d in _CREATED:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (the command wrote there), or already gone
+            pass
+    _CREATED.clear()
+
+
+def _warning_printer(seen: set):
+    """warnings.showwarning for the commands: a warning (the library's: an undefined metric,
+    SML / HEAT fallbacks...) as one line "anomfast: warning: ...", each text once, instead
+    of Python's "file:line: RuntimeWarning: ..." plus the source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip()
+        if text not in seen:
+            seen.add(text)
+            print(f"anomfast: warning: {text}", file=sys.stderr, flush=True)
+    return show
 
 
 def _cmd_info(args) -> int:
@@ -289,6 +339,12 @@ def _eval(args) -> int:
                         allow_empty_class=args.allow_empty_class, components=_component_spec(args))
     run["notes"] = notes + run.get("notes", [])
     run["methods"] = order_methods(run["methods"])
+    # what, besides the histograms, made this run's numbers: saved in histograms.npz, so
+    # that `anomfast report` can say where its re-finalized table differs from this one
+    run["options"] = {"command": "eval", "refine": bool(args.refine), "protocol": args.protocol,
+                      **_conventions(args), "nonfinite": args.nonfinite,
+                      "components": ({"track": args.components_track, "mode": args.components_mode}
+                                     if args.components else None)}
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
     _write_report_timed(run, out, args, formats)
@@ -336,13 +392,15 @@ def _plot_formats(args) -> list:
 
 def _cmd_fit(args) -> int:
     from .grid import LABEL_EXT, LOGIT_EXT, _files, _match
-    from .runner import _Reader
+    from .runner import _Reader, naming_the_file
     check_writable(args.out, "file")
     files = _files(args.logits, Path.cwd(), LOGIT_EXT, "fit logits")
     stems = sorted(files)
     if args.method == "sml":
         from ..fitting import fit_sml
-        stats = fit_sml(_Reader(files, stems, "logits"))
+        logits = _Reader(files, stems, "logits")
+        with naming_the_file(logits):
+            stats = fit_sml(logits)
         stats.save(args.out)
         print(f"anomfast: SML statistics for {stats.num_classes} classes from {int(stats.count.sum())} pixels "
               f"-> {args.out}")
@@ -357,9 +415,10 @@ def _cmd_fit(args) -> int:
     labels = _files(args.labels, Path.cwd(), LABEL_EXT, "fit semantic labels")
     _match("fit", files, feats, kind="features", other="logits file")
     _match("fit", files, labels, kind="semantic label", other="logits file")
-    stats = fit_heat(_Reader(files, stems, "logits"), _Reader(feats, stems, "features"),
-                     _Reader(labels, stems, "labels"), ignore_index=args.ignore_index,
-                     temperature=args.temperature, standardize=not args.raw)
+    readers = (_Reader(files, stems, "logits"), _Reader(feats, stems, "features"), _Reader(labels, stems, "labels"))
+    with naming_the_file(*readers):
+        stats = fit_heat(*readers, ignore_index=args.ignore_index, temperature=args.temperature,
+                         standardize=not args.raw)
     stats.save(args.out)
     d = stats.describe()
     print(f"anomfast: HEAT statistics, {d['num_classes']} classes x D = {d['dim']} from {d['pixels']} feature "
@@ -405,13 +464,15 @@ def read_histogram_file(path) -> dict:
         for method, h in hs.items():
             if h.method != method and method in CODES:
                 raise CLIError(f"{p}: inconsistent file: key {name}::{method} holds a {h.method!r} histogram")
-        models.append({"name": name, "miou": info.get("miou"), "images": info.get("images"), "histograms": hs})
+        models.append({"name": name, "miou": info.get("miou"), "images": info.get("images"),
+                       "pixels": info.get("pixels"), "histograms": hs})
     if set(groups) - seen:
         raise CLIError(f"{p}: inconsistent file: histograms for models {sorted(set(groups) - seen)} that its "
                        "metadata does not list")
     methods = order_methods([k for m in models for k in m["histograms"]])
     notes = extra.get("notes") if isinstance(extra.get("notes"), list) else []
-    return {"models": models, "methods": methods, "notes": notes}
+    options = extra.get("run") if isinstance(extra.get("run"), dict) else None  # absent in older files
+    return {"models": models, "methods": methods, "notes": notes, "options": options}
 
 
 def _cmd_report(args) -> int:
@@ -420,6 +481,11 @@ def _cmd_report(args) -> int:
         require({"matplotlib": "matplotlib"}, "plots (leave them out with --no-plots)")
     formats = _plot_formats(args)
     run = read_histogram_file(args.histograms)
+    from .report import source_notes
+    for note in source_notes(run["options"]):
+        say(f"anomfast: note: {note}", args.quiet)
+        if note not in run["notes"]:  # a report of a report's histograms: once
+            run["notes"].append(note)
     _write_report_timed(run, out, args, formats)
     print((out / "report.md").read_text())
     return 0
@@ -536,8 +602,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
     args._t_start = t_start
+    _CREATED.clear()
+    ok = False
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(set())
+            rc = args.func(args)
+        ok = rc == 0
+        return rc
     except (ValueError, TypeError, OSError, NotImplementedError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"anomfast: error: {msg}", file=sys.stderr)
@@ -545,6 +617,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("anomfast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if not ok:
+            _remove_created()
+        _CREATED.clear()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ LABEL_EXT = (".png", ".npy", ".npz", ".pt")
 MODEL_KEYS = {"name", "logits", "sml_stats", "fit_logits", "features", "heat_stats", "fit_features", "fit_semantic",
               "methods"}
 LABEL_KEYS = {"dir", "anomaly_ids", "void_ids", "normal_ids", "semantic_dir", "images_dir"}
+MODEL_PATH_KEYS = ("logits", "sml_stats", "fit_logits", "features", "heat_stats", "fit_features", "fit_semantic")
+LABEL_PATH_KEYS = ("dir", "semantic_dir", "images_dir")
 TOP_KEYS = {"labels", "models"}
 
 
@@ -246,6 +248,15 @@ def _path(spec, base: Path, what: str) -> Path:
     return p
 
 
+def _check_paths(table: dict, keys, where: str) -> None:
+    """Each path key given in a grid table holds a non-empty string (a TOML number, boolean
+    or list would otherwise surface as Python's "expected str ... not int")."""
+    for k in keys:
+        if k in table and (not isinstance(table[k], str) or not table[k].strip()):
+            raise GridError(f"{where} {k} = {table[k]!r} must be a path string (a folder, glob or file, relative "
+                            "to the grid file), e.g. " + f'{k} = "{"labels" if k == "dir" else "path/to/" + k}"')
+
+
 def load_grid(path, intersect: bool = False) -> Grid:
     path = Path(path)
     if not path.exists():
@@ -275,6 +286,7 @@ def grid_from_config(cfg: dict, base: Path, intersect: bool = False) -> Grid:
     unknown = set(lab) - LABEL_KEYS
     if unknown:
         raise GridError(f"grid: unknown key(s) {sorted(unknown)} in [labels]; known: {sorted(LABEL_KEYS)}")
+    _check_paths(lab, LABEL_PATH_KEYS, "grid: [labels]")
     # normal_ids defaults to [0] like the API: a label value outside the map is an error,
     # never silently a normal pixel (normal_ids = "rest" for data sets storing class ids)
     try:
@@ -302,6 +314,7 @@ def grid_from_config(cfg: dict, base: Path, intersect: bool = False) -> Grid:
         if unknown:
             raise GridError(f"model {m['name']!r}: unknown key(s) {sorted(unknown)} in the grid; known: "
                             f"{sorted(MODEL_KEYS)}")
+        _check_paths(m, MODEL_PATH_KEYS, f"model {m['name']!r}:")
         meths = m.get("methods")
         if meths is not None and (not isinstance(meths, list) or not meths
                                   or not all(isinstance(k, str) for k in meths)):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..methods import DISPLAY
@@ -115,6 +117,41 @@ def describe_conventions(conventions: dict) -> str:
     return f"FPR95: {fpr}; {ap}; anomaly is the positive class; F1 is the best over thresholds"
 
 
+def source_notes(options: dict | None) -> list:
+    """Notes for `anomfast report`: where the eval run that wrote the histograms (its
+    options, recorded in histograms.npz) computed numbers that re-finalizing the histograms
+    does not give back. [] for files without that record (older ones, save_histograms)."""
+    if not options:
+        return []
+    notes = []
+    if options.get("refine"):
+        notes.append("These histograms come from `anomfast eval --refine`, whose tables are exact (a second pass "
+                     "over the logits); this report is finalized from the histograms alone, so its FPR95, F1 and "
+                     "thresholds can differ from that run's: each lies within the certified bounds in results.json.")
+    protocol = options.get("protocol")
+    if protocol not in (None, "default"):
+        notes.append(f"These histograms come from `anomfast eval --protocol {protocol}`, whose tables follow that "
+                     "protocol (its subsample and definitions); this report finalizes the histograms of every "
+                     "valid pixel with anomfast's definitions below, so its numbers differ from that run's.")
+    if options.get("components"):
+        notes.append("The eval run also computed component metrics (--components); they need the score maps, so "
+                     "this report has none.")
+    return notes
+
+
+@contextmanager
+def warned_already(model: dict):
+    """Silences the library's RuntimeWarnings while a model whose empty class the CLI has
+    already warned about is finalized: the same fact once (its results keep them in
+    .warnings)."""
+    if not model.get("empty_class_warned"):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def write_report(run: dict, out: Path, conventions: dict | None = None, plots: bool = True,
                  formats=("png",), progress=None, roc_log: bool = True) -> dict:
     """Writes report.md, results.csv, results.json, report.tex, histograms.npz and plots.
@@ -132,7 +169,8 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     for m in todo:  # a protocol's results and --refine's come computed by the runner
         # the library's finalization, all of a model's methods in one call (as evaluate() and
         # Evaluator.compute() do): the same numbers as each Histogram.finalize()
-        m["results"] = finalize_histograms(m["histograms"], **conventions)
+        with warned_already(m):
+            m["results"] = finalize_histograms(m["histograms"], **conventions)
     md = seed_tables(run["models"], methods)
     md += component_tables(run["models"], methods)
     widths = [bound_width(r) for m in run["models"] for r in m["results"].values() if r.n_pos and r.n_neg]
@@ -165,8 +203,10 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     first = next((m["results"][k] for m in run["models"] for k in methods if k in m.get("results", {})), None)
     defs = (ML4CV_DEFINITIONS if protocol is not None else
             dict(first.definitions) if first is not None and first.definitions else DEFINITIONS)
+    options = run.get("options")
     doc = {"definitions": defs, "conventions": conventions,
            "protocol": protocol or "default", "methods": methods, "notes": notes,
+           **({"run": options} if options else {}),
            "models": [{"name": m["name"], "miou": m.get("miou"), "pixels": m.get("pixels"), "images": m.get("images"),
                        "results": {k: m["results"][k].as_dict() for k in methods if k in m["results"]}}
                       for m in run["models"]]}
@@ -176,8 +216,9 @@ def write_report(run: dict, out: Path, conventions: dict | None = None, plots: b
     save_histograms(out / "histograms.npz",
                     {f"{m['name']}::{k}": m["histograms"][k] for m in run["models"] for k in methods
                      if k in m["histograms"]},
-                    extra={"models": [{"name": m["name"], "miou": m.get("miou"), "images": m.get("images")}
-                                      for m in run["models"]], "methods": methods, "notes": notes})
+                    extra={"models": [{"name": m["name"], "miou": m.get("miou"), "images": m.get("images"),
+                                       "pixels": m.get("pixels")} for m in run["models"]],
+                           "methods": methods, "notes": notes, **({"run": options} if options else {})})
     if plots:
         from .plots import write_plots
         write_plots(run, out, formats=formats, progress=say, roc_log=roc_log)

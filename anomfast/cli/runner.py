@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from ..accumulate import Accumulator, finalize
 from ..components import accumulator_for
 from ..fitting import fit_heat, fit_sml
 from ..functional import refine_histograms
-from .grid import Grid, GridError, check_semantic_shape, load_array
+from .grid import Grid, GridError, _first_line, check_semantic_shape, load_array
+from .report import warned_already
 from ..heat import HeatStats, as_features
 from ..inputs import from_numpy
 from ..labels import ANOMALY, INVALID, NORMAL
@@ -119,9 +121,12 @@ def _as_chw(a, path, kind: str = "logits") -> torch.Tensor:
 
 def _as_labels(a, path, kind: str = "label map") -> torch.Tensor:
     t = a if isinstance(a, torch.Tensor) else from_numpy(np.array(a))  # a .pt tensor as it is (bfloat16 has no NumPy)
-    if t.is_floating_point() or t.is_complex():
-        raise GridError(f"{path}: {kind} must hold integer label values (uint8, uint16, int32, ... or bool), "
-                        f"got {t.dtype}")
+    if t.dtype not in _fused._LABEL_DTYPES:  # the dtypes the core reads (uint64 is not one)
+        names = ", ".join(str(d).replace("torch.", "") for d in sorted(
+            _fused._LABEL_DTYPES, key=lambda d: (d == torch.bool, d.is_signed, d.itemsize)))
+        other_int = not (t.is_floating_point() or t.is_complex())
+        raise GridError(f"{path}: {kind} must hold integer label values ({names}), got "
+                        f"{str(t.dtype).replace('torch.', '')}" + ("; save it as e.g. int32" if other_int else ""))
     return t
 
 
@@ -144,25 +149,30 @@ def _value_counts(y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return v.to(torch.int64).numpy(), n.to(torch.int64).numpy()
 
 
-def _check_classes(model, hists, values: dict, lm, allow: bool, notes: list) -> None:
+def _check_classes(model, hists, values: dict, lm, allow: bool, notes: list) -> bool:
     """A model whose images hold no anomaly (or no normal) pixel under the label mapping
-    has no defined metric: almost always a label mapping that does not fit the masks
-    (0 / 255 masks with 255 = void). An error unless allow (then a note)."""
+    has undefined metrics: almost always a label mapping that does not fit the masks
+    (0 / 255 masks with 255 = void). An error unless allow (then a warning and a note;
+    returns True)."""
     h = next(iter(hists.values()), None)
     if h is None:
-        return
+        return False
     pos, neg = h.n_anomaly, h.n_normal
     if pos and neg:
-        return
+        return False
     what = "anomaly" if not pos else "normal"
-    msg = (f"model {model.name!r}: no {what} pixel in its images under the {_label_summary(values, lm)}; every metric "
-           "would be n/a. Map your label values with --anomaly-ids / --void-ids / --normal-ids ([labels] "
-           "anomaly_ids / void_ids / normal_ids in a grid), e.g. --anomaly-ids 255 --void-ids for 0/255 masks, or "
-           "pass --allow-empty-class")
+    # what the library's finalization then reports (its RuntimeWarning, silenced where this
+    # warning is given: warned_already)
+    undefined = "AUROC, AUPR and FPR95 are n/a, F1 is 0" if not pos else "AUROC and FPR95 are n/a"
+    msg = (f"model {model.name!r}: no {what} pixel in its images under the {_label_summary(values, lm)}; "
+           f"{undefined}. Map your label values with --anomaly-ids / --void-ids / --normal-ids ([labels] "
+           "anomaly_ids / void_ids / normal_ids in a grid), e.g. --anomaly-ids 255 --void-ids for 0/255 masks"
+           + ("" if allow else ", or pass --allow-empty-class"))
     if not allow:
         raise GridError(msg)
     notes.append(msg)
     print(f"anomfast: warning: {msg}", file=sys.stderr)
+    return True
 
 
 def fit_model_sml(model, progress: bool = True) -> SMLStats:
@@ -170,28 +180,57 @@ def fit_model_sml(model, progress: bool = True) -> SMLStats:
         return SMLStats.load(model.sml_stats)
     if not model.fit_logits:
         raise GridError(f"model {model.name!r}: method 'sml' needs sml_stats = ... or fit_logits = ... in the grid")
-    stems = sorted(model.fit_logits)
-    batches = (_as_chw(load_array(model.fit_logits[s]), model.fit_logits[s]).unsqueeze(0) for s in stems)
-    return fit_sml(batches)
+    logits = _Reader(model.fit_logits, sorted(model.fit_logits), "logits")
+    with naming_the_file(logits):
+        return fit_sml(logits)
 
 
 class _Reader:
     """Re-iterable lazy reader of aligned per-image files (one image per batch): fit_heat
-    reads the fitting data twice without holding it in memory."""
+    reads the fitting data twice without holding it in memory. Logits (features) files
+    must all have the first file's class count C (dimension D); `current` is the file of
+    the batch the consumer holds (naming_the_file)."""
 
     def __init__(self, files: dict, stems, kind: str):
         self.files, self.stems, self.kind = files, list(stems), kind
+        self.first = None  # (C or D, path) of the first file read
+        self.current = None
 
     def __iter__(self):
         for s in self.stems:
-            a = load_array(self.files[s])
+            path = self.files[s]
+            a = load_array(path)
             if self.kind == "labels":
-                t = _as_labels(a, self.files[s], "semantic label map")
+                t = _as_labels(a, path, "semantic label map")
                 if t.dim() != 2:
-                    raise GridError(f"{self.files[s]}: semantic label map must be (H, W), got {tuple(t.shape)}")
-                yield t.unsqueeze(0)
+                    raise GridError(f"{path}: semantic label map must be (H, W), got {tuple(t.shape)}")
             else:
-                yield _as_chw(a, self.files[s], self.kind).unsqueeze(0)
+                t = _as_chw(a, path, self.kind)
+                n, what = int(t.shape[0]), ("C", "classes") if self.kind == "logits" else ("D", "dimensions")
+                if self.first is None:
+                    self.first = (n, path)
+                elif n != self.first[0]:
+                    raise GridError(f"{path}: {self.kind} have {what[0]} = {n} {what[1]} but {self.first[1].name} "
+                                    f"(the first file) has {what[0]} = {self.first[0]}; every file must have the "
+                                    f"same {what[1]}")
+            self.current = path
+            yield t.unsqueeze(0)
+        self.current = None
+
+
+@contextmanager
+def naming_the_file(*readers):
+    """An error the library raises about a batch (it knows no files) names the files of
+    that batch: those the readers yielded last."""
+    try:
+        yield
+    except GridError:
+        raise
+    except (ValueError, TypeError) as exc:
+        files = [str(r.current) for r in readers if r.current is not None]
+        if not files:
+            raise
+        raise GridError(f"{', '.join(files)}: {_first_line(exc)}") from None
 
 
 def fit_model_heat(model) -> HeatStats:
@@ -203,8 +242,10 @@ def fit_model_heat(model) -> HeatStats:
         raise GridError(f"model {model.name!r}: method 'heat' needs heat_stats = ... or fit_logits, fit_features "
                         "and fit_semantic in the grid")
     stems = sorted(model.fit_logits)
-    return fit_heat(_Reader(model.fit_logits, stems, "logits"), _Reader(model.fit_features, stems, "features"),
-                    _Reader(model.fit_semantic, stems, "labels"), ignore_index=255)
+    readers = (_Reader(model.fit_logits, stems, "logits"), _Reader(model.fit_features, stems, "features"),
+               _Reader(model.fit_semantic, stems, "labels"))
+    with naming_the_file(*readers):
+        return fit_heat(*readers, ignore_index=255)
 
 
 def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = True, n_examples: int = 3,
@@ -354,9 +395,9 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         miou = None if conf is None else mean_iou(conf.cpu().numpy())[0]
         hists = total.histograms(clear=True)
         acc.release()
-        _check_classes(model, hists, values, grid.label_map, allow_empty_class, notes)
+        warned = _check_classes(model, hists, values, grid.label_map, allow_empty_class, notes)
         entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
-                 "images": len(stems)}
+                 "images": len(stems), "empty_class_warned": warned}
 
         def batches():  # the second passes (refine, components): the same files, the same inputs
             for _, x, y, _, f, _ in _prefetch(read, my_stems):
@@ -373,8 +414,9 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
         elif refine:
             if progress and rank == 0:
                 print(f"{model.name}: refining FPR95 / F1 (second pass)", file=sys.stderr)
-            entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}),
-                                                 nonfinite, 0)
+            with warned_already(entry):
+                entry["results"] = refine_histograms(hists, spec, grid.label_map, batches, dict(conventions or {}),
+                                                     nonfinite, 0)
         if components is not None:
             entry["components"] = _component_pass(model.name, spec, entry, components, grid.label_map, batches,
                                                   device, world, conventions, progress and rank == 0)
@@ -390,7 +432,8 @@ def _component_pass(name, spec, entry, cs, label_map, batches, device, world, co
     after the histograms' all_reduce, so every rank uses the same one), the integer counts
     summed over the ranks."""
     if "results" not in entry:  # write_report then keeps these
-        entry["results"] = finalize(entry["histograms"], conventions or {})
+        with warned_already(entry):
+            entry["results"] = finalize(entry["histograms"], conventions or {})
     acc = accumulator_for(cs, spec.names, label_map, best_f1=entry["results"])
     if say:
         print(f"{name}: component metrics (second pass)", file=sys.stderr)
