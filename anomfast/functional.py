@@ -59,6 +59,7 @@ REFINE_NEIGHBOURS = 2  # groups on each side of a refined bin also re-scored exa
 # pixels in float64 (anomfast.reference, no cancellation); HEAT and post-processed SML need
 # neighbourhoods and keep the core's float32 coordinate
 _PER_PIXEL = ("max_logit", "msp", "energy", "sml", "entropy", "gen")
+_NEIGHBOURHOOD = ("heat",)  # (and SML with post-processing): the core's float32 map is the score
 # methods whose float32 coordinate ties are ties of the exact score too (max logit: -m is
 # exact in float32); a float32 tie of any other per-pixel method may hold distinct exact scores
 _EXACT_TIES = ("max_logit",)
@@ -67,7 +68,12 @@ _EXACT_TIES = ("max_logit",)
 def _rescored(spec, name: str) -> bool:
     """Whether refine re-scores method `name` in float64 from the pixel's logits; else
     (HEAT, SML with boundary suppression or smoothing: an EXTERNAL coordinate) the core's
-    float32 map is the score and its pixels keep it."""
+    float32 map is the score and its pixels keep it. A method in neither list (a new one)
+    is an error, not a silent float32 score under a definition that says "exact"."""
+    if name not in _PER_PIXEL and name not in _NEIGHBOURHOOD:
+        raise NotImplementedError(f"refine=True does not know how method {name!r} is re-scored exactly: add it to "
+                                  "anomfast.functional._PER_PIXEL (re-scored in float64 by anomfast.reference.score, "
+                                  "parameters from _reference_params) or _NEIGHBOURHOOD (its float32 map is kept)")
     return name in _PER_PIXEL and not (name == "sml" and spec.sml_post)
 
 

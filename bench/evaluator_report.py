@@ -84,7 +84,7 @@ def main():
     binned = tm_bin.compute()
     err_af = max(abs(got[m][k] - ref[m][k]) for m in METHODS4 for k in ("auroc", "ap"))
     err_bin = max(abs(binned[m][k] - ref[m][k]) for m in METHODS4 for k in ("auroc", "ap"))
-    mem = {"anomfast": af.ev.hist.numel() * 8, "tm_exact": state_bytes_tm(tm_exact), "tm_bin": state_bytes_tm(tm_bin)}
+    mem = {"anomfast": af.ev.hist.hist.numel() * 8, "tm_exact": state_bytes_tm(tm_exact), "tm_bin": state_bytes_tm(tm_bin)}
 
     # ---- per-call overhead, tiny batches
     g = torch.Generator().manual_seed(1)

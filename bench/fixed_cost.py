@@ -51,6 +51,14 @@ def main():
     r2 = r2.compute()
     for m in METHODS4:
         assert r[m].auroc == r2[m].auroc and r[m].fpr95 == r2[m].fpr95, m
+    try:  # the timed preallocated pass itself: the same histograms (older versions lack the reader)
+        from anomfast.histogram import histograms_from_state
+    except ImportError:
+        histograms_from_state = None
+    if histograms_from_state is not None:
+        got = histograms_from_state(h, spec.names, spec.params_of)
+        for m in METHODS4:
+            assert got[m] == r.histograms[m], m
 
     gc.collect()
     rss0 = rss_mib()

@@ -51,7 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": 0, "fp16": 1, "bf16": 2}
 # method codes (csrc/common/views.h): max_logit 0, msp 1, energy 2, sml 3, entropy 4, gen 5
 SETS = {"maxlogit": [0], "4methods": [0, 1, 2, 4], "6methods": [0, 1, 2, 3, 4, 5]}
-EXACT = {0, 2, 3}  # methods whose float32 coordinate is the exact score: tie signatures kept
+EXACT = {0}  # methods whose tie signatures the library keeps (methods.EXACT_COORDINATES: max_logit)
 C = 19
 
 
@@ -198,6 +198,8 @@ def main():
             text = f.read()
         plain = compile_sass(csrc, text, args.fast, tmp, "plain", nvcc, cuobjdump)
         only = args.only.split(",") if args.only else list(SETS)
+        if set(only) - set(SETS):
+            ap.error(f"--only: unknown method set(s) {sorted(set(only) - set(SETS))}; known: {', '.join(SETS)}")
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
         for sname, methods in ((k, v) for k, v in SETS.items() if k in only):

@@ -138,3 +138,14 @@ def test_method_inputs_that_used_to_mislead(rng):
     x64[0, 0, 0, 0] = 1e300
     with pytest.raises(ValueError, match="beyond float32's range"):
         anomfast.evaluate(x64, y, methods=("energy",))
+
+
+def test_refine_refuses_a_method_it_cannot_rescore():
+    """A method missing from both of refine's lists (a new one whose contributor skipped
+    that step) used to keep its float32 score under a definition that said "re-scored
+    exactly": the exact AP fell outside its bound. Now it is an error."""
+    from anomfast import functional
+    spec = anomfast.methods.resolve(["energy"])
+    assert functional._rescored(spec, "energy")
+    with pytest.raises(NotImplementedError, match="_PER_PIXEL"):
+        functional._rescored(spec, "sprime")
