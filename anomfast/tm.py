@@ -22,9 +22,8 @@ import torch
 
 from . import _core, _fused
 from .evaluator import Evaluator, checked_counters
+from .accumulate import _NO_C  # classes_min before any update
 from .histogram import HistState, check_buffer
-
-_NO_C = 2**62  # classes_min before any update
 
 
 def _bitwise_or(x: torch.Tensor) -> torch.Tensor:

@@ -295,6 +295,7 @@ class Finalizer {
   }
 
   double f1() const { return f1_; }
+  int64_t f1_row() const { return f1_row_; }
 
  private:
   // the crossing group (first with TPR >= target, > for strict) and, for interp, the
@@ -537,6 +538,7 @@ int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t t
     pos_rows += pos[i] > 0;
   }
   Finalizer fin(P, N, fpr_mode, ap_mode, tpr_target);
+  int64_t first = -1, last = -1;  // rows of the groups that may hold the exact best-F1 threshold
   if (P > 0) {
     auto row = [&](int64_t j) { return descending ? j : n - 1 - j; };  // walk position -> row
     auto tied = [&](int64_t i) -> bool {
@@ -598,34 +600,34 @@ int64_t finalize_hist_cpu(int64_t n, int64_t pos_ptr, int64_t neg_ptr, int64_t t
     } else {
       walk(fin, 0, n);
     }
-  }
-  fin.write(out, iout);
-  if (P > 0 && iout[FIN_F1_ROW] >= 0) {
     // the groups that may hold the exact best-F1 threshold (metrics.group_sums: f1_first /
     // f1_last): the exact maximum is at least the attained F1 and sits at a positive's
     // score, inside a group with positives whose upper bound 2(a+p)/(P+a+p+f) reaches it.
-    // Past f FP above, no bound reaches `need` any more (2P/(2P+f) < need), so the walk
+    // Past f FP above, no bound reaches `need` any more (2P/(2P+f) < need), so the scan
     // stops there: usually early, the best F1 lying among the top scores.
-    const double need = fin.f1() - F1_CANDIDATE_SLACK, Pf = (double)P;
-    const double f_stop = need > 0 ? 2.0 * Pf * (1.0 - need) / need * (1.0 + 1e-9) + 1.0
-                                   : std::numeric_limits<double>::infinity();
-    auto row = [&](int64_t j) { return descending ? j : n - 1 - j; };
-    int64_t first = -1, last = -1, a = 0, f = 0;
-    for (int64_t j = 0; j < n && (double)f <= f_stop; ++j) {
-      const int64_t i = row(j), p = pos[i];
-      const bool t = tied_in ? tied_in[i] != 0 : (sig && exact_values && sig_single((uint32_t)sig[i]));
-      if (p > 0 && !t && 2.0 * (double)(a + p) / (Pf + (double)(a + p) + (double)f) >= need) {
-        if (first < 0) first = j;
-        last = j;
+    if (fin.f1_row() >= 0) {
+      const double need = fin.f1() - F1_CANDIDATE_SLACK, Pf = (double)P;
+      const double f_stop = need > 0 ? 2.0 * Pf * (1.0 - need) / need * (1.0 + 1e-9) + 1.0
+                                     : std::numeric_limits<double>::infinity();
+      int64_t jfirst = -1, jlast = -1, a = 0, f = 0;
+      for (int64_t j = 0; j < n && (double)f <= f_stop; ++j) {
+        const int64_t i = row(j), p = pos[i];
+        if (p > 0 && !tied(i) && 2.0 * (double)(a + p) / (Pf + (double)(a + p) + (double)f) >= need) {
+          if (jfirst < 0) jfirst = j;
+          jlast = j;
+        }
+        a += p;
+        f += neg[i];
       }
-      a += p;
-      f += neg[i];
+      const int64_t jbest = row(fin.f1_row());  // row() is its own inverse
+      first = row(jfirst < 0 ? jbest : std::min(jfirst, jbest));
+      last = row(jlast < 0 ? jbest : std::max(jlast, jbest));
     }
-    const int64_t jbest = descending ? iout[FIN_F1_ROW] : n - 1 - iout[FIN_F1_ROW];
-    if (first < 0 || jbest < first) first = jbest;
-    if (last < 0 || jbest > last) last = jbest;
-    iout[FIN_F1_FIRST] = row(first);
-    iout[FIN_F1_LAST] = row(last);
+  }
+  fin.write(out, iout);
+  if (P > 0 && first >= 0) {
+    iout[FIN_F1_FIRST] = first;
+    iout[FIN_F1_LAST] = last;
   }
   if (P > 0 && (iout[FIN_F1_ROW] < 0 || (N > 0 && iout[FIN_FPR_ROW] < 0))) return -1;
   return 0;
