@@ -117,7 +117,7 @@ class AnomalyMetrics(Metric):
                features: torch.Tensor | None = None) -> None:
         self._ev.hist, self._ev.counters = self._state(), self.counters
         self._ev.update(logits, labels, keep, features=features)
-        C = int(logits.shape[1])  # checked (B, C, H, W) by update(); no host sync below
+        C = self._ev._classes[0]  # the C update() read (a (C, H, W) image too); no host sync below
         self.classes_min = torch.clamp(self.classes_min, max=C)
         self.classes_max = torch.clamp(self.classes_max, min=C)
 

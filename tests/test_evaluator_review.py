@@ -167,6 +167,12 @@ def test_torchmetrics_forward_results_and_class_count(rng):
     m.classes_max = torch.maximum(m.classes_max, torch.tensor(21))
     with pytest.raises(ValueError, match="C from 19 to 21"):
         m.compute()
+    # single (C, H, W) images of different H: C is the class count, not H
+    one = AnomalyMetrics(methods=METHODS)
+    one.update(random_logits(rng, 1, 19, 8, 8)[0], random_labels(rng, 1, 8, 8)[0])
+    one.update(random_logits(rng, 1, 19, 12, 8)[0], random_labels(rng, 1, 12, 8)[0])
+    assert int(one.classes_min) == int(one.classes_max) == 19
+    one.compute()
     # a persistent state saved before the class-count states still loads
     m.reset()
     m.update(xs[0], ys[0])
