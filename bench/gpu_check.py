@@ -489,8 +489,9 @@ def section_walk_and_crop(g):
         check_state(h, maps, yc, torch.isfinite(xc).all(dim=1), f"crop, grid {blocks}", names=sp.names)
         assert same_state(h, h2) and torch.equal(c, c2), "crop vs its contiguous copy"
     out["crop"] = "exact"
-    # pixel groups (fused_cuda.cu: group_ok): 4 (max_logit alone) or 2 neighbouring pixels a
-    # turn with one vector load per class, against one pixel a turn (_set_pixel_groups(False)):
+    # pixel groups (fused_cuda.cu: group_ok, max_group): 4 (max_logit alone; fp16 / bf16 with
+    # 4 methods) or 2 neighbouring pixels a turn with one vector load per class, against one
+    # pixel a turn and pairs at most (_set_pixel_group_cap):
     # W = 64 (groups of 4), 66 (pairs), bases 2 and 1 elements off an aligned group; every
     # dtype (fp16 / bf16 groups take the max and the non-finite screen on packed halves:
     # load_half_group), with NaN / +inf / -inf logits in single pixels of a group
@@ -510,17 +511,18 @@ def section_walk_and_crop(g):
         for name, v in views.items():
             for spg in (resolve(["max_logit"]), sp, resolve(["max_logit", "msp", "energy", "entropy"])):
                 h, c, maps = _fused.fused_pass(v, yg, spg, want_maps=True)
-                cuda._set_pixel_groups(False)
-                try:
-                    h1, c1, m1 = _fused.fused_pass(v, yg, spg, want_maps=True)
-                    sync()
-                finally:
-                    cuda._set_pixel_groups(True)
-                what = f"pixel groups, {dtype} W={W} {name} {spg.names}"
-                assert same_state(h, h1) and torch.equal(c, c1), what
-                # values (a max of tied -0 / +0 may keep either sign; they share a bin)
-                assert torch.equal(maps.isnan(), m1.isnan()), what
-                assert torch.equal(maps.nan_to_num(), m1.nan_to_num()), what
+                for cap in (1, 2):
+                    cuda._set_pixel_group_cap(cap)
+                    try:
+                        h1, c1, m1 = _fused.fused_pass(v, yg, spg, want_maps=True)
+                        sync()
+                    finally:
+                        cuda._set_pixel_group_cap(4)
+                    what = f"pixel groups capped at {cap}, {dtype} W={W} {name} {spg.names}"
+                    assert same_state(h, h1) and torch.equal(c, c1), what
+                    # values (a max of tied -0 / +0 may keep either sign; they share a bin)
+                    assert torch.equal(maps.isnan(), m1.isnan()), what
+                    assert torch.equal(maps.nan_to_num(), m1.nan_to_num()), what
     out["pixel groups"] = "equal to one pixel a turn (fp32 / fp16 / bf16, W 64 / 66, bases +0 / +1 / +2)"
     return out
 
@@ -781,14 +783,16 @@ def section_timing(g, quick=False):
                 r = add(f"anomfast fused kernel, aggregation {agg}", dtype, label, ms, nbytes, {"aggregation": agg})
                 results[(str(dtype), label, agg)] = ms
             cuda._set_hist_aggregation(1)
-            # one pixel a turn instead of the pixel groups (2, or 4 for max_logit alone): do
-            # the vector loads pay for the doubled registers (fewer resident warps)?
-            cuda._set_pixel_groups(False)
-            try:
-                ms = gpu_time_ms(lambda: cuda.fused(a))
-            finally:
-                cuda._set_pixel_groups(True)
-            add("anomfast fused kernel, one pixel a turn (no groups)", dtype, label, ms, nbytes)
+            # one pixel a turn instead of the pixel groups: do the vector loads pay for the
+            # doubled registers (fewer resident warps)? And pairs at most where the default takes groups of 4 (max_logit alone; fp16 /
+            # bf16 with 4 methods: fewer instructions a pixel, a longer loop body)
+            for cap, what in ((1, "one pixel a turn (no groups)"), (2, "pairs at most (groups of 4 off)")):
+                cuda._set_pixel_group_cap(cap)
+                try:
+                    ms = gpu_time_ms(lambda: cuda.fused(a))
+                finally:
+                    cuda._set_pixel_group_cap(4)
+                add(f"anomfast fused kernel, {what}", dtype, label, ms, nbytes)
             # scores only: no labels, no histograms, no maps (what the histogram adds costs)
             a0 = _prepared_args(x, y, sp, hist)
             a0.labels_ptr = 0

@@ -346,14 +346,17 @@ def emulation_checks(so_path):
         h, c, maps = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
         hc, cc, mc = _fused.fused_pass(x, y, sp, label_map=lm, want_maps=True)
         assert torch.equal(c, cc), (name, c.tolist(), cc.tolist())
-        # the same kernel one pixel a turn (where it took a pixel group): the same state
-        emu._set_pixel_groups(False)
-        try:
-            h1, c1, m1 = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
-        finally:
-            emu._set_pixel_groups(True)
-        assert same_state(h1, h) and torch.equal(c1, c) and torch.equal(m1.isnan(), maps.isnan()), (name, "pairs")
-        assert torch.equal(torch.nan_to_num(m1), torch.nan_to_num(maps)), (name, "pair maps")
+        # the same kernel one pixel a turn and in pairs at most (where it took a larger
+        # pixel group): the same state
+        for cap in (1, 2):
+            emu._set_pixel_group_cap(cap)
+            try:
+                h1, c1, m1 = run(Routed, _fused.fused_pass, x, y, sp, label_map=lm, want_maps=True)
+            finally:
+                emu._set_pixel_group_cap(4)
+            what = (name, f"groups capped at {cap}")
+            assert same_state(h1, h) and torch.equal(c1, c) and torch.equal(m1.isnan(), maps.isnan()), what
+            assert torch.equal(torch.nan_to_num(m1), torch.nan_to_num(maps)), what
         assert torch.equal(maps.isnan(), mc.isnan()), (name, "NaN maps (non-finite pixels) differ from the CPU's")
         cls = (lm or LabelMap.default()).classify(y)
         fin = torch.isfinite(x.float()).all(dim=1)
@@ -450,7 +453,7 @@ def emulation_checks(so_path):
     # (d = -inf: the pixel is finite and summed again with the clamped terms)
     sp4 = resolve(["max_logit", "msp", "energy", "entropy"])
     for dt in (torch.float32, torch.float16, torch.bfloat16):
-        for W in (46, 45):
+        for W in (44, 46, 45):  # fp16 / bf16: groups of 4 (44), pairs (46), one a turn (45)
             x4, y4 = logits(2, 19, 3, W, dt), labels(2, 3, W)
             x4[0, 4, 0, 1] = float("nan")
             x4[0, 7, 1, 2] = float("inf")
@@ -473,6 +476,17 @@ def emulation_checks(so_path):
             compare(xk, yk, resolve(names, sml=stk, **kw), name=f"generic pairs with the k pass {dt} {names}")
     st = anomfast.fit_sml(xt, yt, missing="global")
     compare(xt, yt, resolve(["max_logit", "msp", "energy", "sml"], sml=st), name="tied maxima, sml")
+    # the other 4-method set (sml for entropy: the packed min screens) in fp16 / bf16 groups
+    # of 4, with tied maxima and non-finite logits in single pixels of a group
+    for dt in (torch.float16, torch.bfloat16):
+        xq, yq = logits(2, 19, 4, 44, dt), labels(2, 4, 44)
+        stq = anomfast.fit_sml(xq, yq, missing="global")
+        topq = xq.amax(1, keepdim=True)
+        xq[:, 3:4, 1], xq[:, 11:12, 1] = topq[:, :, 1], topq[:, :, 1]
+        xq[0, 5, 2, 6] = float("nan")
+        xq[1, 0, 3, 9] = -float("inf")
+        xq[1, 18, 0, 2] = float("inf")
+        compare(xq, yq, resolve(["max_logit", "msp", "energy", "sml"], sml=stq), name=f"groups of 4, sml {dt}")
     # max_logit alone takes groups of 4 pixels where W and the offsets allow, else pairs, else
     # one: W = 44 (groups of 4), 46 (pairs), a base 2 elements past a 16-byte boundary (pairs),
     # 1 element past (one a turn); each dtype, C = 19 (specialized) and 5 (run-time C: one

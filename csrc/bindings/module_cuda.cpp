@@ -57,10 +57,10 @@ PYBIND11_MODULE(_C_cuda, m) {
         "Tests / GPU check only: cap the persistent grid at this many blocks (0: no cap), so "
         "every thread walks many pixels. Results are identical.");
   m.def("_debug_grid", &debug_grid);
-  m.def("_set_pixel_groups", &set_pixel_groups, py::arg("on"),
-        "Tests / GPU check only: False makes the fused kernel take one pixel a turn where it "
-        "would take groups of neighbouring pixels along W (True, the default). Results are identical.");
-  m.def("_pixel_groups", &pixel_groups);
+  m.def("_set_pixel_group_cap", &set_pixel_group_cap, py::arg("px"),
+        "Tests / GPU check only: the largest group of neighbouring pixels along W the fused "
+        "kernel takes a turn (4, the default; 2: pairs at most; 1: one pixel a turn). Results are identical.");
+  m.def("_pixel_group_cap", &pixel_group_cap);
   bindings::register_constants(m);
   // method codes this core bins (the method table's per-pixel methods; HEAT and EXTERNAL: CPU only)
   std::vector<int32_t> codes;

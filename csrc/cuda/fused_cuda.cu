@@ -106,7 +106,7 @@ constexpr unsigned FULL = 0xffffffffu;
 
 std::atomic<int> g_hist_aggregation{1};
 std::atomic<int64_t> g_debug_grid{0};  // tests / gpu_check: cap on the grid's blocks (0: none)
-std::atomic<bool> g_pixel_groups{true};  // tests / gpu_check: false forces one pixel a turn (no groups)
+std::atomic<int> g_pixel_group_cap{4};  // tests / gpu_check: the largest pixel group (1: one pixel a turn)
 
 // ------------------------------------------------------------------ device helpers
 
@@ -375,14 +375,13 @@ __device__ __noinline__ bool any_nonfinite(const void* lp, int64_t base, int64_t
 template <int DT>
 __device__ __noinline__ float sx_from_memory(const void* lp, int64_t base, int64_t ls_c, int32_t C, float m);
 
-template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true, bool PRE = false, bool SX_SCREEN = false>
-__device__ __forceinline__ bool sums_of(const float (&xr)[CR > 0 ? CR : 1], const void* lp, int64_t base,
-                                        int64_t ls_c, int32_t C, Needs nd, float inv_t, float gamma,
-                                        PixelSums& s, float m_pre = 0.0f, bool bad_pre = false) {
-  auto X = [&](int c) -> float {
-    if constexpr (CR > 0) return xr[c];
-    else return load_logit<DT>(lp, base + c * ls_c);
-  };
+// X(c): the pixel's logit c as a float (c < C), from registers or memory (the caller's
+// choice: floats, packed halves converted where they are used, or loads).
+template <int DT, int CR, bool NEED_K = true, bool KEEP_K = true, bool PRE = false, bool SX_SCREEN = false,
+          typename XF>
+__device__ __forceinline__ bool sums_of(XF&& X, const void* lp, int64_t base, int64_t ls_c, int32_t C, Needs nd,
+                                        float inv_t, float gamma, PixelSums& s, float m_pre = 0.0f,
+                                        bool bad_pre = false) {
   const bool late_k = NEED_K && (nd.s1 || nd.sx);
   float m = X(0);
   // the sum of the logits is finite unless some logit is NaN or inf, or the sum overflows:
@@ -531,15 +530,18 @@ __device__ __forceinline__ void load_pixels(const void* lp, int64_t base, int64_
 // min -inf exactly when some logit is not finite, so neither the max pass's per-class
 // max instruction and conversion nor the sum that screens for non-finite logits is paid
 // (sums_of with PRE). Without SCREEN (the kernel screens with sx: SX_SCREEN) no min and
-// bad[j] false. The floats xr of the later passes are converted from the words.
+// bad[j] false. The words stay packed (two pixels a register, classes c >= C zero): the
+// later passes convert each logit where they use it (group_logit), so a group of 4 pixels
+// holds 2 words per class instead of 4 floats (register pressure).
 template <int DT, int CR, int PX, bool SCREEN>
 __device__ __forceinline__ void load_half_group(const void* lp, int64_t base, int64_t ls_c, int32_t C,
-                                                float (&xr)[PX][CR], float (&m)[PX], bool (&bad)[PX]) {
+                                                unsigned (&hw)[CR][PX / 2], float (&m)[PX], bool (&bad)[PX]) {
   static_assert(DT != F32 && PX > 1 && CR > 0, "fp16 / bf16 pixel groups in registers");
-  unsigned hw[CR][PX / 2];
 #pragma unroll
   for (int c = 0; c < CR; ++c) {
     if (c < C) load_half_words<PX>(static_cast<const uint16_t*>(lp) + base + c * ls_c, hw[c]);
+#pragma unroll
+    for (int i = 0; i < PX / 2; ++i) hw[c][i] = c < C ? hw[c][i] : 0u;
   }
   constexpr uint16_t EXP = DT == F16 ? 0x7c00u : 0x7f80u;  // a half's exponent field
 #pragma unroll
@@ -558,11 +560,12 @@ __device__ __forceinline__ void load_half_group(const void* lp, int64_t base, in
       bad[2 * i + h] = SCREEN && ((half_of(mx, h) & EXP) == EXP || (half_of(mn, h) & EXP) == EXP);
     }
   }
-#pragma unroll
-  for (int c = 0; c < CR; ++c) {
-#pragma unroll
-    for (int j = 0; j < PX; ++j) xr[j][c] = c < C ? Logit<DT>::to_float(half_of(hw[c][j / 2], j)) : 0.0f;
-  }
+}
+
+// Logit c of pixel j of a group loaded by load_half_group, as a float (exact).
+template <int DT, int CR, int PX>
+__device__ __forceinline__ float group_logit(const unsigned (&hw)[CR][PX / 2], int j, int c) {
+  return Logit<DT>::to_float(half_of(hw[c][j / 2], j));
 }
 
 // OR of x over the lanes of each peer group (lanes with equal keys), valid in the group's
@@ -792,11 +795,13 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
 #pragma unroll
     for (int j = 0; j < PX; ++j)
       raw[j] = P.with_hist && active ? load_label(yp, a.label_dtype, cur.yo + j * a.ys_w) : 0;
-    float xr[PX][CR > 0 ? CR : 1];
+    // the group's logits: floats (fp32, or one pixel a turn), or packed halves (HALF_GROUPS)
+    float xr[HALF_GROUPS ? 1 : PX][HALF_GROUPS || CR == 0 ? 1 : CR];
+    unsigned hw[HALF_GROUPS ? CR : 1][HALF_GROUPS ? PX / 2 : 1];
     float m_pre[PX] = {};
     bool bad_pre[PX] = {};
     if (active) {
-      if constexpr (HALF_GROUPS) load_half_group<DT, CR, PX, !SX_SCREEN>(lp, cur.lo, a.ls_c, C, xr, m_pre, bad_pre);
+      if constexpr (HALF_GROUPS) load_half_group<DT, CR, PX, !SX_SCREEN>(lp, cur.lo, a.ls_c, C, hw, m_pre, bad_pre);
       else load_pixels<DT, CR, PX>(lp, cur.lo, a.ls_c, C, xr);
     }
 #pragma unroll
@@ -804,10 +809,14 @@ __global__ void __launch_bounds__(THREADS) fused_kernel(const FusedParams P) {
       const int64_t p = u * PX + j;  // the pixel's flat index (maps)
       PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
       bool pix_bad = false;
+      auto X = [&](int c) -> float {
+        if constexpr (HALF_GROUPS) return group_logit<DT, CR, PX>(hw, j, c);
+        else if constexpr (CR > 0) return xr[j][c];
+        else return load_logit<DT>(lp, cur.lo + j + c * a.ls_c);
+      };
       if (active)
-        pix_bad = sums_of<DT, CR, NEED_K, KEEP_K, HALF_GROUPS, SX_SCREEN>(xr[j], lp, cur.lo + j, a.ls_c, C, nd,
-                                                                          P.inv_t, a.gen_gamma, s, m_pre[j],
-                                                                          bad_pre[j]);
+        pix_bad = sums_of<DT, CR, NEED_K, KEEP_K, HALF_GROUPS, SX_SCREEN>(X, lp, cur.lo + j, a.ls_c, C, nd, P.inv_t,
+                                                                          a.gen_gamma, s, m_pre[j], bad_pre[j]);
       // each requested kind's coordinate, once (method_coord with a constant code folds to
       // that method's formula); a non-finite one (SML with a zero std, energy past the
       // float range) makes the pixel skipped and counted for all methods, as on the CPU
@@ -929,8 +938,8 @@ __global__ void __launch_bounds__(THREADS) fit_kernel(const FitParams P) {
     PixelSums s{0.0f, 0, 0.0f, 0.0f, 0.0f, 0.0f};
     if (p < N) {
       const int64_t raw = yp ? load_label(yp, a.label_dtype, cur.yo) : 0;
-      const float none_r[1] = {0.0f};  // CR = 0: the logits are read from memory
-      const bool bad = sums_of<DT, 0>(none_r, lp, cur.lo, a.ls_c, C, none, 1.0f, 0.0f, s);
+      auto X = [&](int c) { return load_logit<DT>(lp, cur.lo + c * a.ls_c); };  // CR = 0: from memory
+      const bool bad = sums_of<DT, 0>(X, lp, cur.lo, a.ls_c, C, none, 1.0f, 0.0f, s);
       const int32_t cls = yp ? label_class(raw, lut, a.lut_offset, a.lut_len) : (int32_t)LABEL_NORMAL;
       const PixelFate f = fit_fate(cls, (int32_t)bad);  // pixel.h, as on the CPU
       count_fate(cnt, f);
@@ -1075,10 +1084,16 @@ bool group_ok(const FusedArgs& a, int64_t lsz, int px) {
 }
 
 // The largest pixel group a kernel with method set MASK takes: 4 for max_logit alone (its
-// loop body stays small: ~0.7k instructions a turn), 2 for the others (4 would double a
-// 4-method loop body of ~1.8k instructions, ~29 KB of code, for ~3% fewer instructions
-// per pixel: not worth the instruction cache; bench/RESULTS.md).
-__host__ __device__ constexpr int max_group(int mask) { return mask == KINDS_MAX_LOGIT ? 4 : 2; }
+// loop body stays small: ~0.6-0.7k instructions a turn) and for fp16 / bf16 logits with
+// the 4-method sets (two pixels a 32-bit word, converted where used: a group of 4 holds 38
+// words in 128 registers, the occupancy of the fp32 pairs; 799 / 798 instructions per
+// pixel against 822 / 826 in pairs, ~3.2k a turn: bench/sass_budget.py), 2 for the others
+// (fp32 groups of 4 hold 76 floats; the same groups of halves held as floats took 181
+// registers, one block per SM; 6 methods: the loop body of pairs is already ~3.8k
+// instructions). The first GPU run times groups of 4 against pairs (bench/gpu_check.py).
+__host__ __device__ constexpr int max_group(int dt, int mask) {
+  return mask == KINDS_MAX_LOGIT || (dt != F32 && (mask == KINDS_4 || mask == KINDS_4_SML)) ? 4 : 2;
+}
 
 }  // namespace
 
@@ -1096,9 +1111,12 @@ void set_debug_grid(int64_t blocks) {
 
 int64_t debug_grid() { return g_debug_grid.load(); }
 
-void set_pixel_groups(bool on) { g_pixel_groups.store(on); }
+void set_pixel_group_cap(int px) {
+  if (px != 1 && px != 2 && px != 4) throw std::invalid_argument("pixel group cap must be 1, 2 or 4 pixels");
+  g_pixel_group_cap.store(px);
+}
 
-bool pixel_groups() { return g_pixel_groups.load(); }
+int pixel_group_cap() { return g_pixel_group_cap.load(); }
 
 void fused_cuda(const FusedArgs& a) {
   // the checks of both cores (codes, counts, sizes, offsets; checks.h) first: they need no
@@ -1146,20 +1164,20 @@ void fused_cuda(const FusedArgs& a) {
   P.sig_mask = (P.with_hist && a.sig_ptr) ? a.sig_mask : 0;
   const size_t smem = P.byte_classes ? 256 : P.lut_shared ? (size_t)a.lut_len : 0;
   DeviceGuard guard(dev);
-  const bool groups = g_pixel_groups.load();
+  const int cap = g_pixel_group_cap.load();
   with_kernel_config(a.logit_dtype, a.C, set, [&](auto dt, auto ck, auto mask) {
     constexpr int D = decltype(dt)::value, K = decltype(ck)::value, M = decltype(mask)::value;
     // groups only where C is a compile-time constant (19, 21): with a run-time C the
     // group's logits are registers for CREG classes each (nvcc: ~180-200 registers, one
     // block per SM), even for C = 2
     if constexpr (K > 0 && class_regs<K>() > 0) {
-      if constexpr (max_group(M) >= 4) {
-        if (groups && group_ok(a, lsz, 4)) {
+      if constexpr (max_group(D, M) >= 4) {
+        if (cap >= 4 && group_ok(a, lsz, 4)) {
           P.n_units = n / 4;
           return launch(fused_kernel<D, K, M, 4>, P, dev, smem, a.stream, 4);
         }
       }
-      if (groups && group_ok(a, lsz, 2)) {
+      if (cap >= 2 && group_ok(a, lsz, 2)) {
         P.n_units = n / 2;
         return launch(fused_kernel<D, K, M, 2>, P, dev, smem, a.stream, 2);
       }

@@ -39,8 +39,8 @@ int64_t debug_grid();
 // Tests and bench/gpu_check.py: false makes the fused kernel take one pixel a turn even
 // where it would take groups of neighbouring pixels (fused_cuda.cu: group_ok), so both forms are
 // checked on the same inputs. Results are identical; only the speed differs.
-void set_pixel_groups(bool on);
-bool pixel_groups();
+void set_pixel_group_cap(int px);
+int pixel_group_cap();
 
 struct CudaInfo {
   int cuda_version = 0;          // CUDART_VERSION the module was compiled against
