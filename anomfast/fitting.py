@@ -99,7 +99,9 @@ def fit_heat(logits_batches, features_batches, labels_batches, *, label_map=None
 
     logits (B, C, H, W), features (B, D, h, w) and *semantic* labels (B, H, W) (class ids
     0..C-1 at the logits' resolution, ``ignore_index`` (an int or a list) ignored, or a
-    LabelMap whose normal ids are the class ids): one batch each, or aligned iterables of
+    LabelMap whose normal ids are the class ids; a LabelMap needs an anomaly id, so give it
+    one that does not occur, e.g. ``LabelMap(anomaly_ids=[253], void_ids=[254, 255],
+    normal_ids=list(range(C)))``): one batch each, or aligned iterables of
     batches. Labels are downsampled to (h, w) by nearest neighbour for the feature
     statistics: per-class means and the tied (pooled within-class) covariance, divided
     by N - 1 as in the source project, + 1e-4 I, accumulated in float64. With

@@ -618,6 +618,7 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
             raise ValueError(f"scores {name!r} have {int(bad.sum())} non-finite values on valid pixels "
                              "(nonfinite='ignore' skips them)")
         keep = valid & fin
+        lost = None  # the warning about nonzero scores that float32 makes 0
         if not exact and s.dtype.kind == "f" and s.dtype.itemsize > 4:
             big = np.abs(s[keep]) > np.finfo(np.float32).max
             if big.any():  # float32 would make them +-inf, which the bins never hold
@@ -646,7 +647,7 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
             r = h.finalize(**conventions)
             if not exact32:
                 _thresholds_in_caller_values(r, sv)
-            if s.dtype.kind == "f" and s.dtype.itemsize > 4 and tiny.any():
+            if lost:
                 r.warnings.append(lost)
         results[name] = r
     return results

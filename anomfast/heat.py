@@ -235,7 +235,12 @@ def as_features(f, logits: torch.Tensor, stats: HeatStats | None = None, name: s
     if min(f.shape[1:]) < 1:
         raise ValueError(f"{name} shape {tuple(f.shape)} has an empty dimension")
     if stats is not None and f.shape[1] != stats.dim:
-        raise ValueError(f"HEAT statistics were fitted on D = {stats.dim} features but {name} have D = {f.shape[1]}")
+        hint = ""
+        if f.shape[3] == stats.dim:  # (B, h, w, D): the channel-last layout
+            hint = (f"; they look channel-last (B, h, w, D) with D = {f.shape[3]}: anomfast reads (B, D, h, w), pass "
+                    f"{name}.permute(0, 3, 1, 2) (torch) or .transpose(0, 3, 1, 2) (numpy)")
+        raise ValueError(f"HEAT statistics were fitted on D = {stats.dim} features but {name} have D = {f.shape[1]} "
+                         f"(shape {tuple(f.shape)})" + hint)
     if f.device != logits.device:
         raise ValueError(f"{name} are on {f.device} but logits on {logits.device}; put both on the same device")
     return f

@@ -276,6 +276,10 @@ def test_errors(rng):
         anomfast.evaluate(x, y, methods=["heat"], heat=stats, features=f[:1])
     with pytest.raises(ValueError, match="fitted on D = 6 features but features have D = 5"):
         anomfast.evaluate(x, y, methods=["heat"], heat=stats, features=f[:, :5])
+    # channel-last features: the error names the layout and the permute (f is (2, 6, 3, 4):
+    # a (B, h, w, D) tensor with D = 6 reads as D = 3 here)
+    with pytest.raises(ValueError, match=r"look channel-last \(B, h, w, D\) with D = 6.*permute\(0, 3, 1, 2\)"):
+        anomfast.evaluate(x, y, methods=["heat"], heat=stats, features=f.permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="fitted for 5 classes but the logits have C = 4"):
         anomfast.evaluate(x[:, :4], y, methods=["heat"], heat=stats, features=f)
     with pytest.raises(ValueError, match="needs statistics"):
