@@ -111,6 +111,19 @@ class AnomalyMetrics(Metric):
             st.check(len(self._ev.spec.names), dev)
             check_buffer(new["counters"], "counters", (_core.N_COUNTERS,), torch.int64, dev)
             st.check_counts(binned, what)
+            # torchmetrics keeps the loaded tensors themselves, and update() adds into the
+            # states in place: load copies, or the caller's state_dict (and every metric
+            # loaded from it) would change with each update. The occupied blocks only
+            # (HistState.copy): a dense clone would back every page of the 4.5M-bin buffers.
+            cp = st.copy()
+            for k in ("hist", "sig", "occ"):
+                if prefix + k in state_dict:
+                    state_dict[prefix + k] = getattr(cp, k)
+            if prefix + "counters" in state_dict:
+                state_dict[prefix + "counters"] = new["counters"].clone()
+        for k in ("classes_min", "classes_max"):
+            if isinstance(state_dict.get(prefix + k), torch.Tensor):
+                state_dict[prefix + k] = state_dict[prefix + k].clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None,

@@ -182,3 +182,26 @@ def test_torchmetrics_forward_results_and_class_count(rng):
     n.persistent(True)
     n.load_state_dict(sd)
     assert n.compute()["energy"].auroc == anomfast.evaluate(xs[0], ys[0], methods=METHODS)["energy"].auroc
+
+
+def test_tm_loaded_state_is_not_shared_with_the_state_dict():
+    """torchmetrics keeps the loaded tensors themselves, and the adapter adds into its
+    states in place: two metrics loaded from one state_dict shared their counts (each saw
+    the other's updates) and the state_dict itself changed with every update."""
+    from anomfast.tm import AnomalyMetrics
+    (x0, y0), (x1, y1) = _data(21), _data(22)
+    src = AnomalyMetrics(methods=METHODS)
+    src.persistent(True)
+    src.update(x0, y0)
+    sd = src.state_dict()
+    saved = {k: v.clone() for k, v in sd.items()}
+    a, b = AnomalyMetrics(methods=METHODS), AnomalyMetrics(methods=METHODS)
+    a.load_state_dict(sd)
+    b.load_state_dict(sd)
+    a.update(x1, y1)
+    assert all(torch.equal(sd[k], saved[k]) for k in saved), "the caller's state_dict changed"
+    ref0 = anomfast.evaluate(x0, y0, methods=METHODS)
+    both = anomfast.evaluate(torch.cat([x0, x1]), torch.cat([y0, y1]), methods=METHODS)
+    for m in METHODS:
+        assert torch.equal(b.compute().histograms[m].counts, ref0.histograms[m].counts), "b saw a's update"
+        assert torch.equal(a.compute().histograms[m].counts, both.histograms[m].counts)
