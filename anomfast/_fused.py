@@ -341,7 +341,7 @@ def check_counters(counters: torch.Tensor, labels: torch.Tensor | None, label_ma
             + (f" (first: {first})" if first is not None else "")
             + f"; expected anomaly ids {d['anomaly_ids']}, void ids {d['void_ids']}, normal ids {d['normal_ids']} "
             "(pass ignore_index=... or label_map=LabelMap(...); normal_ids='rest' counts every other value "
-            "as normal)")
+            "from 0 to the largest listed id as normal)")
     if c[_core.CNT_NONFINITE] > 0 and nonfinite == "error":
         raise ValueError(f"{c[_core.CNT_NONFINITE]} valid pixel(s) have NaN or infinite logits (or a non-finite "
                          "score of some method: HEAT / post-processed SML from NaN features or a NaN logit nearby, "

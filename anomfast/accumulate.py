@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import weakref
 from typing import Optional
 
@@ -90,6 +91,10 @@ class Accumulator:
 
     def __init__(self, spec: MethodSpec, label_map: LabelMap, nonfinite: str = "error"):
         self.spec, self.label_map, self.nonfinite = spec, label_map, nonfinite
+        # one fused pass, read-out or clear at a time: passes running at once into one state
+        # lose counts (the first allocation and the core's unlocked adds), and a read-out
+        # during a pass mixes batches (eager calls only: a traced update() takes no lock)
+        self._lock = threading.RLock()
         self._lent = [None]  # the pooled CPU state taken, handed back when this is collected
         weakref.finalize(self, _give_back, self._lent)
         self._state: HistState | None = None
@@ -130,11 +135,14 @@ class Accumulator:
         in one fused pass; returns the (M, B, H, W) float32 score maps when want_maps
         (eager), else None. Raises nothing about the data itself: see check()."""
         x, spec = logits, self.spec
+        if not _is_compiling():
+            with self._lock:
+                st = self.allocate(x.device)
+                self._dirty = True
+                return _fused.fused_pass(x, labels, spec, label_map=self.label_map, hist=st, counters=self.counters,
+                                         want_maps=want_maps, num_threads=num_threads, features=features)[2]
         st = self.allocate(x.device)
         self._dirty = True
-        if not _is_compiling():
-            return _fused.fused_pass(x, labels, spec, label_map=self.label_map, hist=st, counters=self.counters,
-                                     want_maps=want_maps, num_threads=num_threads, features=features)[2]
         # traced: the same launch as one opaque op (fused_pass's checks and inputs, no maps)
         if spec.sml is not None and "sml" in spec.names and spec.sml.num_classes != x.shape[1]:
             raise ValueError(f"SML statistics were fitted for {spec.sml.num_classes} classes but the logits have "
@@ -204,7 +212,8 @@ class Accumulator:
             return self
         out = Accumulator(self.spec, self.label_map, self.nonfinite)
         if has:
-            out.state, out.counters = self.state.copy(), self.counters.clone()
+            with self._lock:
+                out.state, out.counters = self.state.copy(), self.counters.clone()
         else:  # no update() here: an empty state takes part
             out.allocate(self._comm_device(group))
         out.state.all_reduce_(group=group)
@@ -213,33 +222,37 @@ class Accumulator:
 
     def histograms(self, clear: bool = False) -> dict:
         """{method: Histogram}; clear=True empties the state as it is read."""
-        out = histograms_from_state(self.state, self.spec.names, self.spec.params_of, clear=clear)
-        if clear:
-            self._dirty = False
-        return out
+        with self._lock:
+            out = histograms_from_state(self.state, self.spec.names, self.spec.params_of, clear=clear)
+            if clear:
+                self._dirty = False
+            return out
 
     def histograms_and_results(self, conventions: dict, clear: bool = False) -> tuple[dict, dict]:
         """({method: Histogram}, {method: MetricResult}): histograms() and finalize() of
         them, in one compiled call on the CPU (histogram.read_and_finalize)."""
-        out = read_and_finalize(self.state, self.spec.names, self.spec.params_of, conventions, clear=clear)
-        if clear:
-            self._dirty = False
-        return out
+        with self._lock:
+            out = read_and_finalize(self.state, self.spec.names, self.spec.params_of, conventions, clear=clear)
+            if clear:
+                self._dirty = False
+            return out
 
     def results(self, conventions: dict) -> Results:
         """Checked pixel counts, histograms and their finalized metrics."""
         res = Results()
-        res.pixels = self.check()
-        res.histograms, fin = self.histograms_and_results(conventions)
+        with self._lock:  # the counters and the histograms of the same batches
+            res.pixels = self.check()
+            res.histograms, fin = self.histograms_and_results(conventions)
         res.update(fin)
         return res
 
     def clear_(self) -> None:
         """Empties the state (its buffers keep their identity) and the counters."""
-        if self.state is not None:
-            self.state.clear_()
-            self.counters.zero_()
-            self._dirty = False
+        with self._lock:
+            if self.state is not None:
+                self.state.clear_()
+                self.counters.zero_()
+                self._dirty = False
 
     def release(self) -> None:
         """Hands a pooled state back (cleared when next taken unless it was read out with

@@ -99,8 +99,16 @@ class LabelMap:
         """0 normal, 1 anomaly, ignore_index void (an int, a list of ints, or None: no void id)."""
         return cls(anomaly_ids=(1,), void_ids=_ids(ignore_index, "ignore_index"), normal_ids=(0,))
 
+    def __reduce__(self):
+        # pickled / copied as its ids, rebuilt through the constructor: the ids are checked
+        # again and the lookup table (derived data the core reads) is never taken from a file
+        return (type(self), (self.anomaly_ids, self.void_ids, self.normal_ids))
+
     def lut(self) -> tuple[torch.Tensor, int]:
         """(int8 lookup table, offset): lut[v - offset] is the class of raw value v."""
+        hit = self._lut_cache.get("lut")
+        if hit is not None and not _sound_table(hit):
+            self._lut_cache.clear()  # not what lut() built (set from outside): build it again
         if "lut" not in self._lut_cache:
             ids = set(self.anomaly_ids) | set(self.void_ids)
             if not isinstance(self.normal_ids, str):
@@ -135,6 +143,17 @@ class LabelMap:
         if not bool(bad.any()):
             return None
         return int(labels[bad].flatten()[0])
+
+
+def _sound_table(hit) -> bool:
+    """Whether a cached (table, offset) is one the core may read: a contiguous (so its
+    storage holds every entry: no expanded view) 1-D int8 CPU tensor of 1 .. 2^16 entries,
+    and an int offset."""
+    if not (isinstance(hit, tuple) and len(hit) == 2 and isinstance(hit[1], int)):
+        return False
+    t = hit[0]
+    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.dtype == torch.int8 and t.dim() == 1
+            and t.device.type == "cpu" and t.is_contiguous() and 1 <= t.numel() <= _MAX_LUT)
 
 
 def as_label_map(label_map=None, ignore_index: int = 255) -> LabelMap:

@@ -143,6 +143,14 @@ class SMLStats:
         return int(self.count.shape[0])
 
     def kernel_arrays(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (mean, 1 / std) of the C classes, as the core reads them (mean[k] for
+        every argmax k < C: exactly C of each, checked here on every path to the core)."""
+        C = self.num_classes
+        shapes = tuple(np.shape(v) for v in (self.mean, self.std))
+        if shapes != ((C,), (C,)):
+            raise ValueError(f"SML statistics hold mean / std of shapes {shapes[0]} / {shapes[1]} for {C} classes "
+                             f"(count has {C}); expected ({C},) each: were they changed after fitting? Refit them "
+                             "or load them again")
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             mean = np.asarray(self.mean, np.float64).astype(np.float32)
             inv = (1.0 / np.asarray(self.std, np.float64)).astype(np.float32)

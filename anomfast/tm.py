@@ -36,6 +36,18 @@ def _bitwise_or(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _same_fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """torchmetrics' reduction of gathered / merged fingerprint states (stacked on dim 0):
+    they must all be equal, or the counts about to be summed mean different things."""
+    if x.dim() == 0 or x.shape[0] == 0:
+        return x
+    if bool((x != x[0]).any()):
+        raise ValueError("anomfast.tm.AnomalyMetrics: merging or syncing states counted with other methods, method "
+                         "parameters or label maps (their fingerprints differ: "
+                         f"{sorted(set(int(v) for v in x.flatten()))}); construct every metric with the same arguments")
+    return x[0].clone()
+
+
 class _Boxed:
     """compute()'s Results as torchmetrics' compute wrapper handles it: its
     apply_to_collection rebuilds a dict subclass from the items alone (dropping
@@ -63,6 +75,12 @@ class AnomalyMetrics(Metric):
         self._ev = Evaluator(**self._ev_args)
         self._batch_ev = None  # forward()'s per-batch evaluator, made on first use
         M = len(self._ev.spec.names)
+        # what the counts mean (methods, parameters, label map: Accumulator.fingerprint),
+        # registered first so that a merge or sync of other counts is refused before any
+        # state is summed
+        self._fingerprint = self._ev._acc.fingerprint()
+        self.add_state("fingerprint", default=torch.tensor(self._fingerprint, dtype=torch.int64),
+                       dist_reduce_fx=_same_fingerprint)
         # torchmetrics keeps dense states (it clones the defaults): 4.5M bins x 12 bytes x 2
         # per method; the plain Evaluator allocates lazily and syncs only occupied blocks
         st = HistState.new(M, "cpu")
@@ -93,6 +111,16 @@ class AnomalyMetrics(Metric):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # torchmetrics sets loaded states as they come: check them, and against each other,
         # before any is replaced (once here, not per update(): that would sync the host)
+        fp = state_dict.get(prefix + "fingerprint")  # absent in states saved before it existed
+        if fp is not None:
+            if not (isinstance(fp, torch.Tensor) and fp.dtype == torch.int64 and fp.dim() == 0):
+                raise ValueError(f"{type(self).__name__} state 'fingerprint' must be an int64 scalar tensor, got {fp!r}")
+            if int(fp) != self._fingerprint:
+                raise ValueError(f"{type(self).__name__}: this state was counted with other methods, method parameters "
+                                 f"or label map (fingerprint {int(fp)}, this metric's {self._fingerprint}: methods "
+                                 f"{list(self._ev.spec.names)}, label map {self._ev.label_map.describe()}); load it "
+                                 "into a metric constructed with the same arguments")
+            state_dict[prefix + "fingerprint"] = fp.clone()
         new = {k: state_dict.get(prefix + k, getattr(self, k)) for k in ("hist", "sig", "occ", "counters")}
         if prefix + "hist" in state_dict:  # saved before the class-count states: C unknown
             for k, v in (("classes_min", _NO_C), ("classes_max", 0)):

@@ -322,7 +322,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 raise GridError(f"label map {grid.labels[stem].name}: value {bad} is in none of [labels]' "
                                 f"anomaly_ids {d['anomaly_ids']}, void_ids {d['void_ids']}, normal_ids "
                                 f"{d['normal_ids']} "
-                                '(normal_ids = "rest" / --normal-ids rest counts every other value as normal)')
+                                '(normal_ids = "rest" / --normal-ids rest counts every other value from 0 to the '
+                                'largest listed id as normal)')
             sem = None
             if stem in grid.semantic:
                 sem = _as_labels(load_array(grid.semantic[stem]), grid.semantic[stem], "semantic label map")
