@@ -75,6 +75,14 @@ def as_logits(x, name: str = "logits") -> torch.Tensor:
     return x
 
 
+def check_label_dtype(y: torch.Tensor, name: str = "labels") -> None:
+    """The label dtypes the core reads (uint64 is refused: it would wrap to negative values
+    in an int64 lookup); evaluate, evaluate_scores and component_metrics alike."""
+    if y.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (uint8, uint16, uint32, int8, int16, int32, int64 or bool), "
+                        f"got {y.dtype}")
+
+
 def as_labels(y, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
     if isinstance(y, np.ndarray):
         y = from_numpy(y)
@@ -91,9 +99,7 @@ def as_labels(y, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
     if tuple(y.shape) != (B, H, W):
         raise ValueError(f"{name} shape {tuple(y.shape)} does not match logits {tuple(logits.shape)}: "
                          f"expected (B, H, W) = {(B, H, W)}")
-    if y.dtype not in _LABEL_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor (uint8, uint16, uint32, int8, int16, int32, int64 or bool), "
-                        f"got {y.dtype}")
+    check_label_dtype(y, name)
     if _misaligned(y):
         y = y.clone()  # a misaligned view (e.g. of a NumPy buffer at an odd offset): the core loads whole elements
     if y.device != logits.device:

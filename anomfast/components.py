@@ -72,6 +72,8 @@ import numpy as np
 import torch
 
 from . import _core
+from ._fused import check_label_dtype
+from .inputs import from_numpy
 from .labels import ANOMALY, INVALID, NORMAL, VOID, LabelMap, as_label_map
 
 _C = _core._C
@@ -142,6 +144,9 @@ class ComponentSpec:
                 object.__setattr__(self, name, default)
             elif isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"{name} must be a non-negative number of pixels, got {v!r}")
+            elif v > _MAX_PIXELS:  # the core takes an int64; an image holds fewer than 2^31 pixels
+                raise ValueError(f"{name} must be at most 2^31 pixels (images hold fewer, so 2^31 already drops "
+                                 f"every component), got {v!r}")
             else:
                 object.__setattr__(self, name, int(v))
         if self.thresholds is not None:
@@ -475,7 +480,9 @@ class ComponentAccumulator:
                 "counts": self.counts.clone()}
 
     def load_state(self, st) -> None:
-        """Restores state(); refuses counts made with other methods, settings or thresholds."""
+        """Restores state(); refuses counts made with other methods, settings or thresholds,
+        counts above 2^62 (later sums could overflow int64) and counts that no sum of images
+        gives (_check_counts)."""
         if not isinstance(st, dict):
             raise ValueError("the state has no component counts (saved without components=...), but this evaluator "
                              "counts components")
@@ -488,11 +495,45 @@ class ComponentAccumulator:
                 or bool((c < 0).any()):
             raise ValueError(f"component counts must be a non-negative int64 tensor of shape "
                              f"{tuple(self.counts.shape)}")
-        self.counts = c.detach().cpu().clone()
+        c = c.detach().cpu().clone()
+        _check_counts(c.numpy(), self.names)
+        self.counts = c
 
     def results(self) -> dict:
+        if bool((self.counts < 0).any()):  # two loaded states near the 2^62 cap, merged
+            raise ValueError("component counts overflowed int64 (negative after summing states); the states summed "
+                             "hold more than 2^62 counts together")
         return {n: result_from_row(self.counts[j].numpy(), n, self.thresholds[n], self.spec)
                 for j, n in enumerate(self.names)}
+
+
+_MAX_COUNT = 2 ** 62  # as the histograms' counts: later sums of images, batches and processes stay inside int64
+
+
+def _check_counts(c: np.ndarray, names) -> None:
+    """Loaded counts (M, N_SLOTS), non-negative: none above 2^62 (a later sum could wrap to
+    negative counts) and what holds for every sum of image rows: TP(tau) <= n_gt and
+    FP(tau) <= n_pred, TP non-increasing and FP non-decreasing in tau, each quotient sum
+    (in [0, 1] per component) at most its count."""
+    for j, n in enumerate(names):
+        r = [int(v) for v in c[j].tolist()]
+        what = f"component counts of {n!r}"
+        if max(r) > _MAX_COUNT:
+            raise ValueError(f"{what}: a count exceeds 2^62 (slot {int(np.argmax(c[j]))}: {max(r)}); later sums could "
+                             "overflow int64; the state is corrupt")
+        n_gt, n_pred = r[N_GT], r[N_PRED]
+        tp, fp = r[TP:TP + N_TAU], r[FP:FP + N_TAU]
+        if max(tp) > n_gt or max(fp) > n_pred:
+            raise ValueError(f"{what}: TP per IoU threshold {tp} must be at most n_gt = {n_gt} and FP {fp} at most "
+                             f"n_pred = {n_pred}; the state is corrupt")
+        if any(a < b for a, b in zip(tp, tp[1:])) or any(a > b for a, b in zip(fp, fp[1:])):
+            raise ValueError(f"{what}: TP {tp} must not increase and FP {fp} not decrease with the IoU threshold; "
+                             "the state is corrupt")
+        for slot, label, k in ((SIOU_GT, "sIoU_gt", n_gt), (SIOU_PRED, "sIoU_pred", n_pred), (PPV, "PPV", n_pred)):
+            total = (r[slot] << (2 * _LIMB)) + (r[slot + 1] << _LIMB) + r[slot + 2]
+            if total > k << (3 * _LIMB):
+                raise ValueError(f"{what}: the {label} sum exceeds its {k} components (each quotient is at most 1); "
+                                 "the state is corrupt")
 
 
 def component_metrics(scores, labels, threshold: float, *, label_map=None, ignore_index: int = 255,
@@ -500,12 +541,14 @@ def component_metrics(scores, labels, threshold: float, *, label_map=None, ignor
                       mode: str = "benchmark", name: str = "custom") -> ComponentResult:
     """Component metrics of per-pixel scores computed elsewhere: scores (B, H, W) or
     (H, W) floats (higher = more anomalous), labels of the same shape, one threshold."""
-    s = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores))
-    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    # arrays torch cannot wrap (negative strides, non-native byte order) are copied, as evaluate does
+    s = scores if isinstance(scores, torch.Tensor) else from_numpy(np.asarray(scores))
+    y = labels if isinstance(labels, torch.Tensor) else from_numpy(np.asarray(labels))
     if not (s.dtype.is_floating_point or s.dtype in (torch.int32, torch.int64, torch.int16, torch.uint8)):
         raise TypeError(f"scores must be numbers, got {s.dtype}")
     if y.dtype.is_floating_point or y.dtype.is_complex:
         raise TypeError(f"labels must be integers, got {y.dtype}")
+    check_label_dtype(y)
     if s.dim() == 2:
         s, y = s[None], y[None] if y.dim() == 2 else y
     if s.dim() != 3 or tuple(s.shape) != tuple(y.shape):

@@ -27,6 +27,10 @@ from .inputs import _batches, from_numpy
 def score_maps(logits, methods=None, *, features=None, num_threads: int = 0, **method_params) -> dict:
     """Per-pixel score maps {method: float32 (B, H, W)}, higher = more anomalous.
     features (B, D, h, w): the feature map HEAT needs (heat=fit_heat(...) statistics)."""
+    if isinstance(methods, (torch.Tensor, np.ndarray)):  # e.g. score_maps(logits, labels)
+        raise TypeError(f"methods must be method names (e.g. methods=(\"max_logit\", \"energy\")), got a "
+                        f"{type(methods).__name__} of shape {tuple(methods.shape)}; score_maps takes no labels "
+                        "(anomfast.evaluate(logits, labels) computes metrics)")
     spec = resolve(methods, **method_params)
     x = _fused.as_logits(logits)
     _, _, maps = _fused.fused_pass(x, None, spec, want_maps=True, num_threads=num_threads, features=features)
@@ -592,6 +596,7 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
     y = from_numpy(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels))
     if y.dtype.is_floating_point or y.dtype.is_complex:
         raise TypeError(f"labels must be an integer (or bool) array, got {y.dtype}")
+    _fused.check_label_dtype(y)  # uint64 would wrap to negative values in the int64 lookup
     if y.dtype == torch.bool:  # False / True = 0 / 1, as evaluate() reads them
         y = y.to(torch.uint8)
     cls = lm.classify(y.to(torch.int64))
@@ -634,6 +639,13 @@ def evaluate_scores(scores, labels, ignore_index: int = 255, exact: bool = False
         results.pixels[name] = {"binned": int(keep.sum()), "nonfinite": int(bad.sum()),
                                 "void": int((~valid).sum()), "invalid": 0}
         if exact:
+            if s.dtype.kind in "iu" and s.dtype.itemsize == 8:
+                big = (s[keep] > 2 ** 53) if s.dtype.kind == "u" else ((s[keep] > 2 ** 53) | (s[keep] < -2 ** 53))
+                if big.any():  # float64 would merge distinct integers into ties and report them as exact
+                    raise ValueError(f"scores {name!r} have {int(big.sum())} integer values beyond +-2^53 (e.g. "
+                                     f"{s[keep][big][0]}), where float64, which exact=True sorts, cannot tell "
+                                     "neighbouring integers apart; rescale them into +-2^53 (subtract an offset, "
+                                     "or take their ranks: any increasing map keeps the metrics) or pass float scores")
             sv = s[keep].astype(np.float64)
             pos, neg, lo, hi = groups_from_scores(sv, anomaly[keep])
             r = metrics_from_groups(pos, neg, lo, hi, exact=True, **conventions)

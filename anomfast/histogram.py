@@ -554,6 +554,14 @@ class Histogram:
         """Bins float32 coordinates (NumPy, the core's rule) split by the boolean `anomaly`."""
         t = np.asarray(coords, np.float32).ravel()
         y = np.asarray(anomaly, bool).ravel()
+        if t.size != y.size:
+            raise ValueError(f"from_scores: {t.size} coordinates but {y.size} anomaly flags; they must match one "
+                             "to one")
+        nan = int(np.count_nonzero(np.isnan(t)))
+        if nan:  # NaN has no bin (the core counts such pixels apart)
+            raise ValueError(f"from_scores: {nan} of {t.size} coordinates are NaN, and NaN is never binned; drop them "
+                             "first, or use anomfast.evaluate_scores(..., nonfinite='ignore'), which skips and counts "
+                             "them")
         idx = binning.bin_index(t)
         u, inv = np.unique(idx, return_inverse=True)
         normal = np.bincount(inv[~y], minlength=u.size).astype(np.int64)
@@ -886,18 +894,34 @@ def save_histograms(path, hists: dict, extra: dict | None = None) -> None:
     """One .npz file holding several histograms (sparse), their methods, parameters,
     binning and the format version."""
     arrays, meta = {}, {"format": FORMAT, "binning": binning.SCHEME, "extra": extra or {}, "histograms": []}
+    _check_json(meta["extra"], "save_histograms: extra")
     for key, h in hists.items():  # what load_histograms accepts, checked before anything is written
         if isinstance(key, bool) or not isinstance(key, (str, int)):
             raise TypeError(f"histogram keys must be strings (or integers) to be saved and loaded, got {key!r}; "
                             "e.g. join a (model, method) pair as 'model::method'")
         if not isinstance(h, Histogram):
             raise TypeError(f"save_histograms: {key!r} is a {type(h).__name__}, not a Histogram")
+        _check_json(h.params, f"save_histograms: histogram {key!r}: params")
     for i, (key, h) in enumerate(hists.items()):
         for k, v in h.to_sparse().items():
             arrays[f"h{i}_{k}"] = v
         meta["histograms"].append({"key": key, "method": h.method, "params": h.params})
     arrays["meta"] = np.array(json.dumps(meta))
     savez_fast(path, **arrays)
+
+
+def _check_json(v, what: str) -> None:
+    """A metadata value save_histograms writes as JSON: refused, naming the innermost dict
+    key at fault, when JSON cannot hold it (e.g. a NumPy scalar or array)."""
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError) as e:
+        if isinstance(v, dict) and isinstance(e, TypeError):  # (a circular reference is a ValueError)
+            for k, x in v.items():
+                _check_json(x, f"{what}[{k!r}]")  # raises for a value at fault, else the keys are
+        raise TypeError(f"{what} ({type(v).__name__}) cannot be written to the file's JSON metadata ({e}); pass "
+                        "plain numbers, strings, lists and dicts with string keys (e.g. float(x), x.tolist())") \
+            from None
 
 
 def load_histograms(path) -> tuple[dict, dict]:
@@ -923,6 +947,9 @@ def load_histograms(path) -> tuple[dict, dict]:
                 if k not in m:
                     raise ValueError(f"{what}: its metadata has no {k!r}")
             key, params = m["key"], m["params"]
+            if isinstance(key, bool):  # JSON true / false: save_histograms never writes one
+                raise ValueError(f"{what}: 'key' is the JSON boolean {json.dumps(key)}; keys are strings (or "
+                                 "integers), as save_histograms writes them")
             if not isinstance(key, (str, int)) or not isinstance(m["method"], str) or not isinstance(params, dict):
                 raise ValueError(f"{what}: 'key' must be a string (or integer), 'method' a string and 'params' an "
                                  f"object, got {type(key).__name__}, {type(m['method']).__name__}, "
