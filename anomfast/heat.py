@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ._files import save_npz
 from ._warn import warn
 from .inputs import check_dense, from_numpy
-from .sml import load_stats, real_array
+from .sml import build_from_file, load_stats, real_array
 
 FORMAT = "anomfast-heat-v1"
 COV_EPS = 1e-4   # added to the diagonal of the tied covariance before inverting
@@ -209,8 +209,9 @@ class HeatStats:
     def load(cls, path) -> "HeatStats":
         z, meta = load_stats(path, FORMAT, "HEAT statistics", ("mean", "cov", "precision", "count"),
                              ("temperature", "score_mean", "score_std"))
-        return cls(z["mean"], z["cov"], z["precision"], z["count"], meta["temperature"], meta["score_mean"],
-                   meta["score_std"], missing=meta.get("missing", "exclude"))
+        return build_from_file(path, "HEAT statistics",
+                               lambda: cls(z["mean"], z["cov"], z["precision"], z["count"], meta["temperature"],
+                                           meta["score_mean"], meta["score_std"], missing=meta.get("missing", "exclude")))
 
 
 def as_features(f, logits: torch.Tensor, stats: HeatStats | None = None, name: str = "features") -> torch.Tensor:

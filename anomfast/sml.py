@@ -66,6 +66,15 @@ def load_stats(path, fmt: str, what: str, arrays: tuple, keys: tuple) -> tuple:
     return z, meta
 
 
+def build_from_file(path, what: str, make):
+    """make() (a statistics type built from a file's arrays and metadata), with its
+    validation errors naming the file: they say what is wrong, the file says where."""
+    try:
+        return make()
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: not usable {what}: {e}") from None
+
+
 @dataclass
 class SMLStats:
     count: np.ndarray      # int64 [C]
@@ -174,8 +183,9 @@ class SMLStats:
     @classmethod
     def load(cls, path) -> "SMLStats":
         z, meta = load_stats(path, FORMAT, "SML statistics", ("count", "sum", "sumsq"), ())
-        return cls(z["count"], z["sum"], z["sumsq"], missing=meta.get("missing", "global"),
-                   convention=meta.get("convention", "sml"))
+        return build_from_file(path, "SML statistics",
+                               lambda: cls(z["count"], z["sum"], z["sumsq"], missing=meta.get("missing", "global"),
+                                           convention=meta.get("convention", "sml")))
 
 
 # ------------------------------------------------------------- SML post-processing

@@ -132,3 +132,16 @@ def test_tm_states_of_other_methods_or_label_maps_are_refused():
     d.persistent(True)
     d.load_state_dict(a.state_dict())
     assert torch.equal(d.compute().histograms["max_logit"].counts, both.histograms["max_logit"].counts)
+
+
+def test_statistics_files_with_bad_contents_name_the_file(tmp_path):
+    import numpy as np
+    g = torch.Generator().manual_seed(4)
+    st = anomfast.fit_sml(random_logits(g, 2, 5, 8, 8))
+    path = tmp_path / "sml.npz"
+    st.save(path)
+    z = dict(np.load(path))
+    bad = tmp_path / "bad_sml.npz"
+    np.savez(bad, **{**z, "count": z["count"][:3]})  # count no longer as long as sum / sumsq
+    with pytest.raises(ValueError, match=r"bad_sml\.npz: not usable SML statistics: .*same length"):
+        anomfast.SMLStats.load(bad)
