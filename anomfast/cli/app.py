@@ -14,10 +14,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import signal
 import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 # the seed report's columns, in its order; other methods follow in the order given
@@ -87,7 +90,7 @@ def check_writable(path, kind: str = "folder", what: str = "--out") -> Path:
     if not str(path).strip():
         raise CLIError(f"{what} is empty: give a {'folder' if kind == 'folder' else 'file name'}"
                        + (" ('.' for the current folder)" if kind == "folder" else ""))
-    p = Path(path).expanduser()
+    p = expand_user(path, what)
     if kind == "folder" and p.exists() and not p.is_dir():
         raise CLIError(f"{what} {p} is an existing file; give a folder (it is created if needed)")
     if kind == "file" and p.is_dir():
@@ -116,6 +119,82 @@ def check_writable(path, kind: str = "folder", what: str = "--out") -> Path:
         raise CLIError(f"{what} {p}: cannot write {'it' if existing_file else f'in {folder}'} "
                        f"({exc.strerror or exc})") from None
     return p
+
+
+def expand_user(path, what: str) -> Path:
+    """Path(path).expanduser(), with a one-line error for a user that does not exist
+    (Path raises RuntimeError "Could not determine home directory")."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise CLIError(f"{what} {path}: cannot expand {str(path).split('/')[0]!r} (no such user or no home folder)") \
+            from None
+
+
+# staging folders (inside --out) this command writes its outputs into; removed when it fails
+_STAGES: list = []
+# what `eval` / `report` write into --out: these names, and the plots (ROC / PR curves, score
+# distributions, examples) named <kind>_<model slug>.<format>
+OUTPUT_FILES = ("report.md", "results.json", "results.csv", "report.tex", "histograms.npz", "components.csv",
+                "timings.json")
+_PLOT_FILE = re.compile(r"(curves|scores|examples)_.+\.(png|pdf|svg)")
+
+
+def _stage(out: Path) -> Path:
+    """A new, hidden folder inside --out for this run's outputs: moved into --out only when
+    everything is written (_commit), removed when the command fails or is interrupted, so
+    a failed run never leaves a report that looks complete."""
+    d = Path(tempfile.mkdtemp(prefix=".anomfast-partial-", dir=out))
+    _STAGES.append(d)
+    return d
+
+
+def _earlier_outputs(out: Path) -> list:
+    """The files an earlier `anomfast eval` / `report` wrote into `out` (recognized by its
+    results.json): replaced by this run's, so two runs' files never mix (e.g. the first
+    run's components.csv or another model's plots next to the second run's report)."""
+    try:
+        doc = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not (isinstance(doc, dict) and "definitions" in doc and "models" in doc):
+        return []  # not anomfast's: nothing in the folder is taken for an earlier run's output
+    return [f for f in out.iterdir() if (f.name in OUTPUT_FILES or _PLOT_FILE.fullmatch(f.name))
+            and f.is_file() and not f.is_symlink()]
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Moves the staged outputs into --out (replacing an earlier run's), with SIGINT /
+    SIGTERM held back for those few renames."""
+    held = hasattr(signal, "pthread_sigmask")
+    if held:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for f in _earlier_outputs(out):
+            f.unlink()
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+        stage.rmdir()
+        _STAGES.remove(stage)
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _remove_stages() -> None:
+    for d in _STAGES:
+        shutil.rmtree(d, ignore_errors=True)
+    _STAGES.clear()
+
+
+def check_out_not_in_inputs(out: Path, folders, what: str = "--out") -> None:
+    """--out is neither an input folder nor inside one: its report files (histograms.npz,
+    PNG plots) would be read as inputs by the next run, and a rerun would mix them in."""
+    o = Path(out).resolve()
+    for d in dict.fromkeys(Path(f).resolve() for f in folders):
+        if o == d or d in o.parents:
+            raise CLIError(f"{what} {out} is {'the' if o == d else 'inside the'} input folder {d}: write the "
+                           "outputs elsewhere (its files would be read as inputs next time)")
 
 
 def _remove_created() -> None:
@@ -212,6 +291,14 @@ def _cmd_eval(args) -> int:
     created = _init_distributed(args)
     try:
         return _eval(args)
+    except RuntimeError as exc:  # a collective torn down by another rank's exit (gloo / nccl)
+        text = str(exc)
+        peer = isinstance(exc, getattr(dist, "DistError", ())) or any(
+            k in text for k in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "nccl"))
+        if args.distributed and dist.is_available() and dist.is_initialized() and peer:
+            raise CLIError(f"rank {dist.get_rank()}: another process of the distributed run failed (its error is "
+                           "above); this one stopped waiting for it") from None
+        raise
     finally:
         if created:
             dist.destroy_process_group()
@@ -276,9 +363,12 @@ def _eval(args) -> int:
                        "anomfast eval without any data option runs the built-in demo")
     if args.grid and (args.logits or data_opts):
         raise CLIError(f"--grid takes its data from the grid file; drop {' '.join(data_opts or ['--logits'])}")
-    if args.name is not None and "::" in args.name:
-        raise CLIError(f"--name {args.name!r}: a model name cannot contain '::' (it separates model and method "
-                       "in histograms.npz)")
+    if args.name is not None:
+        from .grid import check_model_name
+        if "::" in args.name:
+            raise CLIError(f"--name {args.name!r}: a model name cannot contain '::' (it separates model and method "
+                           "in histograms.npz)")
+        check_model_name(args.name, "--name")
     if (args.features is None) != (args.heat_stats is None):  # asked for HEAT, half of what it needs
         raise CLIError("--features DIR needs --heat-stats FILE (anomfast fit --method heat) for method heat"
                        if args.heat_stats is None else
@@ -295,14 +385,15 @@ def _eval(args) -> int:
             if not args.labels:
                 raise CLIError("--logits needs --labels DIR (label maps with the same file names)")
             cfg = {"labels": _label_config(args),
-                   "models": [{"name": args.name or Path(args.logits).name, "logits": str(Path(args.logits).resolve())}]}
+                   "models": [{"name": args.name or _default_name(args.logits),
+                               "logits": str(Path(args.logits).resolve())}]}
             for key in ("sml_stats", "features", "heat_stats"):
                 if getattr(args, key):
                     cfg["models"][0][key] = str(Path(getattr(args, key)).resolve())
             grid = grid_from_config(cfg, Path.cwd(), intersect=args.intersect)
     else:
         from .demo import build_demo, check_replaceable, demo_is_built
-        cache = args.cache
+        cache = None if args.cache is None else expand_user(args.cache, "--cache")
         if not demo_is_built(cache):
             check_replaceable(cache)  # a build replaces the folder: never a user's folder
             require({"sklearn": "scikit-learn"}, "building the built-in demo (scenes of scikit-learn's digits)")
@@ -324,6 +415,7 @@ def _eval(args) -> int:
                      "and is standardized with the fitted mean / std of its in-distribution score.")
     if any(p.suffix == ".png" for p in grid.labels.values()):
         require({"PIL": "pillow"}, "PNG label maps")
+    check_out_not_in_inputs(out, _input_folders(grid))
     methods = _model_methods(grid, args, notes)
     if args.refine and args.distributed:
         raise CLIError("--refine with --distributed is not implemented yet (the decisive pixels would have to be "
@@ -354,10 +446,29 @@ def _eval(args) -> int:
     return 0
 
 
+def _default_name(logits) -> str:
+    """--logits' model name: the folder's name (of the resolved path: '.' or 'a/..' name
+    the folder they are); a glob's last part as it is."""
+    p = Path(logits)
+    return (p.resolve().name if p.exists() else p.name) or "model"
+
+
+def _input_folders(grid) -> list:
+    """The folders the grid's per-image files come from (labels, semantic maps, images,
+    each model's logits, features and fitting files)."""
+    dicts = [grid.labels, grid.semantic, grid.images]
+    for m in grid.models:
+        dicts += [m.logits, m.features, m.fit_logits, m.fit_features, m.fit_semantic]
+    return [p.parent for d in dicts for p in d.values()]
+
+
 def _write_report_timed(run: dict, out: Path, args, formats) -> None:
     """write_report, then timings.json: where the command's time went (rank 0's view;
-    bench/cli_split.py reads it)."""
+    bench/cli_split.py reads it). Written into a staging folder inside `out`, moved into
+    `out` at the end (an earlier run's outputs there are replaced): a failure or an
+    interrupt leaves no half report."""
     from .report import write_report
+    final, out = out, _stage(out)
     t_report = time.perf_counter()
     write_report(run, out, _conventions(args), plots=not args.no_plots, formats=formats,
                  progress=None if args.quiet else say, roc_log=args.roc_scale == "log")
@@ -367,6 +478,7 @@ def _write_report_timed(run: dict, out: Path, args, formats) -> None:
     tm["imports_s"] = getattr(args, "_t_imports", 0.0)
     (out / "timings.json").write_text(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                   for k, v in tm.items()}, indent=2))
+    _commit(out, final)
 
 
 def _component_spec(args):
@@ -393,15 +505,21 @@ def _plot_formats(args) -> list:
 def _cmd_fit(args) -> int:
     from .grid import LABEL_EXT, LOGIT_EXT, _files, _match
     from .runner import _Reader, naming_the_file
-    check_writable(args.out, "file")
+    from .runner import check_fit_logits_layout
+    out = check_writable(args.out, "file")
     files = _files(args.logits, Path.cwd(), LOGIT_EXT, "fit logits")
     stems = sorted(files)
+    if args.nonfinite != "error" and args.method != "sml":
+        raise CLIError("--nonfinite ignore: fit --method heat cannot skip non-finite logits or features; fix or drop "
+                       "those files")
     if args.method == "sml":
         from ..fitting import fit_sml
+        check_out_not_in_inputs(out.parent, [f.parent for f in files.values()], "--out folder")
+        check_fit_logits_layout(files)
         logits = _Reader(files, stems, "logits")
-        with naming_the_file(logits):
-            stats = fit_sml(logits)
-        stats.save(args.out)
+        with naming_the_file(logits), _fit_messages():
+            stats = fit_sml(logits, nonfinite=args.nonfinite)
+        stats.save(out)
         print(f"anomfast: SML statistics for {stats.num_classes} classes from {int(stats.count.sum())} pixels "
               f"-> {args.out}")
         if stats.fallback_classes:
@@ -415,16 +533,34 @@ def _cmd_fit(args) -> int:
     labels = _files(args.labels, Path.cwd(), LABEL_EXT, "fit semantic labels")
     _match("fit", files, feats, kind="features", other="logits file")
     _match("fit", files, labels, kind="semantic label", other="logits file")
+    check_out_not_in_inputs(out.parent, [f.parent for d in (files, feats, labels) for f in d.values()], "--out folder")
+    check_fit_logits_layout(files, labels)
     readers = (_Reader(files, stems, "logits"), _Reader(feats, stems, "features"), _Reader(labels, stems, "labels"))
-    with naming_the_file(*readers):
+    with naming_the_file(*readers), _fit_messages(heat=True):
         stats = fit_heat(*readers, ignore_index=args.ignore_index, temperature=args.temperature,
                          standardize=not args.raw)
-    stats.save(args.out)
+    stats.save(out)
     d = stats.describe()
     print(f"anomfast: HEAT statistics, {d['num_classes']} classes x D = {d['dim']} from {d['pixels']} feature "
           f"pixels" + ("" if args.raw else f", score mean {d['score_mean']:.4g} std {d['score_std']:.4g}")
           + f" -> {args.out}")
     return 0
+
+
+@contextmanager
+def _fit_messages(heat: bool = False):
+    """The library's advice in terms of the command line: "pass nonfinite='ignore'" (a
+    Python keyword) becomes fit's --nonfinite ignore (SML; HEAT fitting cannot skip them)."""
+    try:
+        yield
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        if "nonfinite='ignore'" not in msg:
+            raise
+        m = re.search(r"pass nonfinite='ignore'[^;)]*(\([^)]*\))?", msg)
+        fix = ("fix or drop those files (fit --method heat cannot skip them)" if heat else
+               "anomfast fit --nonfinite ignore leaves them out of the statistics")
+        raise CLIError(msg[:m.start()] + fix + msg[m.end():] if m else msg) from None
 
 
 def read_histogram_file(path) -> dict:
@@ -464,7 +600,11 @@ def read_histogram_file(path) -> dict:
         for method, h in hs.items():
             if h.method != method and method in CODES:
                 raise CLIError(f"{p}: inconsistent file: key {name}::{method} holds a {h.method!r} histogram")
-        models.append({"name": name, "miou": info.get("miou"), "images": info.get("images"),
+        miou = info.get("miou")
+        if miou is not None and (isinstance(miou, bool) or not isinstance(miou, (int, float))):
+            raise CLIError(f"{p}: inconsistent file: model {name!r} has miou = {miou!r} in its metadata, expected a "
+                           "number or null")
+        models.append({"name": name, "miou": miou, "images": info.get("images"),
                        "pixels": info.get("pixels"), "histograms": hs})
     if set(groups) - seen:
         raise CLIError(f"{p}: inconsistent file: histograms for models {sorted(set(groups) - seen)} that its "
@@ -586,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--ignore-index", type=int, default=255, help="heat: label value to ignore")
     pf.add_argument("--temperature", type=float, default=1.0, help="heat: T of the energy term")
     pf.add_argument("--raw", action="store_true", help="heat: no standardization of the combined score")
+    pf.add_argument("--nonfinite", default="error", choices=["error", "ignore"],
+                    help="sml: NaN / inf logits: an error naming the file (default), or leave those pixels out")
     pf.add_argument("--out", required=True, help="statistics file to write (.npz)")
     pf.set_defaults(func=_cmd_fit)
 
@@ -598,12 +740,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that the clean-up of an interrupt runs."""
+
+
+def _on_sigterm():
+    """Installs a SIGTERM handler raising _Terminated; returns [the previous handler], or
+    None where signals cannot be set (not the main thread)."""
+    def handler(signum, frame):
+        raise _Terminated()
+    try:
+        return [signal.signal(signal.SIGTERM, handler)]
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def main(argv=None) -> int:
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
     args._t_start = t_start
     _CREATED.clear()
+    _STAGES.clear()
     ok = False
+    old_term = _on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(set())
@@ -614,10 +773,14 @@ def main(argv=None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"anomfast: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("anomfast: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, _Terminated)
+        print(f"anomfast: {'terminated' if term else 'interrupted'}", file=sys.stderr)
+        return 143 if term else 130
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term[0] if old_term[0] is not None else signal.SIG_DFL)
+        _remove_stages()  # a failed or interrupted run's staged outputs (a committed run has none)
         if not ok:
             _remove_created()
         _CREATED.clear()

@@ -30,7 +30,10 @@ agree (header reads; every other file is checked when it is read), methods exist
 from __future__ import annotations
 
 import glob as _glob
+import os
+import stat as _stat
 import threading
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,8 +114,41 @@ def _files(spec, base: Path, exts, what: str) -> dict:
     for f in files:
         if f.stem in out:
             raise GridError(f"{what}: two files for image {f.stem!r}: {out[f.stem].name} and {f.name}")
+        check_regular(f, what)
         out[f.stem] = f
     return out
+
+
+def check_regular(f: Path, what: str) -> None:
+    """f (after resolving symlinks) is a regular file: a FIFO, socket or device (e.g. a
+    link to /dev/zero) would block or never end when read (the prefetch thread would hang
+    in open()), a folder named like a file would fail late."""
+    try:
+        st = os.stat(f)
+    except FileNotFoundError:
+        raise GridError(f"{what}: {f} does not exist" + (" (a dangling symbolic link)" if os.path.islink(f) else ""))\
+            from None
+    except OSError as exc:
+        raise GridError(f"{what}: {f}: cannot read it ({exc.strerror or exc})") from None
+    if not _stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if _stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if _stat.S_ISFIFO(st.st_mode)
+                else "a socket" if _stat.S_ISSOCK(st.st_mode) else "a device" if _stat.S_ISCHR(st.st_mode)
+                or _stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise GridError(f"{what}: {f} is {kind}" + (f" (via a link to {os.path.realpath(f)})"
+                                                      if os.path.islink(f) else "") + "; give regular files")
+
+
+def check_model_name(name, where: str) -> None:
+    """A model name: a non-empty string without '::' (it separates model and method in
+    histograms.npz) and without control characters (a newline or tab would break
+    report.md's tables and the CSV / LaTeX outputs)."""
+    if not isinstance(name, str) or not name or "::" in name:
+        raise GridError(f"{where} {name!r}: a non-empty string without '::' (it separates model and method in "
+                        "histograms.npz)")
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise GridError(f"{where} {name!r}: a model name cannot contain control characters (here {bad!r}): it "
+                        "would break report.md's tables")
 
 
 # NumPy parses .npy headers with ast.literal_eval, and CPython 3.11 keeps the AST
@@ -138,7 +174,11 @@ def _read_npy(path: Path) -> np.ndarray:
             shape, fortran, dtype = read_header(f)
         if dtype.hasobject:
             raise ValueError("the array holds Python objects, which would need unpickling (never done)")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = int(np.prod([int(n) for n in shape], dtype=object)) if shape else 1
+        need, have = count * dtype.itemsize, os.fstat(f.fileno()).st_size - f.tell()
+        if need > have:  # before allocating: a tiny file whose header claims (19, 100000, 100000)
+            raise ValueError(f"the file is truncated or its header is wrong: shape {tuple(shape)} {dtype} needs "
+                             f"{need} bytes of data, the file holds {have}")
         data = np.fromfile(f, dtype=dtype, count=count)
     if data.size != count:
         raise ValueError(f"the file is truncated ({data.size} of {count} values)")
@@ -199,7 +239,7 @@ def load_array(path: Path):
     except FileNotFoundError:
         raise GridError(f"{path} does not exist") from None
     except MemoryError:
-        raise
+        raise GridError(f"{path}: not enough memory to read it (its header claims a huge array?)") from None
     except Exception as exc:  # truncated .npy / .npz, bad safetensors header, broken or huge PNG...
         raise GridError(f"{path}: cannot read it ({type(exc).__name__}: {_first_line(exc)})") from None
 
@@ -245,6 +285,7 @@ def _path(spec, base: Path, what: str) -> Path:
     p = Path(spec) if Path(spec).is_absolute() else base / spec
     if not p.exists():
         raise GridError(f"{what} {p} does not exist")
+    check_regular(p, what)
     return p
 
 
@@ -261,12 +302,17 @@ def load_grid(path, intersect: bool = False) -> Grid:
     path = Path(path)
     if not path.exists():
         raise GridError(f"grid file {path} does not exist")
+    check_regular(path, "grid file")
     try:
         import tomllib
     except ImportError:  # pragma: no cover - Python < 3.11
         import tomli as tomllib
     try:
-        cfg = tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")  # a byte order mark (Windows editors) is fine
+    except UnicodeDecodeError as exc:
+        raise GridError(f"{path}: not a UTF-8 text file ({exc})") from None
+    try:
+        cfg = tomllib.loads(text)
     except Exception as exc:
         raise GridError(f"{path}: not valid TOML ({exc})") from None
     return grid_from_config(cfg, path.parent, intersect=intersect)
@@ -275,10 +321,17 @@ def load_grid(path, intersect: bool = False) -> Grid:
 def grid_from_config(cfg: dict, base: Path, intersect: bool = False) -> Grid:
     """intersect=True: only the images with a label map and every model's logits (and
     features) file are evaluated; otherwise each label map needs all of them."""
-    if "labels" not in cfg or "dir" not in cfg["labels"]:
-        raise GridError("grid: a [labels] table with dir = ... is required")
+    if "labels" not in cfg or not isinstance(cfg["labels"], dict) or "dir" not in cfg["labels"]:
+        raise GridError("grid: a [labels] table with dir = ... is required"
+                        + (f", got labels = {cfg['labels']!r}" if "labels" in cfg and not isinstance(cfg["labels"], dict)
+                           else ""))
     if not cfg.get("models"):
         raise GridError("grid: at least one [[models]] entry is required")
+    if not isinstance(cfg["models"], list) or not all(isinstance(m, dict) for m in cfg["models"]):
+        got = cfg["models"] if not isinstance(cfg["models"], list) else \
+            next(m for m in cfg["models"] if not isinstance(m, dict))
+        raise GridError(f"grid: each model is a [[models]] table (double brackets) with name = ... and logits = ...; "
+                        f"got {'[models] (one table)' if isinstance(got, dict) else repr(got)[:60]}")
     unknown = set(cfg) - TOP_KEYS
     if unknown:
         raise GridError(f"grid: unknown key(s) or table(s) {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
@@ -304,9 +357,7 @@ def grid_from_config(cfg: dict, base: Path, intersect: bool = False) -> Grid:
     for i, m in enumerate(cfg["models"]):
         if "name" not in m or "logits" not in m:
             raise GridError(f"grid: model #{i + 1} needs name = ... and logits = ...")
-        if not isinstance(m["name"], str) or not m["name"] or "::" in m["name"]:
-            raise GridError(f"grid: model name {m['name']!r}: a non-empty string without '::' (it separates model "
-                            "and method in histograms.npz)")
+        check_model_name(m["name"], "grid: model name")
         if m["name"] in names:
             raise GridError(f"grid: model name {m['name']!r} appears twice")
         names.add(m["name"])

@@ -32,8 +32,16 @@ def _plt():
     return plt
 
 
+SLUG_MAX_BYTES = 64  # file names stay far below the usual 255-byte limit, whatever the model name
+
+
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+    """The name in lower case, other characters than letters and digits as '_', cut to
+    SLUG_MAX_BYTES bytes of UTF-8 (unique_slugs keeps cut names apart)."""
+    s = "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+    while len(s.encode("utf-8")) > SLUG_MAX_BYTES:
+        s = s[:-1]
+    return s.rstrip("_")
 
 
 def unique_slugs(names) -> list:
@@ -288,6 +296,8 @@ def _rgb_image(img: np.ndarray) -> np.ndarray:
     """An input image as uint8 RGB, as imshow shows it: 2-D arrays on a grey scale spanning
     their own range, RGB(A) floats in [0, 1] or uint8."""
     img = np.asarray(img)
+    if img.ndim == 3 and img.shape[2] in (1, 2):  # grey (+ alpha): as RGB(A)
+        img = np.concatenate([np.repeat(img[..., :1], 3, axis=2), img[..., 1:]], axis=2)
     if img.ndim == 2:
         v = img.astype(np.float64)
         lo, hi = (float(np.nanmin(v)), float(np.nanmax(v))) if v.size else (0.0, 1.0)

@@ -149,7 +149,7 @@ def _value_counts(y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return v.to(torch.int64).numpy(), n.to(torch.int64).numpy()
 
 
-def _check_classes(model, hists, values: dict, lm, allow: bool, notes: list) -> bool:
+def _check_classes(model, hists, values: dict, lm, allow: bool, notes: list, skipped: int = 0) -> bool:
     """A model whose images hold no anomaly (or no normal) pixel under the label mapping
     has undefined metrics: almost always a label mapping that does not fit the masks
     (0 / 255 masks with 255 = void). An error unless allow (then a warning and a note;
@@ -164,6 +164,17 @@ def _check_classes(model, hists, values: dict, lm, allow: bool, notes: list) -> 
     # what the library's finalization then reports (its RuntimeWarning, silenced where this
     # warning is given: warned_already)
     undefined = "AUROC, AUPR and FPR95 are n/a, F1 is 0" if not pos else "AUROC and FPR95 are n/a"
+    if skipped and (not values or any(values.get(v) for v in values if lm.classify(torch.tensor([v])).item()
+                       == (ANOMALY if what == "anomaly" else NORMAL))):
+        # the label maps hold such pixels: --nonfinite ignore skipped them, not the label mapping
+        msg = (f"model {model.name!r}: no {what} pixel left to score: {skipped} valid pixel(s) were skipped as "
+               f"non-finite (NaN / inf logits or scores, --nonfinite ignore), including every {what} pixel of the "
+               f"label maps; {undefined}" + ("" if allow else "; --allow-empty-class makes this a warning"))
+        if not allow:
+            raise GridError(msg)
+        notes.append(msg)
+        print(f"anomfast: warning: {msg}", file=sys.stderr)
+        return True
     msg = (f"model {model.name!r}: no {what} pixel in its images under the {_label_summary(values, lm)}; "
            f"{undefined}. Map your label values with --anomaly-ids / --void-ids / --normal-ids ([labels] "
            "anomaly_ids / void_ids / normal_ids in a grid), e.g. --anomaly-ids 255 --void-ids for 0/255 masks"
@@ -173,6 +184,56 @@ def _check_classes(model, hists, values: dict, lm, allow: bool, notes: list) -> 
     notes.append(msg)
     print(f"anomfast: warning: {msg}", file=sys.stderr)
     return True
+
+
+def _check_semantic_values(sem: torch.Tensor, C: int, path, ignore: int = 255) -> None:
+    """Semantic label values are class ids in [0, C) or the ignore value (255), as anomfast
+    fit requires: anything else would silently drop out of the mIoU."""
+    s = sem.to(torch.int64)
+    bad = (s != ignore) & ((s < 0) | (s >= C))
+    if bool(bad.any()):
+        v = int(s[bad][0])
+        raise GridError(f"semantic label map {path}: value {v} is neither a class id in [0, {C}) (the logits' C) nor "
+                        f"the ignore value {ignore}; the mIoU needs semantic (class id) labels")
+
+
+def _check_feature_size(model, stem, fshape, xshape, first: dict) -> None:
+    """Every feature map of a model has the same size relative to its logits (HEAT resizes
+    the (h, w) distance map to (H, W) bilinearly: mixed image sizes are fine, a different
+    stride is a misaligned map) and is not larger than them."""
+    path = model.features[stem]
+    (h, w), (H, W) = (int(fshape[-2]), int(fshape[-1])), (int(xshape[-2]), int(xshape[-1]))
+    if h > H or w > W:
+        raise GridError(f"model {model.name!r}: features {path} are {h} x {w}, larger than the logits' {H} x {W}; "
+                        "features are the network's (D, h, w) map at the logits' resolution or below")
+    if "feat" not in first:
+        first["feat"] = (H / h, W / w, path, (h, w), (H, W))
+        return
+    rh, rw, p0, hw0, HW0 = first["feat"]
+    if abs(h - H / rh) > 1 or abs(w - W / rw) > 1:
+        raise GridError(f"model {model.name!r}: features {path} are {h} x {w} for logits {H} x {W}, but "
+                        f"{p0.name} (the model's first image) has {hw0[0]} x {hw0[1]} features for {HW0[0]} x {HW0[1]} "
+                        "logits: every image of a model needs its features at the same scale relative to its logits")
+
+
+def _example_image(path):
+    """An images_dir input image as uint8 RGB (grey, grey + alpha, palette, RGBA, 16-bit...),
+    or a GridError naming the file."""
+    from .plots import _rgb_image
+    a = load_array(path)
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                a = np.asarray(im.convert("RGBA" if "A" in im.mode or im.mode == "P" else "RGB"))
+    except ImportError:  # pragma: no cover
+        pass
+    except Exception as exc:
+        raise GridError(f"image {path}: cannot read it ({type(exc).__name__}: {_first_line(exc)})") from None
+    a = np.asarray(a)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 2, 3, 4))) or 0 in a.shape:
+        raise GridError(f"image {path}: shape {a.shape}, expected (H, W) grey or (H, W, 3 / 4) RGB(A)")
+    return _rgb_image(a)
 
 
 def fit_model_sml(model, progress: bool = True) -> SMLStats:
@@ -199,23 +260,63 @@ class _Reader:
     def __iter__(self):
         for s in self.stems:
             path = self.files[s]
+            self.current = path  # before reading: an error about this file names this file
             a = load_array(path)
+            try:
+                t = _as_labels(a, path, "semantic label map") if self.kind == "labels" else _as_chw(a, path, self.kind)
+            except GridError:
+                raise
+            except (ValueError, TypeError) as exc:  # e.g. a structured dtype NumPy -> torch cannot convert
+                raise GridError(f"{path}: cannot read it as {self.kind} ({_first_line(exc)})") from None
             if self.kind == "labels":
-                t = _as_labels(a, path, "semantic label map")
                 if t.dim() != 2:
                     raise GridError(f"{path}: semantic label map must be (H, W), got {tuple(t.shape)}")
             else:
-                t = _as_chw(a, path, self.kind)
                 n, what = int(t.shape[0]), ("C", "classes") if self.kind == "logits" else ("D", "dimensions")
                 if self.first is None:
                     self.first = (n, path)
                 elif n != self.first[0]:
                     raise GridError(f"{path}: {self.kind} have {what[0]} = {n} {what[1]} but {self.first[1].name} "
                                     f"(the first file) has {what[0]} = {self.first[0]}; every file must have the "
-                                    f"same {what[1]}")
-            self.current = path
+                                    f"same {what[1]}" + (_channel_last_fit_hint(t.shape) if self.kind == "logits"
+                                                         else ""))
             yield t.unsqueeze(0)
         self.current = None
+
+
+def _channel_last_fit_hint(shape) -> str:
+    """'; they look channel-last ...' for fitting logits (no label map to compare with) whose
+    last dimension is smaller than both others, e.g. (64, 128, 19)."""
+    s = tuple(int(n) for n in shape)
+    if len(s) == 3 and s[2] < s[0] and s[2] < s[1]:
+        return (f"; they look channel-last (H, W, C) with C = {s[2]}: save them as (C, H, W), e.g. "
+                "np.moveaxis(a, -1, 0)")
+    return ""
+
+
+def check_fit_logits_layout(logits_files: dict, label_files: dict | None = None) -> None:
+    """anomfast fit: the first and last logits file are (C, H, W): with semantic label maps
+    (HEAT) their (H, W) must match, as eval checks; without (SML), a file whose last
+    dimension is smaller than both others is taken for channel-last (H, W, C), which would
+    silently give statistics for C = H classes."""
+    from .grid import array_shape, channel_last_hint
+    stems = sorted(logits_files)
+    for stem in dict.fromkeys((stems[0], stems[-1])):
+        s = array_shape(logits_files[stem])
+        if len(s) == 4 and s[0] == 1:
+            s = s[1:]
+        if len(s) != 3:
+            raise GridError(f"{logits_files[stem]}: logits must be (C, H, W), got {tuple(s)}")
+        if label_files:
+            ls = array_shape(label_files[stem])
+            if len(ls) == 2 and tuple(s[1:]) != tuple(ls):
+                raise GridError(f"logits {logits_files[stem]} have shape {tuple(s)}, expected (C, {ls[0]}, {ls[1]}) "
+                                f"to match semantic label map {label_files[stem].name}" + channel_last_hint(s, ls))
+        elif _channel_last_fit_hint(s):
+            raise GridError(f"logits {logits_files[stem]} have shape {tuple(s)}: C = {s[0]} classes for "
+                            f"{s[1]} x {s[2]} pixels" + _channel_last_fit_hint(s) + " (if they really are (C, H, W) "
+                            "with W below C and H, save them as (C, W, H), np.swapaxes(a, 1, 2): SML statistics "
+                            "do not depend on where a pixel is)")
 
 
 @contextmanager
@@ -328,6 +429,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             if stem in grid.semantic:
                 sem = _as_labels(load_array(grid.semantic[stem]), grid.semantic[stem], "semantic label map")
                 check_semantic_shape(grid.semantic[stem], sem.shape, grid.labels[stem], y.shape)
+            if sem is not None and x.dim() == 3:
+                _check_semantic_values(sem, int(x.shape[0]), grid.semantic[stem])
             f = _as_chw(load_array(model.features[stem]), model.features[stem], "features") if need_feats else None
             return stem, x, y, sem, f, counts
 
@@ -347,6 +450,8 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
                 raise GridError(f"model {model.name!r}: logits {model.logits[stem]} have C = {C} classes but "
                                 f"{first['path'].name} (the model's first image) has {first['C']}; every image "
                                 "of a model must have the same classes")
+            if f is not None:
+                _check_feature_size(model, stem, f.shape, x.shape, first)
             if not out:  # the label values, once (every model reads the same label maps)
                 for a, b in zip(counts[0].tolist(), counts[1].tolist()):
                     values[a] = values.get(a, 0) + b
@@ -365,6 +470,10 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             if nonfinite == "error":
                 bad = int(acc.counters[_core.CNT_NONFINITE])  # this file's: an earlier one would have raised
                 if bad:
+                    if f is not None and bool(torch.isfinite(x).all()):  # the logits are fine: the features
+                        raise GridError(f"model {model.name!r}: {bad} valid pixel(s) of image {stem!r} have a "
+                                        f"non-finite HEAT score: features {model.features[stem]} hold NaN or inf "
+                                        "(or post-processing overflowed); --nonfinite ignore skips and counts them")
                     raise GridError(f"model {model.name!r}: {bad} valid pixel(s) of {model.logits[stem]} have NaN or "
                                     "infinite logits (or a non-finite HEAT / post-processed SML score, e.g. from "
                                     "NaN features); --nonfinite ignore skips and counts them")
@@ -385,7 +494,7 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             if want_example:
                 examples.append({"stem": stem, "labels": y.numpy(),
                                  "classes": grid.label_map.classify(y.to(torch.int64)).numpy(),
-                                 "image": load_array(grid.images[stem]) if stem in grid.images else None,
+                                 "image": _example_image(grid.images[stem]) if stem in grid.images else None,
                                  "maps": {n: maps[j, 0].cpu().numpy() for j, n in enumerate(spec.names)}})
             pb.update(int(y.numel()))
         pb.close()
@@ -394,9 +503,10 @@ def evaluate_grid(grid: Grid, methods, *, device: str = "cpu", progress: bool = 
             torch.distributed.all_reduce(conf)
         pixels = total.check()
         miou = None if conf is None else mean_iou(conf.cpu().numpy())[0]
+        skipped = int(total.counters[_core.CNT_NONFINITE]) if getattr(total, "counters", None) is not None else 0
         hists = total.histograms(clear=True)
         acc.release()
-        warned = _check_classes(model, hists, values, grid.label_map, allow_empty_class, notes)
+        warned = _check_classes(model, hists, values, grid.label_map, allow_empty_class, notes, skipped)
         entry = {"name": model.name, "histograms": hists, "miou": miou, "pixels": pixels, "examples": examples,
                  "images": len(stems), "empty_class_warned": warned}
 
