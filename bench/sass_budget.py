@@ -8,7 +8,8 @@ calls; the pip packages nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm provide bot
     python bench/sass_budget.py --rev 4c5f76f   # csrc/ of a commit (e.g. before a change)
 
 How it estimates. One thread handles one pixel per turn of the grid-stride loop (since
-the pixel groups, PX = 2 neighbouring pixels, 4 for max_logit alone, for contiguous
+the pixel groups, PX = 2 neighbouring pixels, 4 for max_logit alone and for fp16 / bf16
+with the 4-method sets, for contiguous
 logits with W a multiple of PX and C = 19: the measured case), so the instructions one
 thread issues per turn divided by its pixels are the instructions per pixel (a warp
 issues them once for 32 turns). For each case the script:

@@ -365,9 +365,6 @@ def _eval(args) -> int:
         raise CLIError(f"--grid takes its data from the grid file; drop {' '.join(data_opts or ['--logits'])}")
     if args.name is not None:
         from .grid import check_model_name
-        if "::" in args.name:
-            raise CLIError(f"--name {args.name!r}: a model name cannot contain '::' (it separates model and method "
-                           "in histograms.npz)")
         check_model_name(args.name, "--name")
     if (args.features is None) != (args.heat_stats is None):  # asked for HEAT, half of what it needs
         raise CLIError("--features DIR needs --heat-stats FILE (anomfast fit --method heat) for method heat"

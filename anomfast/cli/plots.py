@@ -39,9 +39,7 @@ def slug(name: str) -> str:
     """The name in lower case, other characters than letters and digits as '_', cut to
     SLUG_MAX_BYTES bytes of UTF-8 (unique_slugs keeps cut names apart)."""
     s = "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-    while len(s.encode("utf-8")) > SLUG_MAX_BYTES:
-        s = s[:-1]
-    return s.rstrip("_")
+    return s.encode("utf-8")[:SLUG_MAX_BYTES].decode("utf-8", errors="ignore").rstrip("_")
 
 
 def unique_slugs(names) -> list:

@@ -220,16 +220,20 @@ def _example_image(path):
     """An images_dir input image as uint8 RGB (grey, grey + alpha, palette, RGBA, 16-bit...),
     or a GridError naming the file."""
     from .plots import _rgb_image
-    a = load_array(path)
     try:
         from PIL import Image
-        with Image.open(path) as im:
-            if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-                a = np.asarray(im.convert("RGBA" if "A" in im.mode or im.mode == "P" else "RGB"))
     except ImportError:  # pragma: no cover
-        pass
-    except Exception as exc:
-        raise GridError(f"image {path}: cannot read it ({type(exc).__name__}: {_first_line(exc)})") from None
+        a = load_array(path)
+    else:
+        try:  # one decode, converted where the mode is not grey / RGB already
+            with Image.open(path) as im:
+                if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                    im = im.convert("RGBA" if "A" in im.mode or im.mode == "P" else "RGB")
+                a = np.asarray(im)
+        except FileNotFoundError:
+            raise GridError(f"{path} does not exist") from None
+        except Exception as exc:
+            raise GridError(f"image {path}: cannot read it ({type(exc).__name__}: {_first_line(exc)})") from None
     a = np.asarray(a)
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 2, 3, 4))) or 0 in a.shape:
         raise GridError(f"image {path}: shape {a.shape}, expected (H, W) grey or (H, W, 3 / 4) RGB(A)")

@@ -2,20 +2,20 @@
 // per-label int64 histograms, in one launch on the caller's stream; and the SML fit.
 // Argument shapes and units: fused_cuda.h and ../common/views.h.
 //
-// One thread per pixel, or per group of 2 (4 for max_logit alone) neighbouring pixels
-// along W where the logits are contiguous along W with aligned offsets and C is one the
-// kernels are specialized for (group_ok and the dispatch): then
-// each class of the group is one vector load (8 or 16 bytes of float32, 4 or 8 of fp16 /
-// bf16), and the loop's addressing and walk are paid once per group
-// (bench/sass_budget.py); fp16 / bf16 groups also find each pixel's max logit and screen
-// for non-finite logits on the packed halves, two pixels an instruction, before any
-// conversion (load_half_group). Consecutive threads take consecutive pixels (groups) of the
-// flattened (B, H, W) index, which runs along W, so for NCHW logits each class is read by
-// a warp as one coalesced line (channels-last and other strides work, one pixel a turn,
-// with more sectors per load). The grid is persistent (as many blocks as fit on the
-// device at once), each block walking the pixels with a grid-sized stride; every thread
-// of a warp runs the same number of iterations, so the warp-wide votes below always see
-// all 32 lanes. A
+// One thread per pixel, or per group of 2 (4 for max_logit alone and for fp16 / bf16 with
+// the 4-method sets: max_group) neighbouring pixels along W where the logits are
+// contiguous along W with aligned offsets and C is one the kernels are specialized for
+// (group_ok and the dispatch): then each class of the group is one vector load (8 or 16
+// bytes of float32, 4 or 8 of fp16 / bf16), and the loop's addressing and walk are paid
+// once per group (bench/sass_budget.py); fp16 / bf16 groups also find each pixel's max
+// logit and screen for non-finite logits on the packed halves, two pixels an instruction,
+// and keep them packed, converting each logit where it is used (load_half_group,
+// group_logit). Consecutive threads take consecutive pixels (groups) of the flattened
+// (B, H, W) index, which runs along W, so for NCHW logits each class is read by a warp as
+// one coalesced line (channels-last and other strides work, one pixel a turn, with more
+// sectors per load). The grid is persistent (as many blocks as fit on the device at once),
+// each block walking the pixels with a grid-sized stride; every thread of a warp runs the
+// same number of iterations, so the warp-wide votes below always see all 32 lanes. A
 // thread's pixel moves by the grid's size each turn: its (h, w) and element offsets are
 // stepped with at most two carries (Walk), so no turn divides; the label is loaded first,
 // so its latency hides behind the score math.
